@@ -1,0 +1,211 @@
+"""Strict conversion between JSON values and frozen dataclasses.
+
+Every document on the wire is a dataclass. `parse` accepts exactly the declared fields with exactly
+the declared types and names the offending field (as a path such as ``model.artifact.chunks[3].size``)
+in the error; `dump` produces the JSON value, leaving out fields that are ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable
+from functools import cache
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from agent.errors import ProtocolError
+
+T = TypeVar("T")
+Check = Callable[[Any], "str | None"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_name(value: Any) -> str | None:
+    """A model, device or group name: safe as a path component and as an MQTT topic level."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        return "expected 1-64 characters of letters, digits, '_', '.', '-' (starting with a letter or digit, no '..')"
+    return None
+
+
+def check_id(value: Any) -> str | None:
+    """A deployment or command id."""
+    if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:
+        return "expected 1-128 characters of letters, digits, '_', '.', ':', '-' (no '..')"
+    return None
+
+
+def check_sha256(value: Any) -> str | None:
+    """A lowercase hex SHA-256 digest."""
+    if not isinstance(value, str) or not SHA256_RE.match(value):
+        return "expected a SHA-256 digest as 64 lowercase hex characters"
+    return None
+
+
+def non_negative(value: Any) -> str | None:
+    """A number that is zero or more."""
+    return None if value >= 0 else "expected a value >= 0"
+
+
+def positive(value: Any) -> str | None:
+    """A number above zero."""
+    return None if value > 0 else "expected a value > 0"
+
+
+def fraction(value: Any) -> str | None:
+    """A number in [0, 1]."""
+    return None if 0 <= value <= 1 else "expected a value between 0 and 1"
+
+
+def checked(check: Check, **kwargs: Any) -> Any:
+    """A dataclass field whose value must also pass `check` (which returns an error text or None)."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata["check"] = check
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fail(path: str, message: str) -> ProtocolError:
+    return ProtocolError(f"{path or 'document'}: {message}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _fail(path, f"expected {_type_name(tp)}, got null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ProtocolError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _fail(path, f"expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(tp)):
+            raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _fail(path, f"expected a list, got {_json_kind(value)}")
+        (item,) = [a for a in get_args(tp) if a is not Ellipsis]
+        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(path, f"expected an object, got {_json_kind(value)}")
+        _, item = get_args(tp)
+        return {k: _convert(item, v, f"{path}.{k}" if path else k) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return parse(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, f"expected true or false, got {_json_kind(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(path, f"expected an integer, got {_json_kind(value)}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _fail(path, f"expected a number, got {_json_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(path, f"expected a string, got {_json_kind(value)}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse(cls: type[T], value: Any, path: str = "") -> T:
+    """Build `cls` from a JSON value, rejecting unknown, missing and mistyped fields by name."""
+    if not isinstance(value, dict):
+        raise _fail(path, f"expected an object, got {_json_kind(value)}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ProtocolError(f"{where}{unknown[0]}: unknown field")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _fail(sub, "missing field")
+            continue
+        converted = _convert(hints[name], value[name], sub)
+        check = f.metadata.get("check")
+        if check is not None and converted is not None:
+            problem = check(converted)
+            if problem:
+                raise _fail(sub, problem)
+        kwargs[name] = converted
+    try:
+        return cls(**kwargs)
+    except ProtocolError as err:
+        raise ProtocolError(f"{path}.{err}" if path else str(err)) from err
+
+
+def dump(obj: Any) -> Any:
+    """The JSON value of a dataclass document (``None`` fields left out)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if v is not None:
+                out[f.name] = dump(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [dump(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: dump(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,1 @@
+"""edgefleet host tools: convert, package, inspect and push models (`edgectl`)."""

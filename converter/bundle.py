@@ -1,0 +1,179 @@
+"""Writing bundles: golden vectors from the converted model, chunked artifacts, a signed manifest.
+
+A bundle is written into a temporary directory beside its destination and renamed into place at the
+end, so a failed or interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, dump_golden
+from agent.errors import EdgefleetError
+from agent.protocol import (
+    DEFAULT_CHUNK_SIZE,
+    DEPLOYMENT_SCHEMA,
+    Deployment,
+    ModelSpec,
+    Policy,
+    Postprocessing,
+    Preprocessing,
+    SigningKey,
+    TensorSpec,
+    Tolerance,
+    canonical_json,
+    split,
+)
+from agent.runtime import LoadedModel, load_model
+
+DEFAULT_EXPIRY_S = 90 * 24 * 3600
+
+
+class BundleError(EdgefleetError):
+    """A bundle cannot be written (bad inputs, destination taken, model does not run)."""
+
+
+@dataclass
+class BundleSpec:
+    """Everything a bundle carries besides the model bytes."""
+
+    name: str
+    version: int
+    golden_inputs: list[np.ndarray]
+    labels: Sequence[str] | None = None
+    top_k: int = 5
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    expires_in_s: int = DEFAULT_EXPIRY_S
+
+
+def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run the model once per sample (axis 0 of every input) and stack the outputs the same way."""
+    n = len(inputs[0])
+    results: list[list[np.ndarray]] = [[] for _ in model.outputs]
+    for s in range(n):
+        outs = model.run([x[s] for x in inputs])
+        for j, y in enumerate(outs):
+            results[j].append(y)
+    return [np.stack(r) for r in results]
+
+
+def tolerance_for(outputs: Sequence[TensorSpec], golden: Sequence[np.ndarray]) -> Tolerance:
+    """How far another runtime's outputs may drift from the host's: two quantization steps, or 1e-4 of range."""
+    atol = 0.0
+    for spec, y in zip(outputs, golden):
+        if spec.quantization is not None:
+            atol = max(atol, 2.0 * spec.quantization.scale)
+        elif y.dtype.kind == "f":
+            atol = max(atol, 1e-4 * max(1.0, float(np.max(np.abs(y))) if y.size else 1.0))
+        else:
+            atol = max(atol, 1.0)
+    return Tolerance(atol=float(f"{atol:.6g}"), rtol=1e-3)
+
+
+def deployment_id(name: str, version: int) -> str:
+    """A fresh deployment id: readable prefix, unique suffix."""
+    return f"{name}-v{version}-{uuid.uuid4().hex[:12]}"
+
+
+def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, inputs: Sequence[TensorSpec],
+                     outputs: Sequence[TensorSpec], tolerance: Tolerance, *, now: int | None = None) -> Deployment:
+    """The (unsigned) deployment document for a model and its golden vectors."""
+    artifact, _ = split(model_bytes, spec.chunk_size)
+    golden, _ = split(golden_bytes, spec.chunk_size)
+    issued = int(time.time()) if now is None else now
+    labels = tuple(spec.labels) if spec.labels is not None else None
+    return Deployment(
+        schema=DEPLOYMENT_SCHEMA,
+        deployment_id=deployment_id(spec.name, spec.version),
+        issued_at=issued,
+        expires_at=issued + spec.expires_in_s,
+        model=ModelSpec(
+            name=spec.name, version=spec.version, artifact=artifact, golden=golden,
+            inputs=tuple(inputs), outputs=tuple(outputs), tolerance=tolerance,
+            preprocessing=Preprocessing(
+                mean=tuple(float(v) for v in spec.mean) if spec.mean is not None else None,
+                std=tuple(float(v) for v in spec.std) if spec.std is not None else None,
+            ),
+            postprocessing=Postprocessing(labels=labels, top_k=spec.top_k),
+            metrics=dict(spec.metrics),
+        ),
+        policy=spec.policy,
+    )
+
+
+def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSpec, *,
+                 key: SigningKey | None = None, overwrite: bool = False) -> Deployment:
+    """Run the golden inputs through the model, then write the bundle atomically; return its document."""
+    dest = Path(out)
+    if dest.exists() and not overwrite:
+        raise BundleError(f"{dest} already exists (use --force to replace it)")
+    try:
+        model = load_model(model_bytes, "auto")
+    except EdgefleetError as err:
+        raise BundleError(f"the model does not load: {err}") from err
+    if len(spec.golden_inputs) != len(model.inputs):
+        raise BundleError(f"golden inputs: model takes {len(model.inputs)} inputs, got {len(spec.golden_inputs)}")
+    golden_inputs = [np.ascontiguousarray(x, dtype=np.dtype(s.dtype))
+                     for x, s in zip(spec.golden_inputs, model.inputs)]
+    try:
+        golden_outputs = run_samples(model, golden_inputs)
+    except Exception as err:  # the interpreter reports a failing invoke as RuntimeError/ValueError
+        raise BundleError(f"the model fails on the golden inputs: {err}") from err
+    golden_bytes = dump_golden(golden_inputs, golden_outputs)
+    tolerance = tolerance_for(model.outputs, golden_outputs)
+    deployment = build_deployment(model_bytes, golden_bytes, spec, model.inputs, model.outputs, tolerance)
+    manifest = key.sign(deployment.to_dict()) if key else deployment.to_dict()
+    deployment = Deployment.from_dict(manifest)
+    files = {
+        MODEL_FILE: model_bytes,
+        GOLDEN_FILE: golden_bytes,
+        MANIFEST_FILE: canonical_json(manifest),
+        REPORT_FILE: canonical_json(spec.report),
+    }
+    write_directory_atomically(dest, files, overwrite=overwrite)
+    return deployment
+
+
+def write_directory_atomically(dest: Path, files: dict[str, bytes], *, overwrite: bool = False) -> None:
+    """Create `dest` holding `files`, all or nothing: written in a temporary sibling, fsynced, renamed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            if not overwrite:
+                raise BundleError(f"{dest} already exists (use --force to replace it)")
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,106 @@
+"""Tiny models the tests build for themselves, converted to TFLite in a separate process.
+
+Run as ``python tests/zoo.py OUTDIR NAME...``. TensorFlow is imported only here, in its own process,
+so test processes that use tflite-runtime never see it (DESIGN.md, "Interpreter backends").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _tf():  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(7)
+    return tf
+
+
+def _convert(model, quant: str | None = None, rep=None) -> bytes:  # type: ignore[no-untyped-def]
+    tf = _tf()
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quant == "int8-full":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = rep
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    return bytes(conv.convert())
+
+
+def dense_f32() -> bytes:
+    """8 floats in, softmax over 4 classes out."""
+    tf = _tf()
+    m = tf.keras.Sequential([
+        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(4, activation="softmax"),
+    ])
+    return _convert(m)
+
+
+def dense_f32_v2() -> bytes:
+    """Same signature as dense_f32, different weights."""
+    tf = _tf()
+    tf.keras.utils.set_random_seed(8)
+    m = tf.keras.Sequential([
+        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(4, activation="softmax"),
+    ])
+    return _convert(m)
+
+
+def dense_int8() -> bytes:
+    """dense_f32's architecture, fully int8 (integer inputs and outputs)."""
+    import numpy as np
+
+    tf = _tf()
+    m = tf.keras.Sequential([
+        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(4, activation="softmax"),
+    ])
+    rng = np.random.default_rng(0)
+
+    def rep():  # type: ignore[no-untyped-def]
+        for _ in range(32):
+            yield [rng.normal(size=(1, 8)).astype(np.float32)]
+
+    return _convert(m, "int8-full", rep)
+
+
+def other_signature() -> bytes:
+    """A model whose input shape (1, 5) differs from dense_f32's."""
+    tf = _tf()
+    m = tf.keras.Sequential([tf.keras.Input((5,)), tf.keras.layers.Dense(4, activation="softmax")])
+    return _convert(m)
+
+
+def slow_f32() -> bytes:
+    """dense_f32's signature behind a long stack of wide layers: the same contract, far slower."""
+    tf = _tf()
+    layers = [tf.keras.Input((8,))]
+    layers += [tf.keras.layers.Dense(1024, activation="relu") for _ in range(12)]
+    layers += [tf.keras.layers.Dense(4, activation="softmax")]
+    return _convert(tf.keras.Sequential(layers))
+
+
+MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32)}
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in argv[1:] or list(MODELS):
+        target = out / f"{name}.tflite"
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(MODELS[name]())
+            tmp.rename(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
