@@ -1,0 +1,327 @@
+"""Agent configuration: TOML in, frozen dataclasses out, every key optional and every mistake named.
+
+`/etc/edge-agent/agent.toml` by default. Unknown keys and values of the wrong type or range are
+rejected with the key's dotted name and what was expected. Secrets are never in this file: the MQTT
+password and TLS key are files (a relative name is looked up in systemd's $CREDENTIALS_DIRECTORY).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _default_device_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).strip("-.") or "device"
+    return host[:64]
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How the agent reaches its broker; no url means the agent runs without one."""
+
+    url: str | None = None
+    """`mqtt://host[:port]` or `mqtts://host[:port]`; unset runs the agent from local installs only."""
+    prefix: str = "edgefleet"
+    """Topic prefix shared with the host tools."""
+    client_id: str | None = None
+    """MQTT client id; defaults to the device id."""
+    username: str | None = None
+    """Broker user name (the shipped ACL expects the device id)."""
+    password_file: Path | None = None
+    """File holding the password; a relative name is looked up in $CREDENTIALS_DIRECTORY."""
+    ca_file: Path | None = None
+    """CA bundle to verify the broker (mqtts://); system CAs when unset."""
+    cert_file: Path | None = None
+    """Client certificate for mutual TLS."""
+    key_file: Path | None = None
+    """Client private key for mutual TLS; relative names are looked up in $CREDENTIALS_DIRECTORY."""
+    keepalive_s: int = 30
+    """MQTT keepalive: a broker that stops answering is detected within 1.5x this."""
+    reconnect_min_s: float = 1.0
+    """First reconnect delay."""
+    reconnect_max_s: float = 60.0
+    """Cap of the exponential reconnect backoff."""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Which documents the agent trusts, and limits that bound what a document can make it do."""
+
+    trusted_keys: tuple[Path, ...] = ()
+    """Ed25519 public keys (PEM) whose signatures are accepted; list two during a key rotation."""
+    require_signature: bool = True
+    """With trusted keys configured, unsigned documents are rejected; without keys, nothing is checked."""
+    max_artifact_bytes: int = 256 << 20
+    """Largest model or golden artifact accepted."""
+    max_chunks: int = 8192
+    """Most chunks per artifact."""
+    max_clock_skew_s: int = 300
+    """How far in the future a document's issued_at may be before it is refused as not yet valid."""
+    max_disk_fraction: float = 0.9
+    """Refuse a download that would fill the state filesystem beyond this fraction."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The interpreter backend used to validate and serve models."""
+
+    backend: Literal["auto", "litert", "tflite", "tensorflow"] = "auto"
+    """auto: LiteRT, then tflite-runtime, then TensorFlow's interpreter."""
+    num_threads: int | None = None
+    """Interpreter threads; unset lets the backend decide."""
+    use_xnnpack: bool = True
+    """Apply the default XNNPACK delegate (validation uses the same setting as serving)."""
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The child process that tries a model before it is activated."""
+
+    timeout_s: float = 60.0
+    """Kill the validation child after this long."""
+    memory_mb: int = 1024
+    """Address-space limit of the validation child."""
+    latency_runs: int = 50
+    """Invocations timed to measure the new model's latency."""
+    max_latency_ms: float | None = None
+    """Reject a model whose validation p95 latency is above this."""
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Probation: how long a new model is watched and what makes it roll back."""
+
+    probation_s: float = 60.0
+    """How long a newly activated model is watched before it is committed."""
+    min_requests: int = 20
+    """Requests needed before error rate and latency are judged (fewer: judged on what there is)."""
+    max_error_rate: float = 0.05
+    """Roll back when more than this fraction of requests fail."""
+    max_latency_ratio: float = 1.5
+    """Roll back when p95 latency exceeds this times the previous model's p95."""
+    hang_timeout_s: float = 10.0
+    """An invocation running longer than this is hung."""
+    max_boot_failures: int = 2
+    """Restarts of the agent during probation after which the new model is rolled back."""
+    max_rollbacks_per_hour: int = 6
+    """Cap on automatic actions per model, so a broken model or broker cannot spin the board."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """On-disk model store."""
+
+    keep_blobs: int = 4
+    """Artifacts kept per model beyond the active and previous ones (older ones are pruned)."""
+    max_rejected: int = 256
+    """Rejected deployment ids remembered (so a retained bad document is not retried)."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Periodic metrics on MQTT and /metrics."""
+
+    interval_s: float = 10.0
+    """Seconds between telemetry messages."""
+    window_s: float = 60.0
+    """Latency percentiles cover this many recent seconds."""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local inference API."""
+
+    socket: Path | None = Path("/run/edge-agent/api.sock")
+    """Unix socket path; unset disables it."""
+    port: int | None = None
+    """TCP port on `host` (8501 is TensorFlow Serving's); unset disables it."""
+    host: str = "127.0.0.1"
+    """Address of the TCP listener."""
+    max_body_bytes: int = 16 << 20
+    """Largest request body accepted."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole agent configuration."""
+
+    device_id: str = field(default_factory=_default_device_id)
+    """This device's id (topic level and default MQTT client id); defaults to the host name."""
+    groups: tuple[str, ...] = ()
+    """Groups whose deployments this device follows."""
+    state_dir: Path = Path("/var/lib/edge-agent")
+    """Models, partial downloads and state.json."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log verbosity."""
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+_POSITIVE = {
+    "mqtt.keepalive_s", "mqtt.reconnect_min_s", "mqtt.reconnect_max_s", "security.max_artifact_bytes",
+    "security.max_chunks", "validation.timeout_s", "validation.memory_mb", "validation.latency_runs",
+    "validation.max_latency_ms", "health.max_latency_ratio", "health.hang_timeout_s",
+    "health.max_boot_failures", "health.max_rollbacks_per_hour", "telemetry.interval_s",
+    "telemetry.window_s", "api.max_body_bytes", "store.max_rejected", "runtime.num_threads",
+}
+_NON_NEGATIVE = {"health.probation_s", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
+_FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
+
+
+def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in _POSITIVE and value <= 0:
+            raise ConfigError(f"{key}: expected a value > 0, got {value}")
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+        if key in _FRACTION and not 0 <= value <= 1:
+            raise ConfigError(f"{key}: expected a value between 0 and 1, got {value}")
+    if key == "api.port" and value is not None and not 1 <= value <= 65535:
+        raise ConfigError(f"api.port: expected 1-65535, got {value}")
+    if key == "device_id" and (not _NAME_RE.match(value) or ".." in value):
+        raise ConfigError(f"device_id: {value!r} must be 1-64 letters, digits, '_', '.', '-'")
+    if key == "groups":
+        for g in value:
+            if not _NAME_RE.match(g) or ".." in g:
+                raise ConfigError(f"groups: {g!r} must be 1-64 letters, digits, '_', '.', '-'")
+    if key == "mqtt.url" and value is not None and not re.match(r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$", value):
+        raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        if inner is Path and value == "":
+            return None  # an empty path switches the feature off (e.g. api.socket = "")
+        return _convert(key, inner, value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table [{key}], got {type(value).__name__}")
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{full}: unknown key")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(key, hints[name], value)
+        _check_value(key, converted)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def parse_config(text: str, *, source: str = "config") -> AgentConfig:
+    """Build the configuration from TOML text; raise ConfigError naming the key that is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    config: AgentConfig = _build(AgentConfig, data)
+    if config.mqtt.reconnect_min_s > config.mqtt.reconnect_max_s:
+        raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> AgentConfig:
+    """Read the configuration file; a missing default file means all defaults, a missing explicit one is an error."""
+    p = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        if path is None:
+            return AgentConfig()
+        raise ConfigError(f"{p}: no such file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: cannot read: {err}") from err
+    return parse_config(text, source=str(p))
+
+
+def credential_path(path: Path) -> Path:
+    """Resolve a secret file name: relative names come from systemd's $CREDENTIALS_DIRECTORY when set."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and creds:
+        return Path(creds) / path
+    return path
+
+
+def read_secret(path: Path) -> str:
+    """The content of a secret file without its trailing newline; ConfigError when unreadable."""
+    p = credential_path(path)
+    try:
+        return p.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as err:
+        raise ConfigError(f"cannot read secret file {p}: {err.strerror}") from err
+
+
+def describe(config: AgentConfig) -> dict[str, Any]:
+    """The effective configuration as plain data (for `check-config --json` and logs)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return plain(config)  # type: ignore[no-any-return]
