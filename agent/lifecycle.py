@@ -1,0 +1,494 @@
+"""The update lifecycle of every model name, as an explicit state machine (DESIGN.md, "Update lifecycle").
+
+``IDLE → DOWNLOADING → VERIFYING → VALIDATING → ACTIVATING → PROBATION → COMMITTED``, or ``→ REJECTED``
+(never activated) / ``→ ROLLED_BACK`` (previous model restored). One thread owns a `Lifecycle`; it
+never talks to the network: every step is reported through the `emit` callback, and the owner
+publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, SignatureError, StoreError
+from agent.protocol.documents import Deployment, DeviceState, Event, ModelState, Outcome, Phase
+from agent.protocol.signing import Keyring
+from agent.store import STABLE_PHASES, AgentState, Installed, ModelRecord, Probation, Store
+from agent.validate import ValidationRequest, validate
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK_SIZE = 4 << 20
+ACTION_WINDOW_S = 3600.0
+
+
+class StatsLike(Protocol):
+    """What probation reads from the serving path."""
+
+    @property
+    def count(self) -> int: ...  # noqa: D102
+    @property
+    def errors(self) -> int: ...  # noqa: D102
+    def snapshot(self, window_s: float | None = None) -> Any: ...  # noqa: D102
+    def in_flight(self) -> list[float]: ...  # noqa: D102
+
+
+class ServedLike(Protocol):
+    """A model the serving path holds."""
+
+    stats: StatsLike
+
+
+class ServingLike(Protocol):
+    """The serving path as the lifecycle uses it."""
+
+    def activate(self, name: str, model_path: Path, deployment: Deployment) -> None: ...  # noqa: D102
+    def deactivate(self, name: str) -> None: ...  # noqa: D102
+    def served(self, name: str) -> ServedLike | None: ...  # noqa: D102
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Probation limits after a deployment's signed policy has tightened the config's."""
+
+    probation_s: float
+    max_error_rate: float
+    max_latency_ratio: float
+    hang_timeout_s: float
+    min_requests: int
+
+    @classmethod
+    def effective(cls, config: AgentConfig, doc: Deployment) -> Limits:
+        """Config limits, tightened (never loosened) by the policy."""
+        h, p = config.health, doc.policy
+        return cls(
+            probation_s=max(h.probation_s, p.probation_s or 0.0),
+            max_error_rate=min(h.max_error_rate, p.max_error_rate if p.max_error_rate is not None else 1.0),
+            max_latency_ratio=min(h.max_latency_ratio, p.max_latency_ratio or float("inf")),
+            hang_timeout_s=min(h.hang_timeout_s, p.hang_timeout_s or float("inf")),
+            min_requests=h.min_requests,
+        )
+
+
+class Lifecycle:
+    """Owns state.json and decides, for every model name, what is served."""
+
+    def __init__(self, config: AgentConfig, store: Store, *, keyring: Keyring | None = None,
+                 serving: ServingLike | None = None, emit: Callable[[Event], None] | None = None,
+                 clock: Callable[[], float] = time.time, heartbeat: Callable[[], None] | None = None):
+        self.config = config
+        self.store = store
+        self.keyring = keyring or Keyring()
+        self.serving = serving
+        self._emit = emit or (lambda event: None)
+        self.clock = clock
+        self.heartbeat = heartbeat
+        self.state: AgentState = store.load()
+        self.progress: dict[str, float] = {}
+        self.unhealthy: str | None = None
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def emit(self, name: str, step: Phase, ok: bool, doc: Deployment | dict[str, Any] | None = None,
+             reason: str | None = None, **details: Any) -> None:
+        """Report one lifecycle step."""
+        dep_id = version = None
+        if isinstance(doc, Deployment):
+            dep_id, version = doc.deployment_id, doc.model.version
+        elif isinstance(doc, dict):
+            dep_id = doc.get("deployment_id") if isinstance(doc.get("deployment_id"), str) else None
+            model = doc.get("model")
+            v = model.get("version") if isinstance(model, dict) else None
+            version = v if isinstance(v, int) and not isinstance(v, bool) else None
+        event = Event(ts=self.clock(), device_id=self.config.device_id, model=name, step=step, ok=ok,
+                      deployment_id=dep_id, version=version, reason=reason, details=details)
+        level = logging.INFO if ok else logging.WARNING
+        log.log(level, "model %s: %s%s%s", name, step, f" v{version}" if version is not None else "",
+                f": {reason}" if reason else "")
+        try:
+            self._emit(event)
+        except Exception:  # a broken publisher must never break the lifecycle
+            log.exception("event handler failed")
+
+    def document(self) -> DeviceState:
+        """The retained state document (DESIGN.md topic `state`)."""
+        models = {}
+        for name, rec in self.state.models.items():
+            pending = None
+            if rec.pending is not None:
+                try:
+                    pending = Installed(deployment=rec.pending, installed_at=0).slot()
+                except (KeyError, TypeError, ValueError):
+                    pending = None
+            models[name] = ModelState(
+                phase=rec.phase, active=rec.active.slot() if rec.active else None,
+                previous=rec.previous.slot() if rec.previous else None, pending=pending,
+                last_outcome=rec.last_outcome, progress=self.progress.get(name),
+            )
+        return DeviceState(device_id=self.config.device_id, ts=self.clock(), agent_version=__version__,
+                           models=models)
+
+    def _save(self, state: AgentState) -> None:
+        self.store.save(state)
+        self.state = state
+
+    def _set_phase(self, name: str, phase: Phase, **changes: Any) -> None:
+        rec = replace(self.state.record(name), phase=phase, **changes)
+        self._save(self.state.with_record(name, rec))
+
+    # --- start and stop ------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Start of the daemon: count a death during probation, finish interrupted steps, load active models."""
+        died = self.state.running
+        state = replace(self.state, running=True)
+        to_roll_back = []
+        for name, rec in state.models.items():
+            if rec.phase in ("DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING"):
+                # the step was interrupted before the atomic switch: the active model is still the old one
+                stable: Phase = "COMMITTED" if rec.active else "IDLE"
+                rec = replace(rec, phase=stable, pending=None)
+            if rec.phase == "PROBATION" and rec.probation is not None:
+                prob = rec.probation
+                if died and prob.started_at is not None:
+                    prob = replace(prob, boot_failures=prob.boot_failures + 1)
+                    log.warning("model %s: agent died during probation (%d time(s))", name, prob.boot_failures)
+                if prob.boot_failures >= self.config.health.max_boot_failures:
+                    to_roll_back.append((name, prob.boot_failures))
+                elif prob.started_at is None:
+                    prob = replace(prob, started_at=self.clock())
+                rec = replace(rec, probation=prob)
+            state = state.with_record(name, rec)
+        self._save(state)
+        for name, failures in to_roll_back:
+            self.rollback(name, f"agent died {failures} time(s) during probation", figures={"boot_failures": failures})
+        if self.serving is not None:
+            for name, rec in self.state.models.items():
+                if rec.active is not None:
+                    try:
+                        self.serving.activate(name, self.store.blob_path(rec.active.sha256), rec.active.doc)
+                    except EdgefleetError as err:
+                        log.error("model %s: cannot serve v%s: %s", name, rec.active.version, err)
+                        self.rollback(name, f"active model does not load at start: {err}")
+
+    def shutdown(self) -> None:
+        """Clean stop: the next start must not count this as a death."""
+        self._save(replace(self.state, running=False))
+
+    # --- verification --------------------------------------------------------------------------
+
+    def precheck(self, raw: Any) -> Deployment | None:
+        """Checks that need only the document; None when there is nothing to do (already active or pending)."""
+        try:
+            doc = Deployment.from_dict(raw)
+        except ProtocolError as err:
+            raise DeploymentRejected(f"malformed deployment: {err}", step="VERIFYING") from err
+        rec = self.state.record(doc.model.name)
+        if doc.deployment_id in self.state.rejected:
+            return None
+        if rec.active is not None and rec.active.deployment_id == doc.deployment_id:
+            return None
+        if rec.pending is not None and rec.pending.get("deployment_id") == doc.deployment_id:
+            return None
+        if self.keyring and self.config.security.require_signature:
+            try:
+                self.keyring.verify(raw)
+            except SignatureError as err:
+                raise DeploymentRejected(f"signature: {err}", step="VERIFYING") from err
+        now = self.clock()
+        if now > doc.expires_at:
+            raise DeploymentRejected(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
+        if doc.issued_at > now + self.config.security.max_clock_skew_s:
+            raise DeploymentRejected(f"document not yet valid: issued_at {doc.issued_at} is in the future "
+                                     f"(now {int(now)})", step="VERIFYING")
+        if rec.active is not None:
+            if rec.active.sha256 == doc.model.artifact.sha256 and rec.active.version == doc.model.version:
+                return None
+            if doc.model.version <= rec.active.version and not doc.policy.allow_downgrade:
+                raise DeploymentRejected(
+                    f"version {doc.model.version} is not above the active version {rec.active.version} "
+                    "and the document does not allow a downgrade", step="VERIFYING")
+        sec = self.config.security
+        for label, art in (("model", doc.model.artifact), ("golden", doc.model.golden)):
+            if art.size > sec.max_artifact_bytes:
+                raise DeploymentRejected(f"{label} artifact is {art.size} bytes, above the limit of "
+                                         f"{sec.max_artifact_bytes}", step="VERIFYING")
+            if len(art.chunks) > sec.max_chunks:
+                raise DeploymentRejected(f"{label} artifact has {len(art.chunks)} chunks, above the limit of "
+                                         f"{sec.max_chunks}", step="VERIFYING")
+            if art.chunk_size > MAX_CHUNK_SIZE:
+                raise DeploymentRejected(f"{label} chunk size {art.chunk_size} is above {MAX_CHUNK_SIZE}",
+                                         step="VERIFYING")
+            if not art.chunks:
+                raise DeploymentRejected(f"{label} artifact lists no chunks", step="VERIFYING")
+        return doc
+
+    def remember_rejected(self, deployment_id: str | None) -> None:
+        """Never try this deployment again."""
+        if not deployment_id or deployment_id in self.state.rejected:
+            return
+        rejected = (*self.state.rejected, deployment_id)[-self.config.store.max_rejected:]
+        self._save(replace(self.state, rejected=rejected))
+
+    def reject(self, name: str, raw: Any, err: DeploymentRejected) -> None:
+        """End a deployment as REJECTED: the active model is untouched, the id is remembered."""
+        dep_id = raw.get("deployment_id") if isinstance(raw, dict) else None
+        dep_id = dep_id if isinstance(dep_id, str) and len(dep_id) <= 128 else None
+        version = raw.get("model", {}).get("version") if isinstance(raw, dict) and isinstance(
+            raw.get("model"), dict) else None
+        self.progress.pop(name, None)
+        if name in self.state.models or name == raw_model_name(raw):
+            rec = self.state.record(name)
+            outcome = Outcome(deployment_id=dep_id or "?", version=version if isinstance(version, int) and not
+                              isinstance(version, bool) else -1, result="rejected", reason=err.reason,
+                              ts=self.clock(), figures=_scalars(err.details))
+            self._save(self.state.with_record(name, replace(rec, phase="REJECTED", pending=None,
+                                                            last_outcome=outcome)))
+        self.remember_rejected(dep_id)
+        self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
+                  failed_step=err.step, **_scalars(err.details))
+
+    # --- the update path -----------------------------------------------------------------------
+
+    def begin(self, doc: Deployment, raw: dict[str, Any], phase: Phase = "DOWNLOADING") -> None:
+        """Record a deployment as pending (before its download or install)."""
+        self.progress[doc.model.name] = 0.0
+        self._set_phase(doc.model.name, phase, pending=raw)
+        self.emit(doc.model.name, phase, True, doc)
+
+    def install(self, raw: dict[str, Any], model: bytes, golden: bytes) -> Phase:
+        """Run a deployment whose artifacts are in hand through every step; return the phase it ended in."""
+        name = raw_model_name(raw) or "?"
+        try:
+            doc = self.precheck(raw)
+            if doc is None:
+                log.info("model %s: deployment %s needs no action", name, raw.get("deployment_id"))
+                return self.state.record(name).phase
+            if self.state.record(name).pending is None or \
+                    self.state.record(name).pending.get("deployment_id") != doc.deployment_id:  # type: ignore[union-attr]
+                self.begin(doc, raw, "VERIFYING")
+            else:
+                self._set_phase(name, "VERIFYING")
+                self.emit(name, "VERIFYING", True, doc)
+            self._store_artifacts(doc, model, golden)
+            figures = self._validate(doc)
+            self._activate(doc, raw, figures)
+        except DeploymentRejected as err:
+            self.reject(name, raw, err)
+        except StoreError as err:
+            self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
+        return self.state.record(name).phase
+
+    def install_stored(self, raw: dict[str, Any]) -> Phase:
+        """Continue a deployment whose artifacts were downloaded into the blob store."""
+        name = raw_model_name(raw) or "?"
+        try:
+            art = raw["model"]["artifact"]["sha256"]
+            gold = raw["model"]["golden"]["sha256"]
+            return self.install(raw, self.store.read_blob(art), self.store.read_blob(gold))
+        except (StoreError, KeyError, TypeError) as err:
+            self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
+            return self.state.record(name).phase
+
+    def _store_artifacts(self, doc: Deployment, model: bytes, golden: bytes) -> None:
+        from agent.bundle import check_artifact
+
+        try:
+            check_artifact("model", model, doc.model.artifact)
+            check_artifact("golden vectors", golden, doc.model.golden)
+        except ProtocolError as err:
+            raise DeploymentRejected(str(err), step="VERIFYING") from err
+        self.store.put_blob(model, doc.model.artifact.sha256)
+        self.store.put_blob(golden, doc.model.golden.sha256)
+
+    def _validate(self, doc: Deployment) -> dict[str, Any]:
+        name = doc.model.name
+        self._set_phase(name, "VALIDATING")
+        self.emit(name, "VALIDATING", True, doc)
+        rec = self.state.record(name)
+        rt, val = self.config.runtime, self.config.validation
+        req = ValidationRequest(
+            model_path=str(self.store.blob_path(doc.model.artifact.sha256)),
+            golden_path=str(self.store.blob_path(doc.model.golden.sha256)),
+            deployment=doc.to_dict(), backend=rt.backend, num_threads=rt.num_threads,
+            use_xnnpack=rt.use_xnnpack, latency_runs=val.latency_runs,
+            baseline_model_path=str(self.store.blob_path(rec.active.sha256)) if rec.active else None,
+        )
+        figures = validate(req, timeout_s=val.timeout_s, memory_mb=val.memory_mb, heartbeat=self.heartbeat)
+        limits = [v for v in (val.max_latency_ms, doc.policy.max_latency_ms) if v is not None]
+        if limits and figures["p95_ms"] > min(limits):
+            raise DeploymentRejected(
+                f"too slow: p95 latency {figures['p95_ms']:.3f} ms is above the limit of {min(limits):g} ms",
+                step="VALIDATING", details={"p95_ms": figures["p95_ms"], "limit_ms": min(limits)})
+        return figures
+
+    def _activate(self, doc: Deployment, raw: dict[str, Any], figures: dict[str, Any]) -> None:
+        name = doc.model.name
+        rec = self.state.record(name)
+        self._set_phase(name, "ACTIVATING")
+        self.emit(name, "ACTIVATING", True, doc)
+        baseline = self._baseline_p95(name, rec, figures)
+        if self.serving is not None:
+            try:
+                self.serving.activate(name, self.store.blob_path(doc.model.artifact.sha256), doc)
+            except EdgefleetError as err:
+                raise DeploymentRejected(f"activation failed: {err}", step="ACTIVATING") from err
+        installed = Installed(deployment=raw, installed_at=self.clock(), validation=_scalars(figures))
+        started = self.clock() if self.serving is not None else None
+        # last-known-good is the last model that passed probation, never one still on trial
+        previous = rec.previous if rec.phase == "PROBATION" or rec.active is None else rec.active
+        new = replace(rec, phase="PROBATION", active=installed, previous=previous,
+                      pending=None, probation=Probation(started_at=started, baseline_p95_ms=baseline))
+        try:
+            self._save(self.state.with_record(name, new))  # the atomic switch
+        except StoreError:
+            if self.serving is not None:
+                self._serve(name, rec.active)
+            raise
+        self.progress.pop(name, None)
+        self.emit(name, "PROBATION", True, doc, None, p50_ms=figures.get("p50_ms"), p95_ms=figures.get("p95_ms"),
+                  baseline_p95_ms=baseline)
+
+    def _baseline_p95(self, name: str, rec: ModelRecord, figures: dict[str, Any]) -> float | None:
+        served = self.serving.served(name) if self.serving is not None else None
+        if served is not None and served.stats.count >= self.config.health.min_requests:
+            snap = served.stats.snapshot(self.config.telemetry.window_s)
+            p95 = getattr(snap, "p95_ms", None)
+            if p95 is not None:
+                return float(p95)
+        base = figures.get("baseline_p95_ms")
+        return float(base) if base is not None else None
+
+    def _serve(self, name: str, inst: Installed | None) -> None:
+        if self.serving is None:
+            return
+        if inst is None:
+            self.serving.deactivate(name)
+        else:
+            self.serving.activate(name, self.store.blob_path(inst.sha256), inst.doc)
+
+    # --- probation -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Judge every model on probation: roll back on live evidence, commit when the window passes."""
+        for name, rec in list(self.state.models.items()):
+            if rec.phase != "PROBATION" or rec.active is None or rec.probation is None:
+                continue
+            if rec.probation.started_at is None:
+                continue
+            verdict = self.judge(name, rec)
+            if verdict is None:
+                continue
+            result, reason, figures = verdict
+            if result == "rollback":
+                self.rollback(name, reason, figures=figures)
+            else:
+                self.commit(name, figures)
+
+    def judge(self, name: str, rec: ModelRecord) -> tuple[str, str, dict[str, Any]] | None:
+        """("rollback", reason, figures), ("commit", "", figures), or None to keep watching."""
+        assert rec.active is not None and rec.probation is not None and rec.probation.started_at is not None
+        limits = Limits.effective(self.config, rec.active.doc)
+        served = self.serving.served(name) if self.serving is not None else None
+        elapsed = self.clock() - rec.probation.started_at
+        figures: dict[str, Any] = {"elapsed_s": round(elapsed, 3)}
+        if served is not None:
+            stats = served.stats
+            now = time.monotonic()
+            hung = [now - t for t in stats.in_flight() if now - t > limits.hang_timeout_s]
+            if hung:
+                figures["hung_s"] = round(max(hung), 3)
+                return "rollback", f"an invocation hung for {max(hung):.1f}s (limit {limits.hang_timeout_s:g}s)", figures
+            count, errors = stats.count, stats.errors
+            figures.update(requests=count, errors=errors)
+            judged = count >= limits.min_requests or (elapsed >= limits.probation_s and count > 0)
+            if judged:
+                rate = errors / count
+                figures["error_rate"] = round(rate, 4)
+                if rate > limits.max_error_rate:
+                    return "rollback", (f"error rate {rate:.1%} over {count} requests is above the limit of "
+                                        f"{limits.max_error_rate:.1%}"), figures
+            snap = stats.snapshot(None)
+            p95 = getattr(snap, "p95_ms", None)
+            base = rec.probation.baseline_p95_ms
+            if p95 is not None:
+                figures["p95_ms"] = round(float(p95), 4)
+            if base is not None:
+                figures["baseline_p95_ms"] = round(base, 4)
+            if count >= limits.min_requests and p95 is not None and base is not None and base > 0:
+                ratio = float(p95) / base
+                figures["latency_ratio"] = round(ratio, 3)
+                if ratio > limits.max_latency_ratio:
+                    return "rollback", (f"p95 latency {float(p95):.3f} ms is {ratio:.2f}x the previous model's "
+                                        f"{base:.3f} ms (limit {limits.max_latency_ratio:g}x)"), figures
+        if elapsed >= limits.probation_s:
+            return "commit", "", figures
+        return None
+
+    def commit(self, name: str, figures: dict[str, Any] | None = None) -> None:
+        """Probation passed: the active model becomes the committed one."""
+        rec = self.state.record(name)
+        assert rec.active is not None
+        outcome = Outcome(deployment_id=rec.active.deployment_id, version=rec.active.version, result="committed",
+                          ts=self.clock(), figures=_scalars(figures or {}))
+        self._save(self.state.with_record(name, replace(rec, phase="COMMITTED", probation=None,
+                                                        last_outcome=outcome)))
+        self.emit(name, "COMMITTED", True, rec.active.deployment, None, **_scalars(figures or {}))
+        self.store.prune(self.state)
+
+    def rollback(self, name: str, reason: str, *, figures: dict[str, Any] | None = None, manual: bool = False) -> None:
+        """Restore the last-known-good model (no download) and remember the failed deployment."""
+        rec = self.state.record(name)
+        failed = rec.active
+        if failed is None:
+            raise StoreError(f"model {name}: nothing to roll back")
+        if manual and rec.previous is None:
+            raise StoreError(f"model {name}: no previous version to roll back to")
+        restored = rec.previous
+        try:
+            self._serve(name, restored)
+        except EdgefleetError as err:
+            log.error("model %s: previous model does not load either: %s", name, err)
+            self._serve(name, None)
+            restored = None
+        now = self.clock()
+        outcome = Outcome(deployment_id=failed.deployment_id, version=failed.version, result="rolled_back",
+                          reason=reason, ts=now, figures=_scalars(figures or {}))
+        actions = tuple(t for t in (*rec.actions, now) if now - t < ACTION_WINDOW_S)
+        new = replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
+                      last_outcome=outcome, actions=actions)
+        rejected = (*self.state.rejected, failed.deployment_id)[-self.config.store.max_rejected:]
+        self._save(replace(self.state.with_record(name, new), rejected=rejected))
+        self.emit(name, "ROLLED_BACK", False, failed.deployment, reason,
+                  restored_version=restored.version if restored else None, **_scalars(figures or {}))
+        self.store.prune(self.state)
+
+    def in_probation(self) -> list[str]:
+        """Names of the models on probation."""
+        return [n for n, r in self.state.models.items() if r.phase == "PROBATION"]
+
+    def stable(self, name: str) -> bool:
+        """True when the model is not in the middle of an update."""
+        return self.state.record(name).phase in STABLE_PHASES
+
+
+def raw_model_name(raw: Any) -> str | None:
+    """The model name of a raw document if it has a safe one."""
+    from agent.protocol.schema import check_name
+
+    try:
+        name = raw["model"]["name"]
+    except (KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and not check_name(name) else None
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}
