@@ -87,7 +87,39 @@ def slow_f32() -> bytes:
     return _convert(tf.keras.Sequential(layers))
 
 
-MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32)}
+def _while_model(grow: bool) -> bytes:
+    tf = _tf()
+
+    class Loop(tf.Module):  # type: ignore[misc,name-defined]
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, x):  # type: ignore[no-untyped-def]
+            def cond(i, y):  # type: ignore[no-untyped-def]
+                return tf.reduce_sum(y) > -1e30
+
+            def body(i, y):  # type: ignore[no-untyped-def]
+                return i + 1, (tf.concat([y, y], axis=1) if grow else y * 1.0)
+
+            _, y = tf.while_loop(cond, body, [tf.constant(0), x],
+                                 shape_invariants=[tf.TensorShape([]), tf.TensorShape([None, None])])
+            return tf.nn.softmax(tf.reshape(y[:, :4], [-1, 4]))
+
+    m = Loop()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.__call__.get_concrete_function()], m)
+    return bytes(conv.convert())
+
+
+def hang_f32() -> bytes:
+    """dense_f32's signature, but its WHILE loop never ends: invoking it hangs the interpreter."""
+    return _while_model(grow=False)
+
+
+def memhog_f32() -> bytes:
+    """dense_f32's signature, but a WHILE loop doubles a tensor forever: it eats all memory it may."""
+    return _while_model(grow=True)
+
+
+MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32,
+                                  hang_f32, memhog_f32)}
 
 
 def main(argv: list[str]) -> int:
