@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -276,3 +276,43 @@ def test_credentials_dropin_names_the_config_credentials() -> None:
     enabled = enable_example(DROPIN_EXAMPLES / "credentials.conf.example")
     assert "\nLoadCredential=mqtt-password:/etc/edge-agent/mqtt-password\n" in enabled
     assert "\nLoadCredential=mqtt-key:/etc/edge-agent/client.key\n" in enabled
+
+
+MDWE_PROBE = r"""
+import ctypes, mmap, sys
+import numpy as np
+
+# PR_SET_MDWE (Linux >= 6.3) with PR_MDWE_REFUSE_EXEC_GAIN: the kernel's form of the unit's
+# MemoryDenyWriteExecute=yes; systemd >= 257 applies it the same way when the kernel has it.
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(f"PR_SET_MDWE failed: errno {ctypes.get_errno()}")
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit("W+X mapping still allowed: the restriction is not in force")
+except PermissionError:
+    pass
+
+import paho.mqtt.client, psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from agent.runtime import load_model
+
+key = Ed25519PrivateKey.generate()
+key.public_key().verify(key.sign(b"doc"), b"doc")
+psutil.Process().memory_info(); psutil.cpu_percent(); psutil.virtual_memory()
+model = load_model(sys.argv[1], backend=sys.argv[2], use_xnnpack=True)
+x = np.ones((1, *model.inputs[0].shape[1:]), np.dtype(model.inputs[0].dtype))
+print(model.run([x])[0].shape)
+"""
+
+
+@pytest.mark.parametrize(("backend", "model"), [("litert", "dense_f32"), ("litert", "dense_int8"),
+                                                ("tflite", "dense_f32")])
+def test_inference_runs_without_writable_executable_memory(backend: str, model: str, zoo: Callable[[str], Path]) -> None:
+    """MemoryDenyWriteExecute=yes is safe: the agent's libraries and XNNPACK inference never map W+X memory."""
+    path = zoo(model)
+    # A fresh process that never imported TensorFlow (tflite_runtime cannot share a process with it).
+    result = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(path), backend], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(1, 4)"
