@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -14,7 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 
+from agent.config import AgentConfig, describe, load_config, parse_config
 from agent.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,3 +319,43 @@ def test_inference_runs_without_writable_executable_memory(backend: str, model: 
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(1, 4)"
+
+
+# --- the example configuration ---------------------------------------------------------------------
+
+EXAMPLE_CONFIG = ROOT / "systemd" / "agent.toml"
+SHOWN_AS_EXAMPLE = {"device_id", "groups", "security.trusted_keys"}  # the file shows an example, not the default
+
+
+def uncommented_example() -> str:
+    """The example config with every `#key = value` line switched on."""
+    return "\n".join(line[1:] if re.match(r"^#[a-z_]+ = ", line) else line
+                     for line in EXAMPLE_CONFIG.read_text().splitlines()) + "\n"
+
+
+def test_example_config_as_shipped_is_all_defaults() -> None:
+    assert load_config(EXAMPLE_CONFIG) == AgentConfig()
+
+
+def test_example_config_documents_every_key_with_its_default() -> None:
+    """Every schema key appears once, in its section; switched on, defaults are unchanged (no drift)."""
+    text = uncommented_example()
+    config = parse_config(text, source=str(EXAMPLE_CONFIG))  # unknown keys or bad values raise here
+    shown = tomllib.loads(text)
+    defaults = describe(AgentConfig())
+    loaded = describe(config)
+    for name, default in defaults.items():
+        if isinstance(default, dict):
+            section = {f.name for f in dataclasses.fields(getattr(AgentConfig(), name))}
+            assert set(shown.get(name, {})) == section, f"[{name}] keys differ from the schema"
+            pairs = [(f"{name}.{k}", v, loaded[name][k]) for k, v in default.items()]
+        else:
+            assert name in shown, f"{name} missing from the example config"
+            pairs = [(name, default, loaded[name])]
+        for key, want, got in pairs:
+            if want is None or key in SHOWN_AS_EXAMPLE:
+                assert got is not None and got != [], f"{key}: the example shows no value"
+            else:
+                assert got == want, f"{key}: example shows {got!r}, the default is {want!r}"
+    assert len(re.findall(r"^#[a-z_]+ = ", EXAMPLE_CONFIG.read_text(), re.M)) == sum(
+        len(v) if isinstance(v, dict) else 1 for v in defaults.values())
