@@ -47,3 +47,7 @@ class RequestError(EdgefleetError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class TransportError(EdgefleetError):
+    """The broker cannot be reached, refused the connection, or did not acknowledge a message."""

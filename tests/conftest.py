@@ -65,3 +65,5 @@ def make_bundle(zoo: Callable[[str], Path], tmp_path: Path) -> Callable[..., Pat
         return dest
 
     return make
+
+from tests.broker import *  # noqa: E402,F401,F403
