@@ -153,8 +153,7 @@ class Lifecycle:
         for name, rec in state.models.items():
             if rec.phase in ("DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING"):
                 # the step was interrupted before the atomic switch: the active model is still the old one
-                stable: Phase = "COMMITTED" if rec.active else "IDLE"
-                rec = replace(rec, phase=stable, pending=None)
+                rec = replace(rec, phase=_resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
             if rec.phase == "PROBATION" and rec.probation is not None:
                 prob = rec.probation
                 if died and prob.started_at is not None:
@@ -249,8 +248,8 @@ class Lifecycle:
             outcome = Outcome(deployment_id=dep_id or "?", version=version if isinstance(version, int) and not
                               isinstance(version, bool) else -1, result="rejected", reason=err.reason,
                               ts=self.clock(), figures=_scalars(err.details))
-            self._save(self.state.with_record(name, replace(rec, phase="REJECTED", pending=None,
-                                                            last_outcome=outcome)))
+            self._save(self.state.with_record(name, replace(rec, phase=_resting_phase(rec, "REJECTED"),
+                                                            pending=None, last_outcome=outcome)))
         self.remember_rejected(dep_id)
         self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
@@ -264,7 +263,10 @@ class Lifecycle:
         self.emit(doc.model.name, phase, True, doc)
 
     def install(self, raw: dict[str, Any], model: bytes, golden: bytes) -> Phase:
-        """Run a deployment whose artifacts are in hand through every step; return the phase it ended in."""
+        """Run a deployment whose artifacts are in hand through every step.
+
+        Returns REJECTED if this deployment was refused, else the phase the model is in afterwards.
+        """
         name = raw_model_name(raw) or "?"
         try:
             doc = self.precheck(raw)
@@ -282,8 +284,10 @@ class Lifecycle:
             self._activate(doc, raw, figures)
         except DeploymentRejected as err:
             self.reject(name, raw, err)
+            return "REJECTED"
         except StoreError as err:
             self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
+            return "REJECTED"
         return self.state.record(name).phase
 
     def install_stored(self, raw: dict[str, Any]) -> Phase:
@@ -295,7 +299,7 @@ class Lifecycle:
             return self.install(raw, self.store.read_blob(art), self.store.read_blob(gold))
         except (StoreError, KeyError, TypeError) as err:
             self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
-            return self.state.record(name).phase
+            return "REJECTED"
 
     def _store_artifacts(self, doc: Deployment, model: bytes, golden: bytes) -> None:
         from agent.bundle import check_artifact
@@ -343,7 +347,7 @@ class Lifecycle:
         installed = Installed(deployment=raw, installed_at=self.clock(), validation=_scalars(figures))
         started = self.clock() if self.serving is not None else None
         # last-known-good is the last model that passed probation, never one still on trial
-        previous = rec.previous if rec.phase == "PROBATION" or rec.active is None else rec.active
+        previous = rec.previous if rec.probation is not None or rec.active is None else rec.active
         new = replace(rec, phase="PROBATION", active=installed, previous=previous,
                       pending=None, probation=Probation(started_at=started, baseline_p95_ms=baseline))
         try:
@@ -388,6 +392,9 @@ class Lifecycle:
                 continue
             result, reason, figures = verdict
             if result == "rollback":
+                if "hung_s" in figures:
+                    # the stuck thread keeps the old interpreter; only a restart of the agent frees it
+                    self.unhealthy = reason
                 self.rollback(name, reason, figures=figures)
             else:
                 self.commit(name, figures)
@@ -477,6 +484,11 @@ class Lifecycle:
     def stable(self, name: str) -> bool:
         """True when the model is not in the middle of an update."""
         return self.state.record(name).phase in STABLE_PHASES
+
+
+def _resting_phase(rec: ModelRecord, otherwise: Phase) -> Phase:
+    """Where a model rests after an update attempt ends: back on probation if its active model still is."""
+    return "PROBATION" if rec.probation is not None and rec.active is not None else otherwise
 
 
 def raw_model_name(raw: Any) -> str | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.config import AgentConfig
 from agent.errors import ProtocolError, StoreError
 from agent.protocol.canonical import canonical_json, parse_json
 from agent.protocol.documents import Deployment, Outcome, Phase, Slot
@@ -42,7 +43,7 @@ class Installed:
 
     deployment: dict[str, Any]
     installed_at: float
-    validation: dict[str, float | int | str | None] = field(default_factory=dict)
+    validation: dict[str, float | int | str | bool | None] = field(default_factory=dict)
 
     @property
     def doc(self) -> Deployment:
@@ -164,6 +165,11 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as err:
             raise StoreError(f"cannot create state directory {self.root}: {err.strerror}") from err
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> Store:
+        """The store of an agent configuration."""
+        return cls(config.state_dir, keep_blobs=config.store.keep_blobs, max_rejected=config.store.max_rejected)
 
     # --- the daemon's lock ---------------------------------------------------------------------
 

@@ -241,7 +241,7 @@ class Outcome:
     result: Literal["committed", "rejected", "rolled_back"]
     reason: str | None = None
     ts: float = 0.0
-    figures: dict[str, float | int | str | None] = field(default_factory=dict)
+    figures: dict[str, float | int | str | bool | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,51 @@
+"""Small helpers the tests share: altering bundles the way an attacker or a broken pipeline would."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from agent.protocol import SigningKey, canonical_json, dump, parse_json, split
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """The raw manifest of a bundle."""
+    return parse_json((bundle / MANIFEST_FILE).read_bytes())  # type: ignore[no-any-return]
+
+
+def rewrite_manifest(bundle: Path, mutate: Callable[[dict[str, Any]], None], key: SigningKey | None = None) -> None:
+    """Change the manifest in place; re-sign it with `key`, or drop the signature when no key is given."""
+    raw = read_manifest(bundle)
+    mutate(raw)
+    raw.pop("signature", None)
+    raw.pop("key_id", None)
+    if key is not None:
+        raw = key.sign(raw)
+    (bundle / MANIFEST_FILE).write_bytes(canonical_json(raw))
+
+
+def swap_file(bundle: Path, filename: str, data: bytes, key: SigningKey | None = None) -> None:
+    """Replace model.tflite or golden.npz and make the manifest describe the new bytes (a consistent lie)."""
+    (bundle / filename).write_bytes(data)
+    field = {MODEL_FILE: "artifact", GOLDEN_FILE: "golden"}[filename]
+
+    def mutate(raw: dict[str, Any]) -> None:
+        artifact, _ = split(data, raw["model"][field]["chunk_size"])
+        raw["model"][field] = dump(artifact)
+
+    rewrite_manifest(bundle, mutate, key)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until `predicate()` is truthy and return its value; AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
