@@ -1,0 +1,224 @@
+"""A lean keep-alive client of the local inference API, over the Unix socket or TCP.
+
+Used by `edge-agent predict`/`status` and the benchmarks: one connection reused across calls,
+one send per request, and the response read with a minimal parser (the server always sends
+Content-Length).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agent import npy
+from agent.errors import RequestError
+
+DEFAULT_SOCKET = "/run/edge-agent/api.sock"
+_MAX_HEAD = 64 << 10
+
+
+class ApiClient:
+    """Talks to one agent; not thread-safe (use one client per thread)."""
+
+    def __init__(self, socket_path: str | None = None, url: str | None = None, *, timeout: float = 30.0) -> None:
+        if socket_path is None and url is None:
+            socket_path = DEFAULT_SOCKET
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._tcp: tuple[str, int] | None = None
+        if socket_path is None and url is not None:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"api url {url!r}: expected http://HOST:PORT")
+            self._tcp = (parts.hostname, parts.port or 80)
+        self._host = "localhost" if self._tcp is None else f"{self._tcp[0]}:{self._tcp[1]}"
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self.last_version: int | None = None
+
+    @property
+    def address(self) -> str:
+        """The socket path or host:port this client talks to."""
+        return self.socket_path if self.socket_path is not None else self._host
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the next call opens a new one)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._buf = b""
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def predict(self, name: str, data: Any, *, columnar: bool = False) -> dict[str, Any]:
+        """Predict with JSON: `data` is the instances (rows, batch first) or, with `columnar`, the inputs."""
+        if isinstance(data, np.ndarray):
+            data = data.tolist()
+        elif isinstance(data, dict):
+            data = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in data.items()}
+        body = json.dumps({"inputs" if columnar else "instances": data}, separators=(",", ":")).encode()
+        return self._json("POST", f"/v1/models/{quote(name)}:predict", body)  # type: ignore[no-any-return]
+
+    def predict_npy(self, name: str, array: NDArray[Any]) -> NDArray[Any]:
+        """Predict with a binary `.npy` body; return the first output (version in `last_version`)."""
+        status, headers, body = self.request("POST", f"/v1/models/{quote(name)}:predict", npy.dumps(array),
+                                             npy.CONTENT_TYPE)
+        if status != 200:
+            raise RequestError(_error_text(body, status), status)
+        version = headers.get("x-model-version")
+        self.last_version = int(version) if version and version.isdigit() else None
+        return npy.loads(body)
+
+    def model_status(self, name: str) -> dict[str, Any]:
+        """TensorFlow Serving's model status document."""
+        return self._json("GET", f"/v1/models/{quote(name)}")  # type: ignore[no-any-return]
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The model's signature and edgefleet details."""
+        return self._json("GET", f"/v1/models/{quote(name)}/metadata")  # type: ignore[no-any-return]
+
+    def health(self) -> dict[str, Any]:
+        """The /healthz document, whether the agent is serving (200) or not (503); `http_status` added."""
+        status, _, body = self.request("GET", "/healthz")
+        value = _decode(body, status)
+        if not isinstance(value, dict):
+            raise RequestError("healthz: not a JSON object", 502)
+        value["http_status"] = status
+        return value
+
+    def metrics(self) -> str:
+        """The Prometheus text."""
+        status, _, body = self.request("GET", "/metrics")
+        if status != 200:
+            raise RequestError(_error_text(body, status), status)
+        return body.decode("utf-8")
+
+    def admin(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run an admin action (Unix socket only); raise RequestError with the agent's message on failure."""
+        data = json.dumps(body or {}, separators=(",", ":")).encode()
+        # not idempotent: never resent, so start from a fresh connection that cannot be stale
+        self.close()
+        return self._json("POST", f"/v1/admin/{quote(action)}", data, retry=False)  # type: ignore[no-any-return]
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, body: bytes = b"", *, retry: bool = True) -> Any:
+        status, _, data = self.request(method, path, body, "application/json", retry=retry)
+        value = _decode(data, status)
+        if status >= 300:
+            raise RequestError(value.get("error", f"HTTP {status}") if isinstance(value, dict) else
+                               f"HTTP {status}", status)
+        return value
+
+    def request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json",
+                *, retry: bool = True) -> tuple[int, dict[str, str], bytes]:
+        """Send one request; return (status, lower-cased headers, body). Reconnects once if the agent
+        closed an idle connection; raise RequestError(503) when the agent cannot be reached."""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        message = head + body
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            try:
+                sock = self._connect()
+                sock.sendall(message)
+                return self._read_response(sock)
+            except (ConnectionError, _Closed) as err:
+                self.close()
+                if fresh or not retry or attempt:
+                    raise RequestError(f"the agent at {self.address} closed the connection ({err})", 503) from err
+            except TimeoutError as err:
+                self.close()
+                raise RequestError(f"no answer from the agent at {self.address} within {self.timeout} s",
+                                   504) from err
+            except OSError as err:
+                self.close()
+                raise RequestError(f"cannot reach the agent at {self.address}: {err.strerror or err}",
+                                   503) from err
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            if self._tcp is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(str(self.socket_path))
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(self._tcp, timeout=self.timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+            self._buf = b""
+        return self._sock
+
+    def _read_response(self, sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+        buf = self._buf
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > _MAX_HEAD:
+                raise _Closed("response head too large")
+            more = sock.recv(65536)
+            if not more:
+                raise _Closed("connection closed before a response")
+            buf += more
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise _Closed(f"malformed status line {lines[0][:60]!r}")
+        status = int(parts[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status == 100:
+            self._buf = buf[end + 4:]
+            return self._read_response(sock)
+        length = int(headers.get("content-length", "0"))
+        start = end + 4
+        while len(buf) - start < length:
+            more = sock.recv(max(65536, length - (len(buf) - start)))
+            if not more:
+                raise _Closed("connection closed in the middle of a response")
+            buf += more
+        body = buf[start:start + length]
+        self._buf = buf[start + length:]
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body
+
+
+class _Closed(Exception):
+    """The server closed the connection or sent something unreadable."""
+
+
+def _decode(body: bytes, status: int) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise RequestError(f"HTTP {status} with a body that is not JSON", 502) from err
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return f"HTTP {status}"
+    return str(value.get("error", f"HTTP {status}")) if isinstance(value, dict) else f"HTTP {status}"

@@ -1,0 +1,495 @@
+"""The live models, one per name: atomic swaps, thread-safe invokes, caller-friendly pre/post-processing.
+
+A model is loaded (and warmed up) before anything is locked, then published by replacing the
+name -> model mapping in one assignment; readers never lock the mapping. Each model has one
+interpreter behind one lock (an interpreter is not thread-safe). A request that already holds a
+model's lock finishes on it; a request still waiting when the model is swapped out moves to the
+new one, so a swap never fails or strands a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agent.errors import RequestError, RuntimeBackendError
+from agent.protocol.documents import Deployment, TensorSpec
+from agent.runtime import LoadedModel, load_model
+from agent.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 1024
+_now = time.monotonic  # the clock of agent.stats: in_flight() start times are compared with it
+_WAIT_SLICE_S = 0.05  # how often a request queued behind a busy model checks whether it was swapped
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What is being served under one name: the deployment, its version and live statistics."""
+
+    name: str
+    deployment: Deployment
+    version: int
+    stats: ModelStats
+    loaded_at: float
+    backend: str
+    model_path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer to one request: outputs (batch dim first), top-k per instance when labelled, version."""
+
+    name: str
+    version: int
+    outputs: list[NDArray[Any]]
+    output_names: tuple[str, ...]
+    top_k: list[list[dict[str, Any]]] | None = None
+    raw: bool = False
+
+
+def short_name(tensor_name: str) -> str:
+    """A tensor's name without the converter's decorations: `serving_default_x:0` -> `x`."""
+    name = tensor_name.split(":", 1)[0]
+    return name.removeprefix("serving_default_")
+
+
+@dataclass
+class _InputPlan:
+    """How a caller's value becomes this input's tensor (precomputed at activation)."""
+
+    spec: TensorSpec
+    dtype: np.dtype[Any]
+    rank: int
+    mean: NDArray[Any] | None = None
+    std: NDArray[Any] | None = None
+    scale: float | None = None
+    zero_point: int = 0
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.rank > 0 and self.spec.shape[0] == -1
+
+
+class _Live:
+    """One activated model: interpreter, lock, precomputed plans and statistics."""
+
+    def __init__(self, name: str, model: LoadedModel, path: Path, deployment: Deployment) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self.stats = ModelStats()
+        self.retired = False
+        self.served = ServedModel(
+            name=name, deployment=deployment, version=deployment.model.version, stats=self.stats,
+            loaded_at=time.time(), backend=model.backend, model_path=path,
+            inputs=model.inputs, outputs=model.outputs,
+        )
+        it = model.interpreter
+        self.in_idx = [d["index"] for d in it.get_input_details()]
+        self.out_idx = [d["index"] for d in it.get_output_details()]
+        self.n_in = len(self.in_idx)
+        self.n_out = len(self.out_idx)
+        self.in0 = self.in_idx[0]
+        self.out0 = self.out_idx[0]
+        self.shapes = [tuple(int(v) for v in d["shape"]) for d in it.get_input_details()]
+        self.set = it.set_tensor
+        self.get = it.get_tensor
+        self.invoke = it.invoke
+        self.plans = [_plan(s, deployment) for s in model.inputs]
+        self.dynamic_batch = all(p.rank == 0 or p.dynamic_batch for p in self.plans)
+        self.aliases: dict[str, int] = {}
+        for i, s in enumerate(model.inputs):
+            self.aliases.setdefault(s.name, i)
+            self.aliases.setdefault(short_name(s.name), i)
+        self.out_quant = [(s.quantization.scale, s.quantization.zero_point) if s.quantization else None
+                          for s in model.outputs]
+        post = deployment.model.postprocessing
+        self.labels = post.labels
+        self.top_k = post.top_k
+        self.output_names = tuple(short_name(s.name) for s in model.outputs)
+
+    def resize(self, i: int, shape: tuple[int, ...]) -> None:
+        """Resize input `i` for a new batch size (or other dynamic dimension); caller holds the lock."""
+        expected = self.plans[i].spec.shape
+        if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
+            raise RequestError(f"input {short_name(self.plans[i].spec.name)}: shape {list(shape)} does not fit "
+                               f"the model's {list(expected)}")
+        it = self.model.interpreter
+        it.resize_tensor_input(self.in_idx[i], list(shape))
+        it.allocate_tensors()
+        self.shapes = [tuple(int(v) for v in d["shape"]) for d in it.get_input_details()]
+
+    def warm_up(self) -> None:
+        """Invoke once on zeros so the first real request does not pay for lazy delegate set-up."""
+        with self.lock:
+            details = self.model.interpreter.get_input_details()
+            for index, d in zip(self.in_idx, details, strict=True):
+                self.set(index, np.zeros(d["shape"], dtype=d["dtype"]))
+            self.invoke()
+
+
+def _plan(spec: TensorSpec, deployment: Deployment) -> _InputPlan:
+    dtype = np.dtype(spec.dtype)
+    plan = _InputPlan(spec=spec, dtype=dtype, rank=len(spec.shape))
+    pre = deployment.model.preprocessing
+    if (pre.mean is not None or pre.std is not None) and dtype.kind in "fiu" and (
+            dtype.kind == "f" or spec.quantization is not None):
+        channels = {len(v) for v in (pre.mean, pre.std) if v is not None}
+        last = spec.shape[-1] if spec.shape else 1
+        if all(c == 1 or c == last or last == -1 for c in channels):
+            plan.mean = np.asarray(pre.mean if pre.mean is not None else (0.0,), dtype=np.float32)
+            plan.std = np.asarray(pre.std if pre.std is not None else (1.0,), dtype=np.float32)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        plan.lo, plan.hi = int(info.min), int(info.max)
+        if spec.quantization is not None:
+            plan.scale = spec.quantization.scale
+            plan.zero_point = spec.quantization.zero_point
+    return plan
+
+
+class Serving:
+    """Holds the live model per name and runs requests against it."""
+
+    def __init__(self, backend: str = "auto", num_threads: int | None = None, use_xnnpack: bool = True,
+                 *, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = True) -> None:
+        self.backend = backend
+        self.num_threads = num_threads
+        self.use_xnnpack = use_xnnpack
+        self.max_batch = max_batch
+        self._warm_up = warm_up
+        self._live: dict[str, _Live] = {}
+        self._swap_lock = threading.Lock()
+
+    # -- the set of models -------------------------------------------------------------------
+
+    def activate(self, name: str, model_path: Path, deployment: Deployment) -> None:
+        """Load `model_path` and make it the model served as `name`; requests in flight finish on the old one."""
+        model = load_model(model_path, self.backend, num_threads=self.num_threads, use_xnnpack=self.use_xnnpack)
+        live = _Live(name, model, Path(model_path), deployment)
+        if [(s.dtype, s.shape) for s in model.inputs] != [(s.dtype, s.shape) for s in deployment.model.inputs]:
+            log.warning("model %s v%s: interpreter inputs %s differ from the deployment's", name,
+                        deployment.model.version, [(s.dtype, s.shape) for s in model.inputs])
+        if self._warm_up:
+            try:
+                live.warm_up()
+            except Exception as err:  # the interpreter raises RuntimeError/ValueError on a failing invoke
+                raise RuntimeBackendError(f"model {name} v{deployment.model.version} fails on zeros: {err}") from err
+        with self._swap_lock:
+            old = self._live.get(name)
+            self._live = {**self._live, name: live}
+        if old is not None:
+            old.retired = True
+        log.info("serving %s v%s (%s) from %s", name, deployment.model.version, model.backend, model_path)
+
+    def deactivate(self, name: str) -> bool:
+        """Stop serving `name`; return whether it was served. Requests in flight finish."""
+        with self._swap_lock:
+            old = self._live.get(name)
+            if old is None:
+                return False
+            self._live = {k: v for k, v in self._live.items() if k != name}
+        old.retired = True
+        return True
+
+    def names(self) -> list[str]:
+        """Names of the models being served, sorted."""
+        return sorted(self._live)
+
+    def served(self, name: str) -> ServedModel | None:
+        """What is served as `name`, or None."""
+        live = self._live.get(name)
+        return live.served if live is not None else None
+
+    def _lookup(self, name: str) -> _Live:
+        live = self._live.get(name)
+        if live is None:
+            if not self._live:
+                raise RequestError("no model is loaded yet", 503)
+            raise RequestError(f"unknown model {name!r}; serving: {', '.join(sorted(self._live))}", 404)
+        return live
+
+    # -- running requests ----------------------------------------------------------------------
+
+    def predict_raw(self, name: str, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        """Run arrays already in the model's dtypes and shapes; return its raw outputs (the fast path)."""
+        live = self._live.get(name)
+        if live is None:
+            live = self._lookup(name)
+        lock = live.lock
+        if not lock.acquire(False):
+            live = self._wait(name, live)
+            lock = live.lock
+        try:
+            if len(arrays) != live.n_in:
+                raise RequestError(f"model {name} takes {live.n_in} input(s), got {len(arrays)}")
+            if live.n_in == 1:
+                x = arrays[0]
+                if x.shape != live.shapes[0]:
+                    live.resize(0, x.shape)
+                try:
+                    live.set(live.in0, x)
+                except ValueError as err:
+                    raise _set_error(err) from err
+            else:
+                self._set_all(live, arrays)
+            stats = live.stats
+            started = stats.started
+            t0 = _now()
+            started[0] = t0
+            try:
+                live.invoke()
+                if live.n_out == 1:
+                    outs = [live.get(live.out0)]
+                else:
+                    get = live.get
+                    outs = [get(index) for index in live.out_idx]
+            except Exception as err:  # an invoke failure is the model's, not the caller's
+                _failed(live, t0)
+                raise RuntimeBackendError(f"model {name} v{live.served.version}: invoke failed: {err}") from err
+            t1 = _now()
+            started[0] = 0.0
+            stats.add_serialised(t1 - t0, True, t1)  # the model's lock serialises its writers
+            return outs
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _set_all(live: _Live, arrays: Sequence[NDArray[Any]]) -> None:
+        for i, (index, x) in enumerate(zip(live.in_idx, arrays, strict=True)):
+            if x.shape != live.shapes[i]:
+                live.resize(i, x.shape)
+            try:
+                live.set(index, x)
+            except ValueError as err:
+                raise _set_error(err) from err
+
+    def _wait(self, name: str, live: _Live) -> _Live:
+        """Block until `live`, or the model that replaced it while we waited, is free; return it locked.
+
+        A request that has not started yet never runs on a model already swapped out: the old model
+        may be the one being rolled back for hanging or failing.
+        """
+        while True:
+            if live.lock.acquire(timeout=_WAIT_SLICE_S):
+                if not live.retired:
+                    return live
+                live.lock.release()
+            if live.retired:
+                live = self._lookup(name)
+
+    def predict(self, name: str, inputs: Sequence[Any] | Mapping[str, Any], *, raw: bool = False,
+                batch_dim: bool = False) -> Prediction:
+        """Run a request: one value per input (signature order, or a dict by input name), batch dim first.
+
+        Float values are normalised as the deployment says and quantized for integer models; a value
+        already in a quantized model's own dtype goes in untouched, and then (or with `raw`) outputs
+        stay in the model's dtype, else they are dequantized. A value one rank short is taken as a
+        single instance unless `batch_dim` demands the batch dimension.
+        """
+        live = self._lookup(name)
+        arrays, n, native = _prepare(live, inputs, self.max_batch, batch_dim)
+        plans = live.plans
+        whole = live.dynamic_batch or all(p.rank == 0 or p.dynamic_batch or p.spec.shape[0] == n for p in plans)
+        if not whole and not all(p.rank == 0 or p.spec.shape[0] == 1 for p in plans):
+            fixed = sorted({p.spec.shape[0] for p in plans if p.rank})
+            raise RequestError(f"model {name} takes batches of exactly {fixed[0]}; got {n} instances")
+        batches = [arrays] if whole else [[x[i:i + 1] if p.rank else x for x, p in zip(arrays, plans, strict=True)]
+                                          for i in range(n)]
+        lock = live.lock
+        if not lock.acquire(False):
+            moved = self._wait(name, live)
+            if moved is not live:
+                moved.lock.release()
+                return self.predict(name, inputs, raw=raw, batch_dim=batch_dim)  # the new model may have another signature
+        try:
+            results = [self._invoke_locked(live, batch) for batch in batches]
+        finally:
+            lock.release()
+        outs = results[0] if whole else [np.concatenate(parts) for parts in zip(*results, strict=True)]
+        keep_raw = raw or native
+        if not keep_raw:
+            outs = [_dequantize(y, q) if q else y for y, q in zip(outs, live.out_quant, strict=True)]
+        top = None
+        if live.labels is not None and outs:
+            q = live.out_quant[0]
+            scores = _dequantize(outs[0], q) if keep_raw and q else outs[0]
+            top = _top_k(scores, live.labels, live.top_k)
+        return Prediction(name=name, version=live.served.version, outputs=outs, output_names=live.output_names,
+                          top_k=top, raw=keep_raw)
+
+    def _invoke_locked(self, live: _Live, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        self._set_all(live, arrays)
+        stats = live.stats
+        t0 = _now()
+        stats.started[0] = t0
+        try:
+            live.invoke()
+            outs = [live.get(index) for index in live.out_idx]
+        except Exception as err:  # an invoke failure is the model's, not the caller's
+            _failed(live, t0)
+            raise RuntimeBackendError(
+                f"model {live.served.name} v{live.served.version}: invoke failed: {err}") from err
+        t1 = _now()
+        stats.started[0] = 0.0
+        stats.add_serialised(t1 - t0, True, t1)
+        return outs
+
+
+def _failed(live: _Live, t0: float) -> None:
+    t1 = _now()
+    live.stats.started[0] = 0.0
+    live.stats.add_serialised(t1 - t0, False, t1)
+
+
+def _set_error(err: ValueError) -> RequestError:
+    return RequestError(str(err).replace("Cannot set tensor: ", "").strip())
+
+
+def _prepare(live: _Live, inputs: Sequence[Any] | Mapping[str, Any], max_batch: int,
+             batch_dim: bool) -> tuple[list[NDArray[Any]], int, bool]:
+    """The caller's values as model tensors (batch dim first), the batch size, and whether they were native."""
+    plans = live.plans
+    if isinstance(inputs, Mapping):
+        values: list[Any] = [None] * len(plans)
+        for key, value in inputs.items():
+            i = live.aliases.get(key)
+            if i is None:
+                names = ", ".join(short_name(p.spec.name) for p in plans)
+                raise RequestError(f"unknown input {key!r}; the model's inputs: {names}")
+            values[i] = value
+        missing = [short_name(p.spec.name) for p, v in zip(plans, values, strict=True) if v is None]
+        if missing:
+            raise RequestError(f"missing input(s): {', '.join(missing)}")
+    else:
+        values = list(inputs)
+        if len(values) != len(plans):
+            raise RequestError(f"the model takes {len(plans)} input(s), got {len(values)}")
+    arrays: list[NDArray[Any]] = []
+    native = False
+    n: int | None = None
+    for plan, value in zip(plans, values, strict=True):
+        x, was_native = _convert(plan, value, batch_dim)
+        native = native or was_native
+        if plan.rank:
+            if n is None:
+                n = x.shape[0]
+            elif x.shape[0] != n:
+                raise RequestError(f"inputs disagree on the batch size: {n} and {x.shape[0]}")
+        arrays.append(x)
+    batch = 1 if n is None else n
+    if batch == 0:
+        raise RequestError("empty batch: send at least one instance")
+    if batch > max_batch:
+        raise RequestError(f"batch of {batch} instances is above the limit of {max_batch}", 413)
+    return arrays, batch, native
+
+
+def _convert(plan: _InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any], bool]:
+    """One caller value as this input's tensor; raise RequestError naming the input when it cannot be."""
+    label = short_name(plan.spec.name)
+    try:
+        x = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise RequestError(f"input {label}: not a rectangular array of numbers ({err})") from err
+    if x.dtype.kind not in "biuf":
+        raise RequestError(f"input {label}: expected numbers, got {_kind_name(x.dtype)}")
+    if plan.rank and x.ndim == plan.rank - 1 and not batch_dim:
+        x = x[None]  # one instance without its batch dimension
+    shape = plan.spec.shape
+    if x.ndim != plan.rank or any(e not in (-1, d) for e, d in zip(shape[1:], x.shape[1:], strict=True)):
+        raise RequestError(f"input {label}: shape {list(x.shape)} does not fit the model's {list(shape)} "
+                           f"(-1 = any size)")
+    dt = plan.dtype
+    if x.dtype == dt and plan.mean is None:
+        return _contiguous(x), dt.kind != "f" and plan.scale is not None  # the model's own values
+    if dt.kind == "f":
+        if x.dtype.kind == "b":
+            raise RequestError(f"input {label}: expected numbers, got booleans")
+        y = x.astype(np.float32, copy=False)
+        if plan.mean is not None:
+            y = _normalise(plan, y, label)
+        return _contiguous(y, dtype=dt), False
+    if dt.kind == "b":
+        if x.dtype.kind == "b" or (x.dtype.kind in "iu" and np.isin(x, (0, 1)).all()):
+            return _contiguous(x, dtype=dt), False
+        raise RequestError(f"input {label}: the model takes booleans, got {_kind_name(x.dtype)}")
+    # integer model input
+    if x.dtype.kind == "f" and plan.scale is not None:
+        y = x.astype(np.float32, copy=False)
+        if plan.mean is not None:
+            y = _normalise(plan, y, label)
+        if not np.isfinite(y).all():
+            raise RequestError(f"input {label}: NaN or infinite values cannot be quantized")
+        q = y / np.float32(plan.scale)
+        q = np.trunc(q + np.copysign(np.float32(0.5), q)) + plan.zero_point  # round half away, as TFLite does
+        return _contiguous(np.clip(q, plan.lo, plan.hi).astype(dt)), False
+    if x.dtype.kind == "f":
+        if not np.array_equal(x, np.rint(x)):
+            raise RequestError(f"input {label}: the model takes {dt.name}, got non-integer values")
+    elif x.dtype.kind == "b":
+        raise RequestError(f"input {label}: the model takes {dt.name}, got booleans")
+    if x.size and (x.min() < plan.lo or x.max() > plan.hi):
+        raise RequestError(f"input {label}: values outside the {dt.name} range [{plan.lo}, {plan.hi}]")
+    # integers from a wider type (JSON numbers) go in as the model's own values; outputs stay friendly
+    return _contiguous(x.astype(dt)), False
+
+
+def _contiguous(x: NDArray[Any], dtype: np.dtype[Any] | None = None) -> NDArray[Any]:
+    """`x` in C order (and `dtype`), keeping 0-d arrays 0-d, which np.ascontiguousarray does not."""
+    if dtype is not None and x.dtype != dtype:
+        return x.astype(dtype, order="C")
+    return x if x.flags.c_contiguous else x.copy(order="C")
+
+
+def _normalise(plan: _InputPlan, y: NDArray[Any], label: str) -> NDArray[Any]:
+    assert plan.mean is not None and plan.std is not None
+    try:
+        out: NDArray[Any] = (y - plan.mean) / plan.std
+    except ValueError as err:
+        raise RequestError(f"input {label}: normalisation with {len(plan.mean)} channel(s) does not fit shape "
+                           f"{list(y.shape)}") from err
+    return out
+
+
+def _kind_name(dtype: np.dtype[Any]) -> str:
+    return {"U": "strings", "S": "bytes", "O": "mixed or nested values", "b": "booleans",
+            "V": "structured records", "c": "complex numbers"}.get(dtype.kind, dtype.name)
+
+
+def _dequantize(y: NDArray[Any], quant: tuple[float, int] | None) -> NDArray[Any]:
+    if quant is None:
+        return y
+    scale, zero_point = quant
+    return (y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def _top_k(scores: NDArray[Any], labels: tuple[str, ...], k: int) -> list[list[dict[str, Any]]]:
+    """The k best classes per instance (axis 0), as {label, index, score}; ties keep class order."""
+    rows = scores.reshape(scores.shape[0], -1) if scores.ndim else scores.reshape(1, 1)
+    k = min(k, rows.shape[1])
+    n_labels = len(labels)
+    out = []
+    for row in rows:
+        if row.size <= 64:  # a Python sort of a few values beats numpy's per-call overhead
+            values = row.tolist()
+            best = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+        else:
+            best = np.argsort(-row, kind="stable")[:k].tolist()
+            values = row
+        out.append([{"label": labels[j] if j < n_labels else None, "index": j, "score": float(values[j])}
+                    for j in best])
+    return out
