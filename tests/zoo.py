@@ -87,6 +87,16 @@ def slow_f32() -> bytes:
     return _convert(tf.keras.Sequential(layers))
 
 
+def dense_f32_batch1() -> bytes:
+    """dense_f32's layers with a fixed batch of 1 (input shape (1, 8), no dynamic dimension)."""
+    tf = _tf()
+    m = tf.keras.Sequential([
+        tf.keras.Input((8,), batch_size=1), tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(4, activation="softmax"),
+    ])
+    return _convert(m)
+
+
 def _while_model(grow: bool) -> bytes:
     tf = _tf()
 
@@ -119,7 +129,7 @@ def memhog_f32() -> bytes:
 
 
 MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32,
-                                  hang_f32, memhog_f32)}
+                                  hang_f32, memhog_f32, dense_f32_batch1)}
 
 
 def main(argv: list[str]) -> int:
