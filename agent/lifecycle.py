@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from agent import __version__
 from agent.config import AgentConfig
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, SignatureError, StoreError
-from agent.protocol.documents import Deployment, DeviceState, Event, ModelState, Outcome, Phase
+from agent.protocol.documents import Command, Deployment, DeviceState, Event, ModelState, Outcome, Phase
 from agent.protocol.signing import Keyring
 from agent.store import STABLE_PHASES, AgentState, Installed, ModelRecord, Probation, Store
 from agent.validate import ValidationRequest, validate
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 4 << 20
 ACTION_WINDOW_S = 3600.0
+# Commands are short-lived orders: a bounded validity keeps the replay memory bounded too.
+MAX_COMMAND_VALIDITY_S = 86400
 
 
 class StatsLike(Protocol):
@@ -253,6 +255,38 @@ class Lifecycle:
         self.remember_rejected(dep_id)
         self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def check_command(self, raw: Any) -> Command:
+        """Verify a command (schema, signature, addressee, validity window, replay) and remember its id."""
+        try:
+            cmd = Command.from_dict(raw)
+        except ProtocolError as err:
+            raise DeploymentRejected(f"malformed command: {err}", step="VERIFYING") from err
+        if self.keyring and self.config.security.require_signature:
+            try:
+                self.keyring.verify(raw)
+            except SignatureError as err:
+                raise DeploymentRejected(f"command signature: {err}", step="VERIFYING") from err
+        now = self.clock()
+        if cmd.device_id != self.config.device_id:
+            raise DeploymentRejected(f"command is addressed to {cmd.device_id}, not {self.config.device_id}")
+        if now > cmd.expires_at:
+            raise DeploymentRejected(f"command expired at {cmd.expires_at} (now {int(now)})")
+        if cmd.issued_at > now + self.config.security.max_clock_skew_s:
+            raise DeploymentRejected(f"command not yet valid: issued_at {cmd.issued_at} is in the future")
+        if cmd.expires_at - cmd.issued_at > MAX_COMMAND_VALIDITY_S:
+            raise DeploymentRejected(f"command is valid for {cmd.expires_at - cmd.issued_at}s, more than the "
+                                     f"{MAX_COMMAND_VALIDITY_S}s a command may be")
+        if cmd.command_id in self.state.commands:
+            raise DeploymentRejected(f"command {cmd.command_id} was already applied (replay)")
+        seen = {k: v for k, v in self.state.commands.items() if v >= now}
+        seen[cmd.command_id] = cmd.expires_at
+        if len(seen) > self.config.store.max_rejected:
+            seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-self.config.store.max_rejected:])
+        self._save(replace(self.state, commands=seen))
+        return cmd
 
     # --- the update path -----------------------------------------------------------------------
 

@@ -1,0 +1,320 @@
+"""`edge-agent`: the device command line (DESIGN.md, "Device CLI surface").
+
+Commands that change state (`install`, `rollback`) go through the running daemon when there is one
+(it holds the state directory's lock and owns state.json) and work on the state directory directly
+when there is none. Exit codes: 0 done, 1 the operation failed (a rejected model, an unreachable
+daemon), 2 bad input or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.config import DEFAULT_PATH, AgentConfig, describe, load_config
+from agent.errors import EdgefleetError, RequestError
+
+log = logging.getLogger("edge-agent")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(EdgefleetError):
+    """Bad command-line input; exit code 2."""
+
+
+def setup_logging(level: str) -> None:
+    """One line per record on stderr (journald adds its own timestamps; a terminal gets ours)."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if sys.stderr.isatty():
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True)
+
+
+def _client(config: AgentConfig) -> Any:
+    from agent.client import ApiClient
+
+    if config.api.socket is None:
+        raise EdgefleetError("the agent is running but api.socket is disabled, so it cannot be reached")
+    return ApiClient(socket_path=config.api.socket)
+
+
+def _daemon_running(config: AgentConfig) -> bool:
+    from agent.store import Store
+
+    store = Store.from_config(config)
+    if store.try_lock():
+        store.unlock()
+        return False
+    return True
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Run the daemon in the foreground (systemd runs it this way)."""
+    from agent.daemon import run_daemon
+
+    return run_daemon(config)
+
+
+def cmd_check_config(args: argparse.Namespace, config: AgentConfig) -> int:
+    """The configuration loaded: print the effective values."""
+    _print(describe(config), args.json, f"{args.config or DEFAULT_PATH}: ok (device {config.device_id})")
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Install a bundle directory through the full lifecycle."""
+    path = Path(args.bundle).resolve()
+    if not path.is_dir():
+        raise UsageError(f"{args.bundle}: not a bundle directory")
+    if _daemon_running(config):
+        try:
+            body = _client(config).admin("install", {"path": str(path)})
+        except RequestError as err:
+            raise (UsageError if err.status == 400 else EdgefleetError)(str(err)) from err
+    else:
+        body = _install_offline(config, path)
+    ok = body.get("phase") not in ("REJECTED", "ROLLED_BACK")
+    text = f"{body.get('model')}: {body.get('phase')}" + (f" (v{body['version']})" if body.get("version") else "")
+    if not ok:
+        text += f": {body.get('reason')}"
+    _print(body, args.json, text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
+    from agent.daemon import read_bundle_files
+    from agent.errors import ProtocolError
+    from agent.lifecycle import Lifecycle, raw_model_name
+    from agent.protocol.signing import Keyring
+    from agent.store import Store
+
+    store = Store.from_config(config)
+    if not store.try_lock():
+        raise EdgefleetError("the agent started while installing; try again")
+    try:
+        try:
+            raw, model, golden = read_bundle_files(path)
+        except ProtocolError as err:
+            raise UsageError(str(err)) from err
+        name = raw_model_name(raw)
+        if name is None:
+            raise UsageError(f"{path}: manifest has no valid model name")
+        lifecycle = Lifecycle(config, store, keyring=Keyring.from_files(config.security.trusted_keys))
+        phase = lifecycle.install(raw, model, golden)
+        rec = lifecycle.state.record(name)
+        body: dict[str, Any] = {"model": name, "phase": phase, "version": rec.active.version if rec.active else None}
+        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
+            body["reason"] = rec.last_outcome.reason
+        elif phase == "PROBATION":
+            body["note"] = "probation starts when the agent runs"
+        return body
+    finally:
+        store.unlock()
+
+
+def cmd_rollback(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Restore the previous model of one model name."""
+    if _daemon_running(config):
+        try:
+            body = _client(config).admin("rollback", {"model": args.model} if args.model else {})
+        except RequestError as err:
+            raise (UsageError if err.status in (400, 404) else EdgefleetError)(str(err)) from err
+    else:
+        body = _rollback_offline(config, args.model)
+    _print(body, args.json, f"{body['model']}: {body['phase']} (now v{body['version']})")
+    return EXIT_OK
+
+
+def _rollback_offline(config: AgentConfig, name: str | None) -> dict[str, Any]:
+    from agent.lifecycle import Lifecycle
+    from agent.store import Store
+
+    store = Store.from_config(config)
+    if not store.try_lock():
+        raise EdgefleetError("the agent started meanwhile; try again")
+    try:
+        lifecycle = Lifecycle(config, store)
+        names = list(lifecycle.state.models)
+        if name is None:
+            if len(names) != 1:
+                raise UsageError(f"name the model with --model (models: {', '.join(names) or 'none'})")
+            name = names[0]
+        if name not in names:
+            raise UsageError(f"unknown model {name!r}")
+        lifecycle.rollback(name, "rollback requested by the operator", manual=True)
+        rec = lifecycle.state.record(name)
+        return {"model": name, "phase": rec.phase, "version": rec.active.version if rec.active else None}
+    finally:
+        store.unlock()
+
+
+def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
+    """What each model is doing: from the daemon when it runs, else from state.json."""
+    running = config.state_dir.exists() and _daemon_running(config)
+    health = None
+    if running:
+        try:
+            body = _client(config).admin("status", {})
+            state, health = body["state"], body["health"]
+        except (OSError, EdgefleetError, KeyError) as err:
+            log.warning("agent is running but did not answer: %s", err)
+            running = False
+    if not running:
+        state = _state_offline(config)
+    out = {"device_id": config.device_id, "running": running, "state": state, "health": health}
+    if args.json:
+        _print(out, True, "")
+        return EXIT_OK
+    lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}"]
+    if health and health.get("reason"):
+        lines.append(f"  unhealthy: {health['reason']}")
+    for name, m in sorted(state.get("models", {}).items()):
+        active = m.get("active")
+        prev = m.get("previous")
+        line = f"  {name}: {m.get('phase')}  active v{active['version']}" if active else f"  {name}: {m.get('phase')}  no active model"
+        if prev:
+            line += f"  previous v{prev['version']}"
+        lines.append(line)
+        outcome = m.get("last_outcome")
+        if outcome:
+            reason = f": {outcome['reason']}" if outcome.get("reason") else ""
+            lines.append(f"    last: v{outcome['version']} {outcome['result']}{reason}")
+    if not state.get("models"):
+        lines.append("  no model installed")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _state_offline(config: AgentConfig) -> dict[str, Any]:
+    from agent.lifecycle import Lifecycle
+    from agent.store import Store
+
+    if not config.state_dir.exists():
+        return {"models": {}}
+    return Lifecycle(config, Store.from_config(config)).document().to_dict()
+
+
+def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Run one prediction through the agent's API (or in-process when the agent is not running)."""
+    if args.input:
+        try:
+            x: Any = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{args.input}: not a readable .npy file ({err})") from err
+    else:
+        try:
+            x = json.loads(args.json_input)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--json: not valid JSON ({err.msg})") from err
+    if config.state_dir.exists() and _daemon_running(config):
+        try:
+            result = _client(config).predict(args.model, x.tolist() if isinstance(x, np.ndarray) else x)
+        except RequestError as err:
+            raise (UsageError if 400 <= err.status < 500 else EdgefleetError)(str(err)) from err
+    else:
+        result = _predict_offline(config, args.model, x)
+    print(json.dumps(result, sort_keys=True))
+    return EXIT_OK
+
+
+def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
+    from agent.api_routes import _row_answer, _rows
+    from agent.lifecycle import Lifecycle
+    from agent.serving import Serving
+    from agent.store import Store
+
+    store = Store.from_config(config)
+    rec = Lifecycle(config, store).state.record(name)
+    if rec.active is None:
+        raise UsageError(f"no active model named {name!r}")
+    serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack)
+    serving.activate(name, store.blob_path(rec.active.sha256), rec.active.doc)
+    try:
+        columns = _rows(x.tolist() if isinstance(x, np.ndarray) else x)
+        return _row_answer(serving.predict(name, columns, batch_dim=True))
+    except RequestError as err:
+        raise UsageError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `edge-agent`."""
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="edgefleet device agent: receives model bundles, validates them in a child process, "
+                    "swaps them in atomically, serves local inference and rolls back bad models.",
+        epilog="Configuration: TOML at /etc/edge-agent/agent.toml (see `check-config`). "
+               "Exit codes: 0 ok, 1 operation failed, 2 bad input or configuration.",
+    )
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    p.add_argument("--config", help=f"configuration file (default {DEFAULT_PATH})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("install", help="install a bundle directory (the same checks as a bundle from MQTT)")
+    s.add_argument("bundle", help="bundle directory written by `edgectl convert` or `edgectl package`")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    s.set_defaults(func=cmd_install)
+
+    s = sub.add_parser("status", help="each model's phase, active and previous versions, last outcome")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("rollback", help="restore the previous version of a model")
+    s.add_argument("--model", help="model name (optional when only one model is installed)")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    s.set_defaults(func=cmd_rollback)
+
+    s = sub.add_parser("predict", help="run a prediction through the local API")
+    s.add_argument("--model", required=True, help="model name")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--input", help=".npy file holding one input tensor (batch included)")
+    g.add_argument("--json", dest="json_input", metavar="JSON", help="instances as JSON, e.g. '[[0.1, 0.2]]'")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("check-config", help="validate the configuration file and print the effective values")
+    s.add_argument("--json", action="store_true", help="print every effective value as JSON")
+    s.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `edge-agent`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except EdgefleetError as err:
+        print(f"edge-agent: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level or config.log_level)
+    try:
+        return int(args.func(args, config))
+    except UsageError as err:
+        print(f"edge-agent: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except EdgefleetError as err:
+        print(f"edge-agent: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

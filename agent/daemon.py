@@ -1,0 +1,318 @@
+"""The agent daemon: wires store, lifecycle, serving, API, systemd and (when configured) MQTT delivery.
+
+One thread, the loop in `Daemon.run`, owns the lifecycle. Everything else (API admin requests, MQTT
+messages, signals) reaches it through one queue; periodic work (probation, hang detection, watchdog)
+happens in the same loop, so a stalled loop stops the systemd watchdog and gets the agent restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.api import ApiServer
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from agent.config import AgentConfig
+from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError
+from agent.lifecycle import Lifecycle, raw_model_name
+from agent.link import Connection, FleetLink
+from agent.protocol.canonical import parse_json
+from agent.protocol.documents import Event
+from agent.protocol.signing import Keyring
+from agent.serving import Serving
+from agent.store import Store
+from agent.systemd import Notifier
+from agent.transport import Message
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+ADMIN_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Request:
+    """Work handed to the loop thread, with a place for its answer."""
+
+    action: str
+    body: dict[str, Any]
+    reply: queue.Queue[tuple[int, dict[str, Any]]] = field(default_factory=lambda: queue.Queue(maxsize=1))
+
+
+def read_bundle_files(path: Path) -> tuple[Any, bytes, bytes]:
+    """The raw manifest, model and golden bytes of a bundle directory, unchecked (the lifecycle checks)."""
+    if not path.is_dir():
+        raise ProtocolError(f"{path}: not a bundle directory")
+    try:
+        raw = parse_json((path / MANIFEST_FILE).read_bytes())
+        return raw, (path / MODEL_FILE).read_bytes(), (path / GOLDEN_FILE).read_bytes()
+    except OSError as err:
+        raise ProtocolError(f"{path}: {err.strerror}: {err.filename}") from err
+
+
+class Daemon:
+    """A running agent."""
+
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None):
+        self.config = config
+        self.store = Store.from_config(config)
+        self.keyring = Keyring.from_files(config.security.trusted_keys)
+        self.serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack)
+        self.notifier = notifier or Notifier.from_environment()
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.started = time.monotonic()
+        self.events: deque[Event] = deque(maxlen=50)
+        self.sinks: list[Callable[[Event], None]] = []
+        self.unhealthy: str | None = None
+        self._hung_reported: set[tuple[str, float]] = set()
+        self.lifecycle = Lifecycle(config, self.store, keyring=self.keyring, serving=self.serving,
+                                   emit=self._on_event, heartbeat=self._heartbeat)
+        self.api = ApiServer(
+            self.serving, socket_path=config.api.socket, port=config.api.port, host=config.api.host,
+            max_body_bytes=config.api.max_body_bytes, status=self.health, admin=self.admin,
+        )
+        self._status_text = ""
+        self.link: FleetLink | None = None
+        if config.mqtt.url is not None:
+            self.link = FleetLink(config, self.lifecycle, inbox=self.queue.put)
+            self.sinks.append(self.link.publish_event)
+
+    # --- outside world -> loop -----------------------------------------------------------------
+
+    def admin(self, action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Called from API threads: run an admin action on the loop thread and wait for its answer."""
+        if action not in ("install", "rollback", "status"):
+            return 404, {"error": f"unknown admin action {action!r}; expected install, rollback or status"}
+        req = Request(action, body)
+        self.queue.put(req)
+        try:
+            return req.reply.get(timeout=ADMIN_TIMEOUT_S)
+        except queue.Empty:
+            return 504, {"error": f"the agent did not finish {action} within {ADMIN_TIMEOUT_S:g}s"}
+
+    def request_stop(self, *_: Any) -> None:
+        """Ask the loop to stop (signal handler)."""
+        self.stop_event.set()
+        self.queue.put(None)
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        self.events.append(event)
+        for sink in self.sinks:
+            try:
+                sink(event)
+            except Exception:  # one broken sink must not silence the others or the lifecycle
+                log.exception("event sink failed")
+        self._update_status()
+
+    def _heartbeat(self) -> None:
+        """Called during long steps (validation) so a busy loop is not mistaken for a stalled one."""
+        if self.unhealthy is None:
+            self.notifier.watchdog_if_due()
+
+    def health(self) -> dict[str, Any]:
+        """Live summary for /healthz and `edge-agent status`."""
+        models = {}
+        for name, rec in self.lifecycle.state.models.items():
+            served = self.serving.served(name)
+            models[name] = {
+                "phase": rec.phase,
+                "version": rec.active.version if rec.active else None,
+                "serving": served is not None,
+                "requests": served.stats.count if served else 0,
+                "errors": served.stats.errors if served else 0,
+            }
+        return {"status": "unhealthy" if self.unhealthy else "ok", "reason": self.unhealthy,
+                "device_id": self.config.device_id, "agent_version": __version__,
+                "uptime_s": round(time.monotonic() - self.started, 1), "models": models}
+
+    def _status_line(self) -> str:
+        parts = []
+        for name, rec in sorted(self.lifecycle.state.models.items()):
+            version = f"v{rec.active.version}" if rec.active else "none"
+            parts.append(f"{name} {version} {rec.phase}")
+        return "serving " + ", ".join(parts) if parts else "no model installed"
+
+    def _update_status(self) -> None:
+        text = self._status_line()
+        if text != self._status_text:
+            self._status_text = text
+            self.notifier.status(text)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT or `request_stop`; return the exit code."""
+        if not self.store.try_lock():
+            log.error("another agent is already running on %s", self.store.root)
+            return 1
+        try:
+            if not self.keyring:
+                log.warning("no trusted keys configured: deployments are accepted unsigned")
+            self.lifecycle.boot()
+            self.api.start()
+            self.start_extensions()
+            self.notifier.ready(self._status_line())
+            self._status_text = self._status_line()
+            log.info("agent %s ready: %s", __version__, self._status_text)
+            while not self.stop_event.is_set():
+                try:
+                    item = self.queue.get(timeout=TICK_S)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self._handle(item)
+                self.periodic()
+            self.notifier.stopping("stopping")
+            log.info("stopping")
+            self.stop_extensions()
+            self.api.stop(timeout=5.0)
+            self.lifecycle.shutdown()
+            return 0
+        finally:
+            self.store.unlock()
+
+    def start_extensions(self) -> None:
+        """Start the optional parts: MQTT delivery when a broker is configured."""
+        if self.link is not None:
+            self.link.start()
+
+    def stop_extensions(self) -> None:
+        """Stop what start_extensions started."""
+        if self.link is not None:
+            self.link.stop()
+
+    def periodic(self) -> None:
+        """Work done every tick on the loop thread."""
+        self.lifecycle.tick()
+        if self.lifecycle.unhealthy is not None:
+            self.mark_unhealthy(self.lifecycle.unhealthy)
+        self._check_hangs()
+        self._update_status()
+        if self.link is not None:
+            self.link.periodic()
+        if self.unhealthy is None:
+            self.notifier.watchdog_if_due()
+
+    def _handle(self, req: Any) -> None:
+        if isinstance(req, (Message, Connection)):
+            if self.link is not None:
+                try:
+                    self.link.handle(req)
+                except Exception:  # a bad message must never stop the agent
+                    log.exception("failed to handle %s", getattr(req, "topic", "connection change"))
+            return
+        try:
+            status, body = self._dispatch(req)
+        except Exception as err:  # the loop must survive any single bad request
+            log.exception("admin %s failed", req.action)
+            status, body = 500, {"error": f"{type(err).__name__}: {err}"}
+        try:
+            req.reply.put_nowait((status, body))
+        except queue.Full:
+            pass
+
+    def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
+        if req.action == "install":
+            path = req.body.get("path")
+            if not isinstance(path, str):
+                return 400, {"error": "install needs {\"path\": \"/path/to/bundle\"}"}
+            return self.install_path(Path(path))
+        if req.action == "rollback":
+            return self.rollback(req.body.get("model"))
+        return 200, {"state": self.lifecycle.document().to_dict(), "health": self.health()}
+
+    def install_path(self, path: Path) -> tuple[int, dict[str, Any]]:
+        """Install a bundle directory through the full lifecycle."""
+        try:
+            raw, model, golden = read_bundle_files(path)
+        except ProtocolError as err:
+            return 400, {"error": str(err)}
+        name = raw_model_name(raw)
+        if name is None:
+            err2 = DeploymentRejected("manifest has no valid model name", step="VERIFYING")
+            self.lifecycle.emit("?", "REJECTED", False, raw if isinstance(raw, dict) else None, err2.reason)
+            return 200, {"model": None, "phase": "REJECTED", "reason": err2.reason}
+        phase = self.lifecycle.install(raw, model, golden)
+        return self._outcome(name, phase)
+
+    def _outcome(self, name: str, phase: str) -> tuple[int, dict[str, Any]]:
+        rec = self.lifecycle.state.record(name)
+        body: dict[str, Any] = {"model": name, "phase": phase,
+                                "version": rec.active.version if rec.active else None}
+        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
+            body["reason"] = rec.last_outcome.reason
+        return 200, body  # the request worked; the outcome (even a rejection) is in the body
+
+    def rollback(self, name: Any) -> tuple[int, dict[str, Any]]:
+        """Manual rollback of one model (the only one when `name` is None)."""
+        names = list(self.lifecycle.state.models)
+        if name is None:
+            if len(names) != 1:
+                return 400, {"error": f"name the model to roll back (models: {', '.join(names) or 'none'})"}
+            name = names[0]
+        if not isinstance(name, str) or name not in self.lifecycle.state.models:
+            return 404, {"error": f"unknown model {name!r}"}
+        try:
+            self.lifecycle.rollback(name, "rollback requested by the operator", manual=True)
+        except StoreError as err:
+            return 409, {"error": str(err)}
+        rec = self.lifecycle.state.record(name)
+        return 200, {"model": name, "phase": rec.phase, "version": rec.active.version if rec.active else None}
+
+    def _check_hangs(self) -> None:
+        """An invoke stuck past the limit: report it, serve a fresh interpreter, and let systemd restart us."""
+        limit = self.config.health.hang_timeout_s
+        now = time.monotonic()
+        for name in list(self.serving.names()):
+            served = self.serving.served(name)
+            if served is None:
+                continue
+            for started in served.stats.in_flight():
+                if now - started <= limit or (name, started) in self._hung_reported:
+                    continue
+                self._hung_reported.add((name, started))
+                rec = self.lifecycle.state.record(name)
+                if rec.phase == "PROBATION":
+                    continue  # the lifecycle's probation check rolls it back
+                reason = f"an invocation of {name} hung for {now - started:.1f}s (limit {limit:g}s)"
+                self.lifecycle.emit(name, rec.phase, False, rec.active.deployment if rec.active else None,
+                                    reason, hung_s=round(now - started, 3))
+                if rec.active is not None:
+                    try:
+                        self.serving.activate(name, self.store.blob_path(rec.active.sha256), rec.active.doc)
+                    except EdgefleetError as err:
+                        log.error("model %s: cannot reload after a hang: %s", name, err)
+                self.mark_unhealthy(reason)
+
+    def mark_unhealthy(self, reason: str) -> None:
+        """Stop feeding the watchdog: under systemd the agent is restarted, which frees a stuck interpreter."""
+        if self.unhealthy is None:
+            self.unhealthy = reason
+            log.error("unhealthy: %s; no more watchdog pings", reason)
+            self.notifier.status(f"unhealthy: {reason}")
+
+
+def run_daemon(config: AgentConfig) -> int:
+    """`edge-agent run`: install signal handlers and run the daemon in this thread."""
+    daemon = make_daemon(config)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    return daemon.run()
+
+
+def make_daemon(config: AgentConfig) -> Daemon:
+    """The daemon for a configuration (with MQTT delivery when a broker is configured)."""
+    return Daemon(config)
+
