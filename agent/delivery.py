@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import faults
 from agent.errors import ChunkError, DeploymentRejected, StoreError
 from agent.protocol.chunks import decode_chunk
 from agent.protocol.documents import Artifact, ChunkRef, Deployment
@@ -167,6 +168,7 @@ class Downloads:
                                      details={"model": jobs[0].name}) from err
         try:
             _write_chunk(self.store.partial / sha, raw)
+            faults.point("download:chunk")
         except OSError as err:
             for job in jobs:
                 self.cancel(job.name)
@@ -193,6 +195,7 @@ class Downloads:
         for art in (job.doc.model.artifact, job.doc.model.golden):
             if not self.store.has_blob(art.sha256):
                 assemble(self.store, art)
+                faults.point("download:assembled")
         self.jobs.pop(job.name, None)
         still_needed = {sha for other in self.jobs.values() for sha in other.refs}
         for sha in job.refs:

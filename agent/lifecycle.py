@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import __version__
+from agent import __version__, faults
 from agent.config import AgentConfig
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, SignatureError, StoreError
 from agent.protocol.documents import Command, Deployment, DeviceState, Event, ModelState, Outcome, Phase
@@ -313,8 +313,11 @@ class Lifecycle:
             else:
                 self._set_phase(name, "VERIFYING")
                 self.emit(name, "VERIFYING", True, doc)
+            faults.point("install:begun")
             self._store_artifacts(doc, model, golden)
+            faults.point("install:stored")
             figures = self._validate(doc)
+            faults.point("install:validated")
             self._activate(doc, raw, figures)
         except DeploymentRejected as err:
             self.reject(name, raw, err)
@@ -378,6 +381,7 @@ class Lifecycle:
                 self.serving.activate(name, self.store.blob_path(doc.model.artifact.sha256), doc)
             except EdgefleetError as err:
                 raise DeploymentRejected(f"activation failed: {err}", step="ACTIVATING") from err
+        faults.point("activate:served")
         installed = Installed(deployment=raw, installed_at=self.clock(), validation=_scalars(figures))
         started = self.clock() if self.serving is not None else None
         # last-known-good is the last model that passed probation, never one still on trial
@@ -390,6 +394,7 @@ class Lifecycle:
             if self.serving is not None:
                 self._serve(name, rec.active)
             raise
+        faults.point("activate:saved")
         self.progress.pop(name, None)
         self.emit(name, "PROBATION", True, doc, None, p50_ms=figures.get("p50_ms"), p95_ms=figures.get("p95_ms"),
                   baseline_p95_ms=baseline)
@@ -479,8 +484,10 @@ class Lifecycle:
         assert rec.active is not None
         outcome = Outcome(deployment_id=rec.active.deployment_id, version=rec.active.version, result="committed",
                           ts=self.clock(), figures=_scalars(figures or {}))
+        faults.point("commit:before")
         self._save(self.state.with_record(name, replace(rec, phase="COMMITTED", probation=None,
                                                         last_outcome=outcome)))
+        faults.point("commit:saved")
         self.emit(name, "COMMITTED", True, rec.active.deployment, None, **_scalars(figures or {}))
         self.store.prune(self.state)
 
@@ -493,6 +500,7 @@ class Lifecycle:
         if manual and rec.previous is None:
             raise StoreError(f"model {name}: no previous version to roll back to")
         restored = rec.previous
+        faults.point("rollback:before")
         try:
             self._serve(name, restored)
         except EdgefleetError as err:
@@ -506,7 +514,9 @@ class Lifecycle:
         new = replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
                       last_outcome=outcome, actions=actions)
         rejected = (*self.state.rejected, failed.deployment_id)[-self.config.store.max_rejected:]
+        faults.point("rollback:served")
         self._save(replace(self.state.with_record(name, new), rejected=rejected))
+        faults.point("rollback:saved")
         self.emit(name, "ROLLED_BACK", False, failed.deployment, reason,
                   restored_version=restored.version if restored else None, **_scalars(figures or {}))
         self.store.prune(self.state)

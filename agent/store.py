@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from agent import faults
 from agent.config import AgentConfig
 from agent.errors import ProtocolError, StoreError
 from agent.protocol.canonical import canonical_json, parse_json
@@ -140,7 +141,10 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        kind = "state" if path.name == STATE_FILE else "blob"
+        faults.point(f"write:{kind}:tmp")
         os.replace(tmp, path)
+        faults.point(f"write:{kind}:renamed")
         _fsync_dir(path.parent)
     except BaseException:
         try:
@@ -229,6 +233,7 @@ class Store:
                     pass
                 os.link(self.state_path, tmp_link)
                 os.replace(tmp_link, bak)
+                faults.point("state:bak")
             write_atomically(self.state_path, data)
         except OSError as err:
             raise StoreError(f"cannot write {self.state_path}: {err.strerror}") from err

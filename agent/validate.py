@@ -154,6 +154,7 @@ def validate(req: ValidationRequest, *, timeout_s: float, memory_mb: int,
     """Run the checks in a child process; return its figures or raise DeploymentRejected with the reason."""
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop("EDGEFLEET_FAULT", None)  # crash points are for the agent, not for its validation child
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
     proc = subprocess.Popen(

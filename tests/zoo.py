@@ -128,8 +128,41 @@ def memhog_f32() -> bytes:
     return _while_model(grow=True)
 
 
+def hang_on_big_f32() -> bytes:
+    """dense_f32's signature; fine on ordinary inputs, but loops forever when an input value exceeds 100."""
+    tf = _tf()
+
+    class Loop(tf.Module):  # type: ignore[misc,name-defined]
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, x):  # type: ignore[no-untyped-def]
+            _, y = tf.while_loop(lambda i, y: tf.reduce_max(y) > 100.0, lambda i, y: (i + 1, y * 1.0),
+                                 [tf.constant(0), x])
+            return tf.nn.softmax(y[:, :4])
+
+    m = Loop()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.__call__.get_concrete_function()], m)
+    return bytes(conv.convert())
+
+
+def fails_on_big_f32() -> bytes:
+    """dense_f32's signature; an invoke fails (gather index out of bounds) when the first value exceeds 100."""
+    tf = _tf()
+
+    class Gather(tf.Module):  # type: ignore[misc,name-defined]
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, x):  # type: ignore[no-untyped-def]
+            table = tf.constant([[0.0], [0.0]])
+            idx = tf.cast(tf.reduce_max(x[:, :1]) > 100.0, tf.int32) * 1000
+            bump = tf.gather(table, idx)
+            return tf.nn.softmax(x[:, :4] + bump)
+
+    m = Gather()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.__call__.get_concrete_function()], m)
+    return bytes(conv.convert())
+
+
 MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32,
-                                  hang_f32, memhog_f32, dense_f32_batch1)}
+                                  hang_f32, memhog_f32, dense_f32_batch1, hang_on_big_f32, fails_on_big_f32)}
 
 
 def main(argv: list[str]) -> int:
