@@ -1,0 +1,260 @@
+"""The conversion pipeline behind ``edgectl convert``, usable from Python (the benchmark calls it).
+
+float model → (prune) → TFLite in the chosen quantization mode (dense, and sparse when pruned) →
+validation with LiteRT against the float model → accuracy gate → report and golden inputs.
+Writing the bundle is the caller's last step, so a run that fails anywhere leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.runtime import load_model
+from converter import report as reporting
+from converter.data import (
+    Dataset,
+    Splits,
+    check_inputs,
+    check_labels,
+    classes_of,
+    quantize_input,
+    random_inputs,
+)
+from converter.encoding import EncodingDecision, choose_encoding, runs_like
+from converter.errors import UsageError
+from converter.evaluate import Gate, Validation, compare, first_sample, gate, measure_latency, run_samples
+from converter.load import SourceModel
+from converter.native import captured_native_output
+from converter.prune import PruneConfig, PruneResult, prune
+from converter.quantize import convert_tflite, mode
+from converter.tflite_info import read_model
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[int, int], None]
+# Fine-tuning under the pruning schedule needs a few hundred steps to recover accuracy; small data sets
+# get more epochs so that they reach it (the TF guide's 2 epochs of MNIST are ~3,400 steps).
+MIN_FINE_TUNE_STEPS = 400
+MAX_AUTO_EPOCHS = 20
+
+
+def _ignore(done: int, total: int) -> None:
+    """No progress display."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Progress callbacks: stage changes, fine-tuning steps, calibration samples."""
+
+    stage: Callable[[str], None] = lambda text: None
+    fine_tune: Step = _ignore
+    calibration: Step = _ignore
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything `edgectl convert` can be told, with its defaults."""
+
+    quantize: str = "none"
+    prune: float | None = None
+    prune_structure: tuple[int, int] | None = None
+    prune_epochs: int | None = None  # None: enough epochs for MIN_FINE_TUNE_STEPS steps
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    sparse_encoding: bool = True
+    max_accuracy_drop: float = 1.0
+    calibration_samples: int = 200
+    golden_samples: int = 8
+    latency_warmup: int = 10
+    latency_runs: int = 100
+    seed: int = 0
+
+    def prune_config(self, fine_tune: Dataset | None) -> PruneConfig | None:
+        """The pruning configuration for this fine-tune set, or None when not pruning."""
+        if self.prune is None and self.prune_structure is None:
+            return None
+        sparsity = self.prune
+        if self.prune_structure is not None:
+            implied = 1.0 - self.prune_structure[0] / self.prune_structure[1]
+            if sparsity is not None and abs(sparsity - implied) > 1e-6:
+                raise UsageError(f"--prune {sparsity:g} contradicts --prune-structure "
+                                 f"{self.prune_structure[0]}:{self.prune_structure[1]} (which means {implied:g})")
+            sparsity = implied
+        epochs = self.prune_epochs
+        if epochs is None:
+            steps = math.ceil(len(fine_tune) / self.batch_size) if fine_tune is not None else 1
+            epochs = min(MAX_AUTO_EPOCHS, max(2, math.ceil(MIN_FINE_TUNE_STEPS / steps)))
+        return PruneConfig(sparsity=float(sparsity), structure=self.prune_structure,  # type: ignore[arg-type]
+                           epochs=epochs, batch_size=self.batch_size,
+                           learning_rate=self.learning_rate, seed=self.seed)
+
+
+@dataclass
+class Conversion:
+    """The result: model bytes, golden inputs, the report, and the gate's verdict."""
+
+    model: bytes
+    golden_inputs: list[np.ndarray]
+    report: dict[str, Any]
+    gate: Gate
+    validation: Validation | None
+    encoding: EncodingDecision
+    pruning: PruneResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes on the wire of the model artifact."""
+        return int(self.report["size"]["wire_bytes"])
+
+
+def check_data(source: SourceModel, splits: Splits) -> Splits:
+    """Check every set against the model's input and classes; return them in the input's dtype."""
+    present = [d for d in (splits.fine_tune, splits.calibration, splits.validation) if d is not None]
+    if not present:
+        return splits
+    if len(source.inputs) != 1:
+        raise UsageError(f"--data: the model has {len(source.inputs)} inputs; data files support one-input models")
+    classes = classes_of(source.outputs[0])
+    checked = []
+    for ds in (splits.fine_tune, splits.calibration, splits.validation):
+        if ds is None:
+            checked.append(None)
+            continue
+        ds = check_inputs(ds, source.inputs[0])
+        check_labels(ds, classes)
+        checked.append(ds)
+    return Splits(*checked)
+
+
+@dataclass
+class Prepared:
+    """What every conversion of one float model shares: checked data, float reference, float32 baseline."""
+
+    splits: Splits
+    reference: np.ndarray | None
+    baseline: bytes
+    calibration: np.ndarray | None
+    seconds: float
+
+
+def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks: Hooks | None = None) -> Prepared:
+    """Check the data against the model, run the float model on the validation set, convert the float32 baseline."""
+    hooks = hooks or Hooks()
+    started = time.perf_counter()
+    qmode = mode(options.quantize)
+    splits = check_data(source, splits)
+    calibration = splits.calibration.x[:options.calibration_samples] if splits.calibration is not None else None
+    if qmode.needs_calibration and calibration is None:
+        raise UsageError(f"--quantize {qmode.name} needs calibration samples: pass --data or --calibration")
+    reference = source.predict(splits.validation.x) if splits.validation is not None else None
+    hooks.stage("converting the float32 baseline")
+    baseline = convert_tflite(source, "none")
+    return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started)
+
+
+def prune_source(source: SourceModel, prepared: Prepared, options: ConvertOptions,
+                 hooks: Hooks | None = None) -> PruneResult | None:
+    """Prune `source` in place as the options say (fine-tuning on the fine-tune set when it has labels)."""
+    hooks = hooks or Hooks()
+    config = options.prune_config(prepared.splits.fine_tune)
+    if config is None:
+        return None
+    if not source.prunable:
+        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a {source.kind}")
+    fine_tune = prepared.splits.fine_tune
+    tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
+    hooks.stage("pruning and fine-tuning" if tuned else "pruning (one-shot)")
+    return prune(source.keras_model, config, fine_tune, hooks.fine_tune)
+
+
+def convert(source: SourceModel, splits: Splits, options: ConvertOptions, hooks: Hooks | None = None) -> Conversion:
+    """Run the whole pipeline; raise UsageError for bad input. The gate verdict is returned, not raised."""
+    mode(options.quantize)
+    # Reject bad pruning options before any slow work.
+    if options.prune_config(None) is not None and not source.prunable:
+        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a {source.kind}")
+    prepared = prepare(source, splits, options, hooks)
+    t = time.perf_counter()
+    pruning = prune_source(source, prepared, options, hooks)
+    prune_s = time.perf_counter() - t
+    return finish(source, prepared, pruning, options, hooks,
+                  timings={"baseline_s": prepared.seconds, **({"prune_s": prune_s} if pruning else {})})
+
+
+def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None, options: ConvertOptions,
+           hooks: Hooks | None = None, timings: dict[str, float] | None = None) -> Conversion:
+    """Quantize (dense, and sparse when pruned), pick the encoding, validate with LiteRT, gate, report."""
+    hooks = hooks or Hooks()
+    timings = dict(timings or {})
+    qmode = mode(options.quantize)
+    validation = prepared.splits.validation
+    val_x = validation.x if validation is not None else None
+    calibration = prepared.calibration
+    if qmode.needs_calibration and calibration is None:
+        raise UsageError(f"--quantize {qmode.name} needs calibration samples: pass --data or --calibration")
+
+    t = time.perf_counter()
+    hooks.stage(f"converting ({qmode.name})")
+    if qmode.name == "none" and pruning is None:
+        dense = prepared.baseline
+    else:
+        dense = convert_tflite(source, qmode.name, calibration, on_sample=hooks.calibration)
+    sparse = None
+    if pruning is not None and options.sparse_encoding:
+        hooks.stage(f"converting ({qmode.name}, sparse encoding)")
+        sparse = convert_tflite(source, qmode.name, calibration, sparse=True, on_sample=hooks.calibration)
+    timings["convert_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    hooks.stage("validating with LiteRT")
+    with captured_native_output():  # LiteRT announces its XNNPACK delegate on stderr
+        dense_model = load_model(dense, "auto", use_xnnpack=True)
+    model_bytes, encoding = choose_encoding(dense, sparse, runs_like(dense, _check_samples(dense_model, val_x)))
+    served = load_model(model_bytes, "auto", use_xnnpack=True)
+    result = None
+    if validation is not None and prepared.reference is not None:
+        result = compare(prepared.reference, run_samples(served, validation.x), validation.y)
+    verdict = gate(result, options.max_accuracy_drop)
+    timings["validate_s"] = time.perf_counter() - t
+    latency = measure_latency(served, first_sample(served, val_x), warmup=options.latency_warmup,
+                              runs=options.latency_runs)
+    golden = golden_inputs(served.inputs, val_x, options.golden_samples, options.seed)
+    timings["total_s"] = sum(timings.values())
+    info = read_model(model_bytes)
+    rep = reporting.convert_report(
+        source=source, options=options, info=info, baseline_bytes=len(prepared.baseline), pruning=pruning,
+        encoding=encoding, validation=result, gate=verdict, latency=latency, timings=timings,
+        data_sizes=prepared.splits.sizes(), tensorflow_version=_tf_version(),
+    )
+    return Conversion(model=model_bytes, golden_inputs=golden, report=rep, gate=verdict, validation=result,
+                      encoding=encoding, pruning=pruning, timings=timings)
+
+
+def golden_inputs(specs: Any, x: np.ndarray | None, samples: int, seed: int = 0) -> list[np.ndarray]:
+    """Golden inputs stacked over samples, each one invoke's tensor (batch of one), in the input's dtype."""
+    if x is not None and len(specs) == 1:
+        chosen = quantize_input(x[:samples], specs[0])
+        return [chosen[:, None]]
+    return random_inputs(specs, samples, seed)
+
+
+def _check_samples(model: Any, x: np.ndarray | None, count: int = 8) -> list[list[np.ndarray]]:
+    if x is not None and len(model.inputs) == 1:
+        xq = quantize_input(x[:count], model.inputs[0])
+        return [[xq[i:i + 1]] for i in range(len(xq))]
+    golden = random_inputs(model.inputs, count)
+    return [[g[i] for g in golden] for i in range(count)]
+
+
+def _tf_version() -> str:
+    import tensorflow as tf
+
+    return str(tf.__version__)

@@ -1,0 +1,98 @@
+"""Terminal output shared by the commands: rich consoles, JSON, option helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from agent.protocol import SigningKey, check_name
+from converter.errors import UsageError
+
+
+def stdout_console() -> Console:
+    """Console for results (tables) on stdout."""
+    return Console(highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    """Console for progress and stage messages, on a duplicate of fd 2.
+
+    Conversion sends fd 2 to a scratch file while TensorFlow talks; a console on a duplicate keeps the
+    progress bar visible meanwhile.
+    """
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, closefd=True)
+    return Console(file=stream, highlight=False)
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable result on stdout."""
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """The `--json` flag."""
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of tables")
+
+
+def model_name(text: str) -> str:
+    """argparse type: a model name safe as a path component and topic level."""
+    problem = check_name(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"invalid model name {text!r}: {problem}")
+    return text
+
+
+def version_number(text: str) -> int:
+    """argparse type: a non-negative integer version."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"version must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"version must not be negative, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def default_name(path: str) -> str:
+    """A model name derived from a file name (letters, digits, '_', '.', '-')."""
+    stem = Path(path.rstrip("/")).stem or "model"
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip(".-_")[:64] or "model"
+    return cleaned if cleaned[0].isalnum() else f"m{cleaned}"[:64]
+
+
+def load_key(path: str | None) -> SigningKey | None:
+    """The signing key given with --key, or None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--key {p}: no such file or directory")
+    return SigningKey.load(p)
+
+
+def check_output(path: str, force: bool) -> Path:
+    """The bundle destination; an existing one is an error unless --force."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a bundle directory; refusing to replace it")
+    return out
