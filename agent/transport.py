@@ -325,14 +325,18 @@ class Transport:
         if wait is False:
             return
         timeout = DEFAULT_PUBLISH_TIMEOUT_S if wait is True else float(wait)
+        deadline = time.monotonic() + timeout
         try:
-            info.wait_for_publish(timeout)
-            done = info.is_published()
+            while not info.is_published():
+                if self._stopping:
+                    raise TransportError(f"publish to {topic}: the transport was stopped before the broker acknowledged")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    why = f" ({self.last_error})" if self.last_error else ""
+                    raise TransportError(f"publish to {topic}: not acknowledged within {timeout:g} s{why}")
+                info.wait_for_publish(min(remaining, 0.1))
         except (RuntimeError, ValueError) as err:
             raise TransportError(f"publish to {topic} failed: {err}") from err
-        if not done:
-            why = f" ({self.last_error})" if self.last_error else ""
-            raise TransportError(f"publish to {topic}: not acknowledged within {timeout:g} s{why}")
         refused = self._refused.pop(info.mid, None)
         if refused is not None:
             raise TransportError(f"broker refused the message to {topic}: {refused}")
@@ -357,10 +361,12 @@ class Transport:
                 head = self._pending[0] if len(self._pending) > max_unacked else None
             if head is None:
                 return True
+            if self._stopping:
+                return False
             remaining = 1.0 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            head.wait_for_publish(min(remaining, 1.0))
+            head.wait_for_publish(min(remaining, 0.1))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every QoS > 0 message is acknowledged; False on timeout."""

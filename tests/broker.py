@@ -29,10 +29,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.protocol import SigningKey
 from agent.transport import Message, MqttSettings, Transport
 
 # What conftest re-exports: the fixtures. Helpers are imported from tests.broker by name.
-__all__ = ["acl_broker", "broker", "mtls_broker", "pki", "tls_broker"]
+__all__ = ["acl_broker", "broker", "edgectl", "key", "key_dir", "mtls_broker", "pki", "tls_broker"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_ACL = ROOT / "deploy" / "mosquitto" / "acl"
@@ -433,3 +434,35 @@ def client(url: str, inbox: Callable[[Message], None] | None = None, **settings:
         t.stop()
         raise AssertionError(f"cannot connect to {url}: {t.last_error}")
     return t
+
+
+# ---------------------------------------------------------------------- the host CLI against these brokers
+
+
+@pytest.fixture
+def edgectl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
+    """Run `edgectl ARGS...` in-process; return (exit code, stdout, stderr) as the file descriptors saw them."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+    def run(*argv: object) -> tuple[int, str, str]:
+        capfd.readouterr()
+        from converter.cli import main
+
+        code = main([str(a) for a in argv])
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """The operator's signing key."""
+    return SigningKey.generate()
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path, key: SigningKey) -> Path:
+    """The signing key as `edgectl keygen` writes it."""
+    key.write(tmp_path / "keys")
+    return tmp_path / "keys"

@@ -332,3 +332,28 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         tick.wait(0.02)
     return True
+
+
+def test_stop_interrupts_a_waiting_publish_and_returns_in_time(broker: Mosquitto) -> None:
+    pub = client(broker.url)
+    errors: list[BaseException] = []
+
+    def waiting_publish() -> None:
+        try:
+            pub.publish("s/t", b"x", wait=30)
+        except TransportError as err:
+            errors.append(err)
+
+    broker.pause()  # nothing will be acknowledged
+    try:
+        worker = threading.Thread(target=waiting_publish)
+        worker.start()
+        threading.Event().wait(0.2)
+        started = time.monotonic()
+        pub.stop(timeout=1.0)
+        worker.join(2)
+        assert time.monotonic() - started < 2.5
+        assert not worker.is_alive()
+        assert errors and "stopped before the broker acknowledged" in str(errors[0])
+    finally:
+        broker.resume()

@@ -1,0 +1,376 @@
+"""Publishing to the fleet: bundles (chunks, then the signed document), signed commands, and chunk gc.
+
+Chunks go out retained at QoS 1 and before the document that names them, so a device that sees a
+document finds every chunk already on the broker. Chunks are always republished, even when the
+broker may hold them already: MQTT has no cheap "does this retained topic exist" question (asking
+means receiving the payload), a retained republish of identical bytes costs the host and broker one
+transfer and costs devices nothing (they fetch a chunk only when they lack it), and republishing
+repairs chunks that a broker without persistence lost or that `gc` cleared meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.bundle import Bundle
+from agent.errors import ProtocolError, TransportError
+from agent.protocol import (
+    COMMAND_SCHEMA,
+    Command,
+    Deployment,
+    SigningKey,
+    Topics,
+    canonical_json,
+    check_name,
+    dump,
+    parse_json,
+    split,
+)
+from agent.transport import Message, Transport
+from converter.bundle import deployment_id as new_deployment_id
+from converter.errors import UsageError
+from converter.fleet import DeviceView, FleetObserver, Sync
+
+log = logging.getLogger(__name__)
+
+# Unacknowledged chunks allowed in flight beyond paho's own window: enough to keep the pipe full.
+PUBLISH_WINDOW = 64
+COMMAND_EXPIRY_S = 300
+FAILED_STEPS = ("REJECTED", "ROLLED_BACK")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A deployment ready to publish: its document bytes and its distinct chunk payloads."""
+
+    deployment: Deployment
+    document: bytes
+    chunks: dict[str, bytes]
+    raw_bytes: int
+    wire_bytes: int
+    compress_s: float
+    resigned: bool
+
+
+def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | None = None,
+            allow_unsigned: bool = False, now: int | None = None) -> Prepared:
+    """Chunk the bundle's files; with `key`, issue a fresh signed document, else check the bundle's own."""
+    dep = bundle.deployment
+    issued = int(time.time()) if now is None else now
+    started = time.perf_counter()
+    model_art, model_chunks = split(bundle.model, dep.model.artifact.chunk_size)
+    golden_art, golden_chunks = split(bundle.golden, dep.model.golden.chunk_size)
+    compress_s = time.perf_counter() - started
+    if key is not None:
+        doc = dep.unsigned().to_dict()
+        doc["deployment_id"] = new_deployment_id(dep.model.name, dep.model.version)
+        doc["issued_at"] = issued
+        doc["expires_at"] = issued + (expires_in if expires_in is not None else dep.expires_at - dep.issued_at)
+        # Chunk lists from this host's zlib: the signature covers exactly the bytes published.
+        doc["model"]["artifact"] = dump(model_art)
+        doc["model"]["golden"] = dump(golden_art)
+        raw = key.sign(doc)
+    else:
+        raw = bundle.raw_manifest
+        if expires_in is not None:
+            raise UsageError("--expires-in needs --key: the expiry is part of the signed document")
+        if raw.get("signature") is None and not allow_unsigned:
+            raise UsageError(f"{bundle.path}: the manifest is not signed (sign with --key, or --allow-unsigned "
+                             "for agents that trust no keys)")
+        if dep.expires_at <= issued:
+            raise UsageError(f"{bundle.path}: the manifest expired at {dep.expires_at}; re-sign it with --key")
+        if model_art != dep.model.artifact or golden_art != dep.model.golden:
+            raise UsageError(f"{bundle.path}: chunks made on this host differ from the manifest's (another zlib?); "
+                             "re-sign with --key")
+    deployment = Deployment.from_dict(raw)
+    chunks: dict[str, bytes] = {}
+    for art, payloads in ((model_art, model_chunks), (golden_art, golden_chunks)):
+        for ref, payload in zip(art.chunks, payloads, strict=True):
+            chunks.setdefault(ref.sha256, payload)
+    return Prepared(
+        deployment=deployment, document=canonical_json(raw), chunks=chunks,
+        raw_bytes=len(bundle.model) + len(bundle.golden),
+        wire_bytes=sum(len(p) for p in chunks.values()), compress_s=compress_s, resigned=key is not None,
+    )
+
+
+def publish_chunks(transport: Transport, topics: Topics, chunks: dict[str, bytes], *,
+                   progress: Callable[[int], None] | None = None, timeout: float = 60.0) -> float:
+    """Publish every chunk retained at QoS 1 and wait for all PUBACKs; return the seconds it took.
+
+    `progress` gets the bytes acknowledged so far. TransportError when the broker stops acknowledging
+    for `timeout` seconds.
+    """
+    started = time.perf_counter()
+    sizes: list[int] = []
+    acked_bytes = acked_count = 0
+
+    def advance(allowed: int) -> None:
+        nonlocal acked_bytes, acked_count
+        if not transport.drain(allowed, timeout):
+            raise TransportError(f"the broker did not acknowledge chunks for {timeout:g} s ({transport.last_error})")
+        done = len(sizes) - transport.unacked
+        while acked_count < done:
+            acked_bytes += sizes[acked_count]
+            acked_count += 1
+        if progress is not None:
+            progress(acked_bytes)
+
+    for sha, payload in chunks.items():
+        transport.publish(topics.chunk(sha), payload, qos=1, retain=True)
+        sizes.append(len(payload))
+        advance(PUBLISH_WINDOW)
+    advance(0)
+    return time.perf_counter() - started
+
+
+def document_topics(topics: Topics, name: str, group: str | None, devices: Iterable[str]) -> list[str]:
+    """Where the document goes: the group's topic or each device's."""
+    return [topics.group_model(group, name)] if group is not None else [topics.device_model(d, name) for d in devices]
+
+
+def publish_document(transport: Transport, targets: list[str], document: bytes, timeout: float = 30.0) -> None:
+    """Publish the deployment document retained at QoS 1 to each target topic, waiting for each PUBACK."""
+    for topic in targets:
+        transport.publish(topic, document, qos=1, retain=True, wait=timeout)
+
+
+# ---------------------------------------------------------------------- following a rollout
+
+
+Verdict = Literal["committed", "failed", "waiting", "pending"]
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    """Where one targeted device stands with a deployment."""
+
+    device_id: str
+    verdict: Verdict
+    detail: str = ""
+    seconds: float | None = None
+
+
+def judge(view: DeviceView | None, name: str, dep_id: str) -> tuple[Verdict, str] | None:
+    """committed/failed (with the reason) once the device reported an end for `dep_id`, else None."""
+    if view is None:
+        return None
+    for event in reversed(view.events):
+        if event.deployment_id != dep_id or event.model != name:
+            continue
+        if event.step == "COMMITTED" and event.ok:
+            return "committed", f"v{event.version}" if event.version is not None else ""
+        if event.step in FAILED_STEPS:
+            return "failed", f"{event.step.lower().replace('_', ' ')}: {event.reason or 'no reason given'}"
+    state = view.model(name)
+    if state is None:
+        return None
+    outcome = state.last_outcome
+    if outcome is not None and outcome.deployment_id == dep_id:
+        if outcome.result == "committed":
+            return "committed", f"v{outcome.version}"
+        return "failed", f"{outcome.result.replace('_', ' ')}: {outcome.reason or 'no reason given'}"
+    if state.phase == "COMMITTED" and state.active is not None and state.active.deployment_id == dep_id:
+        return "committed", f"v{state.active.version}"
+    return None
+
+
+def select_targets(observer: FleetObserver, group: str | None, devices: Iterable[str]) -> dict[str, DeviceResult]:
+    """Targeted devices: online ones are waited for, the others are pending (they catch up later)."""
+    ids = observer.members(group) if group is not None else list(dict.fromkeys(devices))
+    out = {}
+    for d in ids:
+        view = observer.get(d)
+        if view is not None and view.online:
+            out[d] = DeviceResult(d, "waiting")
+        elif view is None or view.status is None:
+            out[d] = DeviceResult(d, "pending", "never seen on this broker (no status)")
+        else:
+            out[d] = DeviceResult(d, "pending", "offline; installs when it reconnects")
+    return out
+
+
+def wait_for_rollout(observer: FleetObserver, targets: dict[str, DeviceResult], name: str, dep_id: str,
+                     timeout: float, on_result: Callable[[DeviceResult], None] | None = None,
+                     clock: Callable[[], float] = time.monotonic) -> dict[str, DeviceResult]:
+    """Follow the waited-for devices until all committed, one failed, or `timeout`; return every result."""
+    results = dict(targets)
+    started = clock()
+    deadline = started + timeout
+    seen = observer.version
+
+    def update() -> None:
+        for d, r in list(results.items()):
+            if r.verdict in ("committed", "failed"):
+                continue
+            verdict = judge(observer.get(d), name, dep_id)
+            if verdict is not None:
+                # A pending device that came back and finished is reported too; only its failure counts.
+                results[d] = DeviceResult(d, verdict[0], verdict[1], round(clock() - started, 2))
+                if on_result is not None:
+                    on_result(results[d])
+
+    while True:
+        update()
+        failed = any(r.verdict == "failed" for r in results.values())
+        remaining = deadline - clock()
+        if failed or remaining <= 0:
+            update()  # whatever arrived meanwhile
+            why = "stopped waiting at the first failure" if failed else f"did not finish within {timeout:g} s"
+            for r in [r for r in results.values() if r.verdict == "waiting"]:
+                view = observer.get(r.device_id)
+                state = view.model(name) if view is not None else None
+                where = f"phase {state.phase}" if state is not None else "no state for this model"
+                offline = "" if view is None or view.online else ", went offline"
+                results[r.device_id] = DeviceResult(r.device_id, "waiting", f"{why} ({where}{offline})")
+            return results
+        if not any(r.verdict == "waiting" for r in results.values()):
+            return results
+        seen = observer.wait_change(seen, min(remaining, 1.0))
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def make_command(key: SigningKey, device: str, action: Literal["rollback", "report"], model: str | None = None,
+                 *, expires_in: int = COMMAND_EXPIRY_S, now: int | None = None) -> dict[str, Any]:
+    """A signed command document for one device."""
+    issued = int(time.time()) if now is None else now
+    doc = {
+        "schema": COMMAND_SCHEMA, "command_id": f"{action}-{uuid.uuid4().hex[:16]}", "device_id": device,
+        "action": action, "issued_at": issued, "expires_at": issued + expires_in,
+    }
+    if model is not None:
+        doc["model"] = model
+    Command.from_dict(doc)  # refuse to sign anything the agent would not parse
+    return key.sign(doc)
+
+
+def rollback_result(view: DeviceView | None, name: str, command_id: str, since: float) -> tuple[bool, str] | None:
+    """(True, detail) once the device reports the model rolled back after `since`; (False, reason) on refusal."""
+    if view is None:
+        return None
+    for event in reversed(view.events):
+        if event.model != name or event.ts < since - 1:
+            continue
+        if event.details.get("command_id") == command_id and not event.ok and event.step != "ROLLED_BACK":
+            return False, event.reason or "refused"
+        if event.step == "ROLLED_BACK":
+            restored = event.details.get("restored_version")
+            return True, f"restored v{restored}" if restored is not None else (event.reason or "rolled back")
+    return None
+
+
+# ---------------------------------------------------------------------- gc
+
+
+@dataclass
+class RetainedIndex:
+    """Sizes of retained chunks and payloads of retained deployment documents, collected from the broker."""
+
+    topics: Topics
+    sync: Sync | None = None
+    chunks: dict[str, int] = field(default_factory=dict)
+    documents: dict[str, bytes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle(self, message: Message) -> None:
+        """A Transport's on_message: remember what is retained (payloads of chunks are not kept)."""
+        if self.sync is not None and self.sync.handle(message):
+            return
+        try:
+            route = self.topics.parse(message.topic)
+        except ProtocolError:
+            return
+        with self.lock:
+            if route.kind == "chunk" and route.sha256 is not None:
+                if message.payload:
+                    self.chunks[route.sha256] = len(message.payload)
+                else:
+                    self.chunks.pop(route.sha256, None)
+            elif route.kind in ("group_model", "device_model"):
+                if message.payload:
+                    self.documents[message.topic] = message.payload
+                else:
+                    self.documents.pop(message.topic, None)
+
+    def collect(self, transport: Transport, timeout: float = 30.0) -> None:
+        """Subscribe to every chunk and deployment document and wait until the retained ones are in."""
+        self.sync = Sync(self.topics, transport.client_id)
+        transport.subscribe([*self.topics.all_deployments(), self.topics.all_chunks(), self.sync.topic], wait=timeout)
+        self.sync.wait(transport, timeout)
+
+
+def referenced_chunks(payload: bytes) -> tuple[set[str], str | None]:
+    """Chunk ids a deployment document names, read leniently (a document agents reject still pins its chunks)."""
+    try:
+        doc = parse_json(payload)
+    except ProtocolError as err:
+        return set(), f"not JSON ({err})"
+    found: set[str] = set()
+    model = doc.get("model") if isinstance(doc, dict) else None
+    for part in ("artifact", "golden"):
+        art = model.get(part) if isinstance(model, dict) else None
+        for ref in (art.get("chunks") if isinstance(art, dict) else None) or []:
+            sha = ref.get("sha256") if isinstance(ref, dict) else None
+            if isinstance(sha, str):
+                found.add(sha)
+    return found, None if found else "names no chunks"
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What gc found and cleared."""
+
+    documents: int
+    chunks: int
+    chunk_bytes: int
+    referenced: int
+    cleared: dict[str, int]
+    warnings: tuple[str, ...]
+
+    @property
+    def bytes_freed(self) -> int:
+        """Payload bytes of the cleared chunks."""
+        return sum(self.cleared.values())
+
+
+def collect_garbage(transport: Transport, index: RetainedIndex, *, dry_run: bool, timeout: float = 30.0) -> GcResult:
+    """Clear (empty retained payload) every retained chunk no retained deployment document names."""
+    with index.lock:
+        documents = dict(index.documents)
+        chunks = dict(index.chunks)
+    referenced: set[str] = set()
+    warnings = []
+    for topic, payload in sorted(documents.items()):
+        shas, problem = referenced_chunks(payload)
+        referenced |= shas
+        if problem:
+            warnings.append(f"{topic}: {problem}")
+    garbage = {sha: size for sha, size in sorted(chunks.items()) if sha not in referenced}
+    if not dry_run:
+        for sha in garbage:
+            transport.publish(index.topics.chunk(sha), b"", qos=1, retain=True)
+            if not transport.drain(PUBLISH_WINDOW, timeout):
+                raise TransportError(f"the broker stopped acknowledging for {timeout:g} s")
+        if not transport.flush(timeout):
+            raise TransportError(f"the broker stopped acknowledging for {timeout:g} s")
+    return GcResult(documents=len(documents), chunks=len(chunks), chunk_bytes=sum(chunks.values()),
+                    referenced=len(referenced & set(chunks)), cleared=garbage, warnings=tuple(warnings))
+
+
+def check_device_names(names: Iterable[str]) -> list[str]:
+    """Device ids from the command line, each checked like on the wire."""
+    out = []
+    for n in names:
+        problem = check_name(n)
+        if problem:
+            raise UsageError(f"--device {n!r}: {problem}")
+        out.append(n)
+    return out
