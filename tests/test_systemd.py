@@ -359,3 +359,13 @@ def test_example_config_documents_every_key_with_its_default() -> None:
                 assert got == want, f"{key}: example shows {got!r}, the default is {want!r}"
     assert len(re.findall(r"^#[a-z_]+ = ", EXAMPLE_CONFIG.read_text(), re.M)) == sum(
         len(v) if isinstance(v, dict) else 1 for v in defaults.values())
+
+
+def test_security_exposure_stays_low(tmp_path: Path) -> None:
+    """`systemd-analyze security` scores the sandbox; losing a hardening line raises the score."""
+    env = dict(os.environ, SYSTEMD_LOG_COLOR="0", SYSTEMD_PAGER="", SYSTEMD_COLORS="0")
+    result = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager",
+                             str(staged_unit(tmp_path))], capture_output=True, text=True, env=env, timeout=120)
+    match = re.search(r"Overall exposure level for edge-agent\.service: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.5, result.stdout  # 1.2 as shipped; 9.6 for a bare unit
