@@ -258,6 +258,8 @@ class ApiServer:
                 return None, b""
             buf += more
             end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(more) - 3))
+        if end > MAX_HEAD:
+            raise _BadRequest(431, f"request head above {MAX_HEAD} bytes")
         request = _parse_head(buf[:end])
         body_start = end + 4
         length = request.content_length
