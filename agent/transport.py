@@ -172,7 +172,10 @@ def _describe_os_error(err: OSError) -> str:
 
 
 class Transport:
-    """One MQTT connection: reconnects by itself, resubscribes, and hands messages to its owner."""
+    """One MQTT connection: reconnects by itself, resubscribes, and hands messages to its owner.
+
+    Started once and stopped once; to connect again after `stop`, make a new Transport.
+    """
 
     def __init__(
         self,

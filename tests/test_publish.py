@@ -8,12 +8,24 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.bundle import Bundle
-from agent.protocol import Command, Deployment, Keyring, SigningKey, Topics, decode_chunk, encode_chunk, join
+from agent.protocol import (
+    Command,
+    Deployment,
+    Keyring,
+    SigningKey,
+    Topics,
+    decode_chunk,
+    encode_chunk,
+    join,
+    split,
+)
+from converter.publish import split_parallel
 from tests.broker import Inbox, Mosquitto, client
 from tests.fake_device import FakeDevice
 
@@ -186,3 +198,12 @@ def test_gc_clears_only_unreferenced_chunks(broker: Mosquitto, two_versions: tup
     assert len(set(dry["cleared_chunks"]) - _chunk_ids(v1)) == 1  # the orphan
     code, out, _ = edgectl("gc", "--broker", broker.url)
     assert code == 0 and "cleared 0 chunk(s)" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("data", [
+    bytes(200_000),  # compresses
+    np.random.default_rng(1).bytes(200_000),  # does not
+    b"tiny",
+])
+def test_parallel_chunking_gives_exactly_the_protocol_split(data: bytes) -> None:
+    assert split_parallel(data, 65536) == split(data, 65536)
