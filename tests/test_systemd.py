@@ -23,6 +23,8 @@ from agent.systemd import Notifier
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
 DROPIN_EXAMPLES = ROOT / "systemd" / "edge-agent.service.d"
+EXAMPLE_CONFIG = ROOT / "systemd" / "agent.toml"
+EXEC_START = "/opt/edge-agent/venv/bin/edge-agent --config /etc/edge-agent/agent.toml run"
 
 
 @pytest.fixture
@@ -203,12 +205,12 @@ def staged_unit(tmp_path: Path, text: str | None = None) -> Path:
     verify checks that ExecStart's binary exists; /opt/edge-agent is not installed on a workstation.
     """
     text = UNIT.read_text() if text is None else text
-    exec_line = "ExecStart=/opt/edge-agent/venv/bin/edge-agent run --config /etc/edge-agent/agent.toml"
+    exec_line = f"ExecStart={EXEC_START}"
     assert exec_line in text
     true = shutil.which("true") or "/bin/true"
     out = tmp_path / "unit" / UNIT.name
     out.parent.mkdir()
-    out.write_text(text.replace(exec_line, f"ExecStart={true} run --config /etc/edge-agent/agent.toml"))
+    out.write_text(text.replace(exec_line, f"ExecStart={true} --config /etc/edge-agent/agent.toml run"))
     return out
 
 
@@ -247,7 +249,7 @@ def test_unit_contract() -> None:
     }
     for key, value in expect.items():
         assert settings.get(key) == [value], key
-    assert settings["ExecStart"] == ["/opt/edge-agent/venv/bin/edge-agent run --config /etc/edge-agent/agent.toml"]
+    assert settings["ExecStart"] == [EXEC_START]
     assert settings["SystemCallFilter"] == ["@system-service", "~@privileged"]
     assert set(settings["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
@@ -272,6 +274,16 @@ def test_dropin_examples_verify(name: str, tmp_path: Path) -> None:
     (dropin / name.removesuffix(".example")).write_text(enabled.replace("[Service]", "[Service]\nMemoryMaxx=1G"))
     broken = verify(unit)
     assert "MemoryMaxx" in broken.stdout + broken.stderr
+
+
+def test_exec_start_arguments_fit_the_cli() -> None:
+    """The unit's command line is one the real `edge-agent` parses (checked with check-config, not run)."""
+    binary, *args = EXEC_START.split()
+    assert binary == "/opt/edge-agent/venv/bin/edge-agent" and args[-1] == "run"
+    args = [str(EXAMPLE_CONFIG) if a == "/etc/edge-agent/agent.toml" else a for a in args[:-1]]
+    result = subprocess.run([sys.executable, "-m", "agent.cli", *args, "check-config"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_credentials_dropin_names_the_config_credentials() -> None:
@@ -323,7 +335,6 @@ def test_inference_runs_without_writable_executable_memory(backend: str, model: 
 
 # --- the example configuration ---------------------------------------------------------------------
 
-EXAMPLE_CONFIG = ROOT / "systemd" / "agent.toml"
 SHOWN_AS_EXAMPLE = {"device_id", "groups", "security.trusted_keys"}  # the file shows an example, not the default
 
 
