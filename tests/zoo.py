@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def _tf():  # type: ignore[no-untyped-def]
     import tensorflow as tf
 
+    tf.keras.backend.clear_session()  # layer names restart, as in a fresh process: a stable file layout
     tf.keras.utils.set_random_seed(7)
     return tf
 
@@ -161,8 +162,46 @@ def fails_on_big_f32() -> bytes:
     return bytes(conv.convert())
 
 
+def _cnn(last_layer_seed: int | None = None) -> bytes:
+    tf = _tf()
+    m = tf.keras.Sequential([
+        tf.keras.Input((28, 28, 1)),
+        tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        tf.keras.layers.MaxPooling2D(),
+        tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        tf.keras.layers.MaxPooling2D(),
+        tf.keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(64, activation="relu"),
+        tf.keras.layers.Dense(10, activation="softmax"),
+    ])
+    import numpy as np
+
+    for layer in m.layers:  # trained-looking biases (freshly initialised ones are all zero)
+        if layer.get_weights():
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, np.random.default_rng(3).normal(0, 0.1, bias.shape).astype(np.float32)])
+    if last_layer_seed is not None:  # a fine-tune of the last layer only
+        kernel, bias = m.layers[-1].get_weights()
+        rng = np.random.default_rng(last_layer_seed)
+        m.layers[-1].set_weights([kernel + rng.normal(0, 0.05, kernel.shape).astype(np.float32),
+                                  bias + rng.normal(0, 0.05, bias.shape).astype(np.float32)])
+    return _convert(m)
+
+
+def cnn_v1() -> bytes:
+    """A small CNN (28x28x1 -> 10 classes, about 900 KB of float weights)."""
+    return _cnn()
+
+
+def cnn_v2() -> bytes:
+    """cnn_v1 with only its last layer changed, as after a last-layer fine-tune."""
+    return _cnn(last_layer_seed=1)
+
+
 MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32,
-                                  hang_f32, memhog_f32, dense_f32_batch1, hang_on_big_f32, fails_on_big_f32)}
+                                  hang_f32, memhog_f32, dense_f32_batch1, hang_on_big_f32, fails_on_big_f32,
+                                  cnn_v1, cnn_v2)}
 
 
 def main(argv: list[str]) -> int:
