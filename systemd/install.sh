@@ -209,21 +209,36 @@ done
 # The venv is built at venv.new and renamed to venv only once it imports: a failed install (no
 # network, a missing wheel) leaves the running agent's venv untouched. Paths the venv records (script
 # shebangs, pyvenv.cfg, compiled files) are rewritten from the build location to the one it runs at.
-STAGE=$ROOT$VENV.new
-cleanup() { rm -rf "$STAGE"; }
-trap cleanup EXIT
+# A re-run with the same wheels, backend, Python and installer keeps the environment it built before
+# (recorded in venv/.edgefleet-install): re-running is cheap and changes nothing. Installs from a
+# project directory are always rebuilt, since its content is not pinned.
+FINGERPRINT=""
+if [ -n "$WHEELS" ] && { [ "$SOURCE" = "$WHEELS" ] || [ -f "$SOURCE" ]; }; then
+    FINGERPRINT=$(
+        echo "backend=$BACKEND python=$(command -v "$PYTHON") $("$PYTHON" -c 'import sys; print(sys.version)' | head -1)"
+        sha256sum "$0"
+        cd "$WHEELS" && find . -maxdepth 1 -name '*.whl' -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
+        [ ! -f "$SOURCE" ] || sha256sum "$SOURCE"
+    )
+    FINGERPRINT=$(echo "$FINGERPRINT" | sha256sum | cut -d' ' -f1)
+fi
 
-mkdir -p "$ROOT$PREFIX"
-rm -rf "$STAGE"
-say "creating the virtual environment with $PYTHON ($PY_VERSION)"
-"$PYTHON" -m venv "$STAGE" || die "cannot create a virtual environment at $STAGE"
-# ensurepip compiled pip and setuptools with the build location in their .pyc files; the agent never
-# imports them, so they stay uncompiled (see compileall below).
-find "$STAGE/lib" -name __pycache__ -prune -exec rm -rf {} +
-say "installing $SPEC${WHEELS:+ from $WHEELS}"
-"$STAGE/bin/python" -m pip install "${PIP_ARGS[@]}" "$SPEC" \
-    || die "pip could not install $SPEC${WHEELS:+ from $WHEELS} (is the wheelhouse built for this board's platform and Python $PY_VERSION?)"
-"$STAGE/bin/python" -B - "$BACKEND_MODULE" <<'PY' || die "the new environment is unusable (see above); nothing was changed"
+build_venv() {
+    STAGE=$ROOT$VENV.new
+    cleanup() { rm -rf "$STAGE"; }
+    trap cleanup EXIT
+
+    mkdir -p "$ROOT$PREFIX"
+    rm -rf "$STAGE"
+    say "creating the virtual environment with $PYTHON ($PY_VERSION)"
+    "$PYTHON" -m venv "$STAGE" || die "cannot create a virtual environment at $STAGE"
+    # ensurepip compiled pip and setuptools with the build location in their .pyc files; the agent never
+    # imports them, so they stay uncompiled (see compileall below).
+    find "$STAGE/lib" -name __pycache__ -prune -exec rm -rf {} +
+    say "installing $SPEC${WHEELS:+ from $WHEELS}"
+    "$STAGE/bin/python" -m pip install "${PIP_ARGS[@]}" "$SPEC" \
+        || die "pip could not install $SPEC${WHEELS:+ from $WHEELS} (is the wheelhouse built for this board's platform and Python $PY_VERSION?)"
+    "$STAGE/bin/python" -B - "$BACKEND_MODULE" <<'PY' || die "the new environment is unusable (see above); nothing was changed"
 import importlib, importlib.util, sys
 import agent  # noqa: F401
 importlib.import_module(sys.argv[1])
@@ -232,11 +247,11 @@ if importlib.util.find_spec("tensorflow") is not None:
     sys.exit("TensorFlow was pulled into the agent's environment")
 PY
 
-"$PYTHON" - "$STAGE" "$ROOT$VENV" "$VENV" "$ROOT" <<'PY' || die "cannot relocate the virtual environment"
+    "$PYTHON" - "$STAGE" "$VENV" "$ROOT" <<'PY' || die "cannot relocate the virtual environment"
 import os, sys
 from pathlib import Path
 
-stage, staged_final, final, root = sys.argv[1:5]
+stage, final, root = sys.argv[1:4]
 venv = Path(stage)
 for p in (venv / "bin").iterdir():
     if p.is_symlink():
@@ -258,19 +273,28 @@ for line in cfg.read_text().splitlines():
     lines.append(line)
 cfg.write_text("\n".join(lines) + "\n")
 PY
-# Compiled now, since ProtectSystem=strict keeps the agent from writing __pycache__ at run time.
-# A file that does not compile (some packages ship templates or test data as .py) is not an error.
-"$PYTHON" -m compileall -q -j 0 -x '/site-packages/(pip|setuptools|_distutils_hack)/' \
-    -s "$STAGE" -p "$VENV" "$STAGE/lib" >/dev/null 2>&1 \
-    || say "warning: some modules could not be compiled ahead of time"
+    # Compiled now, since ProtectSystem=strict keeps the agent from writing __pycache__ at run time.
+    # A file that does not compile (some packages ship templates or test data as .py) is not an error.
+    "$PYTHON" -m compileall -q -j 0 -x '/site-packages/(pip|setuptools|_distutils_hack)/' \
+        -s "$STAGE" -p "$VENV" "$STAGE/lib" >/dev/null 2>&1 \
+        || say "warning: some modules could not be compiled ahead of time"
 
-if [ -e "$ROOT$VENV" ]; then
+    echo "$FINGERPRINT" > "$STAGE/.edgefleet-install"
+    if [ -e "$ROOT$VENV" ]; then
+        rm -rf "$ROOT$VENV.old"
+        mv "$ROOT$VENV" "$ROOT$VENV.old"
+    fi
+    mv "$STAGE" "$ROOT$VENV"
     rm -rf "$ROOT$VENV.old"
-    mv "$ROOT$VENV" "$ROOT$VENV.old"
+    trap - EXIT
+}
+
+if [ -n "$FINGERPRINT" ] && [ -f "$ROOT$VENV/pyvenv.cfg" ] \
+        && [ "$(cat "$ROOT$VENV/.edgefleet-install" 2>/dev/null)" = "$FINGERPRINT" ]; then
+    say "the agent's environment is up to date (same wheels, backend and Python): kept"
+else
+    build_venv
 fi
-mv "$STAGE" "$ROOT$VENV"
-rm -rf "$ROOT$VENV.old"
-trap - EXIT
 
 # --- unit, user, configuration ------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ def check_files(root: Path) -> None:
                      (f"{EXAMPLES}/agent.toml", "agent.toml"),
                      (f"{EXAMPLES}/credentials.conf.example", "edge-agent.service.d/credentials.conf.example"),
                      (f"{EXAMPLES}/hardware.conf.example", "edge-agent.service.d/hardware.conf.example"),
-                     (f"{EXAMPLES}/resources.conf.example", "edge-agent.service.d/resources.conf.example")]:
+                     (f"{EXAMPLES}/resources.conf.example", "edge-agent.service.d/resources.conf.example"),
+                     (f"{EXAMPLES}/install.md", "../docs/install.md")]:
         assert (root / rel).read_bytes() == (SYSTEMD / src).read_bytes(), rel
         assert mode(root / rel) == 0o644, rel
     conf = root / "etc" / "edge-agent"
@@ -157,42 +158,74 @@ def first_boot(root: Path, tmp: Path) -> None:
         assert (st.st_uid, st.st_gid) == (0, gid), rel
 
 
+def image_python(root: Path) -> Path:
+    """The image's interpreter inside the staged root: the distribution's Python of this test's version.
+
+    A copy of /usr/bin/pythonX.Y at DIR/usr/bin/pythonX.Y runs on this machine and finds its standard
+    library in /usr, as the board's does; the wheelhouse, built for this interpreter's version, fits it.
+    """
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path("/usr/bin") / name
+    if not system_python.exists() or subprocess.run([str(system_python), "-c", "import ensurepip, venv"],
+                                                    capture_output=True).returncode:
+        pytest.fail(f"this test needs the distribution's /usr/bin/{name} with venv (Debian: python3-venv)")
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copy2(system_python, root / "usr/bin" / name)
+    return root / "usr/bin" / name
+
+
 @pytest.mark.slow
-def test_stage_twice_then_uninstall(wheelhouse: Path, tmp_path: Path) -> None:
+def test_stage_rerun_upgrade_uninstall(wheelhouse: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    args = ("--root", str(root), "--wheels", str(wheelhouse), "--no-start", "--python", sys.executable)
+    python = image_python(root)
+    args = ("--root", str(root), "--wheels", str(wheelhouse), "--python", str(python))
 
-    first = run_install(*args)
+    first = run_install(*args, "--no-start")
     assert first.returncode == 0, first.stderr
     assert "wrote the example /etc/edge-agent/agent.toml" in first.stdout
     check_venv(root, "litert")
+    # The environment names the image's interpreter by its path in the image.
+    cfg = dict(line.split(" = ", 1) for line in (root / VENV / "pyvenv.cfg").read_text().splitlines())
+    assert cfg["home"] == "/usr/bin"
+    assert os.readlink(root / VENV / "bin" / python.name) == f"/usr/bin/{python.name}"
     check_files(root)
-    assert not (root / "etc/systemd/system/multi-user.target.wants/edge-agent.service").exists()  # --no-start
-    assert (root / "etc/edge-agent/agent.toml").read_bytes() == (SYSTEMD / "agent.toml").read_bytes()
+    wants = root / "etc/systemd/system/multi-user.target.wants/edge-agent.service"
+    assert not wants.exists() and not wants.is_symlink()  # --no-start: not enabled
+    config = root / "etc/edge-agent/agent.toml"
+    assert config.read_bytes() == (SYSTEMD / "agent.toml").read_bytes()
     first_boot(root, tmp_path)
 
     # Second run: same files; an edited config survives.
-    config = root / "etc/edge-agent/agent.toml"
     edited = config.read_text() + '\ndevice_id = "board-7"\n'
     config.write_text(edited)
     before = listing(root)
-    second = run_install(*args)
+    second = run_install(*args, "--no-start")
     assert second.returncode == 0, second.stderr
+    assert "environment is up to date" in second.stdout
     assert "kept the existing /etc/edge-agent/agent.toml" in second.stdout
     assert config.read_text() == edited
     assert listing(root) == before
-    check_venv(root, "litert")
 
     # A failed upgrade (a wheelhouse without the dependencies) changes nothing.
     broken = tmp_path / "broken-wheels"
     broken.mkdir()
     for wheel in wheelhouse.glob("edgefleet-*.whl"):
         shutil.copy(wheel, broken)
-    failed = run_install("--root", str(root), "--wheels", str(broken), "--no-start", "--python", sys.executable)
+    failed = run_install("--root", str(root), "--wheels", str(broken), "--python", str(python), "--no-start")
     assert failed.returncode == 1
     assert "error: pip could not install edgefleet[litert]" in failed.stderr
     assert listing(root) == before
+
+    # Switching the backend rebuilds and swaps the environment; without --no-start it is enabled.
+    switched = run_install(*args, "--backend", "tflite")
+    assert switched.returncode == 0, switched.stderr
+    check_venv(root, "tflite")
+    numpy = venv_python(root, "import numpy; print(numpy.__version__)")
+    assert numpy.stdout.startswith("1."), numpy.stdout  # tflite-runtime 2.14 breaks with numpy 2
+    assert os.readlink(wants) == "/usr/lib/systemd/system/edge-agent.service"
+    assert config.read_text() == edited
+    check_files(root)
 
     # Uninstall keeps configuration, state and local drop-ins; purge removes them.
     state = root / "var/lib/edge-agent/state.json"
@@ -206,6 +239,7 @@ def test_stage_twice_then_uninstall(wheelhouse: Path, tmp_path: Path) -> None:
     for rel in ("opt/edge-agent", "usr/lib/systemd/system/edge-agent.service", "usr/lib/sysusers.d/edge-agent.conf",
                 "usr/lib/tmpfiles.d/edge-agent.conf"):
         assert not (root / rel).exists(), rel
+    assert not wants.exists() and not wants.is_symlink()
     assert config.read_text() == edited and state.read_text() == "{}" and dropin.exists()
     assert (root / "etc/edge-agent/keys").is_dir()
 
@@ -213,32 +247,6 @@ def test_stage_twice_then_uninstall(wheelhouse: Path, tmp_path: Path) -> None:
     assert purged.returncode == 0, purged.stderr
     for rel in ("etc/edge-agent", "var/lib/edge-agent", "etc/systemd/system/edge-agent.service.d"):
         assert not (root / rel).exists(), rel
-
-
-@pytest.mark.slow
-def test_stage_into_an_image_with_its_python(wheelhouse: Path, tmp_path: Path) -> None:
-    """--root with the image's own Python, tflite backend, enabled for first boot."""
-    # The distribution's interpreter of the same version as this one, so the wheelhouse fits it.
-    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    system_python = Path("/usr/bin") / name
-    if not system_python.exists() or subprocess.run([str(system_python), "-c", "import ensurepip, venv"],
-                                                    capture_output=True).returncode:
-        pytest.fail(f"this test needs the distribution's /usr/bin/{name} with venv (Debian: python3-venv)")
-    root = tmp_path / "image"
-    (root / "usr/bin").mkdir(parents=True)
-    # The image's interpreter, at its path inside the image (it finds its stdlib in /usr, like the board's).
-    shutil.copy2(system_python, root / "usr/bin" / name)
-    done = run_install("--root", str(root), "--wheels", str(wheelhouse), "--backend", "tflite",
-                       "--python", str(root / "usr/bin" / name))
-    assert done.returncode == 0, done.stderr
-    wants = root / "etc/systemd/system/multi-user.target.wants/edge-agent.service"
-    assert os.readlink(wants) == "/usr/lib/systemd/system/edge-agent.service"
-    cfg = dict(line.split(" = ", 1) for line in (root / VENV / "pyvenv.cfg").read_text().splitlines())
-    assert cfg["home"] == "/usr/bin"
-    assert os.readlink(root / VENV / "bin" / name) == str(system_python)
-    check_venv(root, "tflite")
-    numpy = venv_python(root, "import numpy; print(numpy.__version__)")
-    assert numpy.stdout.startswith("1."), numpy.stdout  # tflite-runtime 2.14 breaks with numpy 2
 
 
 # --- refusals: one clear line, non-zero exit, nothing changed -----------------------------------------
