@@ -24,15 +24,16 @@ usage() {
 Usage: $PROG [OPTIONS]
 
 Install the edgefleet device agent as the systemd service edge-agent:
-  $VENV        virtual environment: the agent and one interpreter backend
-  $UNIT   the unit (change it with drop-ins: systemctl edit edge-agent)
-  $SYSUSERS  the edge-agent system user and group
-  $TMPFILES  ownership of $CONF_DIR
-  $CONF_DIR/agent.toml  example configuration, written only if absent
-  $CONF_DIR/keys/       trusted public keys
-  $EXAMPLES/      drop-in examples (credentials, hardware, resources)
+  $VENV                        the agent and one interpreter backend
+  $EXAMPLES/                   example config and drop-ins
+  $UNIT  the unit (change it with: systemctl edit edge-agent)
+  $SYSUSERS         the edge-agent system user and group
+  $TMPFILES         ownership of $CONF_DIR
+  $CONF_DIR/agent.toml                  configuration, written only if absent
+  $CONF_DIR/keys/                       trusted public keys
 then systemctl daemon-reload, enable and (re)start edge-agent. Running it again upgrades the agent
-and never touches an existing agent.toml. A failed install leaves the previous one in place.
+(or keeps it when the wheelhouse, backend and Python are unchanged) and never touches an existing
+agent.toml. A failed install leaves the previous one in place.
 
 Options:
   --backend litert|tflite  interpreter backend (default litert; tflite-runtime: Python <= 3.11, numpy < 2)
