@@ -118,7 +118,8 @@ def test_device_reads_only_its_own_deployments_and_commands(acl_broker: AclBroke
 
 
 def test_unknown_user_is_refused(acl_broker: AclBroker) -> None:
-    t = Transport(MqttSettings(url=acl_broker.url, username="intruder", password="x"),
+    t = Transport(MqttSettings(url=acl_broker.url, username="intruder", password="x", reconnect_min_s=0.2,
+                               reconnect_max_s=0.4),
                   on_message=lambda m: None)
     t.start()
     try:
@@ -161,7 +162,8 @@ def test_shipped_mosquitto_conf_with_mutual_tls(tmp_path: Path, pki: Pki) -> Non
         dev.publish(T.status("dev-a"), b"online", retain=True, wait=5)
         dev.stop()
         no_cert = Transport(MqttSettings(
-            url=shipped.url, username="dev-a", password=shipped.passwords["dev-a"], ca_file=pki.ca_file),
+            url=shipped.url, username="dev-a", password=shipped.passwords["dev-a"], ca_file=pki.ca_file,
+            reconnect_min_s=0.2, reconnect_max_s=0.4),
             on_message=lambda m: None)
         no_cert.start()
         try:

@@ -267,11 +267,11 @@ def test_tls_with_the_broker_ca(tls_broker: Mosquitto, pki: Pki) -> None:
 
 def test_tls_with_an_unknown_ca_says_why(tls_broker: Mosquitto, tmp_path: Path) -> None:
     other = Pki.create(tmp_path / "other", name="some other CA")
-    t = Transport(MqttSettings(url=tls_broker.url, ca_file=other.ca_file, reconnect_min_s=0.2),
+    t = Transport(MqttSettings(url=tls_broker.url, ca_file=other.ca_file, reconnect_min_s=0.2, reconnect_max_s=0.4),
                   on_message=lambda m: None)
     t.start()
     try:
-        assert t.wait_connected(1) is False
+        assert _wait(lambda: t.last_error is not None, 5) and not t.connected
         assert t.last_error is not None and "certificate verif" in t.last_error
     finally:
         t.stop()
@@ -282,11 +282,11 @@ def test_mutual_tls(mtls_broker: Mosquitto, pki: Pki) -> None:
     t = client(mtls_broker.url, ca_file=pki.ca_file, cert_file=cert, key_file=key)
     t.publish("m/1", b"x", wait=True)
     t.stop()
-    anonymous = Transport(MqttSettings(url=mtls_broker.url, ca_file=pki.ca_file, reconnect_min_s=0.2),
+    anonymous = Transport(MqttSettings(url=mtls_broker.url, ca_file=pki.ca_file, reconnect_min_s=0.2, reconnect_max_s=0.4),
                           on_message=lambda m: None)
     anonymous.start()
     try:
-        assert anonymous.wait_connected(1) is False
+        assert _wait(lambda: anonymous.last_error is not None, 5) and not anonymous.connected
         assert anonymous.last_error is not None and "certificate required" in anonymous.last_error
     finally:
         anonymous.stop()
@@ -307,20 +307,24 @@ def test_password_login(acl_broker: AclBroker) -> None:
 
 
 def test_bad_password_is_a_clear_error(acl_broker: AclBroker, caplog: pytest.LogCaptureFixture) -> None:
-    t = Transport(MqttSettings(url=acl_broker.url, username="dev-a", password="wrong", reconnect_min_s=0.2),
-                  on_message=lambda m: None)
-    with caplog.at_level(logging.ERROR, logger="agent.transport"):
+    t = Transport(MqttSettings(url=acl_broker.url, username="dev-a", password="wrong", reconnect_min_s=0.1,
+                               reconnect_max_s=0.2), on_message=lambda m: None)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "agent.transport" and "refused the connection" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, logger="agent.transport"):
         t.start()
         try:
-            assert t.wait_connected(1) is False
+            assert _wait(lambda: len(refusals()) >= 3, 5), "the client should keep retrying"
+            assert not t.connected
         finally:
             t.stop()
     assert t.last_error is not None
     assert "refused the connection" in t.last_error
     assert "Bad user name or password" in t.last_error or "Not authorized" in t.last_error
-    lines = [r.getMessage() for r in caplog.records if r.name == "agent.transport" and r.levelno == logging.ERROR]
-    assert lines and all("\n" not in line for line in lines)
-    assert len(set(lines)) == 1  # repeated refusals are not logged again at ERROR
+    errors = [r.getMessage() for r in refusals() if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]  # one line, and retries do not repeat it at ERROR
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
