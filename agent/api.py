@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -210,7 +211,7 @@ class ApiServer:
 
     def _serve(self, conn: _Conn) -> None:
         sock = conn.sock
-        sock.settimeout(self.idle_timeout_s)
+        set_timeouts(sock, self.idle_timeout_s)
         buf = b""
         try:
             while True:
@@ -236,8 +237,8 @@ class ApiServer:
                 sock.sendall(response.encode(close=close))
                 if close:
                     return
-        except (TimeoutError, ConnectionError):
-            return
+        except (TimeoutError, BlockingIOError, ConnectionError):
+            return  # idle too long (the kernel timeout raises BlockingIOError), or the client left
         except OSError as err:
             log.debug("api: connection error: %s", err)
         except Exception:  # a bug must not take the server down: log it and drop this connection
@@ -324,6 +325,19 @@ def _parse_head(head: bytes) -> Request:
     close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     return Request(method=method, path=unquote(path), query=query, content_type=content_type,
                    content_length=length or 0, close=close, expect_continue=expect)
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel receive/send timeouts on a blocking socket.
+
+    socket.settimeout would make every recv a poll() plus a recv(); SO_RCVTIMEO costs nothing per
+    call. A timed-out call raises BlockingIOError.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:

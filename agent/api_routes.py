@@ -243,7 +243,7 @@ class Router:
 
     def _predict_npy(self, req: Request, name: str) -> Response:
         arr = npy.loads(req.body)
-        prediction = self.serving.predict(name, (arr,))
+        prediction = self.serving.predict(name, (arr,), top_k=False)  # the answer is the first output only
         out = prediction.outputs[0]
         return Response(200, npy.dumps(out), npy.CONTENT_TYPE, [("X-Model-Version", str(prediction.version))])
 

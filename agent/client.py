@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agent import npy
+from agent.api import set_timeouts
 from agent.errors import RequestError
 
 DEFAULT_SOCKET = "/run/edge-agent/api.sock"
@@ -140,7 +141,7 @@ class ApiClient:
                 self.close()
                 if fresh or not retry or attempt:
                     raise RequestError(f"the agent at {self.address} closed the connection ({err})", 503) from err
-            except TimeoutError as err:
+            except (TimeoutError, BlockingIOError) as err:  # BlockingIOError: the kernel's SO_RCVTIMEO
                 self.close()
                 raise RequestError(f"no answer from the agent at {self.address} within {self.timeout} s",
                                    504) from err
@@ -163,6 +164,7 @@ class ApiClient:
             else:
                 sock = socket.create_connection(self._tcp, timeout=self.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeouts(sock, self.timeout)
             self._sock = sock
             self._buf = b""
         return self._sock

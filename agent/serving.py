@@ -72,6 +72,8 @@ class _InputPlan:
     spec: TensorSpec
     dtype: np.dtype[Any]
     rank: int
+    label: str = ""
+    tail: tuple[int, ...] | None = None  # the dims after the batch dim when none of them is dynamic
     mean: NDArray[Any] | None = None
     std: NDArray[Any] | None = None
     scale: float | None = None
@@ -86,6 +88,12 @@ class _InputPlan:
 
 class _Live:
     """One activated model: interpreter, lock, precomputed plans and statistics."""
+
+    # slots keep the hot-path attributes in one compact object: after a large invoke has flushed the
+    # CPU caches, every extra dict probe is a cache miss, measurable on a millisecond model
+    __slots__ = ("model", "lock", "stats", "retired", "served", "in_idx", "out_idx", "n_in", "n_out", "in0",
+                 "out0", "shapes", "set", "get", "invoke", "plans", "dynamic_batch", "aliases", "out_quant",
+                 "labels", "top_k", "output_names", "quantized_out")
 
     def __init__(self, name: str, model: LoadedModel, path: Path, deployment: Deployment) -> None:
         self.model = model
@@ -116,6 +124,7 @@ class _Live:
             self.aliases.setdefault(short_name(s.name), i)
         self.out_quant = [(s.quantization.scale, s.quantization.zero_point) if s.quantization else None
                           for s in model.outputs]
+        self.quantized_out = any(q is not None for q in self.out_quant)
         post = deployment.model.postprocessing
         self.labels = post.labels
         self.top_k = post.top_k
@@ -143,7 +152,9 @@ class _Live:
 
 def _plan(spec: TensorSpec, deployment: Deployment) -> _InputPlan:
     dtype = np.dtype(spec.dtype)
-    plan = _InputPlan(spec=spec, dtype=dtype, rank=len(spec.shape))
+    tail = tuple(spec.shape[1:])
+    plan = _InputPlan(spec=spec, dtype=dtype, rank=len(spec.shape), label=short_name(spec.name),
+                      tail=None if -1 in tail else tail)
     pre = deployment.model.preprocessing
     if (pre.mean is not None or pre.std is not None) and dtype.kind in "fiu" and (
             dtype.kind == "f" or spec.quantization is not None):
@@ -292,42 +303,41 @@ class Serving:
                 live = self._lookup(name)
 
     def predict(self, name: str, inputs: Sequence[Any] | Mapping[str, Any], *, raw: bool = False,
-                batch_dim: bool = False) -> Prediction:
+                batch_dim: bool = False, top_k: bool = True) -> Prediction:
         """Run a request: one value per input (signature order, or a dict by input name), batch dim first.
 
         Float values are normalised as the deployment says and quantized for integer models; a value
         already in a quantized model's own dtype goes in untouched, and then (or with `raw`) outputs
         stay in the model's dtype, else they are dequantized. A value one rank short is taken as a
-        single instance unless `batch_dim` demands the batch dimension.
+        single instance unless `batch_dim` demands the batch dimension. `top_k=False` skips the
+        labelled top-k (for callers that return only the raw outputs).
         """
         live = self._lookup(name)
         arrays, n, native = _prepare(live, inputs, self.max_batch, batch_dim)
-        plans = live.plans
-        whole = live.dynamic_batch or all(p.rank == 0 or p.dynamic_batch or p.spec.shape[0] == n for p in plans)
-        if not whole and not all(p.rank == 0 or p.spec.shape[0] == 1 for p in plans):
-            fixed = sorted({p.spec.shape[0] for p in plans if p.rank})
-            raise RequestError(f"model {name} takes batches of exactly {fixed[0]}; got {n} instances")
-        batches = [arrays] if whole else [[x[i:i + 1] if p.rank else x for x, p in zip(arrays, plans, strict=True)]
-                                          for i in range(n)]
+        whole = live.dynamic_batch or _whole_batch(live, n)
         lock = live.lock
         if not lock.acquire(False):
             moved = self._wait(name, live)
-            if moved is not live:
+            if moved is not live:  # swapped while we waited: prepare again, the signature may differ
                 moved.lock.release()
-                return self.predict(name, inputs, raw=raw, batch_dim=batch_dim)  # the new model may have another signature
+                return self.predict(name, inputs, raw=raw, batch_dim=batch_dim, top_k=top_k)
         try:
-            results = [self._invoke_locked(live, batch) for batch in batches]
+            if whole:
+                outs = self._invoke_locked(live, arrays)
+            else:  # a fixed batch of one: invoke per instance, all under one lock so one model answers
+                parts = [self._invoke_locked(live, [x[i:i + 1] if p.rank else x
+                                                    for x, p in zip(arrays, live.plans, strict=True)])
+                         for i in range(n)]
+                outs = [np.concatenate(c) for c in zip(*parts, strict=True)]
         finally:
             lock.release()
-        outs = results[0] if whole else [np.concatenate(parts) for parts in zip(*results, strict=True)]
         keep_raw = raw or native
-        if not keep_raw:
-            outs = [_dequantize(y, q) if q else y for y, q in zip(outs, live.out_quant, strict=True)]
+        if live.quantized_out and not keep_raw:
+            outs = [_dequantize(y, q) for y, q in zip(outs, live.out_quant, strict=True)]
         top = None
-        if live.labels is not None and outs:
+        if top_k and live.labels is not None:
             q = live.out_quant[0]
-            scores = _dequantize(outs[0], q) if keep_raw and q else outs[0]
-            top = _top_k(scores, live.labels, live.top_k)
+            top = _top_k(_dequantize(outs[0], q) if keep_raw else outs[0], live.labels, live.top_k)
         return Prediction(name=name, version=live.served.version, outputs=outs, output_names=live.output_names,
                           top_k=top, raw=keep_raw)
 
@@ -359,11 +369,22 @@ def _set_error(err: ValueError) -> RequestError:
     return RequestError(str(err).replace("Cannot set tensor: ", "").strip())
 
 
+def _whole_batch(live: _Live, n: int) -> bool:
+    """Whether a batch of `n` fits the model in one invoke; raise RequestError when it fits no way."""
+    plans = live.plans
+    if all(p.rank == 0 or p.dynamic_batch or p.spec.shape[0] == n for p in plans):
+        return True
+    if all(p.rank == 0 or p.spec.shape[0] == 1 for p in plans):
+        return False
+    fixed = sorted({p.spec.shape[0] for p in plans if p.rank})
+    raise RequestError(f"model {live.served.name} takes batches of exactly {fixed[0]}; got {n} instances")
+
+
 def _prepare(live: _Live, inputs: Sequence[Any] | Mapping[str, Any], max_batch: int,
              batch_dim: bool) -> tuple[list[NDArray[Any]], int, bool]:
     """The caller's values as model tensors (batch dim first), the batch size, and whether they were native."""
     plans = live.plans
-    if isinstance(inputs, Mapping):
+    if not isinstance(inputs, (list, tuple)) and isinstance(inputs, Mapping):
         values: list[Any] = [None] * len(plans)
         for key, value in inputs.items():
             i = live.aliases.get(key)
@@ -375,7 +396,7 @@ def _prepare(live: _Live, inputs: Sequence[Any] | Mapping[str, Any], max_batch: 
         if missing:
             raise RequestError(f"missing input(s): {', '.join(missing)}")
     else:
-        values = list(inputs)
+        values = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
         if len(values) != len(plans):
             raise RequestError(f"the model takes {len(plans)} input(s), got {len(values)}")
     arrays: list[NDArray[Any]] = []
@@ -400,7 +421,7 @@ def _prepare(live: _Live, inputs: Sequence[Any] | Mapping[str, Any], max_batch: 
 
 def _convert(plan: _InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any], bool]:
     """One caller value as this input's tensor; raise RequestError naming the input when it cannot be."""
-    label = short_name(plan.spec.name)
+    label = plan.label
     try:
         x = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (ValueError, TypeError) as err:
@@ -410,7 +431,8 @@ def _convert(plan: _InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any
     if plan.rank and x.ndim == plan.rank - 1 and not batch_dim:
         x = x[None]  # one instance without its batch dimension
     shape = plan.spec.shape
-    if x.ndim != plan.rank or any(e not in (-1, d) for e, d in zip(shape[1:], x.shape[1:], strict=True)):
+    if x.ndim != plan.rank or (x.shape[1:] != plan.tail if plan.tail is not None else any(
+            e not in (-1, d) for e, d in zip(shape[1:], x.shape[1:], strict=True))):
         raise RequestError(f"input {label}: shape {list(x.shape)} does not fit the model's {list(shape)} "
                            f"(-1 = any size)")
     dt = plan.dtype
