@@ -9,7 +9,9 @@ them, so every chunk goes out raw. For each chunk size:
 - push: `converter.publish.publish_chunks` through `agent.transport` to an empty broker;
 - republish: the same when the broker already holds every chunk (what a second push costs);
 - probe: the alternative to republishing, asking the broker which chunks it holds by subscribing
-  to them (the only way MQTT offers), which transfers every held chunk back to the host.
+  to them (the only way MQTT offers), which transfers every held chunk back to the host; it is also
+  the Transport's receive speed, compared with
+- raw receive: plain paho subscribing to the same retained chunks.
 
 Prints MB/s for each and ``PUSH_RATIO=<push/baseline>`` (goal >= 0.8) and
 ``PROBE_OVER_REPUBLISH=<probe time / republish time>`` at 64 KiB chunks.
@@ -38,7 +40,7 @@ from tests.broker import Mosquitto  # noqa: E402
 
 SIZE = 20 * 1000 * 1000
 CHUNK_SIZES = (64 * 1024, 256 * 1024)
-ROUNDS = 3
+ROUNDS = 5
 GOAL = 0.8
 
 
@@ -93,6 +95,29 @@ def probe(url: str, topics: Topics, chunks: dict[str, bytes]) -> float:
     return took
 
 
+def raw_receive(port: int, topics: Topics, chunks: dict[str, bytes]) -> float:
+    """Seconds for plain paho to subscribe to the retained chunks and receive them all (QoS 1)."""
+    done = threading.Event()
+    seen: set[str] = set()
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        seen.add(m.topic)
+        if len(seen) == len(chunks):
+            done.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    started = time.perf_counter()
+    c.subscribe([(topics.chunk(sha), 1) for sha in chunks])
+    assert done.wait(60), f"only {len(seen)} of {len(chunks)} chunks came back"
+    took = time.perf_counter() - started
+    c.disconnect()
+    c.loop_stop()
+    return took
+
+
 def main() -> None:
     """Run every measurement and print the figures."""
     data = weights()
@@ -119,9 +144,11 @@ def main() -> None:
                     push = ours(broker.url, topics, chunks)
                     again = ours(broker.url, topics, chunks)
                     asked = probe(broker.url, topics, chunks)
+                    raw_in = raw_receive(broker.port, topics, chunks)
                 finally:
                     broker.kill()
-            for k, v in (("baseline", base), ("push", push), ("republish", again), ("probe", asked)):
+            for k, v in (("baseline", base), ("push", push), ("republish", again), ("probe", asked),
+                         ("raw receive", raw_in)):
                 best[k] = min(best.get(k, float("inf")), v)
         wire = artifact.wire_size
         mb = wire / 1e6
@@ -129,13 +156,14 @@ def main() -> None:
         print(f"chunk {chunk_size // 1024} KiB: {len(chunks)} chunks, {mb:.1f} MB on the wire "
               f"({compressed} compressed); split+compress {compress_s:.2f} s on one core, "
               f"{parallel_s:.2f} s on all cores (push uses these)")
-        for k in ("baseline", "push", "republish", "probe"):
-            print(f"  {k:10s} {best[k]:6.3f} s  {mb / best[k]:7.1f} MB/s")
+        for k in ("baseline", "push", "republish", "probe", "raw receive"):
+            print(f"  {k:11s} {best[k]:6.3f} s  {mb / best[k]:7.1f} MB/s")
         results[chunk_size] = best
     r = results[64 * 1024]
     ratio = r["baseline"] / r["push"]
     print(f"PUSH_RATIO={ratio:.2f} (goal >= {GOAL})")
     print(f"PROBE_OVER_REPUBLISH={r['probe'] / r['republish']:.2f}")
+    print(f"TRANSPORT_RECEIVE_RATIO={r['raw receive'] / r['probe']:.2f} (Transport receive speed / raw paho's)")
 
 
 if __name__ == "__main__":
