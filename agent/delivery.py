@@ -38,7 +38,9 @@ class Job:
     missing: list[str]
     requested: set[str] = field(default_factory=set)
     fetched_bytes: int = 0
+    fetched_chunks: int = 0
     local_bytes: int = 0
+    resumed_chunks: int = 0
 
     @property
     def name(self) -> str:
@@ -84,6 +86,7 @@ class Downloads:
         local = self._local_chunks(doc.model.artifact.chunk_size, doc.model.golden.chunk_size)
         for sha, ref in refs.items():
             if self._have_partial(sha, ref):
+                job.resumed_chunks += 1
                 continue
             if sha in local:
                 self._copy_local(sha, local[sha], ref.size)
@@ -91,8 +94,8 @@ class Downloads:
                 continue
             job.missing.append(sha)
         self.jobs[job.name] = job
-        log.info("model %s: v%s needs %d of %d chunks (%d bytes copied from local models)", job.name,
-                 doc.model.version, len(job.missing), job.total, job.local_bytes)
+        log.info("model %s: v%s needs %d of %d chunks (%d already downloaded, %d bytes copied from local models)",
+                 job.name, doc.model.version, len(job.missing), job.total, job.resumed_chunks, job.local_bytes)
         self._request_more(job)
         return job
 
@@ -179,6 +182,7 @@ class Downloads:
             if sha in job.missing:
                 job.missing.remove(sha)
                 job.fetched_bytes += len(payload)
+                job.fetched_chunks += 1
             if not job.missing:
                 done.append(job)
             else:

@@ -185,8 +185,11 @@ class Lifecycle:
 
     # --- verification --------------------------------------------------------------------------
 
-    def precheck(self, raw: Any) -> Deployment | None:
-        """Checks that need only the document; None when there is nothing to do (already active or pending)."""
+    def precheck(self, raw: Any, *, continuing: bool = False) -> Deployment | None:
+        """Checks that need only the document; None when there is nothing to do (already active or pending).
+
+        `continuing` is for the deployment that is itself pending (its download just finished).
+        """
         try:
             doc = Deployment.from_dict(raw)
         except ProtocolError as err:
@@ -196,7 +199,7 @@ class Lifecycle:
             return None
         if rec.active is not None and rec.active.deployment_id == doc.deployment_id:
             return None
-        if rec.pending is not None and rec.pending.get("deployment_id") == doc.deployment_id:
+        if not continuing and rec.pending is not None and rec.pending.get("deployment_id") == doc.deployment_id:
             return None
         if self.keyring and self.config.security.require_signature:
             try:
@@ -303,7 +306,7 @@ class Lifecycle:
         """
         name = raw_model_name(raw) or "?"
         try:
-            doc = self.precheck(raw)
+            doc = self.precheck(raw, continuing=True)
             if doc is None:
                 log.info("model %s: deployment %s needs no action", name, raw.get("deployment_id"))
                 return self.state.record(name).phase

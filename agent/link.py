@@ -18,7 +18,7 @@ from agent.delivery import Downloads, Job
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError, TransportError
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.protocol.canonical import canonical_json, parse_json
-from agent.protocol.documents import Event, Status, Telemetry
+from agent.protocol.documents import Command, Event, Status, Telemetry
 from agent.protocol.topics import Route, Topics
 from agent.transport import Message, Transport, settings_from_config
 
@@ -239,18 +239,21 @@ class FleetLink:
             self.lifecycle.reject(name, job.raw, _as_rejection(err))
             return
         self.lifecycle.progress.pop(name, None)
-        log.info("model %s: downloaded v%s (%d bytes fetched, %d copied locally)", name, job.doc.model.version,
-                 job.fetched_bytes, job.local_bytes)
+        self.lifecycle.emit(name, "DOWNLOADING", True, job.doc, None, fetched_bytes=job.fetched_bytes,
+                            local_bytes=job.local_bytes, chunks_fetched=job.fetched_chunks, chunks_resumed=job.resumed_chunks,
+                            chunks_total=job.total,
+                            artifact_bytes=job.doc.model.artifact.size + job.doc.model.golden.size, done=True)
         self.lifecycle.install_stored(job.raw)
         self.publish_state(force=True)
 
     def _on_command(self, payload: bytes) -> None:
+        raw: Any = None
         try:
             raw = parse_json(payload)
             cmd = self.lifecycle.check_command(raw)
         except (ProtocolError, DeploymentRejected) as err:
             reason = err.reason if isinstance(err, DeploymentRejected) else str(err)
-            self._command_event(None, False, f"command rejected: {reason}")
+            self._command_event(raw if isinstance(raw, dict) else None, False, f"command rejected: {reason}")
             return
         if cmd.action == "report":
             self.publish_state(force=True)
@@ -261,11 +264,16 @@ class FleetLink:
             self.lifecycle.rollback(cmd.model, f"rollback ordered by command {cmd.command_id}", manual=True)
         except (StoreError, EdgefleetError) as err:
             self._command_event(cmd, False, f"command {cmd.command_id} failed: {err}")
+            return
+        self._command_event(cmd, True, None)
 
-    def _command_event(self, cmd: Any, ok: bool, reason: str | None) -> None:
-        name = cmd.model if cmd is not None and cmd.model else "-"
+    def _command_event(self, cmd: Command | dict[str, Any] | None, ok: bool, reason: str | None) -> None:
+        """Report a command's outcome; the host matches it by `details.command_id`."""
+        fields = cmd.to_dict() if isinstance(cmd, Command) else (cmd or {})
+        details = {k: v for k in ("command_id", "action") if isinstance(v := fields.get(k), str) and len(v) <= 128}
+        model = fields.get("model")
+        name = model if isinstance(model, str) and raw_model_name({"model": {"name": model}}) else "-"
         phase = self.lifecycle.state.record(name).phase if name != "-" else "IDLE"
-        details = {"command_id": cmd.command_id, "action": cmd.action} if cmd is not None else {}
         self.lifecycle.emit(name, phase, ok, None, reason, **details)
 
     def periodic(self) -> None:
