@@ -133,28 +133,32 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
     from converter.convert import Hooks
 
-    console = stderr_console()
     if not enabled:
         yield Hooks()
         return
+    console = stderr_console()
     show_bars = console.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not show_bars) as progress:
-        tasks: dict[str, Any] = {}
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True, disable=not show_bars) as progress:
+            tasks: dict[str, Any] = {}
 
-        def step(kind: str) -> Any:
-            def update(done: int, total: int) -> None:
-                if kind not in tasks or progress.tasks[tasks[kind]].finished and done == 1:
-                    tasks[kind] = progress.add_task(kind, total=total)
-                progress.update(tasks[kind], completed=done, total=total)
-            return update
+            def step(kind: str) -> Any:
+                def update(done: int, total: int) -> None:
+                    # A second calibration pass (sparse candidate) starts a fresh bar.
+                    if kind not in tasks or (progress.tasks[tasks[kind]].finished and done == 1):
+                        tasks[kind] = progress.add_task(kind, total=total)
+                    progress.update(tasks[kind], completed=done, total=total)
+                return update
 
-        def stage(text: str) -> None:
-            log.info("%s", text)
-            if show_bars:
-                console.print(f"[dim]edgectl convert: {text}[/dim]")
+            def stage(text: str) -> None:
+                log.info("%s", text)
+                if show_bars:
+                    console.print(f"[dim]edgectl convert: {text}[/dim]")
 
-        yield Hooks(stage=stage, fine_tune=step("fine-tuning"), calibration=step("calibrating"))
+            yield Hooks(stage=stage, fine_tune=step("fine-tuning"), calibration=step("calibrating"))
+    finally:
+        console.file.close()
 
 
 def _splits(args: argparse.Namespace) -> Any:

@@ -60,7 +60,10 @@ def describe_bundle(path: Path, pubkey: str | None = None) -> dict[str, Any]:
     from converter.tflite_info import read_model, tensor_dict
 
     keyring = Keyring.from_files([pubkey]) if pubkey else None
-    bundle = Bundle.load(path, keyring=keyring)
+    try:
+        bundle = Bundle.load(path, keyring=keyring)
+    except ProtocolError as err:
+        raise type(err)(f"{path}: {err}") from err
     spec = bundle.deployment.model
     info = read_model(bundle.model, chunk_size=spec.artifact.chunk_size)
     for kind, ours, theirs in (("inputs", info.inputs, spec.inputs), ("outputs", info.outputs, spec.outputs)):
@@ -80,7 +83,8 @@ def describe_bundle(path: Path, pubkey: str | None = None) -> dict[str, Any]:
             "wire_bytes": spec.artifact.wire_size, "golden_samples": int(len(inputs[0])),
             "tolerance": {"atol": spec.tolerance.atol, "rtol": spec.tolerance.rtol},
             "inputs": [tensor_dict(t) for t in spec.inputs], "outputs": [tensor_dict(t) for t in spec.outputs],
-            "preprocessing": {"mean": spec.preprocessing.mean, "std": spec.preprocessing.std},
+            "preprocessing": {"mean": list(spec.preprocessing.mean) if spec.preprocessing.mean else None,
+                              "std": list(spec.preprocessing.std) if spec.preprocessing.std else None},
             "postprocessing": {"labels": list(spec.postprocessing.labels) if spec.postprocessing.labels else None,
                                "top_k": spec.postprocessing.top_k},
             "metrics": dict(spec.metrics),

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         random_inputs,
     )
     from converter.evaluate import first_sample, measure_latency, run_samples
+    from converter.native import captured_native_output
     from converter.report import metrics, package_report, render
     from converter.tflite_info import read_model
 
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as err:
         raise UsageError(f"{args.model}: {err}") from err
     try:
-        model = load_model(data, "auto", use_xnnpack=True)
+        with captured_native_output():  # LiteRT announces its XNNPACK delegate on stderr
+            model = load_model(data, "auto", use_xnnpack=True)
     except RuntimeBackendError as err:
         raise UsageError(f"{args.model}: {err}") from err
     meta = info.metadata

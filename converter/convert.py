@@ -168,7 +168,7 @@ def prune_source(source: SourceModel, prepared: Prepared, options: ConvertOption
     if config is None:
         return None
     if not source.prunable:
-        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a {source.kind}")
+        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
     fine_tune = prepared.splits.fine_tune
     tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
     hooks.stage("pruning and fine-tuning" if tuned else "pruning (one-shot)")
@@ -180,7 +180,7 @@ def convert(source: SourceModel, splits: Splits, options: ConvertOptions, hooks:
     mode(options.quantize)
     # Reject bad pruning options before any slow work.
     if options.prune_config(None) is not None and not source.prunable:
-        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a {source.kind}")
+        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
     prepared = prepare(source, splits, options, hooks)
     t = time.perf_counter()
     pruning = prune_source(source, prepared, options, hooks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import sys
 import tempfile
@@ -26,11 +27,13 @@ def captured_native_output() -> Iterator[list[str]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    python_level = io.StringIO()  # print() goes here when sys.stdout is not fd 1 (pytest's capsys)
     with tempfile.TemporaryFile(mode="w+b") as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), contextlib.redirect_stdout(python_level), \
+                    contextlib.redirect_stderr(python_level):
                 warnings.simplefilter("ignore")
                 yield lines
         finally:
@@ -42,6 +45,7 @@ def captured_native_output() -> Iterator[list[str]]:
                 os.close(fd)
             sink.seek(0)
             lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+            lines.extend(python_level.getvalue().splitlines())
 
 
 def import_tensorflow() -> Any:

@@ -26,7 +26,7 @@ def stderr_console() -> Console:
     Conversion sends fd 2 to a scratch file while TensorFlow talks; a console on a duplicate keeps the
     progress bar visible meanwhile.
     """
-    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, closefd=True)
+    stream = os.fdopen(os.dup(2), "w", buffering=1, closefd=True)
     return Console(file=stream, highlight=False)
 
 

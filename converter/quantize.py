@@ -92,7 +92,8 @@ def convert_tflite(source: SourceModel, mode_name: str, calibration: np.ndarray 
     if qm.needs_calibration and len(source.inputs) != 1:
         raise UsageError(f"--quantize {mode_name}: calibration supports single-input models only")
     tf = import_tensorflow()
-    conv = source.tflite_converter()
+    with captured_native_output():  # building a converter from Keras exports it and prints the signature
+        conv = source.tflite_converter()
     qm.configure(conv, tf)
     if sparse:
         conv.optimizations = [*conv.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]

@@ -49,6 +49,7 @@ def convert_report(*, source: SourceModel, options: ConvertOptions, info: ModelI
         "outputs": model["outputs"],
         "weights": model["weights"],
         "sparsity": model["sparsity"],
+        "float_ops": model["float_ops"],
         "validation": validation.to_dict() if validation else None,
         "gate": gate.to_dict(),
         "latency": latency.to_dict(),
@@ -166,6 +167,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     summary.add_column("value")
     q = report.get("quantization") or {}
     summary.add_row("quantization", f"{q.get('mode')}" + (f" ({q['summary']})" if q.get("summary") else ""))
+    if report.get("float_ops") and q.get("mode") not in ("none", "float16", "dynamic"):
+        summary.add_row("float fallback", "operators left in float32: " + ", ".join(report["float_ops"]))
     pruning = report.get("pruning")
     if pruning:
         structure = f", {pruning['structure']} structure" if pruning.get("structure") else ""

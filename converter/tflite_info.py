@@ -113,6 +113,7 @@ class ModelInfo:
             "operators": [o.to_dict() for o in self.operators],
             "inputs": [tensor_dict(t) for t in self.inputs], "outputs": [tensor_dict(t) for t in self.outputs],
             "weights": [w.to_dict() for w in self.weights],
+            "float_ops": list(self.float_ops),
             "metadata": self.metadata.to_dict() if self.metadata else None,
         }
 
