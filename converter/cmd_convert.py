@@ -152,6 +152,9 @@ def _progress(enabled: bool) -> Iterator[Any]:
                 return update
 
             def stage(text: str) -> None:
+                for task in list(progress.tasks):  # a new stage clears the bars of the last one
+                    if task.finished:
+                        progress.remove_task(task.id)
                 log.info("%s", text)
                 if show_bars:
                     console.print(f"[dim]edgectl convert: {text}[/dim]")
