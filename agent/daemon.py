@@ -20,17 +20,19 @@ from typing import Any
 
 from agent import __version__
 from agent.api import ApiServer
+from agent.api_routes import serving_metrics
 from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 from agent.config import AgentConfig
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.link import Connection, FleetLink
 from agent.protocol.canonical import parse_json
-from agent.protocol.documents import Event
+from agent.protocol.documents import Event, Telemetry
 from agent.protocol.signing import Keyring
 from agent.serving import Serving
 from agent.store import Store
 from agent.systemd import Notifier
+from agent.telemetry import Sampler, model_figures, prometheus
 from agent.transport import Message
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,13 @@ class Daemon:
         self.api = ApiServer(
             self.serving, socket_path=config.api.socket, port=config.api.port, host=config.api.host,
             max_body_bytes=config.api.max_body_bytes, status=self.health, admin=self.admin,
+            metrics=self.metrics_text,
         )
+        # two samplers: CPU percentages are "since this sampler's last call", and /metrics is
+        # scraped on its own schedule from API threads
+        self.sampler = Sampler(config.device_id, config.state_dir)
+        self._metrics_sampler = Sampler(config.device_id, config.state_dir)
+        self._next_telemetry = 0.0
         self._status_text = ""
         self.link: FleetLink | None = None
         if config.mqtt.url is not None:
@@ -136,6 +144,18 @@ class Daemon:
         return {"status": "unhealthy" if self.unhealthy else "ok", "reason": self.unhealthy,
                 "device_id": self.config.device_id, "agent_version": __version__,
                 "uptime_s": round(time.monotonic() - self.started, 1), "models": models}
+
+    def telemetry(self, sampler: Sampler | None = None) -> Telemetry:
+        """A telemetry sample of the agent and every model it knows."""
+        phases = {name: (rec.phase, rec.active.version if rec.active else None)
+                  for name, rec in self.lifecycle.state.models.items()}
+        models = model_figures(self.serving, phases, self.config.telemetry.window_s)
+        return (sampler or self.sampler).sample(models)
+
+    def metrics_text(self) -> str:
+        """/metrics: the serving counters and quantiles, the API's requests, and the telemetry figures."""
+        return serving_metrics(self.serving, dict(self.api.router.requests)) + prometheus(
+            self.telemetry(self._metrics_sampler))
 
     def _status_line(self) -> str:
         parts = []
@@ -202,6 +222,10 @@ class Daemon:
         self._update_status()
         if self.link is not None:
             self.link.periodic()
+            now = time.monotonic()
+            if now >= self._next_telemetry:
+                self._next_telemetry = now + self.config.telemetry.interval_s
+                self.link.publish_telemetry(self.telemetry())
         if self.unhealthy is None:
             self.notifier.watchdog_if_due()
 

@@ -149,6 +149,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
 
 
+def _nullable(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -180,7 +184,9 @@ def parse(cls: type[T], value: Any, path: str = "") -> T:
         sub = f"{path}.{name}" if path else name
         if name not in value:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise _fail(sub, "missing field")
+                if not _nullable(hints[name]):
+                    raise _fail(sub, "missing field")
+                kwargs[name] = None  # `dump` leaves None out, so a missing nullable field reads back as None
             continue
         converted = _convert(hints[name], value[name], sub)
         check = f.metadata.get("check")
