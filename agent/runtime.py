@@ -90,7 +90,7 @@ class LoadedModel:
         """Invoke once; inputs in signature order with the model's dtypes; outputs are copies."""
         if len(inputs) != len(self._in):
             raise RuntimeBackendError(f"model takes {len(self._in)} inputs, got {len(inputs)}")
-        for i, (index, x) in enumerate(zip(self._in, inputs)):
+        for i, (index, x) in enumerate(zip(self._in, inputs, strict=True)):
             if x.shape != self._shapes[i]:
                 self._resize(i, x.shape)
             self._set(index, x)
@@ -99,7 +99,7 @@ class LoadedModel:
 
     def _resize(self, i: int, shape: tuple[int, ...]) -> None:
         expected = self.inputs[i].shape
-        if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape)):
+        if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
             raise RuntimeBackendError(f"input {self.inputs[i].name}: shape {list(shape)} does not fit {list(expected)}")
         self.interpreter.resize_tensor_input(self._in[i], list(shape))
         self.interpreter.allocate_tensors()

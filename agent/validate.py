@@ -1,7 +1,7 @@
 """Validation of a model in a child process (DESIGN.md, "Update lifecycle": Validating).
 
-The parent starts ``python -m agent.validate`` with a time limit and an address-space limit and sends
-the request as JSON on stdin. The child loads the model with the backend and delegate settings the
+The parent forks a child from a preloaded fork server, with a time limit and an address-space
+limit, and receives the result over a pipe. The child loads the model with the backend and delegate settings the
 serving path uses, checks the input/output signature against the document, runs the golden inputs and
 compares with the golden outputs, and times the model (and the currently active one, for a fair
 baseline). A model that crashes or hangs the interpreter kills only the child.
@@ -9,12 +9,11 @@ baseline). A model that crashes or hangs the interpreter kills only the child.
 
 from __future__ import annotations
 
-import json
-import os
+import importlib.util
+import multiprocessing
 import resource
 import signal
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from typing import Any
 import numpy as np
 
 from agent.errors import DeploymentRejected
-
-RESULT_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ def _dequantize(y: np.ndarray[Any, Any], spec: dict[str, Any]) -> np.ndarray[Any
 def _signature_problem(kind: str, actual: Sequence[Any], expected: Sequence[dict[str, Any]]) -> str | None:
     if len(actual) != len(expected):
         return f"model has {len(actual)} {kind}, the document says {len(expected)}"
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         if a.dtype != e["dtype"]:
             return f"{kind}[{i}] dtype is {a.dtype}, the document says {e['dtype']}"
         if list(a.shape) != list(e["shape"]):
@@ -110,7 +107,7 @@ def run_checks(req: ValidationRequest) -> dict[str, Any]:
             got = model.run(sample)
         except Exception as err:  # the interpreter raises RuntimeError with its own message
             return {"ok": False, "reason": f"golden sample {s}: invoke failed: {str(err).splitlines()[0]}"}
-        for j, (g, want) in enumerate(zip(got, outputs)):
+        for j, (g, want) in enumerate(zip(got, outputs, strict=True)):
             spec = model_doc["outputs"][j]
             if g.shape != want[s].shape:
                 return {"ok": False, "reason": f"golden sample {s}: output {j} shape {list(g.shape)} "
@@ -140,80 +137,84 @@ def run_checks(req: ValidationRequest) -> dict[str, Any]:
     return result
 
 
-def _limit_memory(memory_mb: int) -> Callable[[], None]:
-    def apply() -> None:
-        limit = memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.setsid()
-    return apply
+_context: Any = None
+_context_lock = threading.Lock()
+
+
+def _forkserver() -> Any:
+    """The multiprocessing context whose server has numpy and the interpreters imported once.
+
+    Every validation is then a fork of that server (milliseconds), not a new Python that imports
+    numpy and an interpreter again (a second or more on a board); the agent itself, which runs
+    threads, is never forked.
+    """
+    global _context
+    with _context_lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            preload = ["numpy", "agent.validate", "agent.bundle", "agent.runtime"]
+            for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+                if importlib.util.find_spec(module.split(".")[0]) is not None:
+                    preload.append(module)
+            ctx.set_forkserver_preload(preload)
+            _context = ctx
+        return _context
+
+
+def _child(conn: Any, request: dict[str, Any], memory_mb: int) -> None:
+    limit = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        result = run_checks(ValidationRequest(**request))
+    except MemoryError:
+        result = {"ok": False, "reason": f"model needs more than the {memory_mb} MB validation memory limit"}
+    except Exception as err:  # anything unexpected is still a rejection with a reason, never a crash
+        result = {"ok": False, "reason": f"validation error: {type(err).__name__}: {err}"}
+    conn.send(result)
+    conn.close()
 
 
 def validate(req: ValidationRequest, *, timeout_s: float, memory_mb: int,
              heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the checks in a child process; return its figures or raise DeploymentRejected with the reason."""
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.pop("EDGEFLEET_FAULT", None)  # crash points are for the agent, not for its validation child
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                      env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.validate"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=env, preexec_fn=_limit_memory(memory_mb),
-    )
-    request: bytes | None = json.dumps(req.__dict__).encode()
+    ctx = _forkserver()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, req.__dict__, memory_mb), name="edge-agent-validate", daemon=True)
+    proc.start()
+    send.close()
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            out, err = proc.communicate(request, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            break
-        except subprocess.TimeoutExpired:
-            request = None
-            if heartbeat is not None:
-                heartbeat()
-            if time.monotonic() >= deadline:
-                _kill(proc)
-                raise DeploymentRejected(f"validation timed out after {timeout_s:g}s (model hangs or is too slow)",
-                                         step="VALIDATING") from None
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        raise DeploymentRejected(f"validation child crashed with {sig} (model crashes the interpreter)",
-                                 step="VALIDATING")
+    result: dict[str, Any] | None = None
     try:
-        result: dict[str, Any] = json.loads(out[-RESULT_LIMIT:].decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        tail = err.decode("utf-8", "replace").strip().splitlines()
-        reason = tail[-1] if tail else f"exit code {proc.returncode}"
-        if "MemoryError" in reason or "std::bad_alloc" in reason:
-            reason = f"model needs more than the {memory_mb} MB validation memory limit ({reason})"
-        raise DeploymentRejected(f"validation child failed: {reason}", step="VALIDATING") from None
+        while result is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise DeploymentRejected(f"validation timed out after {timeout_s:g}s (model hangs or is too slow)",
+                                         step="VALIDATING")
+            if receive.poll(min(1.0, left)):
+                try:
+                    result = receive.recv()
+                except (EOFError, OSError):
+                    break  # the child died without answering
+            elif not proc.is_alive():
+                break
+            elif heartbeat is not None:
+                heartbeat()
+    finally:
+        receive.close()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if result is None:
+        code = proc.exitcode
+        if code is not None and code < 0:
+            sig = signal.Signals(-code).name
+            raise DeploymentRejected(f"validation child crashed with {sig} (model crashes the interpreter)",
+                                     step="VALIDATING")
+        raise DeploymentRejected(f"validation child exited with code {code} without an answer", step="VALIDATING")
     if not result.get("ok"):
         raise DeploymentRejected(str(result.get("reason", "validation failed")), step="VALIDATING",
                                  details={k: v for k, v in result.items() if k not in ("ok", "reason")})
     return result
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def main() -> int:
-    """Child entry point: request JSON on stdin, one result JSON line on stdout."""
-    try:
-        req = ValidationRequest(**json.loads(sys.stdin.buffer.read()))
-        result = run_checks(req)
-    except MemoryError:
-        result = {"ok": False, "reason": "model needs more memory than the validation limit allows"}
-    except Exception as err:  # anything unexpected is still a rejection with a reason, never a crash
-        result = {"ok": False, "reason": f"validation error: {type(err).__name__}: {err}"}
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,7 @@ def test_install_serve_commit_rollback_and_stop(agent: Any, make_bundle: Any) ->
 
 
 def test_rejected_bundles_leave_the_old_model_serving(agent: Any, make_bundle: Any, zoo: Any) -> None:
-    a = agent(validation={"timeout_s": 3}).start()
+    a = agent(validation={"timeout_s": 3}, health={"probation_s": 600}).start()
     assert a.cli("install", str(make_bundle("dense_f32", version=1))).returncode == 0
     bad = make_bundle("dense_f32_v2", version=2)
     data = (bad / MODEL_FILE).read_bytes()
