@@ -88,7 +88,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("src", metavar="SRC", help=".keras or .h5 file, or SavedModel directory")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to write")
     p.add_argument("--name", type=model_name, help="model name (default: from SRC's file name)")
-    p.add_argument("--version", type=version_number, default=1, help="integer model version (default 1)")
+    p.add_argument("--version", metavar="N", type=version_number, default=1, help="integer model version (default 1)")
     p.add_argument("--quantize", default="none", metavar="MODE",
                    choices=["none", "dynamic", "float16", "int8", "int8-full", "int16x8"],
                    help="none|dynamic|float16|int8|int8-full|int16x8 (default none)")
@@ -96,10 +96,10 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--prune", type=sparsity, metavar="SPARSITY", help="target fraction of zero weights, e.g. 0.8")
     g.add_argument("--prune-structure", type=parse_structure, metavar="M:N",
                    help="keep M of every N weights along the input axis (e.g. 2:4); implies --prune 1-M/N")
-    g.add_argument("--prune-epochs", type=int, default=None,
+    g.add_argument("--prune-epochs", metavar="N", type=int, default=None,
                    help="fine-tuning epochs when labels exist (default: enough for 400 steps, 2 to 20)")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="fine-tuning batch size (default 32)")
-    g.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
+    g.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="fine-tuning batch size (default 32)")
+    g.add_argument("--learning-rate", metavar="LR", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
     g.add_argument("--no-sparse-encoding", action="store_true",
                    help="do not try TFLite's sparse tensor encoding for pruned weights")
     d = p.add_argument_group("data")
@@ -107,18 +107,18 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--fine-tune", metavar="FILE.npz", help="fine-tuning set (instead of --data)")
     d.add_argument("--calibration", metavar="FILE.npz", help="calibration set (instead of --data)")
     d.add_argument("--validation", metavar="FILE.npz", help="validation set (instead of --data)")
-    d.add_argument("--validation-split", type=float, default=0.2, help="share of --data for validation (0.2)")
-    d.add_argument("--calibration-split", type=float, default=0.2, help="share of --data for calibration (0.2)")
-    d.add_argument("--calibration-samples", type=positive_int, default=200,
+    d.add_argument("--validation-split", metavar="F", type=float, default=0.2, help="share of --data for validation (0.2)")
+    d.add_argument("--calibration-split", metavar="F", type=float, default=0.2, help="share of --data for calibration (0.2)")
+    d.add_argument("--calibration-samples", metavar="N", type=positive_int, default=200,
                    help="calibration samples used at most (default 200)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the split and fine-tuning (default 0)")
+    d.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the split and fine-tuning (default 0)")
     v = p.add_argument_group("validation and bundle")
     v.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="largest accepted accuracy drop in percentage points (default 1.0)")
-    v.add_argument("--golden-samples", type=positive_int, default=8, help="golden vectors to store (default 8)")
-    v.add_argument("--latency-runs", type=positive_int, default=100, help="timed runs for host latency (100)")
+    v.add_argument("--golden-samples", metavar="N", type=positive_int, default=8, help="golden vectors to store (default 8)")
+    v.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
     v.add_argument("--labels", metavar="FILE", help="class names, one per line, in output order")
-    v.add_argument("--top-k", type=positive_int, default=5, help="results the agent returns (default 5)")
+    v.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
     v.add_argument("--input-mean", metavar="M[,M...]", help="normalisation mean, scalar or per channel")
     v.add_argument("--input-std", metavar="S[,S...]", help="normalisation std, scalar or per channel")
     v.add_argument("--key", metavar="KEY", help="sign with this private key (file or keygen directory)")
