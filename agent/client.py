@@ -42,6 +42,7 @@ class ApiClient:
         self._sock: socket.socket | None = None
         self._buf = b""
         self.last_version: int | None = None
+        self._paths: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -75,8 +76,12 @@ class ApiClient:
 
     def predict_npy(self, name: str, array: NDArray[Any]) -> NDArray[Any]:
         """Predict with a binary `.npy` body; return the first output (version in `last_version`)."""
-        status, headers, body = self.request("POST", f"/v1/models/{quote(name)}:predict", npy.dumps(array),
-                                             npy.CONTENT_TYPE)
+        path = self._paths.get(name)
+        if path is None:
+            path = f"/v1/models/{quote(name)}:predict"
+            if len(self._paths) < 64:
+                self._paths[name] = path
+        status, headers, body = self.request("POST", path, npy.dumps(array), npy.CONTENT_TYPE)
         if status != 200:
             raise RequestError(_error_text(body, status), status)
         version = headers.get("x-model-version")

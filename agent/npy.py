@@ -26,6 +26,7 @@ _REST = re.compile(r"\s*\{[\s,]*\}\s*")
 _DESCR = re.compile(r"[<>|=]?[biuf][1248]")
 _dtypes: dict[str, np.dtype[Any]] = {}
 _shapes: dict[str, tuple[int, ...]] = {}
+_parsed: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int, bool]] = {}
 _headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
@@ -98,8 +99,26 @@ def loads(data: bytes | bytearray | memoryview) -> NDArray[Any]:
     end = start + size
     if len(data) < end:
         raise _bad("truncated header")
+    raw = data[6:end]  # version byte included: v3 headers are UTF-8
+    parsed = _parsed.get(raw)
+    if parsed is None:
+        parsed = _parse_header(data[start:end], major)
+        if len(_parsed) < 256:
+            _parsed[raw] = parsed
+    dtype, shape, count, fortran = parsed
+    if len(data) - end != count * dtype.itemsize:
+        raise _bad(f"shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize} data bytes, "
+                   f"got {len(data) - end}")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    if fortran:
+        return arr.reshape(shape[::-1]).T.copy(order="C")
+    return arr.reshape(shape)
+
+
+def _parse_header(raw: bytes, major: int) -> tuple[np.dtype[Any], tuple[int, ...], int, bool]:
+    """dtype, shape, element count and Fortran order of a header (the same header is parsed once)."""
     try:
-        text = data[start:end].decode("utf-8" if major == 3 else "latin-1")
+        text = raw.decode("utf-8" if major == 3 else "latin-1")
     except UnicodeDecodeError as err:
         raise _bad("header is not valid text") from err
     descr, fortran, shape_text = _header_fields(text)
@@ -108,13 +127,7 @@ def loads(data: bytes | bytearray | memoryview) -> NDArray[Any]:
     count = 1
     for d in shape:
         count *= d
-    if len(data) - end != count * dtype.itemsize:
-        raise _bad(f"shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize} data bytes, "
-                   f"got {len(data) - end}")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    if fortran:
-        return arr.reshape(shape[::-1]).T.copy(order="C")
-    return arr.reshape(shape)
+    return dtype, shape, count, fortran
 
 
 def header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:

@@ -47,9 +47,12 @@ class ServedModel:
     outputs: tuple[TensorSpec, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
-    """The answer to one request: outputs (batch dim first), top-k per instance when labelled, version."""
+    """The answer to one request: outputs (batch dim first), top-k per instance when labelled, version.
+
+    A plain (not frozen) dataclass: it is built on every request, and a frozen one costs microseconds.
+    """
 
     name: str
     version: int
@@ -93,7 +96,7 @@ class _Live:
     # CPU caches, every extra dict probe is a cache miss, measurable on a millisecond model
     __slots__ = ("model", "lock", "stats", "retired", "served", "in_idx", "out_idx", "n_in", "n_out", "in0",
                  "out0", "shapes", "set", "get", "invoke", "plans", "dynamic_batch", "aliases", "out_quant",
-                 "labels", "top_k", "output_names", "quantized_out")
+                 "labels", "top_k", "output_names", "quantized_out", "plain", "native0")
 
     def __init__(self, name: str, model: LoadedModel, path: Path, deployment: Deployment) -> None:
         self.model = model
@@ -118,6 +121,10 @@ class _Live:
         self.invoke = it.invoke
         self.plans = [_plan(s, deployment) for s in model.inputs]
         self.dynamic_batch = all(p.rank == 0 or p.dynamic_batch for p in self.plans)
+        first = self.plans[0]
+        # the dtype a lone input can be passed in untouched (None: it always needs conversion)
+        self.plain = first.dtype if len(self.plans) == 1 and first.mean is None else None
+        self.native0 = first.dtype.kind != "f" and first.scale is not None
         self.aliases: dict[str, int] = {}
         for i, s in enumerate(model.inputs):
             self.aliases.setdefault(s.name, i)
@@ -240,6 +247,10 @@ class Serving:
         live = self._live.get(name)
         if live is None:
             live = self._lookup(name)
+        return self._run(name, live, arrays)[1]
+
+    def _run(self, name: str, live: _Live, arrays: Sequence[NDArray[Any]]) -> tuple[_Live, list[NDArray[Any]]]:
+        """One invoke on `live` (or on the model that replaced it while we queued); return which ran it."""
         lock = live.lock
         if not lock.acquire(False):
             live = self._wait(name, live)
@@ -274,12 +285,21 @@ class Serving:
             t1 = _now()
             started[0] = 0.0
             stats.add_serialised(t1 - t0, True, t1)  # the model's lock serialises its writers
-            return outs
+            return live, outs
         finally:
             lock.release()
 
     @staticmethod
     def _set_all(live: _Live, arrays: Sequence[NDArray[Any]]) -> None:
+        if live.n_in == 1:
+            x = arrays[0]
+            if x.shape != live.shapes[0]:
+                live.resize(0, x.shape)
+            try:
+                live.set(live.in0, x)
+            except ValueError as err:
+                raise _set_error(err) from err
+            return
         for i, (index, x) in enumerate(zip(live.in_idx, arrays, strict=True)):
             if x.shape != live.shapes[i]:
                 live.resize(i, x.shape)
@@ -313,6 +333,16 @@ class Serving:
         labelled top-k (for callers that return only the raw outputs).
         """
         live = self._lookup(name)
+        if live.plain is not None and isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+            x = inputs[0]
+            # the common case (one array already in the model's dtype, C order, no normalisation, the
+            # interpreter's current shape) skips every conversion
+            if type(x) is np.ndarray and x.dtype == live.plain and x.shape == live.shapes[0] and \
+                    x.flags.c_contiguous and (x.ndim == 0 or 0 < x.shape[0] <= self.max_batch):
+                ran, outs = self._run(name, live, [x])
+                if ran is live or ran.plain == x.dtype:  # a model swapped in meanwhile took it as it was
+                    return self._finish(ran, outs, raw or ran.native0, top_k)
+                return self.predict(name, inputs, raw=raw, batch_dim=batch_dim, top_k=top_k)
         arrays, n, native = _prepare(live, inputs, self.max_batch, batch_dim)
         whole = live.dynamic_batch or _whole_batch(live, n)
         lock = live.lock
@@ -331,15 +361,18 @@ class Serving:
                 outs = [np.concatenate(c) for c in zip(*parts, strict=True)]
         finally:
             lock.release()
-        keep_raw = raw or native
+        return self._finish(live, outs, raw or native, top_k)
+
+    @staticmethod
+    def _finish(live: _Live, outs: list[NDArray[Any]], keep_raw: bool, top_k: bool) -> Prediction:
         if live.quantized_out and not keep_raw:
             outs = [_dequantize(y, q) for y, q in zip(outs, live.out_quant, strict=True)]
         top = None
         if top_k and live.labels is not None:
             q = live.out_quant[0]
             top = _top_k(_dequantize(outs[0], q) if keep_raw else outs[0], live.labels, live.top_k)
-        return Prediction(name=name, version=live.served.version, outputs=outs, output_names=live.output_names,
-                          top_k=top, raw=keep_raw)
+        return Prediction(name=live.served.name, version=live.served.version, outputs=outs,
+                          output_names=live.output_names, top_k=top, raw=keep_raw)
 
     def _invoke_locked(self, live: _Live, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
         self._set_all(live, arrays)
@@ -348,7 +381,7 @@ class Serving:
         stats.started[0] = t0
         try:
             live.invoke()
-            outs = [live.get(index) for index in live.out_idx]
+            outs = [live.get(live.out0)] if live.n_out == 1 else [live.get(index) for index in live.out_idx]
         except Exception as err:  # an invoke failure is the model's, not the caller's
             _failed(live, t0)
             raise RuntimeBackendError(
@@ -396,7 +429,7 @@ def _prepare(live: _Live, inputs: Sequence[Any] | Mapping[str, Any], max_batch: 
         if missing:
             raise RequestError(f"missing input(s): {', '.join(missing)}")
     else:
-        values = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
+        values = list(inputs) if not isinstance(inputs, list) else inputs
         if len(values) != len(plans):
             raise RequestError(f"the model takes {len(plans)} input(s), got {len(values)}")
     arrays: list[NDArray[Any]] = []

@@ -137,14 +137,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, per_round: int,
     """Per-call durations (s) of every function, measured in alternating rounds of `per_round` calls.
 
     Alternating call by call (per_round=1) exposes every method to the same neighbours: on a shared
-    two-core machine the speed drifts by tens of percent within a minute.
+    two-core machine the speed drifts by tens of percent within a minute. In-process methods and
+    socket methods are measured in separate sets: a call served by another process leaves this
+    process's caches cold for whatever runs next.
     """
     for fn in fns.values():
         for _ in range(max(20, per_round)):
             fn()
     out: dict[str, list[np.ndarray]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):
+        # rotate who goes first: the first call after another method's turn pays for its cache misses
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             ts = np.empty(per_round)
             for i in range(per_round):
                 t = clock()
@@ -272,20 +276,25 @@ def main() -> int:
                 interp.invoke()
                 return interp.get_tensor(i_out)
 
-            fns: dict[str, Callable[[], Any]] = {
+            local: dict[str, Callable[[], Any]] = {
                 "bare": bare_loop,
                 "predict_raw": lambda name=name, x=x: serving.predict_raw(name, [x]),
                 # what the npy route runs: conversions, no top-k (its answer is the first output only)
                 "predict": lambda name=name, x=x: serving.predict(name, [x], top_k=False),
+            }
+            remote: dict[str, Callable[[], Any]] = {
+                "predict": local["predict"],
                 "socket npy": lambda name=name, x=x: client.predict_npy(name, x),
             }
             if name == "small":  # what the JSON route runs, and the JSON route itself
-                fns["predict+top_k"] = lambda name=name, x=x: serving.predict(name, [x])
-                fns["socket json"] = lambda name=name, x=x: client.predict(name, x)
+                remote["predict+top_k"] = lambda name=name, x=x: serving.predict(name, [x])
+                remote["socket json"] = lambda name=name, x=x: client.predict(name, x)
             np.testing.assert_allclose(client.predict_npy(name, x), bare_loop(), rtol=1e-5, atol=1e-6)
-            results[name] = interleaved(fns, rounds_, per_round)
+            results[name] = interleaved(local, rounds_, per_round)
+            for method, ts in interleaved(remote, max(1, rounds_ // 2), per_round).items():
+                results[name]["socket: " + method if method.startswith("predict") else method] = ts
             if name == "medium":  # CPU time of this thread: blind to time slices lost to other processes
-                cpu[name] = interleaved({k: fns[k] for k in ("bare", "predict_raw")}, rounds_ // 2, 1,
+                cpu[name] = interleaved({k: local[k] for k in ("bare", "predict_raw")}, rounds_ // 2, 1,
                                         time.thread_time)
 
         # rollback: v1 -> v2 (new) -> back to v1, through the serving process; median of 5
@@ -332,11 +341,12 @@ def main() -> int:
     s, m = results["small"], results["medium"]
     ratio = p(m["predict_raw"], 50) / p(m["bare"], 50)
     added_small = p(s["predict_raw"], 50) - p(s["bare"], 50)
-    socket_added = p(s["socket npy"], 50) - p(s["predict"], 50)
+    socket_added = p(s["socket npy"], 50) - p(s["socket: predict"], 50)
     print("\nadded by the agent (p50)")
     print(f"  predict_raw, small model: +{added_small:.1f} µs (goal <= {GOALS['added_us']})")
     print(f"  predict (conversions), small model: +{p(s['predict'], 50) - p(s['bare'], 50):.1f} µs; "
-          f"with top_k over 10 labels: +{p(s['predict+top_k'], 50) - p(s['bare'], 50):.1f} µs")
+          f"with top_k over 10 labels: +{p(s['socket: predict+top_k'], 50) - p(s['socket: predict'], 50):.1f} µs "
+          f"more")
     print(f"  predict_raw / bare, medium model: {ratio:.4f} (goal <= {GOALS['ratio']}); "
           f"predict / bare: {p(m['predict'], 50) / p(m['bare'], 50):.4f}; in thread CPU time: predict_raw "
           f"{p(cpu['medium']['predict_raw'], 50):.1f} µs / bare {p(cpu['medium']['bare'], 50):.1f} µs = "
@@ -345,7 +355,7 @@ def main() -> int:
           f"(goal <= {GOALS['socket_us']}); vs predict_raw: +{p(s['socket npy'], 50) - p(s['predict_raw'], 50):.1f}"
           f" µs; vs bare: +{p(s['socket npy'], 50) - p(s['bare'], 50):.1f} µs")
     print(f"  JSON over the Unix socket vs the same predict (with top_k) in-process, small model: "
-          f"+{p(s['socket json'], 50) - p(s['predict+top_k'], 50):.1f} µs")
+          f"+{p(s['socket json'], 50) - p(s['socket: predict+top_k'], 50):.1f} µs")
     print(f"  npy over the Unix socket, medium model: {p(m['socket npy'], 50) / p(m['bare'], 50):.3f}x bare")
     agent_rss, agent_cpu = usage["agent"]
     bare_rss, bare_cpu = usage["bare"]
