@@ -117,6 +117,8 @@ class HealthConfig:
     """Roll back when more than this fraction of requests fail."""
     max_latency_ratio: float = 1.5
     """Roll back when p95 latency exceeds this times the previous model's p95."""
+    latency_slack_ms: float = 1.0
+    """...and exceeds it by more than this many ms too (microsecond-scale models are all noise)."""
     hang_timeout_s: float = 10.0
     """An invocation running longer than this is hung."""
     max_boot_failures: int = 2
@@ -188,7 +190,7 @@ _POSITIVE = {
     "health.max_boot_failures", "health.max_rollbacks_per_hour", "telemetry.interval_s",
     "telemetry.window_s", "api.max_body_bytes", "store.max_rejected", "runtime.num_threads",
 }
-_NON_NEGATIVE = {"health.probation_s", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
+_NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
 _FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
 
 

@@ -474,7 +474,7 @@ class Lifecycle:
             if count >= limits.min_requests and p95 is not None and base is not None and base > 0:
                 ratio = float(p95) / base
                 figures["latency_ratio"] = round(ratio, 3)
-                if ratio > limits.max_latency_ratio:
+                if ratio > limits.max_latency_ratio and float(p95) - base > self.config.health.latency_slack_ms:
                     return "rollback", (f"p95 latency {float(p95):.3f} ms is {ratio:.2f}x the previous model's "
                                         f"{base:.3f} ms (limit {limits.max_latency_ratio:g}x)"), figures
         if elapsed >= limits.probation_s:

@@ -279,6 +279,7 @@ def test_same_document_twice_is_a_no_op(env: Any, make_bundle: Any) -> None:
 @pytest.mark.parametrize("fault, reason", [
     (lambda s: setattr(s, "errors", 5) or setattr(s, "count", 20), "error rate 25.0% over 20 requests"),
     (lambda s: setattr(s, "count", 20) or setattr(s, "p95_ms", 50.0), "p95 latency 50.000 ms is"),
+    (lambda s: setattr(s, "count", 20) or setattr(s, "p95_ms", 2.5), "p95 latency 2.500 ms is 2.50x"),
     (lambda s: s.flights.append(time.monotonic() - 60), "an invocation hung for"),
 ])
 def test_probation_rolls_back_on_live_evidence(env: Any, make_bundle: Any, fault: Any, reason: str) -> None:
@@ -298,6 +299,20 @@ def test_probation_rolls_back_on_live_evidence(env: Any, make_bundle: Any, fault
     assert rec.last_outcome.figures  # the figures that triggered it travel with the outcome
     assert (lc.unhealthy is not None) == ("hung" in reason)
     assert lc.state.rejected[-1] == rec.last_outcome.deployment_id
+
+
+def test_small_latency_differences_are_noise(env: Any, make_bundle: Any) -> None:
+    lc = _committed_v1(env, make_bundle)
+    env.serving.models["m"].stats.count = 100
+    env.serving.models["m"].stats.p95_ms = 0.01  # a 10 µs model
+    _install(lc, make_bundle("dense_f32_v2", version=2, key=env.key))
+    stats = env.serving.models["m"].stats
+    stats.count, stats.p95_ms = 50, 0.5  # 50x slower, yet only half a millisecond: within the slack
+    lc.tick()
+    assert lc.state.record("m").phase == "PROBATION"
+    env.clock.now += 31
+    lc.tick()
+    assert lc.state.record("m").phase == "COMMITTED"
 
 
 def test_probation_tolerates_few_errors_and_commits(env: Any, make_bundle: Any) -> None:
