@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, faults
 from agent.api import ApiServer
 from agent.api_routes import serving_metrics
 from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
@@ -215,6 +215,7 @@ class Daemon:
 
     def periodic(self) -> None:
         """Work done every tick on the loop thread."""
+        faults.point("stall:loop")
         self.lifecycle.tick()
         if self.lifecycle.unhealthy is not None:
             self.mark_unhealthy(self.lifecycle.unhealthy)
