@@ -1,6 +1,6 @@
 """What the agent costs on top of a bare interpreter (issue 3, "Benchmark").
 
-Builds two models in a TensorFlow subprocess (a small MLP, tens of µs per invoke, and a
+Builds two models in a TensorFlow subprocess (a small MLP, about ten µs per invoke, and a
 MobileNet-like CNN on 128x128x3, about a millisecond), then, in this process (no TensorFlow),
 measures p50/p99 of:
   - a bare set_tensor + invoke + get_tensor loop on the interpreter Serving holds (the baseline),
@@ -196,6 +196,34 @@ def measure_rollback(trigger: Callable[[], None], answered_version: Callable[[],
     return seen[0] - t0_box[0]
 
 
+def rollback_times(sock: Path, previous: Path, new: Path, repeats: int = 5) -> list[float]:
+    """Install `new` over `previous` (model "medium"), then time the way back, `repeats` times.
+
+    The trigger here is Serving.activate of the previous bundle in the serving process (through the
+    API's admin hook of --serve mode); the daemon's own rollback command can replace `trigger`.
+    """
+    admin = ApiClient(socket_path=str(sock))
+    poller = ApiClient(socket_path=str(sock))
+    x = np.zeros((1, 128, 128, 3), np.float32)
+    previous_version = Bundle.load(previous).deployment.model.version
+
+    def answered() -> int | None:
+        try:
+            poller.predict_npy("medium", x)
+        except Exception:  # a failed request is simply not an answer from the previous model
+            return None
+        return poller.last_version
+
+    def trigger() -> None:
+        admin.admin("activate", {"name": "medium", "bundle": str(previous)})
+
+    times = []
+    for _ in range(repeats):
+        admin.admin("activate", {"name": "medium", "bundle": str(new)})
+        times.append(measure_rollback(trigger, answered, previous_version))
+    return times
+
+
 def idle_usage(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, float]]:
     """(RSS MiB, CPU % of one core over `seconds`) per process, measured over the same interval."""
     import psutil
@@ -297,23 +325,7 @@ def main() -> int:
                 cpu[name] = interleaved({k: local[k] for k in ("bare", "predict_raw")}, rounds_ // 2, 1,
                                         time.thread_time)
 
-        # rollback: v1 -> v2 (new) -> back to v1, through the serving process; median of 5
-        rb_client = ApiClient(socket_path=str(sock))
-        poll_client = ApiClient(socket_path=str(sock))
-        xm = np.zeros((1, 128, 128, 3), np.float32)
-
-        def answered() -> int | None:
-            try:
-                poll_client.predict_npy("medium", xm)
-                return poll_client.last_version
-            except Exception:
-                return None
-
-        rollbacks = []
-        for _ in range(5):
-            rb_client.admin("activate", {"name": "medium", "bundle": str(medium_b2)})
-            rollbacks.append(measure_rollback(
-                lambda: rb_client.admin("activate", {"name": "medium", "bundle": str(medium_b)}), answered, 1))
+        rollbacks = rollback_times(sock, previous=medium_b, new=medium_b2)
     finally:
         _finish(server)
 
