@@ -44,6 +44,8 @@ class _Conn:
 
 
 class _BadRequest(Exception):
+    """A request the HTTP layer refuses before routing; answered, then the connection is closed."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

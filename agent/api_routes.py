@@ -17,7 +17,8 @@ from typing import Any
 from agent import npy
 from agent.errors import EdgefleetError, RequestError, RuntimeBackendError
 from agent.protocol.schema import dump
-from agent.serving import Prediction, ServedModel, Serving, short_name
+from agent.serving import Prediction, ServedModel, Serving
+from agent.tensors import short_name
 
 log = logging.getLogger(__name__)
 
