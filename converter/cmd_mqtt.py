@@ -19,13 +19,17 @@ from rich.progress import (
 from rich.table import Table
 
 from agent.bundle import Bundle
-from agent.protocol import canonical_json, check_name
+from agent.protocol import Topics, canonical_json, check_name
+from agent.transport import Transport
+from converter.canary import parse_canary
+from converter.cmd_fleet import add_fleet_commands
 from converter.connect import add_broker_args, connect, topics_from_args
 from converter.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from converter.fleet import DeviceView, FleetObserver
 from converter.output import add_json, load_key, positive_int, print_json, stderr_console, stdout_console
 from converter.publish import (
     DeviceResult,
+    Prepared,
     RetainedIndex,
     collect_garbage,
     document_topics,
@@ -37,6 +41,7 @@ from converter.publish import (
     select_targets,
     wait_for_rollout,
 )
+from converter.watch import wait_for_telemetry
 
 PUSH_EPILOG = """\
 Chunks are published retained (QoS 1) first, then the deployment document to the group's or each
@@ -47,8 +52,16 @@ document is issued again (new deployment id, issued now, --expires-in) and signe
 deployment, 1 as soon as one rejects it or rolls it back (the reason is printed), 1 on --timeout.
 Offline devices are listed as pending: they install from the retained messages when they return.
 
+--canary N (or P%) deploys to N online members of the group first, with device-level documents,
+waits (--timeout) until every canary committed (probation passed), then publishes the group
+document and withdraws the canaries' own documents. If a canary rejects or rolls back the model, or
+does not finish in time, the canaries that activated it get a signed rollback command, their
+documents are withdrawn, the group document is not published, and the exit code is 1. With --wait
+the rest of the group is then followed as above.
+
 examples:
   edgectl push bundles/det-v2 --group lab --key keys/ --wait --timeout 300
+  edgectl push bundles/det-v2 --group lab --key keys/ --canary 10% --wait
   edgectl push bundles/det-v2 --device cam-1 --device cam-2 --broker mqtts://broker:8883 --ca ca.pem \\
       --username edgefleet-operator --password-file op.password
 """
@@ -92,6 +105,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--allow-unsigned", action="store_true", help="publish an unsigned manifest")
     p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S s (600)")
+    p.add_argument("--canary", type=parse_canary, metavar="N|P%",
+                   help="with --group and --key: deploy to N online members (or P%% of them, at least one) "
+                        "first and publish the group document only when all of them committed; a failed "
+                        "canary is rolled back and the push stops (docs/operations-canary.md)")
     add_json(p)
     add_broker_args(p)
     p.set_defaults(func=run_push)
@@ -110,7 +127,7 @@ def add_parser(subparsers: Any) -> None:
     add_broker_args(r)
     r.set_defaults(func=run_rollback)
 
-    f = subparsers.add_parser("fleet", help="see the fleet (status)", description="Look at the fleet.")
+    f = subparsers.add_parser("fleet", help="see the fleet (status, watch, collect)", description="Look at the fleet.")
     fleet_commands = f.add_subparsers(title="fleet commands", metavar="COMMAND")
 
     def fleet_help(args: argparse.Namespace) -> int:
@@ -121,9 +138,14 @@ def add_parser(subparsers: Any) -> None:
     s = fleet_commands.add_parser("status", help="one line per device from the retained status and state",
                                   description="Print every device's presence, groups and models.")
     s.add_argument("--group", type=_name("group"), help="only the devices of this group")
+    s.add_argument("--telemetry-wait", type=float, default=0.0, metavar="S",
+                   help="also wait up to S s for telemetry from every online device (telemetry is not "
+                        "retained; the agent sends it every telemetry.interval_s, 10 s by default); "
+                        "--json then carries the figures")
     add_json(s)
     add_broker_args(s)
     s.set_defaults(func=run_fleet_status)
+    add_fleet_commands(fleet_commands)
 
     g = subparsers.add_parser("gc", help="clear retained chunks no deployment uses",
                               description="Clear retained chunks that no retained deployment document names.",
@@ -140,6 +162,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     """edgectl push."""
+    if args.canary is not None:
+        from converter.cmd_canary import run_canary_push
+
+        return run_canary_push(args)
     bundle = Bundle.load(args.bundle)
     prepared = prepare(bundle, key=load_key(args.key), expires_in=args.expires_in, allow_unsigned=args.allow_unsigned)
     dep = prepared.deployment
@@ -154,13 +180,7 @@ def run_push(args: argparse.Namespace) -> int:
         if args.wait:
             observer.attach(transport, timeout=args.connect_timeout)
             targets = select_targets(observer, args.group, args.devices or [])
-        err = stderr_console()
-        with Progress(TextColumn("chunks"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=err, transient=True,
-                      disable=args.json or not err.is_terminal) as bar:
-            task = bar.add_task("publish", total=prepared.wire_bytes)
-            publish_s = publish_chunks(transport, topics, prepared.chunks,
-                                       progress=lambda done: bar.update(task, completed=done))
+        publish_s = publish_chunks_with_progress(args, transport, topics, prepared)
         publish_document(transport, targets_topics, prepared.document)
         summary: dict[str, Any] = {
             "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
@@ -183,6 +203,18 @@ def run_push(args: argparse.Namespace) -> int:
         return _follow(args, observer, targets, name, dep.deployment_id, summary)
     finally:
         transport.stop()
+
+
+def publish_chunks_with_progress(args: argparse.Namespace, transport: Transport, topics: Topics,
+                                 prepared: Prepared) -> float:
+    """publish_chunks with a progress bar on a terminal's stderr; the seconds it took."""
+    err = stderr_console()
+    with Progress(TextColumn("chunks"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True,
+                  disable=args.json or not err.is_terminal) as bar:
+        task = bar.add_task("publish", total=prepared.wire_bytes)
+        return publish_chunks(transport, topics, prepared.chunks,
+                              progress=lambda done: bar.update(task, completed=done))
 
 
 def _follow(args: argparse.Namespace, observer: FleetObserver, targets: dict[str, DeviceResult], name: str,
@@ -306,10 +338,12 @@ def _outcome_cell(view: DeviceView) -> str:
 def run_fleet_status(args: argparse.Namespace) -> int:
     """edgectl fleet status."""
     topics = topics_from_args(args)
-    observer = FleetObserver(topics, leaves=("status", "state"))
+    observer = FleetObserver(topics, leaves=("status", "state", "telemetry"))
     transport = connect(args, "edgectl-fleet", on_message=observer.handle)
     try:
         observer.attach(transport, timeout=args.connect_timeout)
+        if args.telemetry_wait > 0:
+            wait_for_telemetry(observer, args.telemetry_wait, args.group)
     finally:
         transport.stop()
     views = observer.devices()

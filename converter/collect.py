@@ -1,0 +1,173 @@
+"""Telemetry and event collectors that can share a fleet's stream (`edgectl fleet collect`).
+
+With `share`, the subscriptions are MQTT 5 shared subscriptions, `$share/{share}/{prefix}/devices/+/telemetry`
+(and events): the broker hands each message to one member of the share, so several collector processes
+(on one host or many) split the fleet between them. Without it every collector receives everything.
+
+The network thread only queues messages (`handle`); `Collector.run` checks and writes them on the
+calling thread: each JSON Lines record is `{"doc":<the payload as sent>,"kind":...,"received":...,"topic":...}`
+with the payload's bytes copied, not re-encoded, after a strict parse shows it is a JSON object from the
+device its topic names.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from agent.errors import ProtocolError
+from agent.protocol import Topics, check_name, parse_json
+from agent.transport import Message
+
+log = logging.getLogger(__name__)
+
+LEAVES = ("telemetry", "events")
+# Telemetry is QoS 0 on the wire (a lost sample is replaced by the next); events are QoS 1.
+QOS = {"telemetry": 0, "events": 1}
+
+
+def subscriptions(topics: Topics, share: str | None, leaves: tuple[str, ...] = LEAVES) -> list[tuple[str, int]]:
+    """(topic filter, QoS) per leaf; `$share/NAME/...` when sharing."""
+    if share is not None and check_name(share):
+        raise ProtocolError(f"share name {share!r}: {check_name(share)}")
+    out = []
+    for leaf in leaves:
+        filt = topics.all_devices(leaf)
+        out.append((f"$share/{share}/{filt}" if share else filt, QOS[leaf]))
+    return out
+
+
+@dataclass
+class CollectStats:
+    """What a collector took in."""
+
+    messages: int = 0
+    bytes: int = 0
+    bad: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    devices: set[str] = field(default_factory=set)
+    first: float | None = None
+    last: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        """Messages per second between the first and the last message (0 for fewer than two)."""
+        if self.first is None or self.last is None or self.last <= self.first or self.messages < 2:
+            return 0.0
+        return (self.messages - 1) / (self.last - self.first)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON value of the summary."""
+        elapsed = time.monotonic() - self.started
+        return {
+            "messages": self.messages, "bytes": self.bytes, "bad": self.bad, "by_kind": dict(self.by_kind),
+            "devices": len(self.devices), "elapsed_s": round(elapsed, 3),
+            "active_s": round((self.last - self.first), 3) if self.first is not None and self.last is not None else 0.0,
+            "msgs_per_s": round(self.rate(), 1),
+        }
+
+
+class Collector:
+    """Takes messages from a Transport (`handle`) and writes them as JSON Lines (`run`)."""
+
+    def __init__(self, topics: Topics, out: BinaryIO | None = None, *, max_queue: int = 1_000_000) -> None:
+        self.topics = topics
+        self.out = out
+        self.stats = CollectStats()
+        self._queue: queue.Queue[Message] = queue.Queue(maxsize=max_queue)
+        # A plain flag, not a queue item or an Event: a signal handler may run while this thread holds
+        # the queue's lock, and putting from there would deadlock.
+        self._stopping = False
+        self.dropped = 0
+        self._head = topics.prefix + "/devices/"
+
+    def handle(self, message: Message) -> None:
+        """A Transport's on_message: hand the message over and return (never blocks the network thread)."""
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            self.dropped += 1
+
+    def stop(self) -> None:
+        """Make `run` return soon (safe from a signal handler)."""
+        self._stopping = True
+
+    def run(self, *, duration: float | None = None, count: int | None = None,
+            report: Callable[[CollectStats], None] | None = None, report_every: float = 10.0) -> CollectStats:
+        """Process messages until `stop`, `duration` seconds or `count` messages; return the figures."""
+        stats = self.stats
+        deadline = None if duration is None else time.monotonic() + duration
+        next_report = time.monotonic() + report_every
+        get = self._queue.get
+        while (count is None or stats.messages < count) and not self._stopping:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if report is not None and now >= next_report:
+                report(stats)
+                next_report = now + report_every
+            wait = min(0.2, deadline - now) if deadline is not None else 0.2
+            try:
+                message = get(timeout=max(wait, 0.0))
+            except queue.Empty:
+                continue
+            self._take(message)
+        if self.out is not None:
+            self.out.flush()
+        return stats
+
+    def _take(self, message: Message) -> None:
+        stats = self.stats
+        received = time.time()
+        now = time.monotonic()
+        if stats.first is None:
+            stats.first = now
+        stats.last = now
+        stats.messages += 1
+        stats.bytes += len(message.payload)
+        # Topic levels were checked by the broker's match; only the shape is left to check.
+        topic = message.topic
+        rest = topic[len(self._head):].split("/") if topic.startswith(self._head) else []
+        if len(rest) != 2 or rest[1] not in QOS:
+            stats.bad += 1
+            return
+        device, kind = rest
+        try:
+            if check_name(device):
+                raise ProtocolError(f"device id {device!r} in the topic is not a valid name")
+            doc = parse_json(message.payload)
+            if not isinstance(doc, dict) or doc.get("device_id") != device:
+                raise ProtocolError("not a document of the device its topic names")
+        except ProtocolError as err:
+            stats.bad += 1
+            log.debug("bad %s message from %s: %s", kind, device, err)
+            return
+        stats.by_kind[kind] = stats.by_kind.get(kind, 0) + 1
+        stats.devices.add(device)
+        if self.out is not None:
+            self.out.write(b'{"doc":%s,"kind":"%s","received":%.3f,"topic":"%s"}\n'
+                           % (message.payload, kind.encode(), received, topic.encode()))
+
+
+def install_stop(collector: Collector, signals: tuple[int, ...]) -> Callable[[], None]:
+    """Stop the collector on these signals (the summary is still printed); returns a function restoring them."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: object) -> None:
+        collector.stop()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
