@@ -278,11 +278,11 @@ class ApiServer:
         view = memoryview(body)
         view[:have] = buf[body_start:]
         while have < length:
-            n = sock.recv_into(view[have:], min(length - have, 1 << 20))
+            n = sock.recv_into(view[have:], length - have, socket.MSG_WAITALL)  # one wake-up, not one per chunk
             if n == 0:
                 return None, b""
             have += n
-        request.body = bytes(body)
+        request.body = body  # no copy: npy and JSON readers take a bytearray as it is
         return request, b""
 
 

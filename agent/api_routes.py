@@ -49,7 +49,7 @@ class Request:
     content_length: int = 0
     close: bool = False
     expect_continue: bool = False
-    body: bytes = b""
+    body: bytes | bytearray = b""
 
 
 @dataclass

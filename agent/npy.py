@@ -83,8 +83,8 @@ def _header_fields(header: str) -> tuple[str, bool, str]:
 
 def loads(data: bytes | bytearray | memoryview) -> NDArray[Any]:
     """One array from `.npy` bytes; raise RequestError saying what is wrong with them."""
-    if not isinstance(data, bytes):
-        data = bytes(data)
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     if data[:6] != MAGIC or len(data) < 10:
         raise _bad("not a .npy file (bad magic bytes)")
     major = data[6]
@@ -99,10 +99,10 @@ def loads(data: bytes | bytearray | memoryview) -> NDArray[Any]:
     end = start + size
     if len(data) < end:
         raise _bad("truncated header")
-    raw = data[6:end]  # version byte included: v3 headers are UTF-8
+    raw = bytes(data[6:end])  # version byte included: v3 headers are UTF-8
     parsed = _parsed.get(raw)
     if parsed is None:
-        parsed = _parse_header(data[start:end], major)
+        parsed = _parse_header(raw[start - 6:], major)
         if len(_parsed) < 256:
             _parsed[raw] = parsed
     dtype, shape, count, fortran = parsed

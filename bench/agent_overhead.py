@@ -275,7 +275,8 @@ def main() -> int:
     subprocess.run([sys.executable, "-c", BUILD, str(work)], check=True, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     backend = resolve_backend("auto")
-    print(f"backend {backend}, {THREADS} interpreter thread, TensorFlow imported here: {'tensorflow' in sys.modules}")
+    print(f"backend {backend}, {THREADS} interpreter thread, TensorFlow imported here: {'tensorflow' in sys.modules}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     small_b = _bundle(work, work / "small.tflite", "small", 1)
     medium_b = _bundle(work, work / "medium.tflite", "medium", 1)
     medium_b2 = _bundle(work, work / "medium.tflite", "medium", 2)
@@ -341,7 +342,8 @@ def main() -> int:
         _finish(agent_proc)
         _finish(bare_proc)
 
-    print("\nlatency per call (p50 / p99), baseline = bare set_tensor+invoke+get_tensor on the same interpreter")
+    print("\nlatency per call (p50 / p99), baseline = bare set_tensor+invoke+get_tensor on the same interpreter;")
+    print("  'socket: ...' rows are in-process calls measured in the same interleaving as the socket calls")
     for name, res in results.items():
         base50, base99 = p(res["bare"], 50), p(res["bare"], 99)
         print(f" {name} model: bare p50 {base50:.1f} µs, p99 {base99:.1f} µs")
