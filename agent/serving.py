@@ -275,9 +275,9 @@ class Serving:
             if live.retired:
                 live = self._lookup(name)
 
-    def predict(self, name: str, inputs: Sequence[Any] | Mapping[str, Any], *, raw: bool = False,
+    def predict(self, name: str, inputs: Sequence[Any] | Mapping[str, Any] | NDArray[Any], *, raw: bool = False,
                 batch_dim: bool = False, top_k: bool = True) -> Prediction:
-        """Run a request: one value per input (signature order, or a dict by input name), batch dim first.
+        """Run a request: values in signature order, a dict by input name, or one array; batch dim first.
 
         Float values are normalised as the deployment says and quantized for integer models; a value
         already in a quantized model's own dtype goes in untouched, and then (or with `raw`) outputs

@@ -73,8 +73,8 @@ def plan_input(spec: TensorSpec, deployment: Deployment) -> InputPlan:
     return plan
 
 
-def prepare(plans: list[InputPlan], aliases: dict[str, int], inputs: Sequence[Any] | Mapping[str, Any],
-            max_batch: int, batch_dim: bool) -> tuple[list[NDArray[Any]], int, bool]:
+def prepare(plans: list[InputPlan], aliases: dict[str, int],
+            inputs: Sequence[Any] | Mapping[str, Any] | NDArray[Any], max_batch: int, batch_dim: bool) -> tuple[list[NDArray[Any]], int, bool]:
     """The caller's values as model tensors (batch dim first), the batch size, and whether they were native."""
     if not isinstance(inputs, (list, tuple)) and isinstance(inputs, Mapping):
         values: list[Any] = [None] * len(plans)
@@ -87,6 +87,8 @@ def prepare(plans: list[InputPlan], aliases: dict[str, int], inputs: Sequence[An
         missing = [short_name(p.spec.name) for p, v in zip(plans, values, strict=True) if v is None]
         if missing:
             raise RequestError(f"missing input(s): {', '.join(missing)}")
+    elif isinstance(inputs, np.ndarray):
+        values = [inputs]  # one array: the value of a single-input model
     else:
         values = list(inputs) if not isinstance(inputs, list) else inputs
         if len(values) != len(plans):

@@ -155,6 +155,9 @@ def test_inputs_by_name(make_bundle: Callable[..., Path]) -> None:
     by_position = serving.predict("m", [x]).outputs[0]
     np.testing.assert_array_equal(serving.predict("m", {short: x}).outputs[0], by_position)
     np.testing.assert_array_equal(serving.predict("m", {full: x}).outputs[0], by_position)
+    np.testing.assert_array_equal(serving.predict("m", x).outputs[0], by_position)  # a lone array
+    batch = _rows(3, seed=6)
+    np.testing.assert_array_equal(serving.predict("m", batch).outputs[0], serving.predict("m", [batch]).outputs[0])
 
 
 BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
