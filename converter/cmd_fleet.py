@@ -120,6 +120,8 @@ def add_fleet_commands(fleet_commands: Any) -> None:
 
 def run_fleet_watch(args: argparse.Namespace) -> int:
     """edgectl fleet watch."""
+    if args.json and not args.once:
+        raise UsageError("--json needs --once (a live table is for people; scripts take one snapshot)")
     topics = topics_from_args(args)
     observer = FleetObserver(topics)
     transport = connect(args, "edgectl-watch", on_message=observer.handle)
@@ -149,8 +151,6 @@ def _print_once(args: argparse.Namespace, observer: FleetObserver, console: Any)
 
 
 def _live(args: argparse.Namespace, observer: FleetObserver, console: Any) -> int:
-    if args.json:
-        raise UsageError("--json needs --once (a live table is for people; scripts take one snapshot)")
     stop = threading.Event()
 
     def render() -> Group:

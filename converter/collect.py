@@ -94,7 +94,7 @@ class Collector:
             self.dropped += 1
 
     def stop(self) -> None:
-        """Make `run` return soon (safe from a signal handler)."""
+        """Make `run` return once the messages already received are written (safe from a signal handler)."""
         self._stopping = True
 
     def run(self, *, duration: float | None = None, count: int | None = None,
@@ -104,7 +104,10 @@ class Collector:
         deadline = None if duration is None else time.monotonic() + duration
         next_report = time.monotonic() + report_every
         get = self._queue.get
-        while (count is None or stats.messages < count) and not self._stopping:
+        while count is None or stats.messages < count:
+            if self._stopping:
+                self._drain(count)
+                break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
@@ -115,11 +118,21 @@ class Collector:
             try:
                 message = get(timeout=max(wait, 0.0))
             except queue.Empty:
+                if self.out is not None:
+                    self.out.flush()  # a quiet moment: let readers of the file see what came so far
                 continue
             self._take(message)
         if self.out is not None:
             self.out.flush()
         return stats
+
+    def _drain(self, count: int | None) -> None:
+        """What the network thread already handed over is still written when stopping."""
+        while count is None or self.stats.messages < count:
+            try:
+                self._take(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
     def _take(self, message: Message) -> None:
         stats = self.stats
