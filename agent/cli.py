@@ -64,8 +64,11 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 
 def cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     """Run the daemon in the foreground (systemd runs it this way)."""
+    import faulthandler
+
     from agent.daemon import run_daemon
 
+    faulthandler.enable()  # a watchdog abort (SIGABRT) then leaves every thread's stack in the journal
     return run_daemon(config)
 
 

@@ -34,11 +34,14 @@ class StoreError(EdgefleetError):
 class DeploymentRejected(EdgefleetError):
     """A deployment failed verification or validation; the message is the reason reported."""
 
-    def __init__(self, reason: str, *, step: str = "verify", details: dict[str, object] | None = None):
+    def __init__(self, reason: str, *, step: str = "verify", details: dict[str, object] | None = None,
+                 retry: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.step = step
         self.details = details or {}
+        self.retry = retry
+        """True when the refusal may pass later (a clock not yet synchronised): not remembered."""
 
 
 class RequestError(EdgefleetError):

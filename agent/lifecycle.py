@@ -211,7 +211,7 @@ class Lifecycle:
             raise DeploymentRejected(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
         if doc.issued_at > now + self.config.security.max_clock_skew_s:
             raise DeploymentRejected(f"document not yet valid: issued_at {doc.issued_at} is in the future "
-                                     f"(now {int(now)})", step="VERIFYING")
+                                     f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
         if rec.active is not None:
             if rec.active.sha256 == doc.model.artifact.sha256 and rec.active.version == doc.model.version:
                 return None
@@ -255,7 +255,8 @@ class Lifecycle:
                               ts=self.clock(), figures=_scalars(err.details))
             self._save(self.state.with_record(name, replace(rec, phase=_resting_phase(rec, "REJECTED"),
                                                             pending=None, last_outcome=outcome)))
-        self.remember_rejected(dep_id)
+        if not err.retry:
+            self.remember_rejected(dep_id)
         self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
 

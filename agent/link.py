@@ -25,6 +25,9 @@ from agent.transport import Message, Transport, settings_from_config
 log = logging.getLogger(__name__)
 
 STATE_INTERVAL_S = 1.0
+# Documents refused as not yet valid are tried again this often: a board without a real-time clock
+# boots in the past and only later learns the time from NTP.
+RETRY_INTERVAL_S = 30.0
 
 
 class Connection:
@@ -58,6 +61,8 @@ class FleetLink:
         self._bad_payloads: set[str] = set()
         self._state_dirty = True
         self._state_sent = 0.0
+        self._retrying: dict[str, Any] = {}
+        self._next_retry = 0.0
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -199,8 +204,13 @@ class FleetLink:
         try:
             doc = self.lifecycle.precheck(raw)
         except DeploymentRejected as err:
+            if err.retry:
+                if raw.get("deployment_id") == self._retrying.get(name):
+                    return  # reported once; tried again quietly until it passes
+                self._retrying[name] = raw.get("deployment_id")
             self.lifecycle.reject(name, raw, err)
             return
+        self._retrying.pop(name, None)
         if doc is None:
             return
         self.downloads.cancel(name)
@@ -277,9 +287,14 @@ class FleetLink:
         self.lifecycle.emit(name, phase, ok, None, reason, **details)
 
     def periodic(self) -> None:
-        """Loop-thread housekeeping: the state document while downloads progress."""
-        if self._state_dirty and time.monotonic() - self._state_sent >= STATE_INTERVAL_S:
+        """Loop-thread housekeeping: the state document while downloads progress, refusals worth retrying."""
+        now = time.monotonic()
+        if self._state_dirty and now - self._state_sent >= STATE_INTERVAL_S:
             self.publish_state(force=True)
+        if self._retrying and now >= self._next_retry:
+            self._next_retry = now + RETRY_INTERVAL_S
+            for name in list(self._retrying):
+                self.reconcile(name)
 
 
 def _as_rejection(err: BaseException) -> DeploymentRejected:

@@ -75,7 +75,7 @@ def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray
 def tolerance_for(outputs: Sequence[TensorSpec], golden: Sequence[np.ndarray]) -> Tolerance:
     """How far another runtime's outputs may drift from the host's: two quantization steps, or 1e-4 of range."""
     atol = 0.0
-    for spec, y in zip(outputs, golden):
+    for spec, y in zip(outputs, golden, strict=True):
         if spec.quantization is not None:
             atol = max(atol, 2.0 * spec.quantization.scale)
         elif y.dtype.kind == "f":
@@ -129,7 +129,7 @@ def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSp
     if len(spec.golden_inputs) != len(model.inputs):
         raise BundleError(f"golden inputs: model takes {len(model.inputs)} inputs, got {len(spec.golden_inputs)}")
     golden_inputs = [np.ascontiguousarray(x, dtype=np.dtype(s.dtype))
-                     for x, s in zip(spec.golden_inputs, model.inputs)]
+                     for x, s in zip(spec.golden_inputs, model.inputs, strict=True)]
     try:
         golden_outputs = run_samples(model, golden_inputs)
     except Exception as err:  # the interpreter reports a failing invoke as RuntimeError/ValueError

@@ -229,10 +229,22 @@ def test_bad_deployments_are_rejected_and_the_old_model_keeps_serving(
     last = env.events[-1]
     assert last.step == "REJECTED" and not last.ok and reason in (last.reason or "")
     # a rejected deployment is remembered: the same document is not tried again
-    if kind not in ("malformed", "unknown field"):
+    if kind not in ("malformed", "unknown field", "not yet valid"):
         env.events.clear()
         assert _install(lc, b2) == "REJECTED"
         assert env.events == []
+
+
+def test_not_yet_valid_is_retried_once_the_clock_catches_up(env: Any, make_bundle: Any) -> None:
+    lc = _committed_v1(env, make_bundle)
+    b2 = make_bundle("dense_f32_v2", version=2, key=env.key)
+    soon = int(env.clock.now) + 3600
+    rewrite_manifest(b2, lambda raw: raw.update(issued_at=soon, expires_at=soon + 86400), env.key)
+    assert _install(lc, b2) == "REJECTED"
+    assert "is the clock synchronised?" in (lc.state.record("m").last_outcome.reason or "")  # type: ignore[union-attr]
+    assert read_manifest(b2)["deployment_id"] not in lc.state.rejected
+    env.clock.now = soon + 10  # NTP has set the clock
+    assert _install(lc, b2) == "PROBATION"
 
 
 def test_too_slow_for_the_latency_limit(env: Any, make_bundle: Any) -> None:
