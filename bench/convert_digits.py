@@ -9,11 +9,14 @@ TFLite conversion of the same trained model, measured in the same run.
 The last line is ``BEST_WIRE_RATIO_AT_0.5PT=<x>``: the largest (float32 TFLite bytes / bytes on the
 wire) among configurations whose accuracy drop is at most 0.5 points. Goal: >= 12.
 
-Run: ``.venv/bin/python bench/convert_digits.py`` (a few minutes on two cores).
+Run: ``.venv/bin/python bench/convert_digits.py [--json FILE]`` (a few minutes on two cores); ``--json``
+also writes every row and the baseline as JSON to FILE (bench/run_all.py reads it).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
@@ -65,6 +68,9 @@ def train(x, y):  # type: ignore[no-untyped-def]
 
 def main() -> int:
     """Train, convert every configuration, print the table and the best ratio."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", metavar="FILE", help="also write the rows and the baseline as JSON to FILE")
+    args = ap.parse_args()
     started = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import_tensorflow()
@@ -86,9 +92,11 @@ def main() -> int:
     float32_bytes = len(prepared.baseline)
 
     rows = []
+    setups = []  # (mode, sparsity) of every row, for --json
     for mode in MODES:
         conv = finish(source, prepared, None, replace(base, quantize=mode))
         rows.append((mode, conv))
+        setups.append((mode, 0.0))
     for sparsity in SPARSITIES:
         pruned = clone(source)
         options = replace(base, prune=sparsity)
@@ -96,6 +104,7 @@ def main() -> int:
         for mode in MODES:
             conv = finish(pruned, prepared, pruning, replace(options, quantize=mode))
             rows.append((f"prune {int(sparsity * 100)} % + {mode}", conv))
+            setups.append((mode, sparsity))
 
     header = (f"{'configuration':<24} {'disk B':>8} {'wire B':>8} {'f32/wire':>9} {'accuracy':>9} "
               f"{'drop pt':>8} {'p50 ms':>8}  encoding")
@@ -117,7 +126,26 @@ def main() -> int:
     print(f"float Keras accuracy {float_acc * 100:.2f} %; goal: ratio >= {GOAL:g} at a drop <= {MAX_DROP_PT} points; "
           f"run took {time.perf_counter() - started:.0f} s")
     print(f"BEST_WIRE_RATIO_AT_0.5PT={best:.2f}")
+    if args.json:
+        _write_json(args.json, rows, setups, float32_bytes, float_acc, best, len(x_train), len(x_test),
+                    time.perf_counter() - started)
     return 0
+
+
+def _write_json(path: str, rows: list, setups: list, float32_bytes: int, float_acc: float,  # type: ignore[type-arg]
+                best: float, n_train: int, n_test: int, seconds: float) -> None:
+    """The printed table as JSON, one object per configuration."""
+    out = []
+    for (name, conv), (mode, sparsity) in zip(rows, setups, strict=True):
+        size, val = conv.report["size"], conv.validation
+        out.append({"configuration": name, "mode": mode, "sparsity": sparsity, "bytes": size["bytes"],
+                    "wire_bytes": size["wire_bytes"], "ratio": float32_bytes / size["wire_bytes"],
+                    "accuracy": val.accuracy, "accuracy_drop_pt": val.accuracy_drop_pt,
+                    "p50_ms": conv.report["latency"]["p50_ms"], "encoding": conv.encoding.chosen})
+    doc = {"float32_tflite_bytes": float32_bytes, "float_accuracy": float_acc, "train": n_train, "test": n_test,
+           "seed": SEED, "max_drop_pt": MAX_DROP_PT, "goal": GOAL, "best_wire_ratio": best,
+           "seconds": round(seconds, 1), "rows": out}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
