@@ -8,6 +8,7 @@ Content-Length).
 from __future__ import annotations
 
 import json
+import os
 import socket
 from types import TracebackType
 from typing import Any
@@ -27,10 +28,11 @@ _MAX_HEAD = 64 << 10
 class ApiClient:
     """Talks to one agent; not thread-safe (use one client per thread)."""
 
-    def __init__(self, socket_path: str | None = None, url: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, url: str | None = None, *,
+                 timeout: float = 30.0) -> None:
         if socket_path is None and url is None:
             socket_path = DEFAULT_SOCKET
-        self.socket_path = socket_path
+        self.socket_path = os.fspath(socket_path) if socket_path is not None else None
         self.timeout = timeout
         self._tcp: tuple[str, int] | None = None
         if socket_path is None and url is not None:

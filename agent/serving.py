@@ -166,15 +166,14 @@ class Serving:
             old.retired = True
         log.info("serving %s v%s (%s) from %s", name, deployment.model.version, model.backend, model_path)
 
-    def deactivate(self, name: str) -> bool:
-        """Stop serving `name`; return whether it was served. Requests in flight finish."""
+    def deactivate(self, name: str) -> None:
+        """Stop serving `name` (nothing happens when it is not served); requests in flight finish."""
         with self._swap_lock:
             old = self._live.get(name)
             if old is None:
-                return False
+                return
             self._live = {k: v for k, v in self._live.items() if k != name}
         old.retired = True
-        return True
 
     def names(self) -> list[str]:
         """Names of the models being served, sorted."""
