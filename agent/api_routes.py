@@ -241,8 +241,8 @@ class Router:
         if ("instances" in body) == ("inputs" in body):
             raise RequestError('send exactly one of "instances" (row format) or "inputs" (columnar format)')
         if "instances" in body:
-            prediction = self.serving.predict(name, _rows(body["instances"]), batch_dim=True)
-            return json_response(200, _row_answer(prediction), [("X-Model-Version", str(prediction.version))])
+            prediction = self.serving.predict(name, rows_to_columns(body["instances"]), batch_dim=True)
+            return json_response(200, row_answer(prediction), [("X-Model-Version", str(prediction.version))])
         inputs = body["inputs"]
         prediction = self.serving.predict(name, inputs if isinstance(inputs, dict) else [inputs], batch_dim=True)
         return json_response(200, _columnar_answer(prediction), [("X-Model-Version", str(prediction.version))])
@@ -289,7 +289,7 @@ def _json_body(req: Request) -> Any:
         raise RequestError(f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
 
 
-def _rows(instances: Any) -> list[Any] | dict[str, Any]:
+def rows_to_columns(instances: Any) -> list[Any] | dict[str, Any]:
     """Row format to columns: a list of values (one input) or of {input: value} objects."""
     if not isinstance(instances, list) or not instances:
         raise RequestError('"instances": expected a non-empty list')
@@ -305,7 +305,7 @@ def _rows(instances: Any) -> list[Any] | dict[str, Any]:
     return {k: [inst[k] for inst in instances] for k in keys}
 
 
-def _row_answer(p: Prediction) -> dict[str, Any]:
+def row_answer(p: Prediction) -> dict[str, Any]:
     if len(p.outputs) == 1:
         predictions: list[Any] = p.outputs[0].tolist()
     else:

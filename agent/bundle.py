@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.errors import ProtocolError
 from agent.protocol.canonical import parse_json
@@ -69,7 +70,7 @@ def check_artifact(label: str, data: bytes, artifact: Artifact) -> None:
         raise ProtocolError(f"{label}: SHA-256 does not match the manifest (altered bundle?)")
 
 
-def load_golden(data: bytes, n_inputs: int, n_outputs: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load_golden(data: bytes, n_inputs: int, n_outputs: int) -> tuple[list[NDArray[Any]], list[NDArray[Any]]]:
     """Golden vectors: `input_{i}` and `output_{j}` arrays, each stacked over samples on axis 0."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
@@ -85,10 +86,10 @@ def load_golden(data: bytes, n_inputs: int, n_outputs: int) -> tuple[list[np.nda
     return inputs, outputs
 
 
-def dump_golden(inputs: list[np.ndarray], outputs: list[np.ndarray]) -> bytes:
+def dump_golden(inputs: list[NDArray[Any]], outputs: list[NDArray[Any]]) -> bytes:
     """The bytes of a golden.npz holding these stacked samples."""
     buf = io.BytesIO()
     arrays = {f"input_{i}": a for i, a in enumerate(inputs)}
     arrays.update({f"output_{j}": a for j, a in enumerate(outputs)})
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()

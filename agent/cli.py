@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
-    from agent.api_routes import _row_answer, _rows
+    from agent.api_routes import row_answer, rows_to_columns
     from agent.lifecycle import Lifecycle
     from agent.serving import Serving
     from agent.store import Store
@@ -247,8 +247,8 @@ def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
     serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack)
     serving.activate(name, store.blob_path(rec.active.sha256), rec.active.doc)
     try:
-        columns = _rows(x.tolist() if isinstance(x, np.ndarray) else x)
-        return _row_answer(serving.predict(name, columns, batch_dim=True))
+        columns = rows_to_columns(x.tolist() if isinstance(x, np.ndarray) else x)
+        return row_answer(serving.predict(name, columns, batch_dim=True))
     except RequestError as err:
         raise UsageError(str(err)) from err
 

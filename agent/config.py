@@ -59,6 +59,8 @@ class MqttConfig:
     """First reconnect delay."""
     reconnect_max_s: float = 60.0
     """Cap of the exponential reconnect backoff."""
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT version: auto speaks 5 and falls back to 3.1.1 when the broker refuses it."""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ class StatsLike(Protocol):
 class ServedLike(Protocol):
     """A model the serving path holds."""
 
-    stats: StatsLike
+    @property
+    def stats(self) -> StatsLike: ...  # noqa: D102
 
 
 class ServingLike(Protocol):

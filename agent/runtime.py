@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.errors import RuntimeBackendError
 from agent.protocol.documents import Quantization, TensorSpec
@@ -86,7 +87,7 @@ class LoadedModel:
         self._get = self.interpreter.get_tensor
         self._invoke = self.interpreter.invoke
 
-    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
         """Invoke once; inputs in signature order with the model's dtypes; outputs are copies."""
         if len(inputs) != len(self._in):
             raise RuntimeBackendError(f"model takes {len(self._in)} inputs, got {len(inputs)}")

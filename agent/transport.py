@@ -86,8 +86,8 @@ class MqttSettings:
     """MQTT client id; empty means a random `edgefleet-...` id."""
     max_inflight: int = 20
     """QoS 1 messages sent and not yet acknowledged; Mosquitto's receive maximum is 20 by default."""
-    protocol: Literal["5", "3.1.1"] = "5"
-    """MQTT protocol version."""
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT protocol version; auto speaks 5 and falls back to 3.1.1 when the broker refuses 5."""
 
     def __post_init__(self) -> None:
         parse_url(self.url)
@@ -99,8 +99,8 @@ class MqttSettings:
             raise ConfigError(f"max_inflight: expected > 0, got {self.max_inflight}")
         if (self.cert_file is None) != (self.key_file is None) and self.key_file is not None:
             raise ConfigError("key_file: given without cert_file")
-        if self.protocol not in ("5", "3.1.1"):
-            raise ConfigError(f"protocol: expected '5' or '3.1.1', got {self.protocol!r}")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"protocol: expected 'auto', '5' or '3.1.1', got {self.protocol!r}")
 
     @property
     def tls(self) -> bool:
@@ -133,6 +133,7 @@ def settings_from_config(config: MqttConfig, client_id: str) -> MqttSettings:
         reconnect_min_s=config.reconnect_min_s,
         reconnect_max_s=config.reconnect_max_s,
         client_id=config.client_id or client_id,
+        protocol=config.protocol,
     )
 
 
@@ -188,7 +189,7 @@ class Transport:
         self.settings = settings
         self._on_message = on_message
         self._on_connection = on_connection
-        self._v5 = settings.protocol == "5"
+        self._v5 = settings.protocol != "3.1.1"
         client_id = settings.client_id or f"edgefleet-{uuid.uuid4().hex[:12]}"
         self.client_id = client_id
         if self._v5:
@@ -250,6 +251,7 @@ class Transport:
         self.dropped_out = 0
         self.refused_out = 0
         self.callback_errors = 0
+        self._closed_unanswered = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -446,6 +448,8 @@ class Transport:
                         reason_code: ReasonCode, properties: Properties | None) -> None:
         try:
             self._loop_thread = threading.current_thread()
+            if reason_code.is_failure and "protocol version" in str(reason_code).lower() and self._downgrade():
+                return
             if reason_code.is_failure:
                 hint = " (check user name, password and certificate)" if reason_code.value in (134, 135) else ""
                 self._set_error(f"broker {self.settings.url} refused the connection: {reason_code}{hint}")
@@ -469,6 +473,17 @@ class Transport:
             self._became_ready()
         except Exception:
             self._callback_failed("connect")
+
+    def _downgrade(self) -> bool:
+        """Speak MQTT 3.1.1 from the next attempt on (paho retries by itself); False unless protocol is auto."""
+        if not self._v5 or self.settings.protocol != "auto":
+            return False
+        # An MQTT 3.1.1 broker (the embedded demo broker, older brokers): nothing here needs MQTT 5.
+        log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.settings.url)
+        self._v5 = False
+        self._client._protocol = mqtt.MQTTv311  # paho has no public switch between attempts
+        self._client._clean_session = True
+        return True
 
     def _became_ready(self) -> None:
         self._ready.set()
@@ -494,6 +509,11 @@ class Transport:
         try:
             was_ready = self._ready.is_set()
             self._ready.clear()
+            if not was_ready and self.connects == 0 and not self._stopping:
+                # Some 3.1.1 brokers drop an MQTT 5 CONNECT they cannot parse without any CONNACK.
+                self._closed_unanswered += 1
+                if self._closed_unanswered >= 2 and self._downgrade():
+                    return
             if self._stopping:
                 log.info("disconnected from %s", self.settings.url)
             elif was_ready:

@@ -41,9 +41,10 @@ class ValidationRequest:
 
 def _dequantize(y: np.ndarray[Any, Any], spec: dict[str, Any]) -> np.ndarray[Any, Any]:
     q = spec.get("quantization")
+    out: np.ndarray[Any, Any] = y.astype(np.float64)
     if q and y.dtype.kind in "iu":
-        return (y.astype(np.float64) - q["zero_point"]) * q["scale"]
-    return y.astype(np.float64)
+        out = (out - q["zero_point"]) * q["scale"]
+    return out
 
 
 def _signature_problem(kind: str, actual: Sequence[Any], expected: Sequence[dict[str, Any]]) -> str | None:

@@ -30,6 +30,10 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--password-file", metavar="FILE",
                    help="file holding the broker password (relative names: $CREDENTIALS_DIRECTORY first)")
     g.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
+    g.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"],
+                   default=os.environ.get("EDGEFLEET_MQTT_PROTOCOL", "auto"),
+                   help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5; "
+                        "env EDGEFLEET_MQTT_PROTOCOL)")
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                    help="give up when the broker does not accept us within S seconds (default 10)")
 
@@ -60,7 +64,7 @@ def settings_from_args(args: argparse.Namespace, client_id: str = "") -> MqttSet
             url=args.broker, username=args.username, password=password,
             ca_file=_existing("--ca", args.ca), cert_file=_existing("--cert", args.cert),
             key_file=_existing("--key-file", args.key_file), client_id=client_id,
-            reconnect_min_s=0.5, reconnect_max_s=5.0,
+            reconnect_min_s=0.5, reconnect_max_s=5.0, protocol=getattr(args, "mqtt_protocol", "auto"),
         )
     except ConfigError as err:
         raise UsageError(f"--broker: {err}") from err

@@ -62,12 +62,11 @@ class AgentProcess:
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None, timeout: float = 30.0) -> AgentProcess:
         """Start `edge-agent run`; with `wait`, return once /healthz answers."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--config", str(self.config_path), "run"],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=ROOT,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "--config", str(self.config_path), "run"],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=ROOT,
+            )
         if wait:
             self.wait_ready(timeout)
         return self

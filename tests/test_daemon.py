@@ -135,7 +135,7 @@ def test_killed_at_any_point_the_agent_comes_back_serving(agent: Any, make_bundl
         try:
             a.wait_ready()
             a.client.admin("install", {"path": str(v2)})
-            wait_for(lambda: a.client.admin("status")["state"]["models"]["m"]["phase"] == "COMMITTED",
+            wait_for(lambda a=a: a.client.admin("status")["state"]["models"]["m"]["phase"] == "COMMITTED",
                      timeout=20, what="commit")
             a.client.admin("rollback", {"model": "m"})
         except (AssertionError, RequestError, OSError):

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.bundle import GOLDEN_FILE, Bundle
-from agent.bundle import dump_golden, load_golden
+from agent.bundle import GOLDEN_FILE, Bundle, dump_golden, load_golden
 from agent.protocol import SigningKey, Topics, parse_json
 from agent.transport import Message, MqttSettings, Transport
 from converter.publish import make_command, prepare, publish_chunks, publish_document

@@ -170,7 +170,7 @@ def test_chunks_round_trip_mixed_content() -> None:
     assert [c.compressed for c in artifact.chunks] == [False, False, True, True, True, True]
     assert len(artifact.chunks) == 6 and artifact.chunks[-1].size == len(data) - 5 * 65536
     assert artifact.wire_size < len(data)
-    raws = [decode_chunk(ref, p) for ref, p in zip(artifact.chunks, payloads)]
+    raws = [decode_chunk(ref, p) for ref, p in zip(artifact.chunks, payloads, strict=True)]
     assert join(artifact, raws) == data
 
 

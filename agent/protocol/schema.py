@@ -173,7 +173,7 @@ def parse(cls: type[T], value: Any, path: str = "") -> T:
     """Build `cls` from a JSON value, rejecting unknown, missing and mistyped fields by name."""
     if not isinstance(value, dict):
         raise _fail(path, f"expected an object, got {_json_kind(value)}")
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(value) - set(fields))
     if unknown:
