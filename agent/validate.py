@@ -199,6 +199,8 @@ def validate(req: ValidationRequest, *, timeout_s: float, memory_mb: int,
                 except (EOFError, OSError):
                     break  # the child died without answering
             elif not proc.is_alive():
+                if receive.poll(0):
+                    continue  # it answered and exited between the poll above and this check (a busy parent)
                 break
             elif heartbeat is not None:
                 heartbeat()
