@@ -145,8 +145,10 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
             def step(kind: str) -> Any:
                 def update(done: int, total: int) -> None:
-                    # A second calibration pass (sparse candidate) starts a fresh bar.
-                    if kind not in tasks or (progress.tasks[tasks[kind]].finished and done == 1):
+                    # A second calibration pass (sparse candidate) starts a fresh bar, and so does one
+                    # whose bar a new stage removed.
+                    task = next((t for t in progress.tasks if t.id == tasks.get(kind)), None)
+                    if task is None or (task.finished and done == 1):
                         tasks[kind] = progress.add_task(kind, total=total)
                     progress.update(tasks[kind], completed=done, total=total)
                 return update

@@ -76,6 +76,15 @@ def test_convert_prune_int8_signed_bundle(capsys, tmp_path, keys, labels_file) -
     assert any(np.array_equal(inputs[0][0, 0], s) for s in x)  # golden inputs are real samples
 
 
+def test_convert_with_progress_and_table(capsys, tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    """Without --json: progress for fine-tuning and (two) calibration passes, then the report table."""
+    out = tmp_path / "bundle"
+    rc, stdout, err = run(capsys, "convert", tiny_cnn_file(), "-o", out, "--data", digits_npz(), "--prune", "0.5",
+                          "--prune-epochs", "1", "--quantize", "int8", "--key", keys, "--max-accuracy-drop", "5")
+    assert rc == 0, err
+    assert "int8" in stdout and Bundle.load(out).deployment.model.version == 1
+
+
 @pytest.mark.parametrize("source", ["h5", "saved_model"])
 def test_convert_other_sources(capsys, tmp_path, source) -> None:  # type: ignore[no-untyped-def]
     src = tiny_cnn_file(".h5") if source == "h5" else tiny_saved_model()
