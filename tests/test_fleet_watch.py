@@ -220,7 +220,7 @@ def test_two_collectors_share_the_stream(broker: Mosquitto, publisher: Transport
     assert sorted(r["doc"]["uptime_s"] for r in records if r["kind"] == "telemetry") == [float(i) for i in range(300)]
     assert all(r["topic"] == f"edgefleet/devices/{r['doc']['device_id']}/{r['kind']}" for r in records)
     # a collector outside the share received everything
-    wait_for(lambda: everything._queue.qsize() >= 312, timeout=5, what="the unshared collector's copy")
+    wait_for(lambda: everything.pending >= 312, timeout=5, what="the unshared collector's copy")
     stats = everything.run(count=312)
     assert (stats.by_kind, stats.bad) == ({"telemetry": 300, "events": 10}, 2)
 
@@ -239,9 +239,9 @@ def test_shared_subscriptions_through_the_shipped_acl(acl_broker: AclBroker) -> 
             dev_b.subscribe(topic, qos=qos, wait=5)  # Mosquitto grants it and checks every delivery instead
         for _ in range(10):
             dev_a.publish(T.telemetry("dev-a"), doc, qos=1, wait=5)
-        wait_for(lambda: operator._queue.qsize() == 10, timeout=5, what="the operator's shared copy")
+        wait_for(lambda: operator.pending == 10, timeout=5, what="the operator's shared copy")
         time.sleep(0.3)  # a leak to the device would have arrived by now
-        assert snoop._queue.qsize() == 0  # dev-b may not read dev-a's telemetry, shared or not
+        assert snoop.pending == 0  # dev-b may not read dev-a's telemetry, shared or not
         # A device that joins the operator's share name takes its turn at messages that the broker then
         # drops for it (docs/operations-scaling.md: share names devices cannot guess).
         for topic, qos in subscriptions(T, "ops-7f3a"):
@@ -249,7 +249,7 @@ def test_shared_subscriptions_through_the_shipped_acl(acl_broker: AclBroker) -> 
         for _ in range(10):
             dev_a.publish(T.telemetry("dev-a"), doc, qos=1, wait=5)
         time.sleep(0.5)
-        assert operator._queue.qsize() < 20 and snoop._queue.qsize() == 0
+        assert operator.pending < 20 and snoop.pending == 0
     finally:
         for t in (op, dev_b, dev_a):
             t.stop()
