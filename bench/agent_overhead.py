@@ -11,12 +11,14 @@ that imports the same interpreter and loads the same model, and the rollback tim
 previous model answering). Methods are measured in interleaved rounds so that a noisy neighbour
 hits them alike. Every interpreter uses one thread.
 
-Run: .venv/bin/python bench/agent_overhead.py [--quick]
+Run: .venv/bin/python bench/agent_overhead.py [--quick] [--json FILE]
+(--json also writes the raw per-call durations and the summary figures to FILE; bench/run_all.py reads it)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -259,6 +261,7 @@ def row(label: str, value: float, base: float, unit: str = "µs") -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier figures)")
+    ap.add_argument("--json", metavar="FILE", help="also write raw per-call durations (µs) and the figures to FILE")
     ap.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -390,6 +393,17 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"AGENT_OVERHEAD_RATIO={ratio:.4f} ADDED_US_SMALL={added_small:.2f} SOCKET_NPY_ADDED_US={socket_added:.1f} "
           f"ROLLBACK_S={rb:.3f}")
+    if args.json:
+        doc = {
+            "backend": backend, "threads": THREADS, "quick": args.quick, "goals": GOALS,
+            "samples_us": {name: {method: [round(float(t) * 1e6, 3) for t in ts] for method, ts in res.items()}
+                           for name, res in results.items()},
+            "thread_cpu_us": {method: [round(float(t) * 1e6, 3) for t in ts] for method, ts in cpu["medium"].items()},
+            "ratio_medium": ratio, "added_us_small": added_small, "socket_npy_added_us": socket_added,
+            "rollback_s": rollbacks, "rss_mib": {"agent": agent_rss, "bare": bare_rss},
+            "cpu_pct": {"agent": agent_cpu, "bare": bare_cpu}, "missed": missed,
+        }
+        Path(args.json).write_text(json.dumps(doc) + "\n")
     return 0
 
 
