@@ -1,0 +1,189 @@
+"""Models, bundles and a process wrapper shared by the reliability tests and bench/reliability.py.
+
+The pytest fixtures in conftest are function-scoped; the fuzz and fault suites need the same
+bundles at module scope and from a plain script, so the few lines that build them live here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.protocol import SigningKey
+from tests.agentproc import AgentProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = ROOT / "tests" / "zoo.py"
+X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
+
+
+def zoo_model(name: str) -> Path:
+    """Path of a zoo model, building the zoo once per zoo.py version (the same cache as the `zoo` fixture)."""
+    out = ROOT / ".cache" / "zoo" / hashlib.sha256(ZOO.read_bytes()).hexdigest()[:16]
+    marker = out / ".complete"
+    if not marker.exists():
+        subprocess.run([sys.executable, str(ZOO), str(out)], check=True, timeout=900)
+        marker.touch()
+    path = out / f"{name}.tflite"
+    if not path.exists():
+        raise LookupError(f"no zoo model {name!r}")
+    return path
+
+
+def build_bundle(dest: Path, model: str | bytes, *, name: str = "m", version: int = 1,
+                 key: SigningKey | None = None, samples: int = 4, **spec: Any) -> Path:
+    """A bundle of a zoo model (by name) or of raw model bytes, as the `make_bundle` fixture writes it."""
+    from agent.runtime import load_model
+    from converter.bundle import BundleSpec, write_bundle
+
+    data = zoo_model(model).read_bytes() if isinstance(model, str) else model
+    loaded = load_model(data)
+    rng = np.random.default_rng(version)
+    golden = []
+    for s in loaded.inputs:
+        shape = tuple(1 if d == -1 else d for d in s.shape)
+        golden.append(rng.normal(size=(samples, *shape)).astype(s.dtype))
+    write_bundle(dest, data, BundleSpec(name=name, version=version, golden_inputs=golden, **spec), key=key)
+    return dest
+
+
+def fast_tmp(prefix: str) -> Path:
+    """A private directory on a RAM filesystem when there is one: thousands of fsyncs cost nothing there."""
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+class AgentWith(AgentProcess):
+    """A real `edge-agent run`, optionally behind a command prefix (`unshare ...`) or with a Python prelude.
+
+    The prelude runs in the agent process before the CLI, e.g. to shorten a module constant such as
+    `agent.link.RETRY_INTERVAL_S`; the code under test is otherwise the shipped one.
+    """
+
+    def __init__(self, root: Path, device_id: str = "dev-1", *, prefix: list[str] | None = None,
+                 prelude: str = "", **sections: Any):
+        super().__init__(root, device_id, **sections)
+        self.prefix = prefix or []
+        self.prelude = prelude
+
+    def start(self, wait: bool = True, env: dict[str, str] | None = None, timeout: float = 60.0) -> AgentWith:
+        """Start the agent (see AgentProcess.start)."""
+        if not self.prefix and not self.prelude:
+            super().start(wait, env, timeout)
+            return self
+        code = f"{self.prelude}\nimport sys\nfrom agent.cli import main\nsys.exit(main(sys.argv[1:]))"
+        argv = [*self.prefix, sys.executable, "-c", code, "--config", str(self.config_path), "run"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=ROOT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+
+class Operator:
+    """The host side over a real broker: publishes bundles, documents and commands; collects device events."""
+
+    def __init__(self, url: str, key: SigningKey, **settings: Any) -> None:
+        from agent.protocol import Topics
+        from agent.transport import MqttSettings, Transport
+        from tests.broker import Inbox
+
+        self.key = key
+        self.topics = Topics()
+        self.inbox = Inbox()
+        self.transport = Transport(MqttSettings(url=url, client_id=f"operator-{os.getpid()}-{id(self)}",
+                                                reconnect_min_s=0.2, reconnect_max_s=1.0, **settings),
+                                   on_message=self.inbox)
+        self.transport.subscribe([self.topics.all_devices("events"), self.topics.all_devices("state")])
+        self.transport.start()
+        if not self.transport.wait_connected(20):
+            raise AssertionError(f"operator cannot connect to {url}: {self.transport.last_error}")
+
+    def prepare(self, bundle: Path, **kwargs: Any) -> Any:
+        """The bundle chunked and freshly signed (converter.publish.prepare)."""
+        from agent.bundle import Bundle
+        from converter.publish import prepare
+
+        return prepare(Bundle.load(bundle), key=kwargs.pop("key", self.key), **kwargs)
+
+    def push(self, bundle: Path, *, device: str = "dev-1", group: str | None = None, withhold: int = 0,
+             **kwargs: Any) -> Any:
+        """Publish the chunks (all but the last `withhold`) and a freshly signed document; return the Prepared."""
+        prepared = self.prepare(bundle, **kwargs)
+        items = list(prepared.chunks.items())
+        self.chunks(dict(items[: len(items) - withhold]))
+        self.document(prepared.document, prepared.deployment.model.name, device=device, group=group)
+        return prepared
+
+    def chunks(self, chunks: dict[str, bytes]) -> None:
+        """Publish chunk payloads retained."""
+        from converter.publish import publish_chunks
+
+        publish_chunks(self.transport, self.topics, chunks)
+
+    def document(self, payload: bytes, name: str = "m", *, device: str = "dev-1", group: str | None = None) -> None:
+        """Publish a deployment document (any bytes) retained on the device's or the group's topic."""
+        topic = self.topics.group_model(group, name) if group else self.topics.device_model(device, name)
+        self.transport.publish(topic, payload, retain=True, wait=30)
+
+    def events(self, device: str = "dev-1") -> list[dict[str, Any]]:
+        """Every event of `device` received so far (waiting for none)."""
+        from agent.protocol import parse_json
+
+        self.inbox.quiet(0)
+        return [parse_json(m.payload) for m in self.inbox.seen if m.topic == self.topics.events(device)]
+
+    def event(self, match: Callable[[dict[str, Any]], bool], device: str = "dev-1",
+              timeout: float = 60.0) -> dict[str, Any]:
+        """The first event of `device` (seen or arriving within `timeout`) for which `match` is true."""
+        from agent.protocol import parse_json
+
+        topic = self.topics.events(device)
+        msg = self.inbox.wait_for(lambda m: m.topic == topic and match(parse_json(m.payload)), timeout)
+        return parse_json(msg.payload)  # type: ignore[no-any-return]
+
+    def step(self, step: str, version: int | None = None, device: str = "dev-1", timeout: float = 60.0,
+             dep_id: str | None = None) -> dict[str, Any]:
+        """The first event at `step` (for `version` / deployment id)."""
+        return self.event(lambda e: e["step"] == step and (version is None or e.get("version") == version)
+                          and (dep_id is None or e.get("deployment_id") == dep_id), device, timeout)
+
+    def mark(self) -> int:
+        """A position in the message stream: `after(mark, ...)` sees only what arrives later."""
+        self.inbox.quiet(0)
+        return len(self.inbox.seen)
+
+    def after(self, mark: int, match: Callable[[dict[str, Any]], bool] = lambda e: True, device: str = "dev-1",
+              timeout: float = 30.0) -> dict[str, Any]:
+        """The first event of `device` received after `mark` for which `match` is true."""
+        from agent.protocol import parse_json
+
+        topic = self.topics.events(device)
+        deadline = time.monotonic() + timeout
+        checked = mark
+        while True:
+            for m in self.inbox.seen[checked:]:
+                if m.topic == topic and match(event := parse_json(m.payload)):
+                    return event  # type: ignore[no-any-return]
+            checked = len(self.inbox.seen)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching event from {device} within {timeout} s")
+            self.inbox.quiet(0.05)
+
+    def clear(self, topic: str) -> None:
+        """Clear a retained message."""
+        self.transport.publish(topic, b"", retain=True, wait=30)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.transport.stop()
