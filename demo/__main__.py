@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,9 +70,22 @@ class Demo:
         """Run a command line, show it, and return its result."""
         shown = " ".join(c if " " not in c else repr(c) for c in cmd)
         print(f"  $ {shown.replace(str(OUT) + '/', '')}", flush=True)
-        res = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=self.env, cwd=OUT)
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env, cwd=OUT)
+            self.processes.append(proc)
+            while proc.poll() is None:
+                # Short waits, not one blocking wait: with TensorFlow's threads in this process, Ctrl-C may
+                # land on another thread, and only a main thread that wakes up raises KeyboardInterrupt.
+                try:
+                    proc.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            out.seek(0)
+            text = out.read().decode("utf-8", "replace")
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, text, "")
         if not quiet:
-            for line in (res.stdout + res.stderr).rstrip().splitlines():
+            for line in text.rstrip().splitlines():
                 print(f"    {line}")
         if check and res.returncode != 0:
             raise SystemExit(f"demo: `{shown}` failed with exit code {res.returncode}")
