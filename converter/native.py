@@ -51,9 +51,15 @@ def captured_native_output() -> Iterator[list[str]]:
 def import_tensorflow() -> Any:
     """Import TensorFlow (and Keras) without the start-up chatter on the terminal."""
     if "tensorflow" not in sys.modules:
-        with captured_native_output():
-            tf = importlib.import_module("tensorflow")
-            importlib.import_module("keras")
+        try:
+            with captured_native_output():
+                tf = importlib.import_module("tensorflow")
+                importlib.import_module("keras")
+        except ImportError as err:
+            from converter.errors import UsageError
+
+            raise UsageError(f"TensorFlow is not installed ({err}); `pip install 'edgefleet[converter]'` on the "
+                             "workstation (convert needs it; package, inspect, push and fleet do not)") from err
         # Keras' retracing warnings come through TensorFlow's Python logger; pruning clones trigger them.
         tf.get_logger().setLevel("ERROR")
     return sys.modules["tensorflow"]
