@@ -60,7 +60,7 @@ class ApiServer:
                  metrics: Callable[[], str] | None = None,
                  admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, admin_body_bytes: int = 1 << 30) -> None:
         if socket_path is None and port is None:
             raise ConfigError("api: neither a socket nor a port is configured")
         self.serving = serving
@@ -68,6 +68,8 @@ class ApiServer:
         self.host = host
         self._want_port = port
         self.max_body_bytes = max_body_bytes
+        self.admin_body_bytes = admin_body_bytes
+        """Admin requests on the Unix socket may be larger: a bundle upload carries the model."""
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.router = Router(serving, status=status, metrics=metrics, admin=admin)
@@ -228,7 +230,7 @@ class ApiServer:
                     with conn.lock:
                         conn.idle = False
                 try:
-                    request, buf = self._read_request(sock, buf)
+                    request, buf = self._read_request(sock, buf, conn.unix)
                 except _BadRequest as err:
                     sock.sendall(error_response(err.status, str(err)).encode(close=True))
                     return
@@ -250,7 +252,7 @@ class ApiServer:
             with self._conns_lock:
                 self._conns.pop(conn, None)
 
-    def _read_request(self, sock: socket.socket, buf: bytes) -> tuple[Request | None, bytes]:
+    def _read_request(self, sock: socket.socket, buf: bytes, unix: bool = False) -> tuple[Request | None, bytes]:
         """One request from `buf` plus whatever more the socket sends; leftover bytes are returned."""
         end = buf.find(b"\r\n\r\n")
         while end < 0:
@@ -266,8 +268,9 @@ class ApiServer:
         request = _parse_head(buf[:end])
         body_start = end + 4
         length = request.content_length
-        if length > self.max_body_bytes:
-            raise _BadRequest(413, f"request body of {length} bytes is above the limit of {self.max_body_bytes}")
+        limit = self.admin_body_bytes if unix and request.path.startswith("/v1/admin/") else self.max_body_bytes
+        if length > limit:
+            raise _BadRequest(413, f"request body of {length} bytes is above the limit of {limit}")
         have = len(buf) - body_start
         if have >= length:
             request.body = buf[body_start:body_start + length]

@@ -82,6 +82,9 @@ def error_response(status: int, message: str, headers: list[tuple[str, str]] | N
     return json_response(status, {"error": message}, headers)
 
 
+BUNDLE_TAR = "application/x-tar"
+
+
 def serving_metrics(serving: Serving, requests: dict[int, int] | None = None) -> str:
     """Prometheus text of the per-model counters and latency quantiles (and API requests by status)."""
     lines = [
@@ -213,7 +216,10 @@ class Router:
             raise RequestError("admin actions are not available on this server", 404)
         if not _ACTION.fullmatch(action):
             raise RequestError(f"unknown admin action {action!r}", 404)
-        body = _json_body(req) if req.body else {}
+        if req.content_type == BUNDLE_TAR:
+            body: Any = {"bundle_tar": bytes(req.body)}  # a bundle uploaded by `edge-agent install`
+        else:
+            body = _json_body(req) if req.body else {}
         if not isinstance(body, dict):
             raise RequestError("admin body: expected a JSON object")
         try:

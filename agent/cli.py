@@ -85,7 +85,7 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
         raise UsageError(f"{args.bundle}: not a bundle directory")
     if _daemon_running(config):
         try:
-            body = _client(config).admin("install", {"path": str(path)})
+            body = _client(config).install_bundle(path)
         except RequestError as err:
             raise (UsageError if err.status == 400 else EdgefleetError)(str(err)) from err
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -120,6 +121,32 @@ class ApiClient:
         # not idempotent: never resent, so start from a fresh connection that cannot be stale
         self.close()
         return self._json("POST", f"/v1/admin/{quote(action)}", data, retry=False)  # type: ignore[no-any-return]
+
+    def install_bundle(self, bundle: Path) -> dict[str, Any]:
+        """Upload a bundle directory's files (a tar in the body) for the agent to install.
+
+        The agent runs as its own user in a sandbox (systemd ProtectHome, PrivateTmp) and may not see
+        the caller's path; the caller can read the files, so it sends them.
+        """
+        import io
+        import tarfile
+
+        from agent.api_routes import BUNDLE_TAR
+        from agent.bundle import BUNDLE_FILES
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name in BUNDLE_FILES:
+                path = Path(bundle) / name
+                if path.is_file():
+                    tar.add(path, arcname=name, recursive=False)
+        self.close()
+        status, _, data = self.request("POST", "/v1/admin/install", buf.getvalue(), BUNDLE_TAR, retry=False)
+        value = _decode(data, status)
+        if status >= 300:
+            raise RequestError(value.get("error", f"HTTP {status}") if isinstance(value, dict) else f"HTTP {status}",
+                               status)
+        return value  # type: ignore[no-any-return]
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any
 from agent import __version__, faults
 from agent.api import ApiServer
 from agent.api_routes import serving_metrics
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_tar
 from agent.config import AgentConfig
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError
 from agent.lifecycle import Lifecycle, raw_model_name
@@ -79,11 +79,13 @@ class Daemon:
         self._hung_reported: set[tuple[str, float]] = set()
         self.lifecycle = Lifecycle(config, self.store, keyring=self.keyring, serving=self.serving,
                                    emit=self._on_event, heartbeat=self._heartbeat)
-        self.api = ApiServer(
-            self.serving, socket_path=config.api.socket, port=config.api.port, host=config.api.host,
-            max_body_bytes=config.api.max_body_bytes, status=self.health, admin=self.admin,
-            metrics=self.metrics_text,
-        )
+        self.api: ApiServer | None = None
+        if config.api.socket is not None or config.api.port is not None:
+            self.api = ApiServer(
+                self.serving, socket_path=config.api.socket, port=config.api.port, host=config.api.host,
+                max_body_bytes=config.api.max_body_bytes, status=self.health, admin=self.admin,
+                metrics=self.metrics_text, admin_body_bytes=2 * config.security.max_artifact_bytes + (1 << 20),
+            )
         # two samplers: CPU percentages are "since this sampler's last call", and /metrics is
         # scraped on its own schedule from API threads
         self.sampler = Sampler(config.device_id, config.state_dir)
@@ -154,7 +156,8 @@ class Daemon:
 
     def metrics_text(self) -> str:
         """/metrics: the serving counters and quantiles, the API's requests, and the telemetry figures."""
-        return serving_metrics(self.serving, dict(self.api.router.requests)) + prometheus(
+        requests = dict(self.api.router.requests) if self.api is not None else None
+        return serving_metrics(self.serving, requests) + prometheus(
             self.telemetry(self._metrics_sampler))
 
     def _status_line(self) -> str:
@@ -181,7 +184,8 @@ class Daemon:
             if not self.keyring:
                 log.warning("no trusted keys configured: deployments are accepted unsigned")
             self.lifecycle.boot()
-            self.api.start()
+            if self.api is not None:
+                self.api.start()
             self.start_extensions()
             self.notifier.ready(self._status_line())
             self._status_text = self._status_line()
@@ -197,7 +201,8 @@ class Daemon:
             self.notifier.stopping("stopping")
             log.info("stopping")
             self.stop_extensions()
-            self.api.stop(timeout=5.0)
+            if self.api is not None:
+                self.api.stop(timeout=5.0)
             self.lifecycle.shutdown()
             return 0
         finally:
@@ -250,9 +255,16 @@ class Daemon:
 
     def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
         if req.action == "install":
+            if "bundle_tar" in req.body:
+                try:
+                    files = read_bundle_tar(req.body["bundle_tar"], self.config.security.max_artifact_bytes)
+                    raw = parse_json(files[MANIFEST_FILE])
+                except ProtocolError as err:
+                    return 400, {"error": str(err)}
+                return self.install_files(raw, files[MODEL_FILE], files[GOLDEN_FILE])
             path = req.body.get("path")
             if not isinstance(path, str):
-                return 400, {"error": "install needs {\"path\": \"/path/to/bundle\"}"}
+                return 400, {"error": "install needs a bundle upload or {\"path\": \"/path/to/bundle\"}"}
             return self.install_path(Path(path))
         if req.action == "rollback":
             return self.rollback(req.body.get("model"))
@@ -264,6 +276,10 @@ class Daemon:
             raw, model, golden = read_bundle_files(path)
         except ProtocolError as err:
             return 400, {"error": str(err)}
+        return self.install_files(raw, model, golden)
+
+    def install_files(self, raw: Any, model: bytes, golden: bytes) -> tuple[int, dict[str, Any]]:
+        """Install a bundle's manifest, model and golden vectors through the full lifecycle."""
         name = raw_model_name(raw)
         if name is None:
             err2 = DeploymentRejected("manifest has no valid model name", step="VERIFYING")

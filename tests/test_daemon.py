@@ -154,3 +154,25 @@ def test_killed_at_any_point_the_agent_comes_back_serving(agent: Any, make_bundl
         assert a.client.admin("status")["state"]["models"]["m"]["active"]["version"] == served
         assert a.stop() == 0
     assert killed == len(CRASH_POINTS) >= 20
+
+
+def test_install_uploads_the_bundle_the_agent_cannot_read(agent: Any, make_bundle: Any, tmp_path: Path) -> None:
+    """The agent runs sandboxed as its own user: the CLI sends the bundle's files, not a path."""
+    a = agent().start()
+    bundle = make_bundle("dense_f32", version=1)
+    private = tmp_path / "private"
+    bundle.rename(private)
+    private.chmod(0o700)
+    try:
+        res = a.cli("install", str(private))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _version(a) == 1
+        from agent.client import ApiClient
+
+        # a tar that is not a bundle is refused with a reason, and nothing changes
+        client = ApiClient(socket_path=a.socket)
+        status, _, body = client.request("POST", "/v1/admin/install", b"not a tar", "application/x-tar", retry=False)
+        assert status == 400 and b"not a tar archive" in body
+    finally:
+        private.chmod(0o755)
+    assert _version(a) == 1
