@@ -142,7 +142,8 @@ class Selection:
 def pick_canaries(observer: FleetObserver, group: str, size: CanarySize, pinned: set[str]) -> Selection:
     """The first N online, unpinned members of `group` by device id (deterministic, so reruns agree)."""
     members = observer.members(group)
-    online, offline = [], []
+    online: list[str] = []
+    offline: list[str] = []
     for d in members:
         view = observer.get(d)
         (online if view is not None and view.online else offline).append(d)
