@@ -20,6 +20,7 @@ from agent.protocol import (
     ModelState,
     ModelTelemetry,
     Outcome,
+    SigningKey,
     Slot,
     Status,
     Telemetry,
@@ -280,3 +281,39 @@ def test_bad_options_and_empty_groups_change_nothing(broker: Mosquitto, make_bun
     finally:
         t.stop()
     assert index.documents == {} and index.chunks == {}
+
+
+def test_canary_that_never_answers_times_out_and_the_group_is_left_alone(
+        broker: Mosquitto, publisher: Transport, make_bundle: Callable[..., Path], key: SigningKey, key_dir: Path,
+        edgectl: Edgectl) -> None:
+    from agent.bundle import Bundle
+    from converter.publish import prepare
+    from tests.fake_device import FakeDevice
+
+    pinned = FakeDevice(broker.url, "cam-0", groups=("lab",)).start()
+    silent = FakeDevice(broker.url, "cam-1", groups=("lab",), behaviour="silent").start()
+    other = FakeDevice(broker.url, "cam-2", groups=("lab",)).start()
+    try:
+        # cam-0 follows its own document for this model, so it cannot stand for the group
+        own = prepare(Bundle.load(make_bundle(name="det", version=1)), key=key).document
+        publisher.publish(T.device_model("cam-0", "det"), own, retain=True, wait=5)
+        started = time.monotonic()
+        code, out, _ = edgectl("push", make_bundle(name="det", version=2), "--group", "lab", "--key", key_dir,
+                               "--canary", "1", "--timeout", 1, "--broker", broker.url)
+        assert time.monotonic() - started < 15
+    finally:
+        for d in (pinned, silent, other):
+            d.stop()
+    text = " ".join(out.split())
+    assert code == 1
+    assert "canaries: cam-1 (1 of 3 online member(s) of lab; skipped cam-0: pinned by their own device document)" in text
+    assert "canary failed: cam-1: did not finish within 1 s (no state for this model)" in text
+    assert "cam-1: nothing to undo: it never started the deployment (no version)" in text
+    assert len(silent.deployments) == 1 and other.deployments == []
+    index = RetainedIndex(T)
+    t = client(broker.url, index.handle)
+    try:
+        index.collect(t, timeout=10)
+    finally:
+        t.stop()
+    assert set(index.documents) == {T.device_model("cam-0", "det")}  # cam-1's withdrawn, no group document
