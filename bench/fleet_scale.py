@@ -478,7 +478,7 @@ def main() -> None:
             cpu_on = idle_cpu(work, broker.url, bundle, 1.0, cpu_window)
             cpu_off = idle_cpu(work, broker.url, bundle, 3600.0, cpu_window)
             print(f"idle agent with one model over {cpu_window:g} s: {cpu_on:.2f} % of one core with telemetry every "
-                  f"1 s; {cpu_off:.2f} % with telemetry every hour (baseline): +{cpu_on - cpu_off:.2f} points "
+                  f"1 s; {cpu_off:.2f} % with telemetry every hour (baseline): {cpu_on - cpu_off:+.2f} points "
                   f"(goal <= {GOALS['cpu_pct']:g} %)")
             print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine makes every figure "
                   "worse, never better)")
