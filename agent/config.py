@@ -8,6 +8,7 @@ password and TLS key are files (a relative name is looked up in systemd's $CREDE
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, EdgefleetError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -194,9 +195,16 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
 _FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
+# Hard limits of what consumes the value: MQTT's keep alive is 16 bits, and the validation child's
+# address-space limit (bytes, a signed 64-bit value) and the interpreter's thread count must fit.
+_AT_MOST = {"mqtt.keepalive_s": 65535, "validation.memory_mb": 1 << 20, "runtime.num_threads": 1024}
 
 
 def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    if key in _AT_MOST and value is not None and value > _AT_MOST[key]:
+        raise ConfigError(f"{key}: expected at most {_AT_MOST[key]}, got {value}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if key in _POSITIVE and value <= 0:
             raise ConfigError(f"{key}: expected a value > 0, got {value}")
@@ -212,8 +220,17 @@ def _check_value(key: str, value: Any) -> None:
         for g in value:
             if not _NAME_RE.match(g) or ".." in g:
                 raise ConfigError(f"groups: {g!r} must be 1-64 letters, digits, '_', '.', '-'")
-    if key == "mqtt.url" and value is not None and not re.match(r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$", value):
-        raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+    if key == "mqtt.url" and value is not None:
+        m = re.match(r"^mqtts?://[^/\s:]+(?::(\d{1,5}))?/?$", value)
+        if m is None or int(m[1] or 1) > 65535:
+            raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+    if key == "mqtt.prefix":
+        from agent.protocol.topics import Topics  # the one rule for topic prefixes
+
+        try:
+            Topics(value)
+        except EdgefleetError as err:
+            raise ConfigError(f"mqtt.{err}") from err
 
 
 def _convert(key: str, tp: Any, value: Any) -> Any:
