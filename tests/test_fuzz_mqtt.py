@@ -206,6 +206,7 @@ def test_generated_deployment_documents(world: World) -> None:
             tally["accepted for download"] += 1
 
     case()
+    print(f"deployment documents: {dict(tally)}")
     assert_files_in_place(agent)
     assert tally["cases"] >= CASES, tally
     assert tally["refused"] > 0.8 * tally["cases"], tally
@@ -263,6 +264,7 @@ def test_generated_commands(world: World) -> None:
         tally["cases"] += 1
 
     case()
+    print(f"commands: {dict(tally)}")
     assert tally["cases"] >= CASES, tally
     assert tally["refused"] > 0.8 * tally["cases"], tally
 
@@ -299,6 +301,7 @@ def test_generated_chunk_payloads(world: World) -> None:
         tally["cases"] += 1
 
     case()
+    print(f"chunk payloads (by compressed): {dict(tally)}")
     assert_files_in_place(agent)
     assert tally["cases"] >= CASES and tally["True"] and tally["False"], tally
 
@@ -349,6 +352,7 @@ def test_generated_topic_names(world: World) -> None:
                 tally["routed"] += 1
 
         case()
+    print(f"topic names: {dict(tally)}")
     assert_files_in_place(agent)
     assert tally["cases"] >= CASES and tally["refused by the router"] > 100, tally
 
