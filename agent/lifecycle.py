@@ -260,6 +260,7 @@ class Lifecycle:
             self.remember_rejected(dep_id)
         self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
+        self.store.prune(self.state)  # a refused model's artifacts are stored before validation
 
     # --- commands ------------------------------------------------------------------------------
 
