@@ -52,16 +52,16 @@ def pack(obj: Any) -> bytes:
 
 
 def bit_flips(model: bytes, count: int, seed: int = 0) -> list[Hostile]:
-    """`count` single-bit flips: every byte of the first 64 (root offset, identifier, vtables) first, then
-    positions spread over the rest of the file."""
+    """`count` single-bit flips: half in the first 64 bytes (root offset, file identifier, vtables),
+    spread evenly, the other half at random positions over the rest of the file."""
     rng = random.Random(seed)
-    positions: list[tuple[int, int]] = []
-    for i in range(min(64, len(model))):
-        positions.append((i, rng.randrange(8)))
+    head = min(64, len(model))
+    step = max(1, 2 * head // max(1, count))
+    positions = [(i, rng.randrange(8)) for i in range(0, head, step)][: (count + 1) // 2]
     while len(positions) < count:
-        positions.append((rng.randrange(len(model)), rng.randrange(8)))
+        positions.append((rng.randrange(head, len(model)), rng.randrange(8)))
     out = []
-    for pos, bit in positions[:count]:
+    for pos, bit in positions:
         data = bytearray(model)
         data[pos] ^= 1 << bit
         out.append(Hostile("bitflip", f"bitflip@{pos}.{bit}", bytes(data)))
@@ -69,26 +69,22 @@ def bit_flips(model: bytes, count: int, seed: int = 0) -> list[Hostile]:
 
 
 def truncations(model: bytes, count: int, seed: int = 0) -> list[Hostile]:
-    """`count` prefixes of the model: tiny ones, powers of two, then lengths spread over the file."""
+    """`count` prefixes of the model: lengths spread evenly over the file interleaved with tiny ones and
+    the file less its last byte, then random lengths. (An empty file cannot even be described by a
+    document.)"""
     rng = random.Random(seed)
-    lengths = [0, 1, 3, 4, 7, 8, 12, 16, 24, 32]
-    p = 64
-    while p < len(model):
-        lengths.append(p)
-        p *= 2
-    lengths.append(len(model) - 1)
-    seen = set()
-    ordered = []
-    for n in lengths:
-        if n not in seen and n < len(model):
-            seen.add(n)
-            ordered.append(n)
-    while len(ordered) < count and len(seen) < len(model):
-        n = rng.randrange(len(model))
-        if n not in seen:
-            seen.add(n)
-            ordered.append(n)
-    return [Hostile("truncate", f"truncate@{n}", model[:n]) for n in ordered[:count]]
+    n = len(model)
+    spaced = [n * k // count for k in range(1, count)]
+    tiny = [1, 4, 8, 16, 32, n - 1]
+    lengths = [x for pair in zip(spaced, tiny, strict=False) for x in pair] + spaced[len(tiny):] + tiny[len(spaced):]
+    ordered = list(dict.fromkeys(x for x in lengths if 0 < x < n))
+    seen = set(ordered)
+    while len(ordered) < count and len(seen) < n - 1:
+        x = rng.randrange(1, n)
+        if x not in seen:
+            seen.add(x)
+            ordered.append(x)
+    return [Hostile("truncate", f"truncate@{x}", model[:x]) for x in ordered[:count]]
 
 
 Edit = Callable[[Any], None]
@@ -193,6 +189,14 @@ def flatbuffer_edits(model: bytes) -> list[Hostile]:
             continue
         out.append(Hostile("flatbuffer", name, data))
     return out
+
+
+def sample_edits(edits: list[Hostile], per_kind: int) -> list[Hostile]:
+    """The last (most extreme) `per_kind` edits of each field of each tensor or buffer."""
+    by_kind: dict[str, list[Hostile]] = {}
+    for h in edits:
+        by_kind.setdefault(h.name.split("=")[0], []).append(h)
+    return [h for group in by_kind.values() for h in group[-per_kind:]]
 
 
 def huge_arenas(model: bytes, batches: tuple[int, ...] = (2**22, 2**24, 2**26)) -> list[Hostile]:

@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,98 @@ class Operator:
     def close(self) -> None:
         """Disconnect."""
         self.transport.stop()
+
+
+# --- hostile models --------------------------------------------------------------------------------
+
+
+def hostile_document(base: dict[str, Any], model: bytes, *, version: int, dep_id: str,
+                     key: SigningKey | None) -> dict[str, Any]:
+    """`base` (a bundle's manifest) re-described for other model bytes: a consistent, signed lie."""
+    import copy
+
+    from agent.protocol import dump, split
+
+    raw = copy.deepcopy(base)
+    raw.pop("signature", None)
+    raw.pop("key_id", None)
+    raw["deployment_id"] = dep_id
+    raw["model"]["version"] = version
+    raw["model"]["artifact"] = dump(split(model, raw["model"]["artifact"]["chunk_size"])[0])
+    return key.sign(raw) if key is not None else raw
+
+
+@dataclass
+class HostileReport:
+    """What a run of hostile models did."""
+
+    ran: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    """Files that still computed the golden outputs (a flip in unused bytes): activated, then rolled back."""
+    kinds: Counter[str] = field(default_factory=Counter)
+    agent_crashes: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for logs and the bench."""
+        from tests.hostile import tally
+
+        return (f"{self.ran} hostile models in {self.seconds:.1f} s: {self.rejected} rejected, {self.accepted} "
+                f"accepted (still exact), agent crashes {self.agent_crashes}; outcomes: {tally(list(self.kinds.elements()))}")
+
+
+def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], key: SigningKey | None,
+                              work: Path, *, first_version: int = 1000) -> HostileReport:
+    """Install every hostile file through a real agent's admin API; the agent must keep serving v1.
+
+    The agent serves a committed v1 (bundle `v1`); each file becomes a bundle whose manifest tells the
+    truth about the bytes (so only validation can catch it). A file that still computes the golden
+    outputs is activated by the agent, then rolled back to v1 before the next one.
+    """
+    import shutil
+
+    from agent.bundle import MANIFEST_FILE, MODEL_FILE
+    from agent.errors import RequestError
+    from agent.protocol import canonical_json, parse_json
+    from tests.hostile import outcome_kind
+
+    report = HostileReport()
+    started = time.monotonic()
+    base = parse_json((v1 / MANIFEST_FILE).read_bytes())
+    expected = agent.client.predict("m", X)["predictions"]
+    for i, hostile in enumerate(files):
+        bundle = work / f"hostile-{i}"
+        shutil.copytree(v1, bundle)
+        (bundle / MODEL_FILE).write_bytes(hostile.data)
+        raw = hostile_document(base, hostile.data, version=first_version + i, dep_id=f"hostile-{i}-{os.getpid()}",
+                               key=key)
+        (bundle / MANIFEST_FILE).write_bytes(canonical_json(raw))
+        try:
+            answer = agent.client.admin("install", {"path": str(bundle)})
+        except RequestError as err:
+            answer = {"phase": "ERROR", "reason": str(err)}
+        report.ran += 1
+        if agent.proc is None or agent.proc.poll() is not None:
+            report.agent_crashes += 1
+            report.kinds["agent died"] += 1
+            agent.client.close()
+            agent.start()
+        elif answer.get("phase") == "REJECTED":
+            report.rejected += 1
+            report.kinds[outcome_kind(answer.get("reason"))] += 1
+        elif answer.get("phase") == "PROBATION":
+            report.accepted += 1
+            report.kinds["accepted (outputs still exact)"] += 1
+            got = agent.client.predict("m", X)
+            if got["predictions"] != expected:
+                report.kinds["accepted but answers differ"] += 1
+            agent.client.admin("rollback", {"model": "m"})
+        else:
+            report.kinds[f"unexpected: {answer}"[:80]] += 1
+        shutil.rmtree(bundle, ignore_errors=True)
+        served = agent.client.predict("m", X)
+        if served["model_version"] != 1 or served["predictions"] != expected:
+            report.kinds["lost the previous model"] += 1
+    report.seconds = time.monotonic() - started
+    return report
