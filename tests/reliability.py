@@ -168,18 +168,22 @@ class Operator:
     def after(self, mark: int, match: Callable[[dict[str, Any]], bool] = lambda e: True, device: str = "dev-1",
               timeout: float = 30.0) -> dict[str, Any]:
         """The first event of `device` received after `mark` for which `match` is true."""
+        return self.received(mark, self.topics.events(device), match, timeout)
+
+    def received(self, mark: int, topic: str, match: Callable[[dict[str, Any]], bool] = lambda d: True,
+                 timeout: float = 30.0) -> dict[str, Any]:
+        """The first JSON document on `topic` received after `mark` for which `match` is true."""
         from agent.protocol import parse_json
 
-        topic = self.topics.events(device)
         deadline = time.monotonic() + timeout
         checked = mark
         while True:
             for m in self.inbox.seen[checked:]:
-                if m.topic == topic and match(event := parse_json(m.payload)):
-                    return event  # type: ignore[no-any-return]
+                if m.topic == topic and match(doc := parse_json(m.payload)):
+                    return doc  # type: ignore[no-any-return]
             checked = len(self.inbox.seen)
             if time.monotonic() > deadline:
-                raise AssertionError(f"no matching event from {device} within {timeout} s")
+                raise AssertionError(f"nothing matching on {topic} within {timeout} s")
             self.inbox.quiet(0.05)
 
     def clear(self, topic: str) -> None:

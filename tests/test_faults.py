@@ -3,10 +3,20 @@ during a download and during probation, frozen with SIGSTOP, a full disk, and cl
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pytest
+
+from agent.protocol import SigningKey
+from tests.broker import Mosquitto
+from tests.helpers import wait_for
 from tests.killing import KillLoop
-from tests.reliability import build_bundle
+from tests.reliability import AgentWith, Operator, X, build_bundle
 
 KILL_CYCLES = 14
 
@@ -22,3 +32,138 @@ def test_sigkill_at_random_points_over_many_update_cycles(tmp_path: Path) -> Non
     assert report.corrupt_states == report.lost_models == report.api_failures == 0
     assert len(report.by) >= 3, report.by  # crash points and timed kills both happened
     assert len(report.versions_seen) >= 3, report.versions_seen  # updates went through between the kills
+
+
+# --- the broker -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """A broker, the operator and a factory of agents trusting the operator's key."""
+
+    root: Path
+    broker: Mosquitto
+    op: Operator
+    key: SigningKey
+    agents: list[AgentWith] = field(default_factory=list)
+
+    def agent(self, prelude: str = "", **sections: Any) -> AgentWith:
+        """An agent of group "lab" on this broker (not started)."""
+        config: dict[str, Any] = {"mqtt": {"url": self.broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+                                  "security": {"trusted_keys": [str(self.root / "keys" / "edgefleet.pub")]},
+                                  "health": {"probation_s": 600, "min_requests": 1}}
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        a = AgentWith(self.root / f"agent-{len(self.agents)}", groups=["lab"], prelude=prelude, **config)
+        self.agents.append(a)
+        return a
+
+    def model(self, a: AgentWith) -> dict[str, Any]:
+        """The agent's view of model m."""
+        return a.client.admin("status")["state"]["models"]["m"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    key = SigningKey.generate()
+    key.write(tmp_path / "keys")
+    broker = Mosquitto(tmp_path / "broker").start()
+    f = Fleet(tmp_path, broker, Operator(broker.url, key), key)
+    try:
+        yield f
+    finally:
+        f.op.close()
+        for a in f.agents:
+            a.kill()
+        broker.kill()
+
+
+def test_broker_killed_and_restarted_during_a_download(fleet: Fleet, tmp_path: Path) -> None:
+    a = fleet.agent().start()
+    withheld = 25
+    prepared = fleet.op.push(build_bundle(tmp_path / "cnn", "cnn_v1", version=1, chunk_size=16384), withhold=withheld)
+    total = len(prepared.chunks)
+    wait_for(lambda: (fleet.model(a).get("progress") or 0) >= (total - withheld) / total - 1e-9, timeout=60,
+             what="every published chunk on disk")
+    fleet.broker.kill()  # SIGKILL: the retained chunks and documents it had not saved are gone
+    fleet.broker.start()
+    wait_for(lambda: fleet.op.transport.connected and "connected to" in a.log().split(" lost")[-1], timeout=60,
+             what="both sides reconnected")
+    # only what the agent still lacks is published again: a chunk it dropped would never come back
+    fleet.op.document(prepared.document)
+    fleet.op.chunks(dict(list(prepared.chunks.items())[total - withheld:]))
+    done = fleet.op.event(lambda e: e["step"] == "DOWNLOADING" and e["details"].get("done"), timeout=120)
+    assert done["details"]["chunks_total"] == total
+    fleet.op.step("PROBATION", 1, timeout=60)
+    assert a.client.predict("m", np.zeros((1, 28, 28, 1)).tolist())["model_version"] == 1
+
+
+def test_broker_killed_during_probation(fleet: Fleet, tmp_path: Path) -> None:
+    a = fleet.agent(health={"probation_s": 3}).start()
+    fleet.op.push(build_bundle(tmp_path / "v1", "dense_f32", version=1))
+    fleet.op.step("COMMITTED", 1, timeout=60)
+    fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2))
+    fleet.op.step("PROBATION", 2)
+    fleet.broker.kill()
+    answers = [a.client.predict("m", X)["model_version"] for _ in range(20)]  # traffic judges the probation
+    assert answers == [2] * 20
+    wait_for(lambda: fleet.model(a)["phase"] == "COMMITTED", timeout=60, what="v2 committed with no broker")
+    mark = fleet.op.mark()
+    fleet.broker.start()
+    state = fleet.op.received(mark, fleet.op.topics.state("dev-1"),
+                              lambda d: d["models"].get("m", {}).get("phase") == "COMMITTED", timeout=60)
+    assert state["models"]["m"]["active"]["version"] == 2
+    committed = fleet.op.step("COMMITTED", 2, timeout=30)  # the event queued while offline still arrives
+    assert committed["ok"] is True
+    assert a.proc is not None and a.proc.poll() is None
+
+
+def test_broker_frozen_with_sigstop_is_detected_by_keepalive(fleet: Fleet, tmp_path: Path) -> None:
+    keepalive = 2
+    a = fleet.agent(mqtt={"keepalive_s": keepalive}).start()
+    fleet.op.push(build_bundle(tmp_path / "v1", "dense_f32", version=1))
+    fleet.op.step("PROBATION", 1)
+    connects = a.log().count("connected to")
+    fleet.broker.pause()
+    frozen = time.monotonic()
+    try:
+        wait_for(lambda: "connection to" in a.log() and " lost" in a.log(), timeout=30, what="keepalive timeout")
+        detected = time.monotonic() - frozen
+        assert a.client.predict("m", X)["model_version"] == 1  # serving never depended on the broker
+    finally:
+        fleet.broker.resume()
+    print(f"\nbroker frozen: the agent noticed after {detected:.1f} s (keep alive {keepalive} s)")
+    assert detected <= 2 * keepalive + 3, detected  # paho's rule: no PINGRESP within 1.5 keep alive periods
+    wait_for(lambda: a.log().count("connected to") > connects, timeout=60, what="reconnected after SIGCONT")
+    fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2))
+    fleet.op.step("PROBATION", 2, timeout=60)
+    assert a.client.predict("m", X)["model_version"] == 2
+
+
+# --- clocks ---------------------------------------------------------------------------------------
+
+RETRY = "import agent.link\nagent.link.RETRY_INTERVAL_S = 1.0\n"
+"""Runs in the agent before its CLI: retry refused-as-not-yet-valid documents every second, not 30."""
+
+
+def test_documents_not_yet_valid_are_retried_and_expired_ones_are_not(fleet: Fleet, tmp_path: Path) -> None:
+    a = fleet.agent(prelude=RETRY, security={"max_clock_skew_s": 0}).start()
+    early = int(time.time()) + 4  # the board's clock is 4 s behind the operator's
+    prepared = fleet.op.push(build_bundle(tmp_path / "v1", "dense_f32", version=1), now=early)
+    dep_id = prepared.deployment.deployment_id
+    refused = fleet.op.step("REJECTED", 1, dep_id=dep_id)
+    assert "not yet valid" in refused["reason"] and "clock" in refused["reason"]
+    fleet.op.step("PROBATION", 1, dep_id=dep_id, timeout=60)
+    assert time.time() >= early
+    assert [e["step"] for e in fleet.op.events() if e.get("deployment_id") == dep_id].count("REJECTED") == 1
+    # expired: refused once, remembered, never retried
+    stale = fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2), now=int(time.time()) - 7200,
+                          expires_in=3600)
+    expired = fleet.op.step("REJECTED", 2, dep_id=stale.deployment.deployment_id)
+    assert "document expired" in expired["reason"]
+    mark = fleet.op.mark()
+    fleet.op.document(stale.document)  # delivered again (as after a reconnect): still nothing happens
+    with pytest.raises(AssertionError):
+        fleet.op.after(mark, lambda e: e.get("deployment_id") == stale.deployment.deployment_id, timeout=3)
+    assert stale.deployment.deployment_id in a.state_file()["rejected"]
+    assert a.client.predict("m", X)["model_version"] == 1
