@@ -6,13 +6,14 @@ bundles at module scope and from a plain script, so the few lines that build the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,50 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
             report.kinds["lost the previous model"] += 1
     report.seconds = time.monotonic() - started
     return report
+
+
+# --- a broker, an operator and agents ---------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """A broker, the operator and a factory of agents trusting the operator's key."""
+
+    root: Path
+    broker: Any
+    op: Operator
+    key: SigningKey
+    agents: list[AgentWith] = field(default_factory=list)
+
+    def agent(self, prelude: str = "", device_id: str = "dev-1", **sections: Any) -> AgentWith:
+        """An agent of group "lab" on this broker (not started)."""
+        config: dict[str, Any] = {"mqtt": {"url": self.broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+                                  "security": {"trusted_keys": [str(self.root / "keys" / "edgefleet.pub")]},
+                                  "health": {"probation_s": 600, "min_requests": 1}}
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        a = AgentWith(self.root / f"agent-{len(self.agents)}", device_id, groups=["lab"], prelude=prelude, **config)
+        self.agents.append(a)
+        return a
+
+    def model(self, a: AgentWith) -> dict[str, Any]:
+        """The agent's view of model m ({} before it knows the model)."""
+        return a.client.admin("status")["state"]["models"].get("m", {})  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def running_fleet(root: Path) -> Iterator[Fleet]:
+    """A fresh broker and operator key under `root`; every agent and the broker are killed at the end."""
+    from tests.broker import Mosquitto
+
+    key = SigningKey.generate()
+    key.write(root / "keys")
+    broker = Mosquitto(root / "broker").start()
+    f = Fleet(root, broker, Operator(broker.url, key), key)
+    try:
+        yield f
+    finally:
+        f.op.close()
+        for a in f.agents:
+            a.kill()
+        broker.kill()

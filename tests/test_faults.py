@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.protocol import SigningKey
-from tests.broker import Mosquitto
 from tests.helpers import wait_for
 from tests.killing import KillLoop
-from tests.reliability import AgentWith, Operator, X, build_bundle
+from tests.reliability import Fleet, X, build_bundle, running_fleet
 
 KILL_CYCLES = 14
 
@@ -37,45 +33,10 @@ def test_sigkill_at_random_points_over_many_update_cycles(tmp_path: Path) -> Non
 # --- the broker -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Fleet:
-    """A broker, the operator and a factory of agents trusting the operator's key."""
-
-    root: Path
-    broker: Mosquitto
-    op: Operator
-    key: SigningKey
-    agents: list[AgentWith] = field(default_factory=list)
-
-    def agent(self, prelude: str = "", **sections: Any) -> AgentWith:
-        """An agent of group "lab" on this broker (not started)."""
-        config: dict[str, Any] = {"mqtt": {"url": self.broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-                                  "security": {"trusted_keys": [str(self.root / "keys" / "edgefleet.pub")]},
-                                  "health": {"probation_s": 600, "min_requests": 1}}
-        for name, values in sections.items():
-            config.setdefault(name, {}).update(values)
-        a = AgentWith(self.root / f"agent-{len(self.agents)}", groups=["lab"], prelude=prelude, **config)
-        self.agents.append(a)
-        return a
-
-    def model(self, a: AgentWith) -> dict[str, Any]:
-        """The agent's view of model m."""
-        return a.client.admin("status")["state"]["models"]["m"]  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    key = SigningKey.generate()
-    key.write(tmp_path / "keys")
-    broker = Mosquitto(tmp_path / "broker").start()
-    f = Fleet(tmp_path, broker, Operator(broker.url, key), key)
-    try:
+    with running_fleet(tmp_path) as f:
         yield f
-    finally:
-        f.op.close()
-        for a in f.agents:
-            a.kill()
-        broker.kill()
 
 
 def test_broker_killed_and_restarted_during_a_download(fleet: Fleet, tmp_path: Path) -> None:
