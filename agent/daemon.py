@@ -23,6 +23,7 @@ from agent.api import ApiServer
 from agent.api_routes import serving_metrics
 from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_tar
 from agent.config import AgentConfig
+from agent.delivery import ChunkStored
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.link import Connection, FleetLink
@@ -190,14 +191,17 @@ class Daemon:
             self.notifier.ready(self._status_line())
             self._status_text = self._status_line()
             log.info("agent %s ready: %s", __version__, self._status_text)
+            next_tick = 0.0
             while not self.stop_event.is_set():
                 try:
-                    item = self.queue.get(timeout=TICK_S)
+                    item = self.queue.get(timeout=max(0.0, next_tick - time.monotonic()))
                 except queue.Empty:
                     item = None
                 if item is not None:
                     self._handle(item)
-                self.periodic()
+                if time.monotonic() >= next_tick:  # not once per message: a download brings thousands
+                    next_tick = time.monotonic() + TICK_S
+                    self.periodic()
             self.notifier.stopping("stopping")
             log.info("stopping")
             self.stop_extensions()
@@ -236,7 +240,7 @@ class Daemon:
             self.notifier.watchdog_if_due()
 
     def _handle(self, req: Any) -> None:
-        if isinstance(req, (Message, Connection)):
+        if isinstance(req, (Message, Connection, ChunkStored)):
             if self.link is not None:
                 try:
                     self.link.handle(req)

@@ -302,8 +302,8 @@ class Lifecycle:
         self._set_phase(doc.model.name, phase, pending=raw)
         self.emit(doc.model.name, phase, True, doc)
 
-    def install(self, raw: dict[str, Any], model: bytes, golden: bytes) -> Phase:
-        """Run a deployment whose artifacts are in hand through every step.
+    def install(self, raw: dict[str, Any], model: bytes | None, golden: bytes | None) -> Phase:
+        """Run a deployment whose artifacts are in hand (or, given as None, verified in the blob store).
 
         Returns REJECTED if this deployment was refused, else the phase the model is in afterwards.
         """
@@ -320,7 +320,13 @@ class Lifecycle:
                 self._set_phase(name, "VERIFYING")
                 self.emit(name, "VERIFYING", True, doc)
             faults.point("install:begun")
-            self._store_artifacts(doc, model, golden)
+            if model is not None and golden is not None:
+                self._store_artifacts(doc, model, golden)
+            else:
+                for label, art in (("model", doc.model.artifact), ("golden vectors", doc.model.golden)):
+                    if not self.store.has_blob(art.sha256):
+                        raise DeploymentRejected(f"{label} artifact {art.sha256[:12]} is not in the store",
+                                                 step="VERIFYING")
             faults.point("install:stored")
             figures = self._validate(doc)
             faults.point("install:validated")
@@ -334,15 +340,8 @@ class Lifecycle:
         return self.state.record(name).phase
 
     def install_stored(self, raw: dict[str, Any]) -> Phase:
-        """Continue a deployment whose artifacts were downloaded into the blob store."""
-        name = raw_model_name(raw) or "?"
-        try:
-            art = raw["model"]["artifact"]["sha256"]
-            gold = raw["model"]["golden"]["sha256"]
-            return self.install(raw, self.store.read_blob(art), self.store.read_blob(gold))
-        except (StoreError, KeyError, TypeError) as err:
-            self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
-            return "REJECTED"
+        """Continue a deployment whose artifacts were downloaded and verified into the blob store."""
+        return self.install(raw, None, None)
 
     def _store_artifacts(self, doc: Deployment, model: bytes, golden: bytes) -> None:
         from agent.bundle import check_artifact

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.delivery import Downloads, Job
+from agent.delivery import ChunkStored, Downloads, Job
 from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError, TransportError
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.protocol.canonical import canonical_json, parse_json
@@ -55,7 +55,7 @@ class FleetLink:
         self.downloads = Downloads(
             lifecycle.store, subscribe=lambda topics: self.transport.subscribe(topics),
             unsubscribe=lambda topics: self.transport.unsubscribe(topics), chunk_topic=self.topics.chunk,
-            max_disk_fraction=config.security.max_disk_fraction,
+            post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
         self.docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._bad_payloads: set[str] = set()
@@ -82,6 +82,7 @@ class FleetLink:
             except TransportError as err:
                 log.warning("could not publish offline status: %s", err)
         self.transport.stop(timeout)
+        self.downloads.close()
 
     def _status(self, status: str) -> bytes:
         doc = Status(status=status, device_id=self.device_id, agent_version=__version__,  # type: ignore[arg-type]
@@ -120,8 +121,11 @@ class FleetLink:
 
     # --- incoming ------------------------------------------------------------------------------
 
-    def handle(self, item: Message | Connection) -> None:
+    def handle(self, item: Message | Connection | ChunkStored) -> None:
         """Process one item from the queue (on the loop thread)."""
+        if isinstance(item, ChunkStored):
+            self._on_stored(item)
+            return
         if isinstance(item, Connection):
             if item.up:
                 self._publish(self.topics.status(self.device_id), self._status("online"), retain=True)
@@ -134,7 +138,7 @@ class FleetLink:
             return
         if route.kind == "chunk":
             assert route.sha256 is not None
-            self._on_chunk(route.sha256, item.payload)
+            self.downloads.on_chunk(route.sha256, item.payload)
         elif route.kind in ("device_model", "group_model"):
             self._on_deployment(route, item.payload)
         elif route.kind == "cmd" and route.device == self.device_id:
@@ -224,18 +228,17 @@ class FleetLink:
         if job is not None and not job.missing:
             self._complete(job)
 
-    def _on_chunk(self, sha: str, payload: bytes) -> None:
-        if not self.downloads.wanted(sha):
-            return
+    def _on_stored(self, msg: ChunkStored) -> None:
         jobs = {name: job.raw for name, job in self.downloads.jobs.items()}
         try:
-            done = self.downloads.on_chunk(sha, payload)
+            done = self.downloads.on_stored(msg)
         except DeploymentRejected as err:
             name = str(err.details.get("model"))
             self.lifecycle.reject(name, jobs.get(name, {}), err)
             return
-        for name, job in self.downloads.jobs.items():
-            self.lifecycle.progress[name] = job.progress()
+        job = self.downloads.jobs.get(msg.model)
+        if job is not None:
+            self.lifecycle.progress[job.name] = job.progress()
         self._state_dirty = True
         for job in done:
             self._complete(job)

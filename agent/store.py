@@ -124,7 +124,7 @@ class AgentState:
         return replace(self, models={**self.models, name: record})
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -145,7 +145,7 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
         faults.point(f"write:{kind}:tmp")
         os.replace(tmp, path)
         faults.point(f"write:{kind}:renamed")
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)

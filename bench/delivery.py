@@ -1,0 +1,292 @@
+"""Benchmark: model delivery over MQTT, the agent's download against raw paho on the same broker.
+
+One Mosquitto on loopback. The artifact is a real float32 TFLite model of about 20 MB that this
+script builds (in a TensorFlow-only subprocess), chunked at 64 KiB as a push would.
+
+- baseline (a): raw paho, no edgefleet code: one client publishes the same chunk payloads at QoS 1
+  and a second client subscribed to them receives every one; time from the first publish to the last
+  message received (the issue's baseline). Also shown: raw paho fetching the same chunks when they
+  are already retained on the broker (what a device does).
+- agent (b): the real agent process (edge-agent run) with the chunks already retained on the
+  broker; time from the deployment document's publication to the verified artifact on disk (the
+  agent's DOWNLOADING event with done=true: every chunk verified and stored, the artifact joined,
+  hashed and fsynced).
+- push: `edgectl push`'s publishing of the same chunks, with compression timed apart.
+- delta: a small CNN, then the same CNN with only its last layer fine-tuned: bytes the agent fetched
+  for v2 over the bytes of v2.
+
+Last lines: ``DELIVERY_RATIO=<b/a>`` (goal >= 0.5) and ``DELTA_FRACTION=<x>`` (goal <= 0.25).
+
+Run: ``.venv/bin/python bench/delivery.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from agent.bundle import Bundle  # noqa: E402
+from agent.protocol import Topics, parse_json  # noqa: E402
+from agent.transport import MqttSettings, Transport  # noqa: E402
+from converter.bundle import BundleSpec, write_bundle  # noqa: E402
+from converter.publish import prepare, publish_chunks, publish_document  # noqa: E402
+from tests.agentproc import AgentProcess  # noqa: E402
+from tests.broker import Mosquitto  # noqa: E402
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+CHUNK = DEFAULT_CHUNK_SIZE
+T = Topics()
+
+BUILD = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+out, width = sys.argv[1], int(sys.argv[2])
+
+def convert(m):
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(m).convert())
+
+tf.keras.utils.set_random_seed(0)
+big = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(width, activation="relu"),
+                           tf.keras.layers.Dense(width, activation="relu"), tf.keras.layers.Dense(10)])
+open(f"{out}/big.tflite", "wb").write(convert(big))
+
+def cnn(fine_tune):
+    tf.keras.backend.clear_session()
+    tf.keras.utils.set_random_seed(1)
+    L = tf.keras.layers
+    m = tf.keras.Sequential([tf.keras.Input((28, 28, 1)), L.Conv2D(16, 3, padding="same", activation="relu"),
+                             L.MaxPooling2D(), L.Conv2D(32, 3, padding="same", activation="relu"), L.MaxPooling2D(),
+                             L.Conv2D(64, 3, padding="same", activation="relu"), L.Flatten(),
+                             L.Dense(64, activation="relu"), L.Dense(10, activation="softmax")])
+    rng = np.random.default_rng(3)
+    for layer in m.layers:
+        if layer.get_weights():
+            k, b = layer.get_weights()
+            layer.set_weights([k, rng.normal(0, 0.1, b.shape).astype(np.float32)])
+    if fine_tune:
+        k, b = m.layers[-1].get_weights()
+        r = np.random.default_rng(9)
+        m.layers[-1].set_weights([k + r.normal(0, 0.05, k.shape).astype(np.float32),
+                                  b + r.normal(0, 0.05, b.shape).astype(np.float32)])
+    return convert(m)
+
+open(f"{out}/cnn_v1.tflite", "wb").write(cnn(False))
+open(f"{out}/cnn_v2.tflite", "wb").write(cnn(True))
+"""
+
+
+def build_models(work: Path, width: int) -> None:
+    """Build the models with TensorFlow in a subprocess (the agent side never shares a process with it)."""
+    subprocess.run([sys.executable, "-c", BUILD, str(work), str(width)], check=True, timeout=600,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def bundle(work: Path, model: str, version: int, shape: tuple[int, ...]) -> Path:
+    """A bundle of a built model with a few golden samples."""
+    out = work / f"bundle-{model}-v{version}"
+    golden = [np.random.default_rng(version).normal(size=(3, 1, *shape)).astype(np.float32)]
+    write_bundle(out, (work / f"{model}.tflite").read_bytes(),
+                 BundleSpec(name=model.split("_")[0], version=version, golden_inputs=golden, chunk_size=CHUNK))
+    return out
+
+
+def raw_pub_sub(port: int, chunks: dict[str, bytes]) -> float:
+    """Seconds for plain paho to publish the payloads at QoS 1 and a plain paho subscriber to get them all."""
+    prefix = f"bench-live-{time.monotonic_ns()}"
+    got = threading.Event()
+    count = [0]
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        count[0] += 1
+        if count[0] == len(chunks):
+            got.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe(f"{prefix}/#", qos=1)
+    subscribed.wait(10)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    started = time.perf_counter()
+    for i, payload in enumerate(chunks.values()):
+        pub.publish(f"{prefix}/{i}", payload, qos=1)
+    if not got.wait(120):
+        raise SystemExit(f"raw paho: {count[0]} of {len(chunks)} messages arrived")
+    took = time.perf_counter() - started
+    for c in (pub, sub):
+        c.loop_stop()
+        c.disconnect()
+    return took
+
+
+def raw_retained_fetch(port: int, chunks: dict[str, bytes]) -> float:
+    """Seconds for plain paho to receive chunks already retained on the broker (one subscribe each)."""
+    got = threading.Event()
+    count = [0]
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        count[0] += 1
+        if count[0] == len(chunks):
+            got.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    started = time.perf_counter()
+    topics = [(T.chunk(sha), 1) for sha in chunks]
+    for i in range(0, len(topics), 32):
+        c.subscribe(topics[i:i + 32])
+    if not got.wait(120):
+        raise SystemExit(f"retained fetch: {count[0]} of {len(chunks)} messages arrived")
+    took = time.perf_counter() - started
+    c.loop_stop()
+    c.disconnect()
+    return took
+
+
+class Host:
+    """Publishes bundles and follows one device's events."""
+
+    def __init__(self, url: str):
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.transport = Transport(MqttSettings(url=url, client_id=f"bench-host-{os.getpid()}"),
+                                   on_message=self._on_message)
+        self.transport.subscribe(T.events("bench-dev"))
+        self.transport.start()
+        if not self.transport.wait_connected(10):
+            raise SystemExit(f"host: {self.transport.last_error}")
+
+    def _on_message(self, message: Any) -> None:
+        with self.cond:
+            self.events.append(parse_json(message.payload))
+            self.cond.notify_all()
+
+    def wait_event(self, pred: Any, timeout: float = 120.0) -> dict[str, Any]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(pred(e) for e in self.events), timeout):
+                raise SystemExit("the agent did not report the expected event in time")
+            return next(e for e in self.events if pred(e))
+
+    def push(self, path: Path, before_document: Any = None) -> tuple[Any, float, float]:
+        """Publish chunks then the document; return (prepared, publish seconds, document publication time)."""
+        prepared = prepare(Bundle.load(path), allow_unsigned=True)
+        publish_s = publish_chunks(self.transport, T, prepared.chunks)
+        if before_document is not None:
+            before_document(prepared)
+        published_at = time.time()
+        publish_document(self.transport, [T.device_model("bench-dev", prepared.deployment.model.name)],
+                         prepared.document)
+        return prepared, publish_s, published_at
+
+    def close(self) -> None:
+        self.transport.stop()
+
+
+def done_event(name: str, version: int) -> Any:
+    return lambda e: (e["model"] == name and e["step"] == "DOWNLOADING" and e.get("version") == version
+                      and e["details"].get("done"))
+
+
+def main() -> int:
+    """Run the benchmark."""
+    global CHUNK
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 5 MB model instead of 20 MB")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help=f"chunk size in bytes (default {DEFAULT_CHUNK_SIZE}, the converter's)")
+    args = parser.parse_args()
+    CHUNK = args.chunk_size
+    width = 1100 if args.quick else 2230
+    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        build_models(work, width)
+        big = bundle(work, "big", 1, (64,))
+        size = len((big / "model.tflite").read_bytes())
+        prepared_probe = prepare(Bundle.load(big), allow_unsigned=True)
+        print(f"artifact: float32 TFLite model of {size / 1e6:.1f} MB, {len(prepared_probe.deployment.model.artifact.chunks)}"
+              f" chunks of {CHUNK // 1024} KiB ({prepared_probe.wire_bytes / 1e6:.1f} MB on the wire with golden "
+              f"vectors); built in {time.perf_counter() - t0:.0f} s")
+        broker = Mosquitto(work / "broker").start()
+        try:
+            chunks = prepared_probe.chunks
+            wire = sum(len(p) for p in chunks.values())
+            raw_live = min(raw_pub_sub(broker.port, chunks) for _ in range(3))
+            host = Host(broker.url)
+            agent = AgentProcess(work / "agent", device_id="bench-dev", mqtt={"url": broker.url},
+                                 api={"socket": str(work / "agent" / "api.sock")},
+                                 health={"probation_s": 1, "min_requests": 1},
+                                 security={"max_artifact_bytes": 64 << 20})
+            agent.start()
+            try:
+                fetches: list[float] = []
+                # the raw retained fetch runs once the chunks are on the broker and before the document,
+                # so it never competes with the agent's download
+                prepared, publish_s, published_at = host.push(big, lambda p: fetches.extend(
+                    raw_retained_fetch(broker.port, p.chunks) for _ in range(3)))
+                raw_fetch = min(fetches)
+                done = host.wait_event(done_event("big", 1))
+                agent_s = done["ts"] - published_at
+                host.wait_event(lambda e: e["model"] == "big" and e["step"] in ("COMMITTED", "PROBATION"))
+                # delta: a CNN and its last-layer fine-tune
+                cnn1, cnn2 = bundle(work, "cnn_v1", 1, (28, 28, 1)), bundle(work, "cnn_v2", 2, (28, 28, 1))
+                host.push(cnn1)
+                host.wait_event(lambda e: e["model"] == "cnn" and e["step"] == "PROBATION" and e.get("version") == 1)
+                host.push(cnn2)
+                delta = host.wait_event(done_event("cnn", 2))["details"]
+            finally:
+                agent.stop()
+                host.close()
+        finally:
+            broker.kill()
+    mb = wire / 1e6
+    a_rate, b_rate, fetch_rate = mb / raw_live, mb / agent_s, mb / raw_fetch
+    ratio = b_rate / a_rate
+    fraction = delta["fetched_bytes"] / delta["artifact_bytes"]
+    print(f"{'measurement':<58} {'seconds':>8} {'MB/s':>8}")
+    print(f"{'(a) raw paho publish -> subscribe, QoS 1 (baseline)':<58} {raw_live:8.3f} {a_rate:8.1f}")
+    print(f"{'    raw paho fetching the chunks retained on the broker':<58} {raw_fetch:8.3f} {fetch_rate:8.1f}")
+    print(f"{'(b) agent: document -> verified artifact on disk':<58} {agent_s:8.3f} {b_rate:8.1f}")
+    print(f"{'push: publishing the chunks (edgectl push)':<58} {publish_s:8.3f} {mb / publish_s:8.1f}")
+    print(f"{'push: chunking + compression (host work, before publishing)':<58} {prepared.compress_s:8.3f}")
+    print(f"agent vs raw retained fetch: {b_rate / fetch_rate:.2f}x")
+    print(f"delta: v2 (last layer fine-tuned) fetched {delta['fetched_bytes']} of {delta['artifact_bytes']} bytes "
+          f"({delta['chunks_fetched']} of {delta['chunks_total']} chunks; {delta['local_bytes']} bytes copied "
+          f"from v1 on the device)")
+    figures = {"artifact_bytes": size, "wire_bytes": wire, "raw_pub_sub_s": raw_live, "raw_retained_fetch_s": raw_fetch,
+               "agent_download_s": agent_s, "push_publish_s": publish_s, "push_compress_s": prepared.compress_s,
+               "delivery_ratio": ratio, "delta_fraction": fraction}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(f"DELIVERY_RATIO={ratio:.2f} (goal >= 0.5)")
+    print(f"DELTA_FRACTION={fraction:.3f} (goal <= 0.25)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
