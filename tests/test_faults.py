@@ -3,6 +3,7 @@ during a download and during probation, frozen with SIGSTOP, a full disk, and cl
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +70,16 @@ def test_broker_killed_during_probation(fleet: Fleet, tmp_path: Path) -> None:
     answers = [a.client.predict("m", X)["model_version"] for _ in range(20)]  # traffic judges the probation
     assert answers == [2] * 20
     wait_for(lambda: fleet.model(a)["phase"] == "COMMITTED", timeout=60, what="v2 committed with no broker")
-    mark = fleet.op.mark()
-    fleet.broker.start()
+    # the operator must be subscribed again before the agent reconnects, or the broker drops the events
+    # the agent queued (events are not retained): hold the agent still meanwhile
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        mark = fleet.op.mark()
+        fleet.broker.start()
+        wait_for(lambda: fleet.op.transport.connected, timeout=60, what="the operator reconnected")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
     state = fleet.op.received(mark, fleet.op.topics.state("dev-1"),
                               lambda d: d["models"].get("m", {}).get("phase") == "COMMITTED", timeout=60)
     assert state["models"]["m"]["active"]["version"] == 2
