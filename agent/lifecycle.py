@@ -235,6 +235,15 @@ class Lifecycle:
                 raise DeploymentRejected(f"{label} artifact lists no chunks", step="VERIFYING")
         return doc
 
+    def withdraw(self, name: str, doc: Deployment, reason: str) -> None:
+        """A pending deployment was called off before it was installed: back to where the model was."""
+        rec = self.state.record(name)
+        if rec.pending is None or rec.pending.get("deployment_id") != doc.deployment_id:
+            return
+        self.progress.pop(name, None)
+        self._set_phase(name, _resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
+        self.emit(name, "DOWNLOADING", False, doc, reason)
+
     def remember_rejected(self, deployment_id: str | None) -> None:
         """Never try this deployment again."""
         if not deployment_id or deployment_id in self.state.rejected:

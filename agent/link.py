@@ -157,7 +157,14 @@ class FleetLink:
         name = route.model
         docs = self.docs.setdefault(name, {})
         if not payload:
-            docs.pop(source, None)  # a cleared retained document withdraws the order, it uninstalls nothing
+            # A cleared retained document withdraws the order: a download it started stops (and the
+            # document that applies now, if any, takes over); a model already installed stays.
+            withdrawn = docs.pop(source, None)
+            job = self.downloads.jobs.get(name)
+            if withdrawn is not None and job is not None and job.doc.deployment_id == withdrawn.get("deployment_id"):
+                self.downloads.cancel(name)
+                self.lifecycle.withdraw(name, job.doc, "its deployment document was withdrawn")
+                self.reconcile(name)
             return
         digest = "sha256:" + hashlib.sha256(payload).hexdigest()
         if digest in self._bad_payloads:

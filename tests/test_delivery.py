@@ -57,6 +57,12 @@ class Host:
             return bool(e["step"] == step and (version is None or e.get("version") == version))
         return parse_json(self.inbox.wait_for(match, timeout).payload)  # type: ignore[no-any-return]
 
+    def wait_event_where(self, pred: Any, device: str = "dev-1", timeout: float = 30.0) -> dict[str, Any]:
+        """The first event of `device` for which `pred` holds."""
+        def match(m: Message) -> bool:
+            return m.topic == T.events(device) and bool(pred(parse_json(m.payload)))
+        return parse_json(self.inbox.wait_for(match, timeout).payload)  # type: ignore[no-any-return]
+
     def close(self) -> None:
         self.transport.stop()
 
@@ -265,3 +271,18 @@ def test_signed_rollback_command_and_its_replay(
     host.transport.publish(T.cmd("dev-1"), json.dumps(forged).encode(), wait=5)
     assert "signed with unknown key" in command_event("unknown key")["reason"]
     assert _version(a) == 1
+
+
+def test_withdrawn_document_stops_its_download(host: Host, agents: Any, make_bundle: Any) -> None:
+    a = agents().start()
+    host.push(make_bundle("dense_f32", version=1), group="lab")
+    host.event("dev-1", "PROBATION", 1)
+    pushed = host.push(make_bundle("cnn_v1", name="m", version=2, chunk_size=16384), device="dev-1", withhold=5)
+    host.event("dev-1", "DOWNLOADING", 2)
+    host.transport.publish(T.device_model("dev-1", "m"), b"", retain=True, wait=5)  # the operator withdraws it
+    stopped = host.wait_event_where(lambda e: e["step"] == "DOWNLOADING" and e.get("version") == 2 and not e["ok"])
+    assert "withdrawn" in stopped["reason"]
+    publish_chunks(host.transport, T, pushed.withheld)  # the rest arrives anyway: nothing is installed
+    time.sleep(1.0)
+    assert _version(a) == 1
+    assert a.status()["state"]["models"]["m"]["active"]["version"] == 1
