@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 from agent.bundle import GOLDEN_FILE, MODEL_FILE
 from agent.config import parse_config
 from agent.daemon import Daemon
+from agent.delivery import ChunkStored
 from agent.link import FleetLink
 from agent.protocol import Event, SigningKey, Topics, parse_json
 from agent.transport import Message
@@ -153,10 +156,28 @@ class InProcessAgent:
         self.daemon.lifecycle.boot()
 
     def deliver(self, topic: str, payload: bytes) -> list[Event]:
-        """Hand one message to FleetLink as the loop thread would; return the events it caused."""
+        """Hand one message to FleetLink as the loop thread would, and then whatever the chunk workers post
+        back, until no chunk is being worked on; return the events it caused."""
         before = len(self.events)
         self.link.handle(Message(topic=topic, payload=payload))
+        self.settle()
         return self.events[before:]
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Handle what the download workers post to the daemon's queue until none is busy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = any(job.working for job in self.link.downloads.jobs.values())
+            try:
+                item = self.daemon.queue.get(timeout=0.01 if busy else 0)
+            except queue.Empty:
+                if not busy:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError("a chunk worker never reported back") from None
+                continue
+            if isinstance(item, ChunkStored):
+                self.link.handle(item)
 
     def start_loop(self) -> None:
         """Run the daemon's loop (API server included) in a thread."""
