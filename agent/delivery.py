@@ -16,6 +16,7 @@ of worker threads; each result comes back to the loop thread, which owns the dow
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -51,6 +52,8 @@ class ChunkStored:
     sha256: str
     wire_bytes: int
     error: str | None = None
+    disk_full: bool = False
+    """The chunk could not be written for lack of space (ENOSPC, EDQUOT)."""
 
 
 @dataclass
@@ -277,6 +280,7 @@ class Downloads:
     def _store_chunk(self, model: str, deployment_id: str, ref: ChunkRef, places: list[Place], payload: bytes) -> None:
         """Worker thread: verify and write one chunk, then report to the loop thread."""
         error = None
+        full = False
         try:
             _write_places(places, decode_chunk(ref, payload))
             faults.point("download:chunk")
@@ -284,10 +288,11 @@ class Downloads:
             error = f"chunk {ref.sha256[:12]}: {err}"
         except OSError as err:
             error = f"cannot store chunk: {err.strerror or err}"
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         except Exception as err:  # report anything else too: the loop must hear back about every chunk
             error = f"cannot store chunk: {type(err).__name__}: {err}"
         self._post(ChunkStored(model=model, deployment_id=deployment_id, sha256=ref.sha256,
-                               wire_bytes=len(payload), error=error))
+                               wire_bytes=len(payload), error=error, disk_full=full))
 
     def on_stored(self, msg: ChunkStored) -> list[Job]:
         """A worker finished a chunk (loop thread); return the jobs it completed.
@@ -302,6 +307,8 @@ class Downloads:
         job.working.discard(msg.sha256)
         if msg.error is not None:
             self.cancel(job.name)
+            if msg.disk_full:  # nothing more fits: give back the space the refused download took
+                self._drop_stale_parts(set())
             raise DeploymentRejected(msg.error, step="DOWNLOADING", details={"model": job.name})
         if msg.sha256 in job.missing:
             del job.missing[msg.sha256]
