@@ -291,6 +291,27 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
     return report
 
 
+def small_filesystem(path: Path, size_kb: int) -> list[str] | None:
+    """A command prefix that runs a program with a `size_kb` tmpfs mounted on `path` in its own mount
+    namespace (as root, or as a user where user namespaces are allowed); None where neither works.
+
+    The program sees the small filesystem; everyone else sees `path` as it was, and can look inside
+    through /proc/PID/root.
+    """
+    import shutil as sh
+
+    unshare = sh.which("unshare")
+    if unshare is None:
+        return None
+    script = f'mount -t tmpfs -o size={size_kb}k edgefleet-test "$0" && exec "$@"'
+    for flags in (["--mount", "--propagation", "private"], ["--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([unshare, *flags, "sh", "-c", script, str(path), "true"], capture_output=True,
+                               timeout=30)
+        if probe.returncode == 0:
+            return [unshare, *flags, "sh", "-c", script, str(path)]
+    return None
+
+
 # --- a broker, an operator and agents ---------------------------------------------------------------
 
 
@@ -304,14 +325,16 @@ class Fleet:
     key: SigningKey
     agents: list[AgentWith] = field(default_factory=list)
 
-    def agent(self, prelude: str = "", device_id: str = "dev-1", **sections: Any) -> AgentWith:
+    def agent(self, prelude: str = "", device_id: str = "dev-1", prefix: list[str] | None = None,
+              **sections: Any) -> AgentWith:
         """An agent of group "lab" on this broker (not started)."""
         config: dict[str, Any] = {"mqtt": {"url": self.broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
                                   "security": {"trusted_keys": [str(self.root / "keys" / "edgefleet.pub")]},
                                   "health": {"probation_s": 600, "min_requests": 1}}
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
-        a = AgentWith(self.root / f"agent-{len(self.agents)}", device_id, groups=["lab"], prelude=prelude, **config)
+        a = AgentWith(self.root / f"agent-{len(self.agents)}", device_id, groups=["lab"], prelude=prelude,
+                      prefix=prefix, **config)
         self.agents.append(a)
         return a
 

@@ -3,6 +3,7 @@ during a download and during probation, frozen with SIGSTOP, a full disk, and cl
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.protocol import parse_json
 from tests.helpers import wait_for
 from tests.killing import KillLoop
-from tests.reliability import Fleet, X, build_bundle, running_fleet
+from tests.reliability import AgentWith, Fleet, X, build_bundle, running_fleet, small_filesystem
 
 KILL_CYCLES = 14
 
@@ -136,4 +138,55 @@ def test_documents_not_yet_valid_are_retried_and_expired_ones_are_not(fleet: Fle
     with pytest.raises(AssertionError):
         fleet.op.after(mark, lambda e: e.get("deployment_id") == stale.deployment.deployment_id, timeout=3)
     assert stale.deployment.deployment_id in a.state_file()["rejected"]
+    assert a.client.predict("m", X)["model_version"] == 1
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+
+def _inside(a: AgentWith) -> Path:
+    """The agent's state directory as the agent sees it (its own mount namespace)."""
+    assert a.proc is not None
+    return Path(f"/proc/{a.proc.pid}/root{a.state_dir}")
+
+
+def test_disk_filling_up_during_a_download(fleet: Fleet, tmp_path: Path) -> None:
+    """A real full disk: the agent's state directory is a 1.5 MB tmpfs of its own (a mount namespace)."""
+    (tmp_path / "agent-0" / "state").mkdir(parents=True)
+    prefix = small_filesystem(tmp_path / "agent-0" / "state", 1536)
+    assert prefix is not None, "cannot mount a small filesystem here (needs root or user namespaces)"
+    a = fleet.agent(prefix=prefix, security={"max_disk_fraction": 1.0}).start()
+    fleet.op.push(build_bundle(tmp_path / "v1", "dense_f32", version=1))
+    fleet.op.step("PROBATION", 1)
+    withheld = 30
+    prepared = fleet.op.push(build_bundle(tmp_path / "cnn", "cnn_v1", version=2, chunk_size=16384), withhold=withheld)
+    total = len(prepared.chunks)
+    wait_for(lambda: (fleet.model(a).get("progress") or 0) >= (total - withheld) / total - 1e-9, timeout=60,
+             what="the published chunks on disk")
+    state = _inside(a)
+    filler = state / "filler"  # someone else's data takes the rest of the disk
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(state).free - (64 << 10)))
+    free = shutil.disk_usage(state).free
+    fleet.op.chunks(dict(list(prepared.chunks.items())[total - withheld:]))
+    refused = fleet.op.step("REJECTED", 2, timeout=60)
+    assert "No space left on device" in refused["reason"] and refused["details"]["failed_step"] == "DOWNLOADING"
+    assert a.client.predict("m", X)["model_version"] == 1 and a.proc is not None and a.proc.poll() is None
+    assert not list((state / "partial").iterdir()), "the refused download's partial data was kept on a full disk"
+    assert shutil.disk_usage(state).free > free + 400_000
+    assert parse_json((state / "state.json").read_bytes())["models"]["m"]["active"]["deployment"]["model"]["version"] == 1
+    filler.unlink()  # space again: the same model, pushed again, goes through
+    fleet.op.push(build_bundle(tmp_path / "cnn2", "cnn_v1", version=3, chunk_size=16384))
+    fleet.op.step("PROBATION", 3, timeout=60)
+
+
+def test_disk_quota_refuses_a_download_before_writing(fleet: Fleet, tmp_path: Path) -> None:
+    """The agent's own limit (security.max_disk_fraction) refuses a download that would fill the disk."""
+    a = fleet.agent(security={"max_disk_fraction": 0.0})
+    assert a.cli("install", str(build_bundle(tmp_path / "v1", "dense_f32", version=1, key=fleet.key))).returncode == 0
+    a.start()
+    fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2))
+    refused = fleet.op.step("REJECTED", 2)
+    assert refused["reason"].startswith("not enough disk space") and refused["details"]["failed_step"] == "DOWNLOADING"
+    assert not list((a.state_dir / "partial").iterdir())
     assert a.client.predict("m", X)["model_version"] == 1
