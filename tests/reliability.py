@@ -76,6 +76,7 @@ class AgentWith(AgentProcess):
     def __init__(self, root: Path, device_id: str = "dev-1", *, prefix: list[str] | None = None,
                  prelude: str = "", **sections: Any):
         super().__init__(root, device_id, **sections)
+        self.device_id = device_id
         self.prefix = prefix or []
         self.prelude = prelude
 
@@ -160,6 +161,14 @@ class Operator:
         """The first event at `step` (for `version` / deployment id)."""
         return self.event(lambda e: e["step"] == step and (version is None or e.get("version") == version)
                           and (dep_id is None or e.get("deployment_id") == dep_id), device, timeout)
+
+    def since(self, mark: int, device: str = "dev-1") -> list[dict[str, Any]]:
+        """Every event of `device` received after `mark` (waiting for none)."""
+        from agent.protocol import parse_json
+
+        self.inbox.quiet(0)
+        topic = self.topics.events(device)
+        return [parse_json(m.payload) for m in self.inbox.seen[mark:] if m.topic == topic]
 
     def mark(self) -> int:
         """A position in the message stream: `after(mark, ...)` sees only what arrives later."""
@@ -336,6 +345,15 @@ class Fleet:
         a = AgentWith(self.root / f"agent-{len(self.agents)}", device_id, groups=["lab"], prelude=prelude,
                       prefix=prefix, **config)
         self.agents.append(a)
+        return a
+
+    def start(self, a: AgentWith) -> AgentWith:
+        """Start an agent and wait until it says it is online: connected and subscribed (commands are
+        not retained, so one sent earlier would be lost)."""
+        self.op.transport.subscribe(self.op.topics.status(a.device_id), wait=30)
+        mark = self.op.mark()
+        a.start()
+        self.op.received(mark, self.op.topics.status(a.device_id), lambda d: d["status"] == "online", timeout=60)
         return a
 
     def model(self, a: AgentWith) -> dict[str, Any]:
