@@ -126,8 +126,9 @@ class HealthConfig:
     """An invocation running longer than this is hung."""
     max_boot_failures: int = 2
     """Restarts of the agent during probation after which the new model is rolled back."""
-    max_rollbacks_per_hour: int = 6
-    """Cap on automatic actions per model, so a broken model or broker cannot spin the board."""
+    max_updates_per_hour: int = 12
+    """Update attempts per model per hour; more are put off (not refused), so a stream of bad
+    deployments cannot keep the board downloading and validating."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ _POSITIVE = {
     "mqtt.keepalive_s", "mqtt.reconnect_min_s", "mqtt.reconnect_max_s", "security.max_artifact_bytes",
     "security.max_chunks", "validation.timeout_s", "validation.memory_mb", "validation.latency_runs",
     "validation.max_latency_ms", "health.max_latency_ratio", "health.hang_timeout_s",
-    "health.max_boot_failures", "health.max_rollbacks_per_hour", "telemetry.interval_s",
+    "health.max_boot_failures", "health.max_updates_per_hour", "telemetry.interval_s",
     "telemetry.window_s", "api.max_body_bytes", "store.max_rejected", "runtime.num_threads",
 }
 _NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}

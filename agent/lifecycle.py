@@ -215,11 +215,19 @@ class Lifecycle:
                                      f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
         if rec.active is not None:
             if rec.active.sha256 == doc.model.artifact.sha256 and rec.active.version == doc.model.version:
+                self._adopt(doc, raw)
                 return None
             if doc.model.version <= rec.active.version and not doc.policy.allow_downgrade:
                 raise DeploymentRejected(
                     f"version {doc.model.version} is not above the active version {rec.active.version} "
                     "and the document does not allow a downgrade", step="VERIFYING")
+        recent = [t for t in rec.attempts if now - t < ACTION_WINDOW_S]
+        if not continuing and len(recent) >= self.config.health.max_updates_per_hour:
+            wait = ACTION_WINDOW_S - (now - min(recent))
+            raise DeploymentRejected(
+                f"{len(recent)} updates of {doc.model.name} in the last hour (limit "
+                f"{self.config.health.max_updates_per_hour}); trying again in {wait / 60:.0f} min",
+                step="VERIFYING", retry=True)
         sec = self.config.security
         for label, art in (("model", doc.model.artifact), ("golden", doc.model.golden)):
             if art.size > sec.max_artifact_bytes:
@@ -243,6 +251,14 @@ class Lifecycle:
         self.progress.pop(name, None)
         self._set_phase(name, _resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
         self.emit(name, "DOWNLOADING", False, doc, reason)
+
+    def _adopt(self, doc: Deployment, raw: dict[str, Any]) -> None:
+        """A new document (a re-issue: new id, expiry or policy) for the model already running: take it over."""
+        name = doc.model.name
+        rec = self.state.record(name)
+        assert rec.active is not None
+        self._save(self.state.with_record(name, replace(rec, active=replace(rec.active, deployment=raw))))
+        self.emit(name, rec.phase, True, doc, None, adopted=True)
 
     def remember_rejected(self, deployment_id: str | None) -> None:
         """Never try this deployment again."""
@@ -306,9 +322,11 @@ class Lifecycle:
     # --- the update path -----------------------------------------------------------------------
 
     def begin(self, doc: Deployment, raw: dict[str, Any], phase: Phase = "DOWNLOADING") -> None:
-        """Record a deployment as pending (before its download or install)."""
+        """Record a deployment as pending (before its download or install), counting the attempt."""
+        now = self.clock()
+        attempts = tuple(t for t in (*self.state.record(doc.model.name).attempts, now) if now - t < ACTION_WINDOW_S)
         self.progress[doc.model.name] = 0.0
-        self._set_phase(doc.model.name, phase, pending=raw)
+        self._set_phase(doc.model.name, phase, pending=raw, attempts=attempts)
         self.emit(doc.model.name, phase, True, doc)
 
     def install(self, raw: dict[str, Any], model: bytes | None, golden: bytes | None) -> Phase:
@@ -524,9 +542,8 @@ class Lifecycle:
         now = self.clock()
         outcome = Outcome(deployment_id=failed.deployment_id, version=failed.version, result="rolled_back",
                           reason=reason, ts=now, figures=_scalars(figures or {}))
-        actions = tuple(t for t in (*rec.actions, now) if now - t < ACTION_WINDOW_S)
         new = replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
-                      last_outcome=outcome, actions=actions)
+                      last_outcome=outcome)
         rejected = (*self.state.rejected, failed.deployment_id)[-self.config.store.max_rejected:]
         faults.point("rollback:served")
         self._save(replace(self.state.with_record(name, new), rejected=rejected))

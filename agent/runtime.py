@@ -29,6 +29,7 @@ _MODULES = {
     "tensorflow": "tensorflow.lite",
 }
 _lock = threading.Lock()
+_create_lock = threading.Lock()
 _loaded: dict[str, Any] = {}
 
 
@@ -120,8 +121,9 @@ def load_model(model: bytes | str | os.PathLike[str], backend: str = "auto", *,
     if not use_xnnpack:
         kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interpreter = mod.Interpreter(**kwargs)
-        interpreter.allocate_tensors()
+        with _create_lock:  # LiteRT's wrapper is not safe to build from several threads at once
+            interpreter = mod.Interpreter(**kwargs)
+            interpreter.allocate_tensors()
         inputs = tuple(_spec(d) for d in interpreter.get_input_details())
         outputs = tuple(_spec(d) for d in interpreter.get_output_details())
     except Exception as err:  # the interpreters raise ValueError/RuntimeError with the reason

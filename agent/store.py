@@ -98,8 +98,8 @@ class ModelRecord:
     pending: dict[str, Any] | None = None
     probation: Probation | None = None
     last_outcome: Outcome | None = None
-    actions: tuple[float, ...] = ()
-    """Wall-clock times of recent automatic actions (rollbacks), to cap them per hour."""
+    attempts: tuple[float, ...] = ()
+    """Wall-clock times of recent update attempts, to cap them per hour."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -169,7 +169,7 @@ def test_killed_mid_download_resumes_without_fetching_again(host: Host, agents: 
     a = agents().start()
     prepared = host.push(make_bundle("cnn_v1", version=1, chunk_size=16384), group="lab", withhold=10)
     total = len(prepared.deployment.model.artifact.chunks) + len(prepared.deployment.model.golden.chunks)
-    wait_for(lambda: (a.client.admin("status")["state"]["models"]["m"].get("progress") or 0)
+    wait_for(lambda: (a.client.admin("status")["state"]["models"].get("m", {}).get("progress") or 0)
              >= (total - 10) / total - 1e-9, what="every published chunk on disk")
     a.kill()
     a.start()

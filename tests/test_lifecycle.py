@@ -247,6 +247,22 @@ def test_not_yet_valid_is_retried_once_the_clock_catches_up(env: Any, make_bundl
     assert _install(lc, b2) == "PROBATION"
 
 
+def test_updates_beyond_the_hourly_cap_are_put_off_not_refused(env: Any, make_bundle: Any) -> None:
+    lc = env.lifecycle(health={"max_updates_per_hour": 2})
+    docs = [read_manifest(make_bundle("dense_f32", version=v, key=env.key)) for v in (1, 2, 3)]
+    for raw in docs[:2]:
+        doc = lc.precheck(raw)
+        assert doc is not None
+        lc.begin(doc, raw)  # as a download would
+    from agent.errors import DeploymentRejected
+
+    with pytest.raises(DeploymentRejected, match="2 updates of m in the last hour") as info:
+        lc.precheck(docs[2])
+    assert info.value.retry  # put off: not remembered as rejected
+    env.clock.now += 3601
+    assert lc.precheck(docs[2]) is not None
+
+
 def test_too_slow_for_the_latency_limit(env: Any, make_bundle: Any) -> None:
     _committed_v1(env, make_bundle)
     lc = env.lifecycle(validation={"max_latency_ms": 0.5})  # same state directory, stricter config
@@ -472,3 +488,14 @@ def test_state_file_survives_a_torn_write(env: Any, make_bundle: Any) -> None:
     assert rec.phase == "COMMITTED" and rec.active.version == 1  # type: ignore[union-attr]
     assert env.serving.history[-1] == ("m", 1)
     assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]
+
+
+def test_a_reissued_document_for_the_running_model_is_adopted(env: Any, make_bundle: Any) -> None:
+    lc = _committed_v1(env, make_bundle)
+    bundle = make_bundle("dense_f32", version=1, key=env.key)  # same model and version, new deployment id
+    raw = read_manifest(bundle)
+    assert lc.precheck(raw) is None  # nothing to install...
+    rec = lc.state.record("m")
+    assert rec.active.deployment_id == raw["deployment_id"] and rec.phase == "COMMITTED"  # type: ignore[union-attr]
+    assert env.events[-1].details.get("adopted") is True and env.events[-1].step == "COMMITTED"
+    assert env.serving.history == [("m", 1)]  # ...and nothing reloaded
