@@ -100,6 +100,7 @@ class KillLoop:
             raise AssertionError(f"cannot install v1: {res.stdout}{res.stderr}")
         for cycle in range(cycles):
             self.cycle(cycle)
+            self.report.seconds = time.monotonic() - started
             if progress is not None and (cycle + 1) % 10 == 0:
                 progress(f"kill loop: {self.report.summary()}")
         self.start_and_check({})

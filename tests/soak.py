@@ -35,15 +35,18 @@ class SoakReport:
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     switch_latencies_ms: list[float] = field(default_factory=list)
+    steady_latencies_ms: list[float] = field(default_factory=list)
+    """Latencies outside the switch windows (the baseline of the switch figures)."""
     switches: list[tuple[str, float, float, str]] = field(default_factory=list)
     """(what, start, end, outcome) of every model switch, in seconds from the start."""
     versions: Counter[int] = field(default_factory=Counter)
     rss_start: int = 0
     rss_end: int = 0
 
-    def quantile(self, q: float, switch: bool = False) -> float:
-        """Latency quantile in ms (over the switch windows only with `switch`)."""
-        values = self.switch_latencies_ms if switch else self.latencies_ms
+    def quantile(self, q: float, switch: bool | None = None) -> float:
+        """Latency quantile in ms: over the whole run, or only inside (True) or outside (False) the switches."""
+        values = self.latencies_ms if switch is None else self.switch_latencies_ms if switch else \
+            self.steady_latencies_ms
         return float(np.percentile(values, q)) if values else float("nan")
 
     def summary(self) -> str:
@@ -54,7 +57,8 @@ class SoakReport:
             f"soak: {self.requests} requests in {self.seconds:.0f} s ({rate:.1f}/s), {self.failed} failed "
             f"{dict(self.errors) if self.errors else ''}",
             f"soak: latency p50 {self.quantile(50):.2f} ms, p99 {self.quantile(99):.2f} ms overall; p99 during the "
-            f"switches {self.quantile(99, True):.2f} ms over {len(self.switch_latencies_ms)} requests",
+            f"switches {self.quantile(99, True):.2f} ms over {len(self.switch_latencies_ms)} requests, "
+            f"{self.quantile(99, False):.2f} ms outside them",
             f"soak: switches: {switches}",
             f"soak: versions answered {dict(sorted(self.versions.items()))}",
             f"soak: agent RSS {self.rss_start / 2**20:.1f} MiB at the start, {self.rss_end / 2**20:.1f} MiB at the end "
@@ -134,4 +138,6 @@ def soak(agent: AgentWith, updates: list[Path], *, seconds: float, rate: float =
             report.versions[version] += 1
         if any(s <= t <= e for s, e in windows):
             report.switch_latencies_ms.append(ms)
+        else:
+            report.steady_latencies_ms.append(ms)
     return report
