@@ -185,6 +185,10 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
     lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}"]
     if health and health.get("reason"):
         lines.append(f"  unhealthy: {health['reason']}")
+    mqtt = health.get("mqtt") if health else None
+    if mqtt:
+        state_text = "connected" if mqtt["connected"] else f"not connected ({mqtt.get('last_error') or 'connecting'})"
+        lines.append(f"  broker {mqtt['url']}: {state_text}")
     for name, m in sorted(state.get("models", {}).items()):
         active = m.get("active")
         prev = m.get("previous")

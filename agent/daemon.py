@@ -144,9 +144,15 @@ class Daemon:
                 "requests": served.stats.count if served else 0,
                 "errors": served.stats.errors if served else 0,
             }
+        mqtt = None
+        if self.link is not None:
+            t = self.link.transport
+            mqtt = {"url": self.config.mqtt.url, "connected": t.connected, "last_error": t.last_error,
+                    "reconnects": t.reconnects}
         return {"status": "unhealthy" if self.unhealthy else "ok", "reason": self.unhealthy,
                 "device_id": self.config.device_id, "agent_version": __version__,
-                "uptime_s": round(time.monotonic() - self.started, 1), "models": models}
+                "uptime_s": round(time.monotonic() - self.started, 1), "models": models, "mqtt": mqtt,
+                "trusted_keys": self.keyring.key_ids}
 
     def telemetry(self, sampler: Sampler | None = None) -> Telemetry:
         """A telemetry sample of the agent and every model it knows."""

@@ -285,16 +285,18 @@ class FleetLink:
         except (StoreError, EdgefleetError) as err:
             self._command_event(cmd, False, f"command {cmd.command_id} failed: {err}")
             return
-        self._command_event(cmd, True, None)
+        active = self.lifecycle.state.record(cmd.model).active
+        self._command_event(cmd, True, None, restored_version=active.version if active else None)
 
-    def _command_event(self, cmd: Command | dict[str, Any] | None, ok: bool, reason: str | None) -> None:
+    def _command_event(self, cmd: Command | dict[str, Any] | None, ok: bool, reason: str | None,
+                       **extra: Any) -> None:
         """Report a command's outcome; the host matches it by `details.command_id`."""
         fields = cmd.to_dict() if isinstance(cmd, Command) else (cmd or {})
         details = {k: v for k in ("command_id", "action") if isinstance(v := fields.get(k), str) and len(v) <= 128}
         model = fields.get("model")
         name = model if isinstance(model, str) and raw_model_name({"model": {"name": model}}) else "-"
         phase = self.lifecycle.state.record(name).phase if name != "-" else "IDLE"
-        self.lifecycle.emit(name, phase, ok, None, reason, **details)
+        self.lifecycle.emit(name, phase, ok, None, reason, **details, **extra)
 
     def periodic(self) -> None:
         """Loop-thread housekeeping: the state document while downloads progress, refusals worth retrying."""

@@ -133,6 +133,8 @@ def test_offline_device_catches_up_from_retained_messages(host: Host, agents: An
     assert _version(a) == 1
     state = wait_for(lambda: a.status()["state"]["models"]["m"], what="state")
     assert state["active"]["version"] == 1
+    status = a.cli("status")
+    assert f"broker {a.config_path and 'mqtt://'}" in status.stdout and ": connected" in status.stdout
 
 
 def test_device_document_overrides_the_group(host: Host, agents: Any, make_bundle: Any) -> None:
