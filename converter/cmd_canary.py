@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.bundle import Bundle
 from converter.canary import CanaryOutcome, CanaryRollout, PinnedDocuments, Selection, pick_canaries
-from converter.cmd_mqtt import _follow, publish_chunks_with_progress
+from converter.cmd_mqtt import _follow, policy_from_args, publish_chunks_with_progress
 from converter.connect import connect, topics_from_args
 from converter.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from converter.fleet import FleetObserver
@@ -35,7 +35,7 @@ def run_canary_push(args: argparse.Namespace) -> int:
     if key is None:
         raise UsageError("--canary needs --key: failed canaries are rolled back with signed commands")
     bundle = Bundle.load(args.bundle)
-    prepared = prepare(bundle, key=key, expires_in=args.expires_in)
+    prepared = prepare(bundle, key=key, expires_in=args.expires_in, policy=policy_from_args(args))
     dep = prepared.deployment
     name = dep.model.name
     topics = topics_from_args(args)

@@ -90,6 +90,22 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def policy_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The signed policy fields given on the command line, checked as the agent checks them."""
+    from agent.errors import ProtocolError
+    from agent.protocol import Policy, dump, parse
+
+    fields = {"probation_s": args.probation, "max_error_rate": args.max_error_rate,
+              "max_latency_ratio": args.max_latency_ratio, "max_latency_ms": args.max_latency_ms}
+    policy: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    if args.allow_downgrade:
+        policy["allow_downgrade"] = True
+    try:
+        return dump(parse(Policy, policy)) if policy else {}  # type: ignore[no-any-return]
+    except ProtocolError as err:
+        raise UsageError(f"policy: {err}") from err
+
+
 def add_parser(subparsers: Any) -> None:
     """Register push, rollback, fleet and gc."""
     p = subparsers.add_parser("push", help="publish a bundle to a group or devices over MQTT",
@@ -103,6 +119,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--key", metavar="KEY", help="issue a fresh document signed with this key (file or keygen dir)")
     p.add_argument("--expires-in", type=positive_int, metavar="S", help="validity of the re-issued document (--key)")
     p.add_argument("--allow-unsigned", action="store_true", help="publish an unsigned manifest")
+    pol = p.add_argument_group("signed policy (with --key; it can only tighten each device's own limits)")
+    pol.add_argument("--probation", type=float, metavar="S", help="watch the new model at least S seconds")
+    pol.add_argument("--max-error-rate", type=float, metavar="F", help="roll back above this error rate (0-1)")
+    pol.add_argument("--max-latency-ratio", type=float, metavar="X",
+                     help="roll back when p95 latency exceeds X times the previous model's")
+    pol.add_argument("--max-latency-ms", type=float, metavar="MS", help="refuse a model slower than this at validation")
+    pol.add_argument("--allow-downgrade", action="store_true",
+                     help="let devices install a version not above the one they run (a signed downgrade)")
     p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S s (600)")
     p.add_argument("--canary", type=parse_canary, metavar="N|P%",
@@ -167,7 +191,8 @@ def run_push(args: argparse.Namespace) -> int:
 
         return run_canary_push(args)
     bundle = Bundle.load(args.bundle)
-    prepared = prepare(bundle, key=load_key(args.key), expires_in=args.expires_in, allow_unsigned=args.allow_unsigned)
+    prepared = prepare(bundle, key=load_key(args.key), expires_in=args.expires_in, allow_unsigned=args.allow_unsigned,
+                       policy=policy_from_args(args))
     dep = prepared.deployment
     name = dep.model.name
     topics = topics_from_args(args)

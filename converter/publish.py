@@ -77,7 +77,7 @@ def split_parallel(data: bytes, chunk_size: int) -> tuple[Artifact, list[bytes]]
 
 
 def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | None = None,
-            allow_unsigned: bool = False, now: int | None = None) -> Prepared:
+            allow_unsigned: bool = False, now: int | None = None, policy: dict[str, Any] | None = None) -> Prepared:
     """Chunk the bundle's files; with `key`, issue a fresh signed document, else check the bundle's own."""
     dep = bundle.deployment
     issued = int(time.time()) if now is None else now
@@ -93,11 +93,15 @@ def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | 
         # Chunk lists from this host's zlib: the signature covers exactly the bytes published.
         doc["model"]["artifact"] = dump(model_art)
         doc["model"]["golden"] = dump(golden_art)
+        if policy:
+            doc["policy"] = {**doc.get("policy", {}), **policy}
         raw = key.sign(doc)
     else:
         raw = bundle.raw_manifest
         if expires_in is not None:
             raise UsageError("--expires-in needs --key: the expiry is part of the signed document")
+        if policy:
+            raise UsageError("policy options need --key: the policy is part of the signed document")
         if raw.get("signature") is None and not allow_unsigned:
             raise UsageError(f"{bundle.path}: the manifest is not signed (sign with --key, or --allow-unsigned "
                              "for agents that trust no keys)")
