@@ -13,12 +13,11 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from agent.protocol import check_name
 from converter.collect import LEAVES, Collector, CollectStats, install_stop, subscriptions
 from converter.connect import add_broker_args, connect, topics_from_args
 from converter.errors import EXIT_OK, UsageError
 from converter.fleet import FleetObserver
-from converter.output import add_json, positive_int, print_json, stderr_console, stdout_console
+from converter.output import add_json, name_type, positive_int, print_json, stderr_console, stdout_console
 from converter.watch import SORT_KEYS, plain_table, rich_table, rows, summary_line, wait_for_telemetry
 
 WATCH_EPILOG = """\
@@ -55,15 +54,6 @@ examples:
 """
 
 
-def _name(kind: str) -> Any:
-    def check(text: str) -> str:
-        problem = check_name(text)
-        if problem:
-            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: {problem}")
-        return text
-    return check
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -86,7 +76,7 @@ def add_fleet_commands(fleet_commands: Any) -> None:
     w = fleet_commands.add_parser("watch", help="live table of devices, models, latency, CPU, memory, events",
                                   description="Watch the fleet: one row per device, refreshed live.",
                                   epilog=WATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    w.add_argument("--group", type=_name("group"), help="only the devices of this group")
+    w.add_argument("--group", type=name_type("group"), help="only the devices of this group")
     w.add_argument("--sort", choices=SORT_KEYS, default="device",
                    help="row order: device id, or largest first for cpu, rss, p95, or the latest event first")
     w.add_argument("--interval", type=_positive_seconds, default=2.0, metavar="S", help="refresh every S s (2)")
@@ -101,7 +91,7 @@ def add_fleet_commands(fleet_commands: Any) -> None:
                                   description="Collect telemetry and events, alone or sharing the stream "
                                               "with other collectors.",
                                   epilog=COLLECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("--share", type=_name("share name"), metavar="NAME",
+    c.add_argument("--share", type=name_type("share name"), metavar="NAME",
                    help="join the shared subscription NAME (MQTT 5 $share): collectors split the stream")
     c.add_argument("--out", metavar="FILE.jsonl|-", help="append records to this file ('-': stdout); "
                                                           "without it only the figures are kept")

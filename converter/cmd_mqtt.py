@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Callable
 from typing import Any
 
 from rich.progress import (
@@ -19,14 +18,22 @@ from rich.progress import (
 from rich.table import Table
 
 from agent.bundle import Bundle
-from agent.protocol import Topics, canonical_json, check_name
+from agent.protocol import Topics, canonical_json
 from agent.transport import Transport
 from converter.canary import parse_canary
 from converter.cmd_fleet import add_fleet_commands
 from converter.connect import add_broker_args, connect, topics_from_args
 from converter.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from converter.fleet import DeviceView, FleetObserver
-from converter.output import add_json, load_key, positive_int, print_json, stderr_console, stdout_console
+from converter.output import (
+    add_json,
+    load_key,
+    name_type,
+    positive_int,
+    print_json,
+    stderr_console,
+    stdout_console,
+)
 from converter.publish import (
     DeviceResult,
     Prepared,
@@ -74,15 +81,6 @@ every retained chunk (max_queued_messages above the chunk count; the shipped con
 """
 
 
-def _name(kind: str) -> Callable[[str], str]:
-    def check(text: str) -> str:
-        problem = check_name(text)
-        if problem:
-            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: {problem}")
-        return text
-    return check
-
-
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -113,8 +111,8 @@ def add_parser(subparsers: Any) -> None:
                               epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory (edgectl convert/package)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--group", type=_name("group"), help="deploy to every device of this group")
-    target.add_argument("--device", dest="devices", action="append", type=_name("device"), metavar="ID",
+    target.add_argument("--group", type=name_type("group"), help="deploy to every device of this group")
+    target.add_argument("--device", dest="devices", action="append", type=name_type("device"), metavar="ID",
                         help="deploy to this device (repeat for several)")
     p.add_argument("--key", metavar="KEY", help="issue a fresh document signed with this key (file or keygen dir)")
     p.add_argument("--expires-in", type=positive_int, metavar="S", help="validity of the re-issued document (--key)")
@@ -140,8 +138,8 @@ def add_parser(subparsers: Any) -> None:
     r = subparsers.add_parser("rollback", help="order a device to restore its previous model",
                               description="Send a signed rollback command to one device (its previous "
                                           "model comes back without a download).")
-    r.add_argument("--device", required=True, type=_name("device"), metavar="ID", help="the device")
-    r.add_argument("--model", required=True, type=_name("model"), help="the model to roll back")
+    r.add_argument("--device", required=True, type=name_type("device"), metavar="ID", help="the device")
+    r.add_argument("--model", required=True, type=name_type("model"), help="the model to roll back")
     r.add_argument("--key", required=True, metavar="KEY", help="signing key the device trusts")
     r.add_argument("--expires-in", type=positive_int, default=300, metavar="S",
                    help="the device ignores the command after S s (300)")
@@ -161,7 +159,7 @@ def add_parser(subparsers: Any) -> None:
     f.set_defaults(func=fleet_help)
     s = fleet_commands.add_parser("status", help="one line per device from the retained status and state",
                                   description="Print every device's presence, groups and models.")
-    s.add_argument("--group", type=_name("group"), help="only the devices of this group")
+    s.add_argument("--group", type=name_type("group"), help="only the devices of this group")
     s.add_argument("--telemetry-wait", type=float, default=0.0, metavar="S",
                    help="also wait up to S s for telemetry from every online device (telemetry is not "
                         "retained; the agent sends it every telemetry.interval_s, 10 s by default); "

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,13 @@ def check_output(path: str, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a bundle directory; refusing to replace it")
     return out
+
+
+def name_type(kind: str) -> Callable[[str], str]:
+    """An argparse type for a device, group or model name, refused with the reason when unsafe."""
+    def check(text: str) -> str:
+        problem = check_name(text)
+        if problem:
+            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: {problem}")
+        return text
+    return check

@@ -21,6 +21,7 @@ from agent.config import parse_config
 from agent.lifecycle import Lifecycle
 from agent.protocol import Deployment, Event, Keyring, SigningKey
 from agent.store import Store
+from tests.agentproc import toml
 from tests.helpers import read_manifest, rewrite_manifest, swap_file
 
 
@@ -75,15 +76,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def toml(sections: dict[str, dict[str, Any]]) -> str:
-    """TOML text of a two-level mapping (enough for agent configs in tests)."""
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
