@@ -115,7 +115,8 @@ class InProcessAgent:
             "api": {"socket": str(root / "api.sock")},
             "security": {"trusted_keys": [str(keys / "edgefleet.pub")]},
             "validation": {"timeout_s": 20, "latency_runs": 5},
-            "health": {"probation_s": 3600, "min_requests": 5},
+            # thousands of deployments an hour here: the cap on update attempts would put them off
+            "health": {"probation_s": 3600, "min_requests": 5, "max_updates_per_hour": 1_000_000},
             "telemetry": {"interval_s": 3600},
         }
         if mqtt:

@@ -231,7 +231,7 @@ class HostileReport:
     ran: int = 0
     rejected: int = 0
     accepted: int = 0
-    """Files that still computed the golden outputs (a flip in unused bytes): activated, then rolled back."""
+    """Files whose golden outputs were within tolerance (validation passed them): activated, then rolled back."""
     kinds: Counter[str] = field(default_factory=Counter)
     agent_crashes: int = 0
     seconds: float = 0.0
@@ -262,7 +262,7 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
     report = HostileReport()
     started = time.monotonic()
     base = parse_json((v1 / MANIFEST_FILE).read_bytes())
-    expected = agent.client.predict("m", X)["predictions"]
+    expected = np.array(agent.client.predict("m", X)["predictions"])
     for i, hostile in enumerate(files):
         bundle = work / f"hostile-{i}"
         shutil.copytree(v1, bundle)
@@ -284,17 +284,22 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
             report.rejected += 1
             report.kinds[outcome_kind(answer.get("reason"))] += 1
         elif answer.get("phase") == "PROBATION":
+            # validation found its golden outputs within tolerance (a flip in bytes nobody reads, or in a
+            # weight's last bits): activated, as it should be; how it answers another input is recorded
             report.accepted += 1
-            report.kinds["accepted (outputs still exact)"] += 1
-            got = agent.client.predict("m", X)
-            if got["predictions"] != expected:
-                report.kinds["accepted but answers differ"] += 1
+            got = np.array(agent.client.predict("m", X)["predictions"])
+            if np.array_equal(got, expected):
+                report.kinds["accepted: same answers"] += 1
+            elif np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+                report.kinds["accepted: answers within tolerance"] += 1
+            else:
+                report.kinds["accepted: answers differ beyond tolerance"] += 1
             agent.client.admin("rollback", {"model": "m"})
         else:
             report.kinds[f"unexpected: {answer}"[:80]] += 1
         shutil.rmtree(bundle, ignore_errors=True)
         served = agent.client.predict("m", X)
-        if served["model_version"] != 1 or served["predictions"] != expected:
+        if served["model_version"] != 1 or not np.array_equal(np.array(served["predictions"]), expected):
             report.kinds["lost the previous model"] += 1
     report.seconds = time.monotonic() - started
     return report

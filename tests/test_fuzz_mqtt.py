@@ -380,7 +380,7 @@ def live(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     agent = AgentWith(tmp_path_factory.mktemp("fuzz-agent"), groups=["lab"],
                       mqtt={"url": broker.url, "reconnect_max_s": 1.0},
                       security={"trusted_keys": [str(world.root / "live-keys" / "edgefleet.pub")]},
-                      health={"probation_s": 3600})
+                      health={"probation_s": 3600, "max_updates_per_hour": 1_000_000})
     assert agent.cli("install", str(world.v1)).returncode == 0
     agent.start()
     op = Operator(broker.url, world.key)
