@@ -241,7 +241,8 @@ class HostileReport:
         from tests.hostile import tally
 
         return (f"{self.ran} hostile models in {self.seconds:.1f} s: {self.rejected} rejected, {self.accepted} "
-                f"accepted (still exact), agent crashes {self.agent_crashes}; outcomes: {tally(list(self.kinds.elements()))}")
+                f"passed validation (golden outputs within tolerance), agent crashes {self.agent_crashes}; outcomes: "
+                f"{tally(list(self.kinds.elements()))}")
 
 
 def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], key: SigningKey | None,
