@@ -63,6 +63,17 @@ def _read(path: Path) -> bytes:
         raise ProtocolError(f"{path}: {err.strerror}") from err
 
 
+def read_bundle_files(path: Path) -> tuple[Any, bytes, bytes]:
+    """The raw manifest, model and golden bytes of a bundle directory, unchecked (the lifecycle checks)."""
+    if not path.is_dir():
+        raise ProtocolError(f"{path}: not a bundle directory")
+    try:
+        raw = parse_json((path / MANIFEST_FILE).read_bytes())
+        return raw, (path / MODEL_FILE).read_bytes(), (path / GOLDEN_FILE).read_bytes()
+    except OSError as err:
+        raise ProtocolError(f"{path}: {err.strerror}: {err.filename}") from err
+
+
 def read_bundle_tar(data: bytes, limit: int) -> dict[str, bytes]:
     """The files of a bundle sent as an uncompressed tar: only the bundle's own regular files, size-bounded."""
     import tarfile

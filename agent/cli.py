@@ -99,9 +99,9 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
-    from agent.daemon import read_bundle_files
+    from agent.bundle import read_bundle_files
     from agent.errors import ProtocolError
-    from agent.lifecycle import Lifecycle, raw_model_name
+    from agent.lifecycle import Lifecycle
     from agent.protocol.signing import Keyring
     from agent.store import Store
 
@@ -113,16 +113,9 @@ def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
             raw, model, golden = read_bundle_files(path)
         except ProtocolError as err:
             raise UsageError(str(err)) from err
-        name = raw_model_name(raw)
-        if name is None:
-            raise UsageError(f"{path}: manifest has no valid model name")
         lifecycle = Lifecycle(config, store, keyring=Keyring.from_files(config.security.trusted_keys))
-        phase = lifecycle.install(raw, model, golden)
-        rec = lifecycle.state.record(name)
-        body: dict[str, Any] = {"model": name, "phase": phase, "version": rec.active.version if rec.active else None}
-        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
-            body["reason"] = rec.last_outcome.reason
-        elif phase == "PROBATION":
+        body = lifecycle.install_outcome(raw, model, golden)
+        if body["phase"] == "PROBATION":
             body["note"] = "probation starts when the agent runs"
         return body
     finally:

@@ -12,7 +12,6 @@ import queue
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,11 @@ from typing import Any
 from agent import __version__, faults
 from agent.api import ApiServer
 from agent.api_routes import serving_metrics
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_tar
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files, read_bundle_tar
 from agent.config import AgentConfig
 from agent.delivery import ChunkStored
-from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError
-from agent.lifecycle import Lifecycle, raw_model_name
+from agent.errors import EdgefleetError, ProtocolError, StoreError
+from agent.lifecycle import Lifecycle
 from agent.link import Connection, FleetLink
 from agent.protocol.canonical import parse_json
 from agent.protocol.documents import Event, Telemetry
@@ -51,17 +50,6 @@ class Request:
     reply: queue.Queue[tuple[int, dict[str, Any]]] = field(default_factory=lambda: queue.Queue(maxsize=1))
 
 
-def read_bundle_files(path: Path) -> tuple[Any, bytes, bytes]:
-    """The raw manifest, model and golden bytes of a bundle directory, unchecked (the lifecycle checks)."""
-    if not path.is_dir():
-        raise ProtocolError(f"{path}: not a bundle directory")
-    try:
-        raw = parse_json((path / MANIFEST_FILE).read_bytes())
-        return raw, (path / MODEL_FILE).read_bytes(), (path / GOLDEN_FILE).read_bytes()
-    except OSError as err:
-        raise ProtocolError(f"{path}: {err.strerror}: {err.filename}") from err
-
-
 class Daemon:
     """A running agent."""
 
@@ -74,7 +62,6 @@ class Daemon:
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stop_event = threading.Event()
         self.started = time.monotonic()
-        self.events: deque[Event] = deque(maxlen=50)
         self.sinks: list[Callable[[Event], None]] = []
         self.unhealthy: str | None = None
         self._hung_reported: set[tuple[str, float]] = set()
@@ -119,7 +106,6 @@ class Daemon:
     # --- reporting -----------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        self.events.append(event)
         for sink in self.sinks:
             try:
                 sink(event)
@@ -290,21 +276,8 @@ class Daemon:
 
     def install_files(self, raw: Any, model: bytes, golden: bytes) -> tuple[int, dict[str, Any]]:
         """Install a bundle's manifest, model and golden vectors through the full lifecycle."""
-        name = raw_model_name(raw)
-        if name is None:
-            err2 = DeploymentRejected("manifest has no valid model name", step="VERIFYING")
-            self.lifecycle.emit("?", "REJECTED", False, raw if isinstance(raw, dict) else None, err2.reason)
-            return 200, {"model": None, "phase": "REJECTED", "reason": err2.reason}
-        phase = self.lifecycle.install(raw, model, golden)
-        return self._outcome(name, phase)
-
-    def _outcome(self, name: str, phase: str) -> tuple[int, dict[str, Any]]:
-        rec = self.lifecycle.state.record(name)
-        body: dict[str, Any] = {"model": name, "phase": phase,
-                                "version": rec.active.version if rec.active else None}
-        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
-            body["reason"] = rec.last_outcome.reason
-        return 200, body  # the request worked; the outcome (even a rejection) is in the body
+        # the request worked: the outcome, even a rejection, is in the body
+        return 200, self.lifecycle.install_outcome(raw, model, golden)
 
     def rollback(self, name: Any) -> tuple[int, dict[str, Any]]:
         """Manual rollback of one model (the only one when `name` is None)."""
@@ -357,13 +330,7 @@ class Daemon:
 
 def run_daemon(config: AgentConfig) -> int:
     """`edge-agent run`: install signal handlers and run the daemon in this thread."""
-    daemon = make_daemon(config)
+    daemon = Daemon(config)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     return daemon.run()
-
-
-def make_daemon(config: AgentConfig) -> Daemon:
-    """The daemon for a configuration (with MQTT delivery when a broker is configured)."""
-    return Daemon(config)
-

@@ -366,6 +366,20 @@ class Lifecycle:
             return "REJECTED"
         return self.state.record(name).phase
 
+    def install_outcome(self, raw: Any, model: bytes | None, golden: bytes | None) -> dict[str, Any]:
+        """Install, and describe the outcome for a person or a script: model, phase, version, reason."""
+        name = raw_model_name(raw)
+        if name is None:
+            reason = "manifest has no valid model name"
+            self.emit("?", "REJECTED", False, raw if isinstance(raw, dict) else None, reason)
+            return {"model": None, "phase": "REJECTED", "version": None, "reason": reason}
+        phase = self.install(raw, model, golden)
+        rec = self.state.record(name)
+        body: dict[str, Any] = {"model": name, "phase": phase, "version": rec.active.version if rec.active else None}
+        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
+            body["reason"] = rec.last_outcome.reason
+        return body
+
     def install_stored(self, raw: dict[str, Any]) -> Phase:
         """Continue a deployment whose artifacts were downloaded and verified into the blob store."""
         return self.install(raw, None, None)
