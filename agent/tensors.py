@@ -135,7 +135,10 @@ def _convert(plan: InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any]
     if dt.kind == "f":
         if x.dtype.kind == "b":
             raise RequestError(f"input {label}: expected numbers, got booleans")
-        y = x.astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = x.astype(np.float32, copy=False)
+        if not np.isfinite(y).all():
+            raise RequestError(f"input {label}: values must be finite and within the float32 range")
         if plan.mean is not None:
             y = _normalise(plan, y, label)
         return _contiguous(y, dtype=dt), False

@@ -339,3 +339,21 @@ def test_a_hung_invoke_is_visible_and_a_swap_rescues_queued_requests(
     assert report["queued_before_swap"] is False  # the queued request waited behind the hung one
     assert report["queued_version"] == 2  # then moved to the model that replaced it
     assert report["fresh_version"] == 2
+
+
+def test_non_finite_or_out_of_range_floats_are_refused(make_bundle) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    from agent.bundle import Bundle
+    from agent.errors import RequestError
+    from agent.serving import Serving
+
+    bundle = Bundle.load(make_bundle("dense_f32", version=1))
+    serving = Serving()
+    serving.activate("m", bundle.path / "model.tflite", bundle.deployment)
+    for bad in ([[1e39] + [0.0] * 7], [[float("nan")] * 8], [[float("inf")] + [0.0] * 7]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RequestError, match="finite and within the float32 range"):
+                serving.predict("m", [bad], batch_dim=True)
+    assert serving.served("m").stats.errors == 0  # type: ignore[union-attr]
