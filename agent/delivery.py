@@ -285,7 +285,7 @@ class Downloads:
             _write_places(places, decode_chunk(ref, payload))
             faults.point("download:chunk")
         except ChunkError as err:
-            error = f"chunk {ref.sha256[:12]}: {err}"
+            error = str(err)  # decode_chunk names the chunk
         except OSError as err:
             error = f"cannot store chunk: {err.strerror or err}"
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
