@@ -29,6 +29,8 @@ MAX_CHUNK_SIZE = 4 << 20
 ACTION_WINDOW_S = 3600.0
 # Commands are short-lived orders: a bounded validity keeps the replay memory bounded too.
 MAX_COMMAND_VALIDITY_S = 86400
+# Reasons travel in every event and in the retained state document.
+MAX_REASON = 500
 
 
 class StatsLike(Protocol):
@@ -102,6 +104,7 @@ class Lifecycle:
     def emit(self, name: str, step: Phase, ok: bool, doc: Deployment | dict[str, Any] | None = None,
              reason: str | None = None, **details: Any) -> None:
         """Report one lifecycle step."""
+        reason = _clip(reason)
         dep_id = version = None
         if isinstance(doc, Deployment):
             dep_id, version = doc.deployment_id, doc.model.version
@@ -277,7 +280,7 @@ class Lifecycle:
         if name in self.state.models or name == raw_model_name(raw):
             rec = self.state.record(name)
             outcome = Outcome(deployment_id=dep_id or "?", version=version if isinstance(version, int) and not
-                              isinstance(version, bool) else -1, result="rejected", reason=err.reason,
+                              isinstance(version, bool) else -1, result="rejected", reason=_clip(err.reason),
                               ts=self.clock(), figures=_scalars(err.details))
             self._save(self.state.with_record(name, replace(rec, phase=_resting_phase(rec, "REJECTED"),
                                                             pending=None, last_outcome=outcome)))
@@ -589,6 +592,13 @@ def raw_model_name(raw: Any) -> str | None:
     except (KeyError, TypeError):
         return None
     return name if isinstance(name, str) and not check_name(name) else None
+
+
+def _clip(reason: str | None, limit: int = MAX_REASON) -> str | None:
+    """A reason cut to `limit` characters: refusals quote the bad value, and an attacker picks its size."""
+    if reason is None or len(reason) <= limit:
+        return reason
+    return reason[: limit - 25] + f"... ({len(reason)} characters)"
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, Any]:
