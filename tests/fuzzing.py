@@ -171,7 +171,8 @@ def break_document(doc: dict[str, Any], draw: Callable[[Any], Any], *, now: int)
         doc["schema"] = draw(st.sampled_from(["edgefleet.deployment/2", "", "edgefleet.command/1"]) | st.text())
         return doc, "wrong schema", True
     if kind == "dtype":
-        doc["model"]["inputs"][0]["dtype"] = draw(st.sampled_from(["float64", "complex64", "object", "", "F32"]))
+        doc["model"]["inputs"][0]["dtype"] = draw(st.sampled_from(["float64", "complex64", "object", "", "F32",
+                                                                   "f" * 200_000]))
         return doc, "unknown dtype", True
     if kind == "policy":
         key, value = draw(st.sampled_from([("max_error_rate", 1.5), ("max_error_rate", -0.1), ("probation_s", -1),

@@ -164,6 +164,8 @@ def refused(events: list[Any], what: str) -> Any:
     assert bad, f"{what}: no REJECTED event (events: {[(e.step, e.ok, e.reason) for e in events]})"
     event = bad[-1]
     assert event.ok is False and event.reason and event.reason.strip(), what
+    # the reason goes into every event and retained state document: an attacker must not size it
+    assert len(event.reason) <= 2000, f"{what}: a reason of {len(event.reason)} characters"
     return event
 
 
@@ -263,6 +265,7 @@ def test_generated_commands(world: World) -> None:
         event = events[0]
         if must or not event.ok:
             assert event.ok is False and event.reason and event.reason.strip(), what
+            assert len(event.reason) <= 2000, f"{what}: a reason of {len(event.reason)} characters"
             if event.reason.startswith("command rejected"):
                 assert agent.daemon.lifecycle.state.commands == applied, f"{what}: a refused command was remembered"
             else:  # verified, so consumed (never applied twice), but it could not be carried out
