@@ -48,6 +48,8 @@ GOALS: dict[str, tuple[str, str, float | None]] = {
     "LOST_MODELS": ("models lost after kills", "<=", 0),
     "FAILED_REQUESTS": ("failed requests in the soak", "<=", 0),
     "AGENT_CRASHES": ("agent crashes", "<=", 0),
+    "SOAK_REQUESTS": ("requests in the soak (50/s over two updates and a rollback)", "", None),
+    "FAULT_SCENARIOS": ("broker and disk fault scenarios passed / run", "", None),
 }
 
 

@@ -247,5 +247,5 @@ def outcome_kind(reason: str | None) -> str:
 
 
 def tally(kinds: list[str]) -> str:
-    """`kind=count` pairs, most frequent first."""
-    return ", ".join(f"{k}={n}" for k, n in Counter(kinds).most_common())
+    """`kind: count` pairs, most frequent first (not KEY=value: bench/run_all.py reads those as figures)."""
+    return ", ".join(f"{k}: {n}" for k, n in Counter(kinds).most_common())
