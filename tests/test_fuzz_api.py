@@ -264,6 +264,7 @@ def agent() -> Iterator[InProcessAgent]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e308 sent as float32
 def test_generated_api_requests(agent: InProcessAgent) -> None:
     sock = agent.root / "api.sock"
     client = ApiClient(socket_path=str(sock))
