@@ -37,6 +37,8 @@ CASES = FUZZ.max_examples
 """Cases each property must have run (checked after the run)."""
 E2E = settings(FUZZ, max_examples=12 if PROFILE.endswith("ci") else 60)
 """The few cases that go through a real agent process and a real broker."""
+TIMEOUT_S = max(300, CASES // 10 + 120)
+"""Per-test time limit (pytest-timeout): the long profile needs more than the suite's default 300 s."""
 
 # --- values -------------------------------------------------------------------------------------
 

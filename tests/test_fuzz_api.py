@@ -27,10 +27,12 @@ from hypothesis import strategies as st
 
 from agent.client import ApiClient
 from agent.protocol import SigningKey
-from tests.fuzzing import CASES, E2E, FUZZ, JSON, NAMES
+from tests.fuzzing import CASES, E2E, FUZZ, JSON, NAMES, TIMEOUT_S
 from tests.helpers import wait_for
 from tests.inproc import InProcessAgent, tree
 from tests.reliability import AgentWith, X, build_bundle, fast_tmp
+
+pytestmark = pytest.mark.timeout(TIMEOUT_S)
 
 MAX_BODY = 1 << 20
 ADMIN_BODY = 1 << 30  # the default limit of admin bodies on the Unix socket (bundle uploads)

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,9 @@ from agent.errors import ConfigError, ProtocolError
 from agent.protocol import Topics
 from agent.transport import parse_url
 from tests.agentproc import ROOT
-from tests.fuzzing import CASES, E2E, FUZZ
+from tests.fuzzing import CASES, E2E, FUZZ, TIMEOUT_S
+
+pytestmark = pytest.mark.timeout(TIMEOUT_S)
 
 
 def leaves(cls: type = AgentConfig, prefix: str = "") -> dict[str, Any]:

@@ -42,6 +42,7 @@ from tests.fuzzing import (
     E2E,
     FUZZ,
     JSON,
+    TIMEOUT_S,
     break_chunk,
     break_command,
     break_document,
@@ -52,6 +53,8 @@ from tests.fuzzing import (
 )
 from tests.inproc import InProcessAgent, LogCapture, Snapshot, tree
 from tests.reliability import AgentWith, Operator, build_bundle, fast_tmp
+
+pytestmark = pytest.mark.timeout(TIMEOUT_S)
 
 T = Topics()
 STATE_FILES = {"state.json", "state.json.bak", "lock"}

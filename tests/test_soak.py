@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import wait_for
 from tests.reliability import AgentWith, build_bundle
 from tests.soak import soak
@@ -16,6 +18,7 @@ RATE = 50.0
 RSS_BOUND = 24 << 20
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_soak_through_two_updates_and_a_rollback(tmp_path: Path) -> None:
     a = AgentWith(tmp_path / "agent", health={"probation_s": 3, "min_requests": 5})
     assert a.cli("install", str(build_bundle(tmp_path / "v1", "dense_f32", version=1))).returncode == 0
