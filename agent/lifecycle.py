@@ -29,6 +29,9 @@ MAX_CHUNK_SIZE = 4 << 20
 ACTION_WINDOW_S = 3600.0
 # Commands are short-lived orders: a bounded validity keeps the replay memory bounded too.
 MAX_COMMAND_VALIDITY_S = 86400
+# Applied command ids are remembered until they expire; more than this many unexpired ones at once
+# would let the oldest be replayed, so the bound is far above any operator's command rate.
+MAX_COMMANDS_KEPT = 4096
 # Reasons travel in every event and in the retained state document.
 MAX_REASON = 500
 
@@ -317,8 +320,8 @@ class Lifecycle:
             raise DeploymentRejected(f"command {cmd.command_id} was already applied (replay)")
         seen = {k: v for k, v in self.state.commands.items() if v >= now}
         seen[cmd.command_id] = cmd.expires_at
-        if len(seen) > self.config.store.max_rejected:
-            seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-self.config.store.max_rejected:])
+        if len(seen) > MAX_COMMANDS_KEPT:
+            seen = dict(sorted(seen.items(), key=lambda kv: kv[1])[-MAX_COMMANDS_KEPT:])
         self._save(replace(self.state, commands=seen))
         return cmd
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent.transport import Message, Transport, settings_from_config
 log = logging.getLogger(__name__)
 
 STATE_INTERVAL_S = 1.0
+BAD_PAYLOADS_KEPT = 1024
 # Documents refused as not yet valid are tried again this often: a board without a real-time clock
 # boots in the past and only later learns the time from NTP.
 RETRY_INTERVAL_S = 30.0
@@ -58,7 +60,7 @@ class FleetLink:
             post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
         self.docs: dict[str, dict[str, dict[str, Any]]] = {}
-        self._bad_payloads: set[str] = set()
+        self._bad_payloads: OrderedDict[str, None] = OrderedDict()
         self._state_dirty = True
         self._state_sent = 0.0
         self._retrying: dict[str, Any] = {}
@@ -174,18 +176,24 @@ class FleetLink:
             if not isinstance(raw, dict):
                 raise ProtocolError(f"document: expected an object, got {type(raw).__name__}")
         except ProtocolError as err:
-            self._bad_payloads.add(digest)
+            self._remember_bad(digest)
             self.lifecycle.reject(name, {}, DeploymentRejected(f"malformed deployment on {source}: {err}",
                                                                step="VERIFYING"))
             return
         if raw_model_name(raw) != name:
-            self._bad_payloads.add(digest)
+            self._remember_bad(digest)
             self.lifecycle.reject(name, raw, DeploymentRejected(
                 f"document for model {raw_model_name(raw)!r} published on the topic of model {name!r}",
                 step="VERIFYING"))
             return
         docs[source] = raw
         self.reconcile(name)
+
+    def _remember_bad(self, digest: str) -> None:
+        """Remember a malformed payload (bounded: the oldest are forgotten first)."""
+        self._bad_payloads[digest] = None
+        while len(self._bad_payloads) > BAD_PAYLOADS_KEPT:
+            self._bad_payloads.popitem(last=False)
 
     def effective(self, name: str) -> dict[str, Any] | None:
         """The document that applies: the device's own, else the newest of its groups'."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import resource
 import signal
 import threading
@@ -162,7 +163,29 @@ def _forkserver() -> Any:
         return _context
 
 
+def _die_with_the_agent() -> None:
+    """A validation that hangs must not outlive an agent that was killed (outside systemd nothing else
+    would reap it). The fork server stays up while any of its children holds its "alive" pipe, so this
+    child lets go of it, and asks the kernel to kill it when the fork server (its parent) goes, which
+    happens as soon as the agent is gone."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the systemd unit's KillMode=mixed still cleans up
+
+
 def _child(conn: Any, request: dict[str, Any], memory_mb: int) -> None:
+    _die_with_the_agent()
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

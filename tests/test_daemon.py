@@ -176,3 +176,26 @@ def test_install_uploads_the_bundle_the_agent_cannot_read(agent: Any, make_bundl
     finally:
         private.chmod(0o755)
     assert _version(a) == 1
+
+
+def test_a_hanging_validation_dies_with_a_killed_agent(agent: Any, make_bundle: Any, zoo: Any) -> None:
+    import threading
+
+    import psutil
+
+    a = agent(validation={"timeout_s": 120}).start()
+    hang = make_bundle("dense_f32", version=1)
+    swap_file(hang, MODEL_FILE, zoo("hang_f32").read_bytes())
+    threading.Thread(target=lambda: a.cli("install", str(hang)), daemon=True).start()
+    assert a.proc is not None
+    me = psutil.Process(a.proc.pid)
+    # the fork server (and multiprocessing's resource tracker) and the validation child spinning on the model
+    def spinning() -> bool:
+        return any(c.cpu_percent(0.2) > 20 for c in me.children(recursive=True))
+
+    wait_for(spinning, timeout=30, what="a validation child spinning on the model")
+    children = me.children(recursive=True)
+    a.proc.kill()
+    a.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left running: {alive}"
