@@ -9,9 +9,12 @@ every verified chunk is written at its offsets, and the finished file is hashed,
 into the blob store, with no copy. A download interrupted by a reconnect, a restart or a power cut
 resumes with the chunks whose bytes are already in place (each is checked against its hash).
 
-Verifying and writing chunks (SHA-256, inflate, pwrite: all release the GIL) happens on a small pool
-of worker threads; each result comes back to the loop thread, which owns the download state, as a
-`ChunkStored` message on the daemon's queue.
+Chunks never wait for the daemon's loop thread. The MQTT network thread claims each arriving chunk
+and hands it to a small pool of worker threads, which verify and write it (SHA-256, inflate, pwrite:
+all release the GIL), hash what has become contiguous, and ask the broker for the next chunks, all
+under one lock over the download state. Only a finished or failed download goes to the loop thread, as
+a `ChunkStored` message on the daemon's queue, so the network thread stays free to acknowledge the
+next messages and a download costs the loop thread two steps, not one per chunk.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,8 @@ class ChunkStored:
     error: str | None = None
     disk_full: bool = False
     """The chunk could not be written for lack of space (ENOSPC, EDQUOT)."""
+    complete: bool = False
+    """Every chunk of the download is in place: the loop thread finishes it."""
 
 
 @dataclass
@@ -68,7 +74,9 @@ class Assembly:
     hasher: Any = field(default_factory=hashlib.sha256)
 
     def advance(self) -> None:
-        """Hash the chunks that are now in place after the last one hashed (the bytes are in the page cache)."""
+        """Hash the chunks that are now in place after the last one hashed (the bytes are in the page cache).
+
+        One thread at a time (the caller holds the job's hashing lock)."""
         if self.next < len(self.done) and self.done[self.next]:
             with open(self.part, "rb") as f:
                 while self.next < len(self.done) and self.done[self.next]:
@@ -103,6 +111,12 @@ class Job:
     fetched_chunks: int = 0
     local_bytes: int = 0
     resumed_chunks: int = 0
+    assemblies: list[Assembly] = field(default_factory=list)
+    """The artifacts this job assembles."""
+    ended: bool = False
+    """Complete or failed: reported to the loop thread, nothing more is asked for."""
+    hashing: threading.Lock = field(default_factory=threading.Lock)
+    """Held while an artifact's running hash advances."""
 
     @property
     def name(self) -> str:
@@ -119,20 +133,28 @@ class Job:
         return 1.0 - len(self.missing) / self.total if self.total else 1.0
 
     def mark_done(self, sha: str) -> None:
-        """A chunk is in place at every offset where its artifacts use it: hash what is now contiguous."""
+        """A chunk is in place at every offset where its artifacts use it."""
         for assembly, index in self.where[sha]:
             assembly.done[index] = True
-        for assembly in {id(a): a for a, _ in self.where[sha]}.values():
-            assembly.advance()
 
-    @property
-    def assemblies(self) -> list[Assembly]:
-        """The artifacts this job assembles."""
-        return list({id(a): a for pairs in self.where.values() for a, _ in pairs}.values())
+    def advance(self, wait: bool = True) -> None:
+        """Hash what is now contiguous in each artifact. Without `wait`, leave it to a thread already
+        hashing (it, or the final `advance` before the artifact is checked, picks up these chunks)."""
+        if self.hashing.acquire(blocking=wait):
+            try:
+                for assembly in self.assemblies:
+                    assembly.advance()
+            finally:
+                self.hashing.release()
 
 
 class Downloads:
-    """Every download in progress; driven by the thread that owns the lifecycle."""
+    """Every download in progress.
+
+    `start`, `on_stored`, `finish` and `cancel` run on the loop thread, which owns the lifecycle;
+    `on_chunk` runs on the MQTT network thread and the chunk work on the pool's threads. `_lock`
+    guards the jobs and their chunk sets.
+    """
 
     def __init__(self, store: Store, *, subscribe: Callable[[list[str]], None],
                  unsubscribe: Callable[[list[str]], None], chunk_topic: Callable[[str], str],
@@ -147,8 +169,13 @@ class Downloads:
         self.max_disk_fraction = max_disk_fraction
         self.jobs: dict[str, Job] = {}
         self._index: dict[tuple[str, int], dict[str, int]] = {}
-        self._finished_topics: list[str] = []
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-agent-chunk")
+        self._finished: list[str] = []
+        """Chunks received whose subscriptions are still to be dropped."""
+        self._lock = threading.RLock()
+        self._work: queue.SimpleQueue[tuple[Job, ChunkRef, list[Place], bytes] | None] = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._work_loop, name=f"edge-agent-chunk-{i}", daemon=True)
+                         for i in range(workers)]
+        self._started = self._closed = False
 
     def part_path(self, art: Artifact) -> Path:
         """Where an artifact is assembled."""
@@ -159,6 +186,12 @@ class Downloads:
     def start(self, doc: Deployment, raw: dict[str, object]) -> Job:
         """Begin (or resume) a download; the job may have nothing missing (all chunks local)."""
         self.cancel(doc.model.name)
+        with self._lock:
+            job = self._start(doc, raw)
+        self._send(job)
+        return job
+
+    def _start(self, doc: Deployment, raw: dict[str, object]) -> Job:
         self._check_disk(doc)
         artifacts = [art for art in (doc.model.artifact, doc.model.golden) if not self.store.has_blob(art.sha256)]
         self._drop_stale_parts({self.part_path(a) for a in artifacts})
@@ -166,6 +199,7 @@ class Downloads:
         places: dict[str, list[Place]] = {}
         where: dict[str, list[tuple[Assembly, int]]] = {}
         resumed_parts = set()
+        assemblies: list[Assembly] = []
         for art in artifacts:
             part = self.part_path(art)
             if part.exists() and part.stat().st_size == art.size:
@@ -177,11 +211,12 @@ class Downloads:
             for ref in art.chunks[:-1]:
                 offsets.append(offsets[-1] + ref.size)
             assembly = Assembly(art=art, part=part, offsets=offsets, done=[False] * len(art.chunks))
+            assemblies.append(assembly)
             for index, ref in enumerate(art.chunks):
                 refs.setdefault(ref.sha256, ref)
                 places.setdefault(ref.sha256, []).append((part, offsets[index]))
                 where.setdefault(ref.sha256, []).append((assembly, index))
-        job = Job(doc=doc, raw=raw, refs=refs, places=places, where=where, missing={})
+        job = Job(doc=doc, raw=raw, refs=refs, places=places, where=where, missing={}, assemblies=assemblies)
         local = self._local_chunks(doc.model.artifact.chunk_size, doc.model.golden.chunk_size) if refs else {}
         for sha, ref in refs.items():
             if all(p in resumed_parts for p, _ in places[sha]) and _in_place(places[sha], ref, sha):
@@ -193,11 +228,12 @@ class Downloads:
                 job.missing[sha] = None
                 continue
             job.mark_done(sha)
+        job.advance()
         job.queue.extend(job.missing)
+        job.ended = not job.missing
         self.jobs[job.name] = job
         log.info("model %s: v%s needs %d of %d chunks (%d already downloaded, %d bytes copied from local models)",
                  job.name, doc.model.version, len(job.missing), job.total, job.resumed_chunks, job.local_bytes)
-        self._request_more(job)
         return job
 
     def _check_disk(self, doc: Deployment) -> None:
@@ -239,46 +275,74 @@ class Downloads:
 
     # --- receiving -----------------------------------------------------------------------------
 
-    def _request_more(self, job: Job) -> None:
-        # Subscriptions go out a batch at a time (a quarter of the window) and finished ones are
-        # dropped in the same breath: one packet per batch instead of two per chunk.
+    def _request_more(self, job: Job) -> list[str]:
+        """Chunks to subscribe to now (under the lock; `_send` subscribes after it is released).
+
+        Subscriptions go out a batch at a time (a quarter of the window) and finished ones are
+        dropped a window at a time: a few packets per window instead of two per chunk."""
+        if job.ended:
+            return []
         while job.queue and job.queue[0] not in job.missing:
             job.queue.popleft()  # arrived meanwhile for another download
-        in_flight = len(job.requested) + len(job.working)
-        free = self.window - in_flight
-        if job.queue and free >= min(max(1, self.window // 4), len(job.queue)):
-            wanted = [job.queue.popleft() for _ in range(min(free, len(job.queue)))]
-            wanted = [sha for sha in wanted if sha in job.missing]
-            job.requested.update(wanted)
-            self._subscribe([self._topic(sha) for sha in wanted])
-            self._flush_unsubscribes()
+        free = self.window - len(job.requested) - len(job.working)
+        if not job.queue or free < min(max(1, self.window // 4), len(job.queue)):
+            return []
+        wanted = [job.queue.popleft() for _ in range(min(free, len(job.queue)))]
+        wanted = [sha for sha in wanted if sha in job.missing]
+        job.requested.update(wanted)
+        return [self._topic(sha) for sha in wanted]
 
-    def _flush_unsubscribes(self) -> None:
-        if self._finished_topics:
-            self._unsubscribe(self._finished_topics)
-            self._finished_topics = []
+    def _send(self, job: Job | None, flush: bool = False) -> None:
+        """Ask for the next chunks of `job` and drop finished subscriptions (not under the lock: the
+        transport has locks of its own)."""
+        with self._lock:
+            topics = self._request_more(job) if job is not None else []
+            done: list[str] = []
+            if self._finished and (flush or topics or len(self._finished) >= self.window):
+                asked = {sha for j in self.jobs.values() for sha in j.requested}  # asked for again since
+                done = [self._topic(sha) for sha in self._finished if sha not in asked]
+                self._finished = []
+        if topics:
+            self._subscribe(topics)
+        if done:
+            self._unsubscribe(done)
 
     def wanted(self, sha: str) -> bool:
         """True when a download in progress asked for this chunk and has not received it."""
-        return any(sha in job.requested for job in self.jobs.values())
+        with self._lock:
+            return any(sha in job.requested for job in self.jobs.values())
 
     def on_chunk(self, sha: str, payload: bytes) -> None:
-        """A chunk payload arrived (loop thread): hand it to a worker to verify and write."""
-        jobs = [job for job in self.jobs.values() if sha in job.requested]
-        if not jobs:
-            return  # not asked for, or already arrived (a retained copy republished meanwhile)
-        self._finished_topics.append(self._topic(sha))
-        job = jobs[0]
-        for j in jobs:
-            j.requested.discard(sha)
-            if j is not job:  # another model needing the same chunk asks for it again later
-                j.queue.appendleft(sha)
-        job.working.add(sha)
-        self._pool.submit(self._store_chunk, job.name, job.doc.deployment_id, job.refs[sha],
-                          list(job.places[sha]), payload)
+        """A chunk payload arrived (MQTT network thread): hand it to a worker to verify and write."""
+        with self._lock:
+            jobs = [job for job in self.jobs.values() if sha in job.requested]
+            if not jobs:
+                return  # not asked for, or already arrived (a retained copy republished meanwhile)
+            self._finished.append(sha)
+            job = jobs[0]
+            for j in jobs:
+                j.requested.discard(sha)
+                if j is not job:  # another model needing the same chunk asks for it again later
+                    j.queue.appendleft(sha)
+            job.working.add(sha)
+            places = list(job.places[sha])
+            if not self._started and not self._closed:
+                self._started = True
+                for worker in self._workers:
+                    worker.start()
+        self._work.put((job, job.refs[sha], places, payload))
 
-    def _store_chunk(self, model: str, deployment_id: str, ref: ChunkRef, places: list[Place], payload: bytes) -> None:
-        """Worker thread: verify and write one chunk, then report to the loop thread."""
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            if self._closed:
+                continue  # stopping: chunks not stored yet are fetched again on resume
+            try:
+                self._store_chunk(*item)
+            except Exception:  # a worker must outlive any one chunk
+                log.exception("chunk worker failed")
+
+    def _store_chunk(self, job: Job, ref: ChunkRef, places: list[Place], payload: bytes) -> None:
+        """Worker thread: verify and write one chunk, hash what is contiguous, ask for more."""
         error = None
         full = False
         try:
@@ -289,61 +353,82 @@ class Downloads:
         except OSError as err:
             error = f"cannot store chunk: {err.strerror or err}"
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        except Exception as err:  # report anything else too: the loop must hear back about every chunk
+        except Exception as err:  # report anything else too: the loop must hear back about a failure
             error = f"cannot store chunk: {type(err).__name__}: {err}"
-        self._post(ChunkStored(model=model, deployment_id=deployment_id, sha256=ref.sha256,
-                               wire_bytes=len(payload), error=error, disk_full=full))
+        sha = ref.sha256
+        with self._lock:
+            if self.jobs.get(job.name) is not job or job.ended:
+                job.working.discard(sha)
+                return  # cancelled, replaced or already failed meanwhile
+            if error is None and sha in job.missing:
+                del job.missing[sha]
+                job.fetched_bytes += len(payload)
+                job.fetched_chunks += 1
+                job.mark_done(sha)
+            report = error is not None or (not job.missing and len(job.working) == 1)
+            if report:
+                job.ended = True
+                # posted before `working` empties: whoever sees the job idle finds the report queued
+                self._post(ChunkStored(model=job.name, deployment_id=job.doc.deployment_id, sha256=sha,
+                                       wire_bytes=len(payload), error=error, disk_full=full,
+                                       complete=error is None))
+            job.working.discard(sha)
+        if not report:
+            job.advance(wait=False)
+            self._send(job)
 
     def on_stored(self, msg: ChunkStored) -> list[Job]:
-        """A worker finished a chunk (loop thread); return the jobs it completed.
+        """A download ended (loop thread): return it when it is complete.
 
-        Raises DeploymentRejected (with the model name in `details["model"]`) when the chunk did not
+        Raises DeploymentRejected (with the model name in `details["model"]`) when a chunk did not
         verify or could not be written: a tampered or corrupt chunk, or a full disk, ends that download.
         """
-        done: list[Job] = []
         job = self.jobs.get(msg.model)
         if job is None or job.doc.deployment_id != msg.deployment_id:
-            return done  # the download was cancelled or replaced meanwhile
-        job.working.discard(msg.sha256)
+            return []  # the download was cancelled or replaced meanwhile
         if msg.error is not None:
             self.cancel(job.name)
             if msg.disk_full:  # nothing more fits: give back the space the refused download took
                 self._drop_stale_parts(set())
             raise DeploymentRejected(msg.error, step="DOWNLOADING", details={"model": job.name})
-        if msg.sha256 in job.missing:
-            del job.missing[msg.sha256]
-            job.fetched_bytes += msg.wire_bytes
-            job.fetched_chunks += 1
-            job.mark_done(msg.sha256)
-        if not job.missing and not job.working:
-            done.append(job)
-        else:
-            self._request_more(job)
-        self._flush_unsubscribes()
-        return done
+        return [job] if msg.complete else []
 
     # --- finishing -----------------------------------------------------------------------------
 
     def finish(self, job: Job) -> None:
         """Verify each assembled artifact and move it into the blob store (fsynced rename, no copy)."""
-        for assembly in job.assemblies:
-            if not self.store.has_blob(assembly.art.sha256):
-                finish_part(self.store, assembly)
-                faults.point("download:assembled")
-        self.jobs.pop(job.name, None)
+        self._send(None, flush=True)
+        with job.hashing:  # a worker may still be about to advance the hash
+            for assembly in job.assemblies:
+                if not self.store.has_blob(assembly.art.sha256):
+                    finish_part(self.store, assembly)
+                    faults.point("download:assembled")
+        with self._lock:
+            self.jobs.pop(job.name, None)
         self._index = {k: v for k, v in self._index.items() if (self.store.blobs / k[0]).exists()}
+        for assembly in job.assemblies:  # the new blobs' chunks are known: no need to hash them again
+            index = self._index.setdefault((assembly.art.sha256, assembly.art.chunk_size), {})
+            for ref, offset in zip(assembly.art.chunks, assembly.offsets, strict=True):
+                index.setdefault(ref.sha256, offset)
 
     def cancel(self, name: str) -> None:
         """Stop a download; its assembled bytes stay in partial/ for a later resume of the same artifact."""
-        job = self.jobs.pop(name, None)
-        if job is not None and job.requested:
-            others = {sha for j in self.jobs.values() for sha in j.requested}
-            self._finished_topics += [self._topic(sha) for sha in job.requested if sha not in others]
-        self._flush_unsubscribes()
+        with self._lock:
+            job = self.jobs.pop(name, None)
+            if job is not None:
+                job.ended = True
+                others = {sha for j in self.jobs.values() for sha in j.requested}
+                self._finished += [sha for sha in job.requested if sha not in others]
+        self._send(None, flush=True)
 
     def close(self) -> None:
         """Stop the worker threads (pending chunks are fetched again on resume)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._closed = True
+        for _ in self._workers:
+            self._work.put(None)
+        if self._started:
+            for worker in self._workers:
+                worker.join()
 
     def names(self) -> Iterable[str]:
         """Models being downloaded."""

@@ -20,6 +20,7 @@ from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, Stor
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.protocol.canonical import canonical_json, parse_json
 from agent.protocol.documents import Command, Event, Status, Telemetry
+from agent.protocol.schema import SHA256_RE
 from agent.protocol.topics import Route, Topics
 from agent.transport import Message, Transport, settings_from_config
 
@@ -48,9 +49,10 @@ class FleetLink:
         self.lifecycle = lifecycle
         self.device_id = config.device_id
         self.topics = Topics(config.mqtt.prefix)
+        self._chunk_head = f"{self.topics.prefix}/chunks/"
         self.transport = transport_factory(
             settings_from_config(config.mqtt, config.device_id),
-            on_message=inbox,
+            on_message=self._on_message,
             will=(self.topics.status(self.device_id), self._status("offline"), True),
             on_connection=lambda up: inbox(Connection(up)),
         )
@@ -59,6 +61,7 @@ class FleetLink:
             unsubscribe=lambda topics: self.transport.unsubscribe(topics), chunk_topic=self.topics.chunk,
             post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
+        self._inbox = inbox
         self.docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._bad_payloads: OrderedDict[str, None] = OrderedDict()
         self._state_dirty = True
@@ -122,6 +125,18 @@ class FleetLink:
             log.warning("cannot publish to %s: %s", topic, err)
 
     # --- incoming ------------------------------------------------------------------------------
+
+    def _on_message(self, item: Message) -> None:
+        """MQTT network thread: chunks are verified and written right here, without waiting for the
+        loop thread; everything else goes to the loop thread's queue."""
+        if item.topic.startswith(self._chunk_head):
+            sha = item.topic[len(self._chunk_head):]
+            if SHA256_RE.match(sha):
+                self.downloads.on_chunk(sha, item.payload)
+            else:
+                log.warning("ignoring message on %r: not a chunk topic", item.topic[:200])
+        else:
+            self._inbox(item)
 
     def handle(self, item: Message | Connection | ChunkStored) -> None:
         """Process one item from the queue (on the loop thread)."""
@@ -308,6 +323,10 @@ class FleetLink:
 
     def periodic(self) -> None:
         """Loop-thread housekeeping: the state document while downloads progress, refusals worth retrying."""
+        for name, job in self.downloads.jobs.items():  # chunks are stored off the loop thread
+            if self.lifecycle.progress.get(name) != (progress := job.progress()):
+                self.lifecycle.progress[name] = progress
+                self._state_dirty = True
         now = time.monotonic()
         if self._state_dirty and now - self._state_sent >= STATE_INTERVAL_S:
             self.publish_state(force=True)

@@ -13,6 +13,7 @@ available through `MqttSettings.protocol` for brokers that lack 5. Nothing here 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -164,6 +165,33 @@ class _Client(mqtt.Client):
             raise
 
 
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log lines: errors are kept as the cause of the next failure, the rest go out at DEBUG.
+
+    paho formats a line for every packet when an `on_log` callback is set; through a logger, a line
+    costs nothing unless DEBUG is on."""
+
+    def __init__(self, transport: Transport):
+        super().__init__(_paho_log, {})
+        self._transport = transport
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            self._transport._paho_logged_error(str(msg) % args if args else str(msg))
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(msg, *args)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Send small packets at once: without TCP_NODELAY a SUBSCRIBE or PUBACK can wait for the peer's
+    delayed ACK (40 ms on Linux), which stalls a download between windows of chunks."""
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as err:
+        _paho_log.debug("cannot set TCP_NODELAY: %s", err)
+
+
 def _describe_os_error(err: OSError) -> str:
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {err.verify_message}"
@@ -200,7 +228,8 @@ class Transport:
         self._client = client
         # A raising callback of ours is already caught below; this keeps paho's own loop alive regardless.
         client.suppress_exceptions = True
-        client.on_log = self._handle_log
+        client.enable_logger(cast(logging.Logger, _PahoLog(self)))
+        client.on_socket_open = _no_delay
         client.max_inflight_messages_set(settings.max_inflight)
         # paho annotates these as int but computes with them as float seconds.
         client.reconnect_delay_set(cast(int, settings.reconnect_min_s), cast(int, settings.reconnect_max_s))
@@ -490,11 +519,10 @@ class Transport:
         if self._on_connection is not None:
             self._on_connection(True)
 
-    def _handle_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+    def _paho_logged_error(self, text: str) -> None:
         # paho 2.2 logs "Client is not connected" at ERROR after every disconnect: not a cause.
-        if level == mqtt.MQTT_LOG_ERR and not text.startswith("Client is not connected"):
+        if not text.startswith("Client is not connected"):
             self._paho_error = text
-        _paho_log.debug("%s", text)
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:

@@ -93,60 +93,91 @@ def _fail(path: str, message: str) -> ProtocolError:
     return ProtocolError(f"{path or 'document'}: {message}")
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
+Converter = Callable[[Any, str], Any]
+
+
+@cache
+def _converter(tp: Any) -> Converter:
+    """The function that checks and converts a JSON value to `tp`, built once per annotation."""
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return lambda value, path: value
     if origin in (Union, types.UnionType):
-        options = get_args(tp)
+        return _union_converter(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        boolean = any(isinstance(a, bool) for a in allowed)
+
+        def literal(value: Any, path: str) -> Any:
+            if value not in allowed or isinstance(value, bool) != boolean:
+                raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            return value
+        return literal
+    if origin is tuple:
+        (item_type,) = [a for a in get_args(tp) if a is not Ellipsis]
+        item = _converter(item_type)
+
+        def sequence(value: Any, path: str) -> Any:
+            if not isinstance(value, list):
+                raise _fail(path, f"expected a list, got {_json_kind(value)}")
+            return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+        return sequence
+    if origin is dict:
+        value_type = _converter(get_args(tp)[1])
+
+        def mapping(value: Any, path: str) -> Any:
+            if not isinstance(value, dict):
+                raise _fail(path, f"expected an object, got {_json_kind(value)}")
+            return {k: value_type(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        return mapping
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return lambda value, path: parse(tp, value, path)
+    if tp in _SCALARS:
+        accepts, what, convert = _SCALARS[tp]
+
+        def scalar(value: Any, path: str) -> Any:
+            if not accepts(value):
+                raise _fail(path, f"expected {what}, got {_json_kind(value)}")
+            return convert(value)
+        return scalar
+    raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _union_converter(tp: Any) -> Converter:
+    options = [_converter(o) for o in get_args(tp) if o is not type(None)]
+    nullable = type(None) in get_args(tp)
+
+    def union(value: Any, path: str) -> Any:
         if value is None:
-            if type(None) in options:
+            if nullable:
                 return None
             raise _fail(path, f"expected {_type_name(tp)}, got null")
         errors = []
         for option in options:
-            if option is type(None):
-                continue
             try:
-                return _convert(option, value, path)
+                return option(value, path)
             except ProtocolError as err:
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
         raise _fail(path, f"expected {_type_name(tp)}")
-    if origin is Literal:
-        if value not in get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(tp)):
-            raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise _fail(path, f"expected a list, got {_json_kind(value)}")
-        (item,) = [a for a in get_args(tp) if a is not Ellipsis]
-        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(path, f"expected an object, got {_json_kind(value)}")
-        _, item = get_args(tp)
-        return {k: _convert(item, v, f"{path}.{k}" if path else k) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return parse(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(path, f"expected true or false, got {_json_kind(value)}")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _fail(path, f"expected an integer, got {_json_kind(value)}")
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _fail(path, f"expected a number, got {_json_kind(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _fail(path, f"expected a string, got {_json_kind(value)}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+    return union
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
+    int: (_is_int, "an integer", lambda v: v),
+    float: (_is_number, "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
+}
 
 
 def _nullable(tp: Any) -> bool:
@@ -169,27 +200,35 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
+@cache
+def _plan(cls: type) -> tuple[list[tuple[str, Converter, Check | None, bool, bool]], frozenset[str]]:
+    """Per field: name, converter, check, whether it has no default, whether it may be null."""
+    hints = _hints(cls)
+    plan = [(f.name, _converter(hints[f.name]), f.metadata.get("check"),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _nullable(hints[f.name]))
+            for f in dataclasses.fields(cls)]
+    return plan, frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def parse(cls: type[T], value: Any, path: str = "") -> T:
     """Build `cls` from a JSON value, rejecting unknown, missing and mistyped fields by name."""
     if not isinstance(value, dict):
         raise _fail(path, f"expected an object, got {_json_kind(value)}")
-    hints = _hints(cls)  # type: ignore[arg-type]
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
+    plan, names = _plan(cls)  # type: ignore[arg-type]
+    if not names.issuperset(value):
+        unknown = sorted(set(value) - names)
         where = f"{path}." if path else ""
         raise ProtocolError(f"{where}{unknown[0]}: unknown field")
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name, convert, check, required, nullable in plan:
         sub = f"{path}.{name}" if path else name
         if name not in value:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if not _nullable(hints[name]):
+            if required:
+                if not nullable:
                     raise _fail(sub, "missing field")
                 kwargs[name] = None  # `dump` leaves None out, so a missing nullable field reads back as None
             continue
-        converted = _convert(hints[name], value[name], sub)
-        check = f.metadata.get("check")
+        converted = convert(value[name], sub)
         if check is not None and converted is not None:
             problem = check(converted)
             if problem:
@@ -203,15 +242,22 @@ def parse(cls: type[T], value: Any, path: str = "") -> T:
 
 def dump(obj: Any) -> Any:
     """The JSON value of a dataclass document (``None`` fields left out)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    names = _field_names(type(obj))  # type: ignore[arg-type]
+    if names is not None:
         out = {}
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
+        for name in names:
+            v = getattr(obj, name)
             if v is not None:
-                out[f.name] = dump(v)
+                out[name] = dump(v)
         return out
     if isinstance(obj, (list, tuple)):
         return [dump(v) for v in obj]
     if isinstance(obj, dict):
         return {k: dump(v) for k, v in obj.items()}
     return obj
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The fields of a dataclass type, None for any other type."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
