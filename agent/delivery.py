@@ -19,6 +19,7 @@ next messages and a download costs the loop thread two steps, not one per chunk.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 64
 WORKERS = 2
+WRITEBACK_BYTES = 4 << 20
+"""Written bytes after which the kernel is asked to start writing a download out, so that the fsync
+that ends it has little left to do."""
 
 Place = tuple[Path, int]
 """Where a chunk's bytes go: a .part file and an offset in it."""
@@ -113,6 +117,8 @@ class Job:
     resumed_chunks: int = 0
     assemblies: list[Assembly] = field(default_factory=list)
     """The artifacts this job assembles."""
+    unflushed: int = 0
+    """Bytes written since the kernel was last asked to start writing them out."""
     ended: bool = False
     """Complete or failed: reported to the loop thread, nothing more is asked for."""
     hashing: threading.Lock = field(default_factory=threading.Lock)
@@ -365,6 +371,10 @@ class Downloads:
                 job.fetched_bytes += len(payload)
                 job.fetched_chunks += 1
                 job.mark_done(sha)
+                job.unflushed += len(places) * ref.size
+            flush = job.unflushed >= WRITEBACK_BYTES
+            if flush:
+                job.unflushed = 0
             report = error is not None or (not job.missing and len(job.working) == 1)
             if report:
                 job.ended = True
@@ -376,6 +386,9 @@ class Downloads:
         if not report:
             job.advance(wait=False)
             self._send(job)
+            if flush:
+                for assembly in job.assemblies:
+                    _start_writeback(assembly.part)
 
     def on_stored(self, msg: ChunkStored) -> list[Job]:
         """A download ended (loop thread): return it when it is complete.
@@ -444,6 +457,35 @@ def _write_places(places: list[Place], data: bytes) -> None:
             os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(path: Path) -> None:
+    """Ask the kernel to start writing a file's dirty pages out, without waiting (Linux; elsewhere the
+    final fsync does it all)."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # dropped meanwhile
+    try:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
 
 
 def _in_place(places: list[Place], ref: ChunkRef, sha: str) -> bool:
