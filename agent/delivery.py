@@ -178,7 +178,7 @@ class Downloads:
         self._finished: list[str] = []
         """Chunks received whose subscriptions are still to be dropped."""
         self._lock = threading.RLock()
-        self._work: queue.SimpleQueue[tuple[Job, ChunkRef, list[Place], bytes] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[list[Job], ChunkRef, bytes] | None] = queue.SimpleQueue()
         self._workers = [threading.Thread(target=self._work_loop, name=f"edge-agent-chunk-{i}", daemon=True)
                          for i in range(workers)]
         self._started = self._closed = False
@@ -325,18 +325,14 @@ class Downloads:
             if not jobs:
                 return  # not asked for, or already arrived (a retained copy republished meanwhile)
             self._finished.append(sha)
-            job = jobs[0]
-            for j in jobs:
-                j.requested.discard(sha)
-                if j is not job:  # another model needing the same chunk asks for it again later
-                    j.queue.appendleft(sha)
-            job.working.add(sha)
-            places = list(job.places[sha])
+            for job in jobs:  # every download waiting for this chunk gets it from this one message
+                job.requested.discard(sha)
+                job.working.add(sha)
             if not self._started and not self._closed:
                 self._started = True
                 for worker in self._workers:
                     worker.start()
-        self._work.put((job, job.refs[sha], places, payload))
+        self._work.put((jobs, jobs[0].refs[sha], payload))
 
     def _work_loop(self) -> None:
         while (item := self._work.get()) is not None:
@@ -347,12 +343,13 @@ class Downloads:
             except Exception:  # a worker must outlive any one chunk
                 log.exception("chunk worker failed")
 
-    def _store_chunk(self, job: Job, ref: ChunkRef, places: list[Place], payload: bytes) -> None:
-        """Worker thread: verify and write one chunk, hash what is contiguous, ask for more."""
+    def _store_chunk(self, jobs: list[Job], ref: ChunkRef, payload: bytes) -> None:
+        """Worker thread: verify one chunk and write it where each download needs it, hash what is now
+        contiguous, ask for more."""
         error = None
         full = False
         try:
-            _write_places(places, decode_chunk(ref, payload))
+            _write_places([p for job in jobs for p in job.places[ref.sha256]], decode_chunk(ref, payload))
             faults.point("download:chunk")
         except ChunkError as err:
             error = str(err)  # decode_chunk names the chunk
@@ -361,34 +358,41 @@ class Downloads:
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         except Exception as err:  # report anything else too: the loop must hear back about a failure
             error = f"cannot store chunk: {type(err).__name__}: {err}"
+        for job in jobs:
+            if self._stored(job, ref, len(payload), error, full):
+                job.advance(wait=False)
+                self._send(job)
+
+    def _stored(self, job: Job, ref: ChunkRef, wire_bytes: int, error: str | None, full: bool) -> bool:
+        """Account for a chunk of `job` that a worker stored (or failed to); True while the download
+        goes on, False once it ended."""
         sha = ref.sha256
         with self._lock:
             if self.jobs.get(job.name) is not job or job.ended:
                 job.working.discard(sha)
-                return  # cancelled, replaced or already failed meanwhile
+                return False  # cancelled, replaced or already failed meanwhile
             if error is None and sha in job.missing:
                 del job.missing[sha]
-                job.fetched_bytes += len(payload)
+                job.fetched_bytes += wire_bytes
                 job.fetched_chunks += 1
                 job.mark_done(sha)
-                job.unflushed += len(places) * ref.size
-            flush = job.unflushed >= WRITEBACK_BYTES
-            if flush:
-                job.unflushed = 0
-            report = error is not None or (not job.missing and len(job.working) == 1)
-            if report:
+                job.unflushed += len(job.places[sha]) * ref.size
+            if error is not None or (not job.missing and len(job.working) == 1):
                 job.ended = True
                 # posted before `working` empties: whoever sees the job idle finds the report queued
                 self._post(ChunkStored(model=job.name, deployment_id=job.doc.deployment_id, sha256=sha,
-                                       wire_bytes=len(payload), error=error, disk_full=full,
+                                       wire_bytes=wire_bytes, error=error, disk_full=full,
                                        complete=error is None))
+                job.working.discard(sha)
+                return False
             job.working.discard(sha)
-        if not report:
-            job.advance(wait=False)
-            self._send(job)
+            flush = job.unflushed >= WRITEBACK_BYTES
             if flush:
-                for assembly in job.assemblies:
-                    _start_writeback(assembly.part)
+                job.unflushed = 0
+        if flush:
+            for assembly in job.assemblies:
+                _start_writeback(assembly.part)
+        return True
 
     def on_stored(self, msg: ChunkStored) -> list[Job]:
         """A download ended (loop thread): return it when it is complete.

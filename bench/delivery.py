@@ -10,7 +10,10 @@ script builds (in a TensorFlow-only subprocess), chunked at 64 KiB as a push wou
 - agent (b): the real agent process (edge-agent run) with the chunks already retained on the
   broker; time from the deployment document's publication to the verified artifact on disk (the
   agent's DOWNLOADING event with done=true: every chunk verified and stored, the artifact joined,
-  hashed and fsynced).
+  hashed and fsynced). Three versions of the model (trained from different seeds, so they share no
+  weights) are pushed one after the other, each once the previous one committed.
+- Both sides are timed three times and compared by their medians (single runs on a shared machine
+  swing by a third).
 - push: `edgectl push`'s publishing of the same chunks, with compression timed apart.
 - delta: a small CNN, then the same CNN with only its last layer fine-tuned: bytes the agent fetched
   for v2 over the bytes of v2.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,8 @@ from tests.broker import Mosquitto  # noqa: E402
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 CHUNK = DEFAULT_CHUNK_SIZE
+RUNS = 3
+"""Timed runs of each side; compared by their medians."""
 T = Topics()
 
 BUILD = r"""
@@ -61,10 +67,12 @@ out, width = sys.argv[1], int(sys.argv[2])
 def convert(m):
     return bytes(tf.lite.TFLiteConverter.from_keras_model(m).convert())
 
-tf.keras.utils.set_random_seed(0)
-big = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(width, activation="relu"),
-                           tf.keras.layers.Dense(width, activation="relu"), tf.keras.layers.Dense(10)])
-open(f"{out}/big.tflite", "wb").write(convert(big))
+for seed in range(RUNS):
+    tf.keras.backend.clear_session()
+    tf.keras.utils.set_random_seed(seed)
+    big = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(width, activation="relu"),
+                               tf.keras.layers.Dense(width, activation="relu"), tf.keras.layers.Dense(10)])
+    open(f"{out}/big_{seed + 1}.tflite", "wb").write(convert(big))
 
 def cnn(fine_tune):
     tf.keras.backend.clear_session()
@@ -93,7 +101,8 @@ open(f"{out}/cnn_v2.tflite", "wb").write(cnn(True))
 
 def build_models(work: Path, width: int) -> None:
     """Build the models with TensorFlow in a subprocess (the agent side never shares a process with it)."""
-    subprocess.run([sys.executable, "-c", BUILD, str(work), str(width)], check=True, timeout=600,
+    subprocess.run([sys.executable, "-c", BUILD.replace("RUNS", str(RUNS)), str(work), str(width)], check=True,
+                   timeout=600,
                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
 
@@ -226,9 +235,9 @@ def main() -> int:
         work = Path(tmp)
         t0 = time.perf_counter()
         build_models(work, width)
-        big = bundle(work, "big", 1, (64,))
-        size = len((big / "model.tflite").read_bytes())
-        prepared_probe = prepare(Bundle.load(big), allow_unsigned=True)
+        bigs = [bundle(work, f"big_{v}", v, (64,)) for v in range(1, RUNS + 1)]
+        size = len((bigs[0] / "model.tflite").read_bytes())
+        prepared_probe = prepare(Bundle.load(bigs[0]), allow_unsigned=True)
         print(f"artifact: float32 TFLite model of {size / 1e6:.1f} MB, {len(prepared_probe.deployment.model.artifact.chunks)}"
               f" chunks of {CHUNK // 1024} KiB ({prepared_probe.wire_bytes / 1e6:.1f} MB on the wire with golden "
               f"vectors); built in {time.perf_counter() - t0:.0f} s")
@@ -236,7 +245,8 @@ def main() -> int:
         try:
             chunks = prepared_probe.chunks
             wire = sum(len(p) for p in chunks.values())
-            raw_live = min(raw_pub_sub(broker.port, chunks) for _ in range(3))
+            raws = [raw_pub_sub(broker.port, chunks) for _ in range(RUNS)]
+            raw_live = statistics.median(raws)
             host = Host(broker.url)
             agent = AgentProcess(work / "agent", device_id="bench-dev", mqtt={"url": broker.url},
                                  api={"socket": str(work / "agent" / "api.sock")},
@@ -245,14 +255,18 @@ def main() -> int:
             agent.start()
             try:
                 fetches: list[float] = []
-                # the raw retained fetch runs once the chunks are on the broker and before the document,
-                # so it never competes with the agent's download
-                prepared, publish_s, published_at = host.push(big, lambda p: fetches.extend(
-                    raw_retained_fetch(broker.port, p.chunks) for _ in range(3)))
-                raw_fetch = min(fetches)
-                done = host.wait_event(done_event("big", 1))
-                agent_s = done["ts"] - published_at
-                host.wait_event(lambda e: e["model"] == "big" and e["step"] in ("COMMITTED", "PROBATION"))
+                downloads: list[float] = []
+                for version, big in enumerate(bigs, 1):
+                    # the raw retained fetch runs once the chunks are on the broker and before the
+                    # document, so it never competes with the agent's download
+                    prepared, publish_s, published_at = host.push(big, lambda p: fetches.append(
+                        raw_retained_fetch(broker.port, p.chunks)))
+                    done = host.wait_event(done_event("big", version))
+                    downloads.append(done["ts"] - published_at)
+                    host.wait_event(lambda e, v=version: e["model"] == "big" and e["step"] == "COMMITTED"
+                                    and e.get("version") == v)
+                raw_fetch = statistics.median(fetches)
+                agent_s = statistics.median(downloads)
                 # delta: a CNN and its last-layer fine-tune
                 cnn1, cnn2 = bundle(work, "cnn_v1", 1, (28, 28, 1)), bundle(work, "cnn_v2", 2, (28, 28, 1))
                 host.push(cnn1)
@@ -268,10 +282,12 @@ def main() -> int:
     a_rate, b_rate, fetch_rate = mb / raw_live, mb / agent_s, mb / raw_fetch
     ratio = b_rate / a_rate
     fraction = delta["fetched_bytes"] / delta["artifact_bytes"]
-    print(f"{'measurement':<58} {'seconds':>8} {'MB/s':>8}")
+    print(f"{'measurement (median of ' + str(RUNS) + ' runs)':<58} {'seconds':>8} {'MB/s':>8}")
     print(f"{'(a) raw paho publish -> subscribe, QoS 1 (baseline)':<58} {raw_live:8.3f} {a_rate:8.1f}")
     print(f"{'    raw paho fetching the chunks retained on the broker':<58} {raw_fetch:8.3f} {fetch_rate:8.1f}")
     print(f"{'(b) agent: document -> verified artifact on disk':<58} {agent_s:8.3f} {b_rate:8.1f}")
+    print(f"    runs, seconds: raw {' '.join(f'{t:.3f}' for t in raws)}; agent "
+          f"{' '.join(f'{t:.3f}' for t in downloads)}")
     print(f"{'push: publishing the chunks (edgectl push)':<58} {publish_s:8.3f} {mb / publish_s:8.1f}")
     print(f"{'push: chunking + compression (host work, before publishing)':<58} {prepared.compress_s:8.3f}")
     print(f"agent vs raw retained fetch: {b_rate / fetch_rate:.2f}x")
