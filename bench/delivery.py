@@ -10,9 +10,9 @@ script builds (in a TensorFlow-only subprocess), chunked at 64 KiB as a push wou
 - agent (b): the real agent process (edge-agent run) with the chunks already retained on the
   broker; time from the deployment document's publication to the verified artifact on disk (the
   agent's DOWNLOADING event with done=true: every chunk verified and stored, the artifact joined,
-  hashed and fsynced). Three versions of the model (trained from different seeds, so they share no
+  hashed and fsynced). Five versions of the model (trained from different seeds, so they share no
   weights) are pushed one after the other, each once the previous one committed.
-- Both sides are timed three times and compared by their medians (single runs on a shared machine
+- Both sides are timed five times and compared by their medians (single runs on a shared machine
   swing by a third).
 - push: `edgectl push`'s publishing of the same chunks, with compression timed apart.
 - delta: a small CNN, then the same CNN with only its last layer fine-tuned: bytes the agent fetched
@@ -54,7 +54,7 @@ from tests.broker import Mosquitto  # noqa: E402
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 CHUNK = DEFAULT_CHUNK_SIZE
-RUNS = 3
+RUNS = 5
 """Timed runs of each side; compared by their medians."""
 T = Topics()
 

@@ -411,8 +411,8 @@ def section_delivery(r: dict[str, Any]) -> list[str]:
         ("edgectl push: chunking and compression (host, before publishing)", f"{d['push_compress_s']:.3f}", None, None),
     ]
     out = [f"A float32 TFLite model of {d['artifact_bytes'] / 1e6:.1f} MB ({mb:.1f} MB on the wire with its golden "
-           "vectors) on one Mosquitto on loopback; the agent is a real `edge-agent run` process downloading three "
-           "versions of the model one after the other. Each figure is the median of three runs; the ratio column is "
+           "vectors) on one Mosquitto on loopback; the agent is a real `edge-agent run` process downloading five "
+           "versions of the model one after the other. Each figure is the median of five runs; the ratio column is "
            "throughput against the baseline (a), measured in the same run.", "",
            table(("measurement", "seconds", "MB/s", "ratio to (a)"), rows)]
     m = _DELTA.search(r.get("stdout", ""))
