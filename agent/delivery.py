@@ -150,6 +150,12 @@ class Job:
             try:
                 for assembly in self.assemblies:
                     assembly.advance()
+            except OSError as err:
+                if wait:
+                    raise
+                # the download was cancelled and its file dropped meanwhile; a live one is hashed
+                # again, and any error reported, by the final advance before its check
+                log.debug("model %s: hashing deferred: %s", self.name, err)
             finally:
                 self.hashing.release()
 

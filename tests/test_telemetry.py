@@ -99,7 +99,9 @@ def test_agent_publishes_telemetry_and_serves_metrics(broker: Any, make_bundle: 
             a.client.predict("m", [[0.0] * 8])
         docs = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(d.models and d.models[0].count >= 12 for d in docs):
+        # two samples at least (the first may already count every request), the last with all 12
+        while time.monotonic() < deadline and not (len(docs) >= 2 and docs[-1].models
+                                                   and docs[-1].models[0].count >= 12):
             docs.append(Telemetry.from_dict(parse_json(inbox.topic(t.telemetry("dev-1"), 5).payload)))
             inbox.seen.clear()
         last = docs[-1]
