@@ -176,10 +176,14 @@ class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         self._transport = transport
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if level >= logging.ERROR:
-            self._transport._paho_logged_error(str(msg) % args if args else str(msg))
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug(msg, *args)
+        # called inside paho's network loop, which must not see an exception from here
+        try:
+            if level >= logging.ERROR:
+                self._transport._paho_logged_error(str(msg) % args if args else str(msg))
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(msg, *args)
+        except Exception:  # noqa: S110 - a malformed log line is not worth a failure
+            pass
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

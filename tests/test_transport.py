@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,35 @@ def test_read_secret_uses_the_credentials_directory(tmp_path: Path, monkeypatch:
         read_secret(Path("missing"))
 
 
+def test_paho_errors_are_kept_as_the_cause_and_its_debug_lines_cost_nothing() -> None:
+    import paho.mqtt.client as mqtt
+
+    formatted = []
+
+    class Counted:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "payload"
+
+    t = Transport(MqttSettings(url="mqtt://127.0.0.1:9"), on_message=lambda m: None)
+    paho_log = logging.getLogger("agent.transport.paho")
+    level = paho_log.level
+    paho_log.setLevel(logging.INFO)
+    try:
+        for _ in range(100):  # what paho does for every packet
+            t._client._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH %s", Counted())
+        assert not formatted, "debug lines must not be built when nobody shows them"
+        t._client._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", "reset")
+        assert t._paho_error == "failed to receive on socket: reset"
+        t._client._easy_log(mqtt.MQTT_LOG_ERR, "Client is not connected")  # paho's noise after a disconnect
+        assert t._paho_error == "failed to receive on socket: reset"
+        paho_log.setLevel(logging.DEBUG)
+        t._client._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH %s", Counted())
+        assert formatted, "shown when DEBUG is on"
+    finally:
+        paho_log.setLevel(level)
+
+
 # ---------------------------------------------------------------------- plain broker
 
 
@@ -65,6 +95,8 @@ def test_publish_subscribe_and_retained_flag(broker: Mosquitto) -> None:
     sub = client(broker.url, inbox)
     pub = client(broker.url)
     try:
+        # small packets (SUBSCRIBE, PUBACK) must not wait for the broker's delayed ACK
+        assert pub._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         sub.subscribe("t/#", wait=5)
         pub.publish("t/live", b"\x00live", wait=True)
         pub.publish("t/kept", b"kept", retain=True, wait=True)
