@@ -198,12 +198,13 @@ class Downloads:
     def start(self, doc: Deployment, raw: dict[str, object]) -> Job:
         """Begin (or resume) a download; the job may have nothing missing (all chunks local)."""
         self.cancel(doc.model.name)
+        job = self._prepare(doc, raw)  # not under the lock: it may read and hash a lot from disk
         with self._lock:
-            job = self._start(doc, raw)
+            self.jobs[job.name] = job
         self._send(job)
         return job
 
-    def _start(self, doc: Deployment, raw: dict[str, object]) -> Job:
+    def _prepare(self, doc: Deployment, raw: dict[str, object]) -> Job:
         self._check_disk(doc)
         artifacts = [art for art in (doc.model.artifact, doc.model.golden) if not self.store.has_blob(art.sha256)]
         self._drop_stale_parts({self.part_path(a) for a in artifacts})
@@ -243,7 +244,6 @@ class Downloads:
         job.advance()
         job.queue.extend(job.missing)
         job.ended = not job.missing
-        self.jobs[job.name] = job
         log.info("model %s: v%s needs %d of %d chunks (%d already downloaded, %d bytes copied from local models)",
                  job.name, doc.model.version, len(job.missing), job.total, job.resumed_chunks, job.local_bytes)
         return job
