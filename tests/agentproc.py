@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,14 +18,31 @@ from agent.errors import RequestError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def toml_value(v: Any) -> str:
+    """A TOML literal for a Python value (strings escaped as JSON does, which TOML reads alike)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
 def toml(sections: dict[str, Any]) -> str:
-    """TOML text for an agent config: top-level scalars/lists first, then one table per dict."""
-    top = [f"{k} = {json.dumps(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    """TOML text for an agent config: top-level keys first, then one table per dict (any key, any value)."""
+    top = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
     tables = []
     for name, values in sections.items():
         if isinstance(values, dict):
-            tables.append(f"[{name}]")
-            tables += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            tables.append(f"[{json.dumps(name)}]")
+            tables += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in values.items()]
     return "\n".join(top + tables) + "\n"
 
 

@@ -10,7 +10,6 @@ them then go through the real `edge-agent` command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from agent.errors import ConfigError, ProtocolError
 from agent.protocol import Topics
 from agent.transport import parse_url
 from tests.agentproc import ROOT
+from tests.agentproc import toml as to_toml  # one TOML writer for every test
 from tests.fuzzing import CASES, E2E, FUZZ, TIMEOUT_S
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S)
@@ -108,34 +108,6 @@ def bad_value(key: str, draw: Any) -> Any:
     return draw(st.one_of(NUMBERS, ODD_TEXT, st.booleans(), st.lists(NUMBERS | ODD_TEXT, max_size=3),
                           st.dictionaries(st.sampled_from(["a", "url", "x"]), NUMBERS, max_size=2),
                           st.text(max_size=30), st.integers(), st.floats()))
-
-
-def toml_value(v: Any) -> str:
-    """A TOML literal for a Python value (strings escaped as JSON does, which TOML reads alike)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """TOML text: top-level keys first, then one table per section."""
-    top = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = []
-    for name, values in data.items():
-        if isinstance(values, dict):
-            tables.append(f"[{json.dumps(name)}]")
-            tables += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in values.items()]
-    return "\n".join(top + tables) + "\n"
 
 
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:
