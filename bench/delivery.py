@@ -116,17 +116,23 @@ def bundle(work: Path, model: str, version: int, shape: tuple[int, ...]) -> Path
     return out
 
 
-def raw_pub_sub(port: int, chunks: dict[str, bytes]) -> float:
-    """Seconds for plain paho to publish the payloads at QoS 1 and a plain paho subscriber to get them all."""
-    prefix = f"bench-live-{time.monotonic_ns()}"
+def _counter(expected: int) -> tuple[Any, threading.Event, list[int]]:
+    """A paho on_message that counts messages, the event set when `expected` arrived, and the count."""
     got = threading.Event()
     count = [0]
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         count[0] += 1
-        if count[0] == len(chunks):
+        if count[0] == expected:
             got.set()
 
+    return on_message, got, count
+
+
+def raw_pub_sub(port: int, chunks: dict[str, bytes]) -> float:
+    """Seconds for plain paho to publish the payloads at QoS 1 and a plain paho subscriber to get them all."""
+    prefix = f"bench-live-{time.monotonic_ns()}"
+    on_message, got, count = _counter(len(chunks))
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = on_message
     subscribed = threading.Event()
@@ -152,14 +158,7 @@ def raw_pub_sub(port: int, chunks: dict[str, bytes]) -> float:
 
 def raw_retained_fetch(port: int, chunks: dict[str, bytes]) -> float:
     """Seconds for plain paho to receive chunks already retained on the broker (one subscribe each)."""
-    got = threading.Event()
-    count = [0]
-
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        count[0] += 1
-        if count[0] == len(chunks):
-            got.set()
-
+    on_message, got, count = _counter(len(chunks))
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.on_message = on_message
     c.connect("127.0.0.1", port)
