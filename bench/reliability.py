@@ -155,22 +155,9 @@ def fault_part(work: Path, rounds: int) -> dict[str, Any]:
 
 def soak_part(work: Path, seconds: float) -> dict[str, Any]:
     """The soak on a real agent serving a committed v1."""
-    from tests.helpers import wait_for
-    from tests.reliability import AgentWith, build_bundle
-    from tests.soak import SWITCH_TAIL_S, soak
+    from tests.soak import SWITCH_TAIL_S, soak_fresh_agent
 
-    agent = AgentWith(work / "agent", health={"probation_s": 3, "min_requests": 5})
-    assert agent.cli("install", str(build_bundle(work / "v1", "dense_f32", version=1))).returncode == 0
-    updates = [build_bundle(work / "v2", "dense_f32_v2", version=2), build_bundle(work / "v3", "dense_f32", version=3)]
-    agent.start()
-    try:
-        agent.client.predict("m", [[0.0] * 8])
-        wait_for(lambda: agent.client.admin("status")["state"]["models"]["m"]["phase"] == "COMMITTED", timeout=60,
-                 what="v1 committed")
-        report = soak(agent, updates, seconds=seconds, progress=say)
-        alive = agent.proc is not None and agent.proc.poll() is None
-    finally:
-        agent.kill()
+    report, alive = soak_fresh_agent(work, seconds=seconds, progress=say)
     for line in report.summary().splitlines():
         say(line)
     steady_p99 = report.quantile(99, False)

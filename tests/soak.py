@@ -20,7 +20,8 @@ import numpy as np
 import psutil
 
 from agent.client import ApiClient
-from tests.reliability import AgentWith, X
+from tests.helpers import wait_for
+from tests.reliability import AgentWith, X, build_bundle
 
 SWITCH_TAIL_S = 1.0
 
@@ -141,3 +142,21 @@ def soak(agent: AgentWith, updates: list[Path], *, seconds: float, rate: float =
         else:
             report.steady_latencies_ms.append(ms)
     return report
+
+
+def soak_fresh_agent(work: Path, *, seconds: float, rate: float = 50.0,
+                     progress: Callable[[str], None] | None = None) -> tuple[SoakReport, bool]:
+    """Start a real agent in `work` serving a committed v1 of model "m", soak it through v2, v3 and a
+    rollback; return the report and whether the agent was still running at the end."""
+    agent = AgentWith(work / "agent", health={"probation_s": 3, "min_requests": 5})
+    assert agent.cli("install", str(build_bundle(work / "v1", "dense_f32", version=1))).returncode == 0
+    updates = [build_bundle(work / "v2", "dense_f32_v2", version=2), build_bundle(work / "v3", "dense_f32", version=3)]
+    agent.start()
+    try:
+        agent.client.predict("m", [[0.0] * 8])
+        wait_for(lambda: agent.client.admin("status")["state"]["models"]["m"]["phase"] == "COMMITTED", timeout=60,
+                 what="v1 committed")
+        report = soak(agent, updates, seconds=seconds, rate=rate, progress=progress)
+        return report, agent.proc is not None and agent.proc.poll() is None
+    finally:
+        agent.kill()

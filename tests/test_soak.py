@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
-from tests.reliability import AgentWith, build_bundle
-from tests.soak import soak
+from tests.soak import soak_fresh_agent
 
 SECONDS = 600.0 if os.environ.get("EDGEFLEET_SOAK") == "long" else 30.0
 RATE = 50.0
@@ -20,23 +18,12 @@ RSS_BOUND = 24 << 20
 
 @pytest.mark.timeout(SECONDS + 300)
 def test_soak_through_two_updates_and_a_rollback(tmp_path: Path) -> None:
-    a = AgentWith(tmp_path / "agent", health={"probation_s": 3, "min_requests": 5})
-    assert a.cli("install", str(build_bundle(tmp_path / "v1", "dense_f32", version=1))).returncode == 0
-    updates = [build_bundle(tmp_path / "v2", "dense_f32_v2", version=2),
-               build_bundle(tmp_path / "v3", "dense_f32", version=3)]
-    a.start()
-    try:
-        a.client.predict("m", [[0.0] * 8])
-        wait_for(lambda: a.client.admin("status")["state"]["models"]["m"]["phase"] == "COMMITTED", timeout=60,
-                 what="v1 committed")
-        report = soak(a, updates, seconds=SECONDS, rate=RATE)
-        print("\n" + report.summary())
-        assert report.failed == 0, report.errors
-        assert report.requests >= 0.9 * RATE * SECONDS, report.requests
-        assert [o for *_, o in report.switches] == ["PROBATION v2", "PROBATION v3", "ROLLED_BACK v2"], report.switches
-        assert set(report.versions) == {1, 2, 3}, report.versions
-        assert len(report.switch_latencies_ms) >= 3 * RATE * 0.5
-        assert report.rss_end - report.rss_start < RSS_BOUND, report.summary()
-        assert a.proc is not None and a.proc.poll() is None
-    finally:
-        a.kill()
+    report, alive = soak_fresh_agent(tmp_path, seconds=SECONDS, rate=RATE)
+    print("\n" + report.summary())
+    assert report.failed == 0, report.errors
+    assert report.requests >= 0.9 * RATE * SECONDS, report.requests
+    assert [o for *_, o in report.switches] == ["PROBATION v2", "PROBATION v3", "ROLLED_BACK v2"], report.switches
+    assert set(report.versions) == {1, 2, 3}, report.versions
+    assert len(report.switch_latencies_ms) >= 3 * RATE * 0.5
+    assert report.rss_end - report.rss_start < RSS_BOUND, report.summary()
+    assert alive
