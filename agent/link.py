@@ -153,10 +153,7 @@ class FleetLink:
         except ProtocolError as err:
             log.warning("ignoring message: %s", err)
             return
-        if route.kind == "chunk":
-            assert route.sha256 is not None
-            self.downloads.on_chunk(route.sha256, item.payload)
-        elif route.kind in ("device_model", "group_model"):
+        if route.kind in ("device_model", "group_model"):  # chunks never get here: see _on_message
             self._on_deployment(route, item.payload)
         elif route.kind == "cmd" and route.device == self.device_id:
             self._on_command(item.payload)

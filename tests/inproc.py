@@ -157,15 +157,16 @@ class InProcessAgent:
         self.daemon.lifecycle.boot()
 
     def deliver(self, topic: str, payload: bytes) -> list[Event]:
-        """Hand one message to FleetLink as the loop thread would, and then whatever the chunk workers post
-        back, until no chunk is being worked on; return the events it caused."""
+        """Hand one message to FleetLink as the MQTT network thread would, then handle what reaches the
+        loop thread's queue (the message itself, what the chunk workers post back) until no chunk is being
+        worked on; return the events it caused."""
         before = len(self.events)
-        self.link.handle(Message(topic=topic, payload=payload))
+        self.link._on_message(Message(topic=topic, payload=payload))
         self.settle()
         return self.events[before:]
 
     def settle(self, timeout: float = 60.0) -> None:
-        """Handle what the download workers post to the daemon's queue until none is busy."""
+        """Handle what reaches the daemon's queue (messages, what the download workers post) until none is busy."""
         deadline = time.monotonic() + timeout
         while True:
             busy = any(job.working for job in self.link.downloads.jobs.values())
@@ -177,7 +178,7 @@ class InProcessAgent:
                 if time.monotonic() > deadline:
                     raise AssertionError("a chunk worker never reported back") from None
                 continue
-            if isinstance(item, ChunkStored):
+            if isinstance(item, (Message, ChunkStored)):
                 self.link.handle(item)
 
     def start_loop(self) -> None:
