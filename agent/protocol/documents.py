@@ -11,6 +11,7 @@ from agent.protocol.schema import (
     check_id,
     check_name,
     check_sha256,
+    check_target,
     checked,
     dump,
     fraction,
@@ -21,6 +22,9 @@ from agent.protocol.schema import (
 
 DEPLOYMENT_SCHEMA = "edgefleet.deployment/1"
 COMMAND_SCHEMA = "edgefleet.command/1"
+WITHDRAWAL_SCHEMA = "edgefleet.withdrawal/1"
+TIMESTAMP_SCHEMA = "edgefleet.timestamp/1"
+INVENTORY_SCHEMA = "edgefleet.inventory/1"
 
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 Dtype = Literal["float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
@@ -163,6 +167,10 @@ class Deployment:
     expires_at: int = checked(non_negative)
     model: ModelSpec
     policy: Policy = field(default_factory=Policy)
+    target: str | None = checked(check_target, default=None)
+    """``device:{id}`` or ``group:{name}``: the only topic this document may arrive on. Covered by the
+    signature, so a document cannot be re-posted to another device or group. A document without a
+    target is accepted only from a local install (or by an agent running with ``insecure = true``)."""
     key_id: str | None = None
     signature: str | None = None
 
@@ -220,6 +228,106 @@ class Command:
     @classmethod
     def from_dict(cls, value: Any) -> Command:
         """Strictly parse a command."""
+        return parse(cls, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Withdrawal:
+    """A signed order that takes a retained deployment document back, published in its place.
+
+    The device forgets the document of that source (device or group) for `model`; a download it had
+    started stops. What already runs keeps running. An empty retained payload, which anyone allowed
+    to publish on the topic can send, changes nothing on a device.
+    """
+
+    schema: str = checked(_schema(WITHDRAWAL_SCHEMA))
+    model: str = checked(check_name)
+    target: str = checked(check_target)
+    issued_at: int = checked(non_negative)
+    expires_at: int = checked(non_negative)
+    key_id: str | None = None
+    signature: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.expires_at <= self.issued_at:
+            raise ProtocolError("expires_at: must be after issued_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON value of this document."""
+        return dump(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Withdrawal:
+        """Strictly parse a withdrawal."""
+        return parse(cls, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timestamp:
+    """The signed heartbeat of the update channel, retained on ``P/timestamp``.
+
+    The operator re-issues it often (``edgectl timestamp --every``) with a short validity. A device
+    whose newest valid timestamp has expired knows that its channel is frozen or withheld rather than
+    quiet, and says so in its status, telemetry and metrics.
+    """
+
+    schema: str = checked(_schema(TIMESTAMP_SCHEMA))
+    issued_at: int = checked(non_negative)
+    expires_at: int = checked(non_negative)
+    key_id: str | None = None
+    signature: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.expires_at <= self.issued_at:
+            raise ProtocolError("expires_at: must be after issued_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON value of this document."""
+        return dump(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Timestamp:
+        """Strictly parse a timestamp."""
+        return parse(cls, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inventory:
+    """The operator-signed fleet inventory, retained on ``P/inventory``: which devices form each group.
+
+    Host tools take group membership (canary choice, `push --wait` accounting) from here, never from
+    what a device's status says about itself. `version` only grows: a host keeps the highest it saw.
+    """
+
+    schema: str = checked(_schema(INVENTORY_SCHEMA))
+    version: int = checked(non_negative)
+    issued_at: int = checked(non_negative)
+    expires_at: int = checked(non_negative)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    key_id: str | None = None
+    signature: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.expires_at <= self.issued_at:
+            raise ProtocolError("expires_at: must be after issued_at")
+        for group, devices in self.groups.items():
+            if check_name(group):
+                raise ProtocolError(f"groups: {group!r}: {check_name(group)}")
+            for device in devices:
+                if check_name(device):
+                    raise ProtocolError(f"groups.{group}: {device!r}: {check_name(device)}")
+
+    def members(self, group: str) -> tuple[str, ...]:
+        """The devices of a group (empty for an unknown group)."""
+        return self.groups.get(group, ())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON value of this document."""
+        return dump(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Inventory:
+        """Strictly parse an inventory."""
         return parse(cls, value)
 
 

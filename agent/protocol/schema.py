@@ -39,6 +39,15 @@ def check_id(value: Any) -> str | None:
     return None
 
 
+def check_target(value: Any) -> str | None:
+    """Whom a signed document is for: ``device:{name}`` or ``group:{name}``."""
+    if isinstance(value, str):
+        kind, _, name = value.partition(":")
+        if kind in ("device", "group") and check_name(name) is None:
+            return None
+    return "expected 'device:NAME' or 'group:NAME'"
+
+
 def check_sha256(value: Any) -> str | None:
     """A lowercase hex SHA-256 digest."""
     if not isinstance(value, str) or not SHA256_RE.match(value):

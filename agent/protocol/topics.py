@@ -76,6 +76,14 @@ class Topics:
         """Periodic metrics of a device."""
         return self._device(device, "telemetry")
 
+    def timestamp(self) -> str:
+        """Retained signed heartbeat of the update channel."""
+        return f"{self.prefix}/timestamp"
+
+    def inventory(self) -> str:
+        """Retained operator-signed inventory (group membership)."""
+        return f"{self.prefix}/inventory"
+
     def all_devices(self, leaf: str) -> str:
         """Wildcard subscription to one leaf (status, state, events, telemetry) of every device."""
         return f"{self.prefix}/devices/+/{leaf}"
@@ -95,6 +103,10 @@ class Topics:
             raise ProtocolError(f"topic {topic!r} is outside prefix {self.prefix!r}")
         parts = topic[len(head):].split("/")
         match parts:
+            case ["timestamp"]:
+                return Route("timestamp")
+            case ["inventory"]:
+                return Route("inventory")
             case ["chunks", sha] if not check_sha256(sha):
                 return Route("chunk", sha256=sha)
             case ["groups", group, "models", model] if not check_name(group) and not check_name(model):
