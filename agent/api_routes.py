@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import npy
+from agent.api_guard import read_passed_files
 from agent.errors import EdgefleetError, RequestError, RuntimeBackendError
 from agent.protocol.schema import dump
 from agent.serving import Prediction, ServedModel, Serving
@@ -50,6 +51,11 @@ class Request:
     close: bool = False
     expect_continue: bool = False
     body: bytes | bytearray = b""
+    host: str | None = None
+    authorization: str | None = None
+    chunked: bool = False
+    fds: list[int] = field(default_factory=list)
+    """File descriptors the client passed with this request (admin socket only); closed after it."""
 
 
 @dataclass
@@ -80,9 +86,6 @@ def json_response(status: int, value: Any, headers: list[tuple[str, str]] | None
 def error_response(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
     """`{"error": message}` with a 4xx/5xx status."""
     return json_response(status, {"error": message}, headers)
-
-
-BUNDLE_TAR = "application/x-tar"
 
 
 def serving_metrics(serving: Serving, requests: dict[int, int] | None = None) -> str:
@@ -126,23 +129,33 @@ class Router:
 
     def __init__(self, serving: Serving, *, status: Callable[[], dict[str, Any]] | None = None,
                  metrics: Callable[[], str] | None = None,
-                 admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None) -> None:
+                 admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
+                 max_file_bytes: int = 256 << 20) -> None:
         self.serving = serving
         self.status = status
         self.metrics = metrics
         self.admin = admin
+        self.max_file_bytes = max_file_bytes
+        """Largest bundle file read from a passed descriptor."""
         self.requests: dict[int, int] = {}
         self._count_lock = threading.Lock()
+        # one bundle read into memory at a time, however many admin connections ask
+        self._install_lock = threading.Lock()
 
-    def handle(self, request: Request, *, unix: bool) -> Response:
-        """The response to one request."""
+    def count(self, status: int) -> None:
+        """Count an answer the HTTP layer gave without routing (refusals), for /metrics."""
+        with self._count_lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+
+    def handle(self, request: Request, *, unix: bool, admin: bool = False) -> Response:
+        """The response to one request; `admin` when it came over the admin socket."""
         try:
             path = request.path
             if request.content_type == npy.CONTENT_TYPE and path.endswith(":predict") and \
                     path.startswith("/v1/models/") and request.method == "POST" and "/" not in path[11:]:
                 response = self._predict_npy(request, path[11:-8])  # the binary fast path, no routing
             else:
-                response = self._route(request, unix)
+                response = self._route(request, unix, admin)
         except _NotAllowed as err:
             response = error_response(405, str(err), [("Allow", err.allowed)])
         except RequestError as err:
@@ -157,7 +170,7 @@ class Router:
             self.requests[response.status] = self.requests.get(response.status, 0) + 1
         return response
 
-    def _route(self, req: Request, unix: bool) -> Response:
+    def _route(self, req: Request, unix: bool, admin: bool) -> Response:
         path = req.path
         if path.startswith("/v1/models/"):
             rest = path[len("/v1/models/"):]
@@ -184,7 +197,7 @@ class Router:
             return Response(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
         if path.startswith("/v1/admin/"):
             _method(req, "POST")
-            return self._admin(req, path[len("/v1/admin/"):], unix)
+            return self._admin(req, path[len("/v1/admin/"):], admin)
         raise RequestError(f"unknown route {path!r}", 404)
 
     def _served(self, name: str, version: int | None) -> ServedModel:
@@ -207,21 +220,40 @@ class Router:
         body: dict[str, Any] = {"status": "ok" if models else "unavailable", "models": models}
         if self.status is not None:
             body["agent"] = self.status()
-        return json_response(200 if models else 503, body)
+            if models and body["agent"].get("status") == "unhealthy":
+                # the models still answer, but the agent behind them is stuck or waits for its restart
+                body["status"] = "unhealthy"
+        return json_response(200 if body["status"] == "ok" else 503, body)
 
-    def _admin(self, req: Request, action: str, unix: bool) -> Response:
-        if not unix:
-            raise RequestError("admin actions are accepted only on the Unix socket", 403)
+    def _admin(self, req: Request, action: str, admin: bool) -> Response:
+        if not admin:
+            # inference clients (the inference socket's group, TCP) never install or roll back
+            raise RequestError("admin actions are accepted only on the admin socket (api.admin_socket)", 403)
         if self.admin is None:
             raise RequestError("admin actions are not available on this server", 404)
         if not _ACTION.fullmatch(action):
             raise RequestError(f"unknown admin action {action!r}", 404)
-        if req.content_type == BUNDLE_TAR:
-            body: Any = {"bundle_tar": bytes(req.body)}  # a bundle uploaded by `edge-agent install`
-        else:
-            body = _json_body(req) if req.body else {}
+        if req.body and req.content_type not in ("", JSON):
+            raise RequestError(f"unsupported Content-Type {req.content_type!r} for an admin action; send {JSON}", 415)
+        body = _json_body(req) if req.body else {}
         if not isinstance(body, dict):
             raise RequestError("admin body: expected a JSON object")
+        if action == "install" and "files" in body:
+            # the bundle's files were opened by the caller and passed as descriptors: read them here,
+            # so the sandboxed agent needs no access to the caller's path and nothing is uploaded
+            if not self._install_lock.acquire(blocking=False):
+                raise RequestError("another install is being read; try again when it is done", 409)
+            try:
+                files = read_passed_files(body["files"], req.fds, self.max_file_bytes)
+                return self._call_admin(action, {"bundle_files": files})
+            finally:
+                self._install_lock.release()
+        if req.fds:
+            raise RequestError(f"admin action {action!r} takes no file descriptors")
+        return self._call_admin(action, body)
+
+    def _call_admin(self, action: str, body: dict[str, Any]) -> Response:
+        assert self.admin is not None
         try:
             status, result = self.admin(action, body)
         except EdgefleetError as err:

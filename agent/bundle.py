@@ -74,29 +74,6 @@ def read_bundle_files(path: Path) -> tuple[Any, bytes, bytes]:
         raise ProtocolError(f"{path}: {err.strerror}: {err.filename}") from err
 
 
-def read_bundle_tar(data: bytes, limit: int) -> dict[str, bytes]:
-    """The files of a bundle sent as an uncompressed tar: only the bundle's own regular files, size-bounded."""
-    import tarfile
-
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if member.name not in BUNDLE_FILES or not member.isreg():
-                    raise ProtocolError(f"bundle upload: unexpected entry {member.name[:80]!r}")
-                if member.size > limit:
-                    raise ProtocolError(f"bundle upload: {member.name} is {member.size} bytes, above {limit}")
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                files[member.name] = extracted.read()
-    except tarfile.TarError as err:
-        raise ProtocolError(f"bundle upload: not a tar archive ({err})") from err
-    for name in (MANIFEST_FILE, MODEL_FILE, GOLDEN_FILE):
-        if name not in files:
-            raise ProtocolError(f"bundle upload: {name} is missing")
-    return files
-
-
 def check_artifact(label: str, data: bytes, artifact: Artifact) -> None:
     """Raise ProtocolError unless `data` has the artifact's size and SHA-256."""
     if len(data) != artifact.size:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.config import DEFAULT_PATH, AgentConfig, describe, load_config
+from agent.config import DEFAULT_PATH, AgentConfig, describe, insecure_warning, load_config, security_problems
 from agent.errors import EdgefleetError, RequestError
 
 log = logging.getLogger("edge-agent")
@@ -46,6 +46,25 @@ def _client(config: AgentConfig) -> Any:
     return ApiClient(socket_path=config.api.socket)
 
 
+def _admin_client(config: AgentConfig) -> Any:
+    """A client whose admin actions go to the admin socket (root and the agent's user only)."""
+    from agent.client import ApiClient
+
+    path = config.api.admin_socket_path()
+    if path is None:
+        raise EdgefleetError("the agent is running but api.admin_socket is disabled, so install, rollback and "
+                             "status cannot reach it")
+    return ApiClient(socket_path=path, admin_socket=path)
+
+
+def _admin_error(err: RequestError) -> str:
+    """The agent's message, with what to do when the admin socket refused this user."""
+    text = str(err)
+    if "Permission denied" in text or (err.status == 403 and "admin socket" in text):
+        text += " (admin actions need root or the agent's own user: try sudo)"
+    return text
+
+
 def _daemon_running(config: AgentConfig) -> bool:
     from agent.store import Store
 
@@ -69,12 +88,29 @@ def cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     from agent.daemon import run_daemon
 
     faulthandler.enable()  # a watchdog abort (SIGABRT) then leaves every thread's stack in the journal
+    # The same checks as check-config, before anything listens: a board that cannot verify what it
+    # receives does not start. Exit 2 is the unit's RestartPreventExitStatus, so this is one failed
+    # start with these lines in the journal, not a restart loop.
+    problems = security_problems(config)
+    if problems:
+        for problem in problems:
+            print(f"edge-agent: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     return run_daemon(config)
 
 
 def cmd_check_config(args: argparse.Namespace, config: AgentConfig) -> int:
-    """The configuration loaded: print the effective values."""
-    _print(describe(config), args.json, f"{args.config or DEFAULT_PATH}: ok (device {config.device_id})")
+    """The configuration loaded and every file it names checked: print the effective values, or every problem."""
+    problems = security_problems(config)
+    for problem in problems:
+        print(f"edge-agent: error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    warning = insecure_warning(config)
+    if warning:
+        print(f"edge-agent: warning: {warning}", file=sys.stderr)
+    _print(describe(config), args.json, f"{args.config or DEFAULT_PATH}: ok (device {config.device_id})"
+           + (", INSECURE" if warning else ""))
     return EXIT_OK
 
 
@@ -85,9 +121,9 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
         raise UsageError(f"{args.bundle}: not a bundle directory")
     if _daemon_running(config):
         try:
-            body = _client(config).install_bundle(path)
+            body = _admin_client(config).install_bundle(path)
         except RequestError as err:
-            raise (UsageError if err.status == 400 else EdgefleetError)(str(err)) from err
+            raise (UsageError if err.status in (400, 413) else EdgefleetError)(_admin_error(err)) from err
     else:
         body = _install_offline(config, path)
     ok = body.get("phase") not in ("REJECTED", "ROLLED_BACK")
@@ -126,9 +162,9 @@ def cmd_rollback(args: argparse.Namespace, config: AgentConfig) -> int:
     """Restore the previous model of one model name."""
     if _daemon_running(config):
         try:
-            body = _client(config).admin("rollback", {"model": args.model} if args.model else {})
+            body = _admin_client(config).admin("rollback", {"model": args.model} if args.model else {})
         except RequestError as err:
-            raise (UsageError if err.status in (400, 404) else EdgefleetError)(str(err)) from err
+            raise (UsageError if err.status in (400, 404) else EdgefleetError)(_admin_error(err)) from err
     else:
         body = _rollback_offline(config, args.model)
     _print(body, args.json, f"{body['model']}: {body['phase']} (now v{body['version']})")
@@ -164,18 +200,24 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
     health = None
     if running:
         try:
-            body = _client(config).admin("status", {})
+            body = _admin_client(config).admin("status", {})
             state, health = body["state"], body["health"]
         except (OSError, EdgefleetError, KeyError) as err:
-            log.warning("agent is running but did not answer: %s", err)
+            log.warning("agent is running but did not answer: %s",
+                        _admin_error(err) if isinstance(err, RequestError) else err)
             running = False
     if not running:
         state = _state_offline(config)
-    out = {"device_id": config.device_id, "running": running, "state": state, "health": health}
+    # what the running agent says it runs with; the config file when it is not running
+    insecure = bool(health.get("insecure", False)) if health else config.security.insecure
+    out = {"device_id": config.device_id, "running": running, "insecure": insecure, "state": state,
+           "health": health}
     if args.json:
         _print(out, True, "")
         return EXIT_OK
     lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}"]
+    if insecure:
+        lines.append("  INSECURE: security.insecure = true, unsigned documents are accepted")
     if health and health.get("reason"):
         lines.append(f"  unhealthy: {health['reason']}")
     mqtt = health.get("mqtt") if health else None
@@ -288,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", dest="json_input", metavar="JSON", help="instances as JSON, e.g. '[[0.1, 0.2]]'")
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("check-config", help="validate the configuration file and print the effective values")
+    s = sub.add_parser("check-config", help="validate the configuration and every file it names (keys, CA, "
+                                            "certificates, secrets); print the effective values or each problem")
     s.add_argument("--json", action="store_true", help="print every effective value as JSON")
     s.set_defaults(func=cmd_check_config)
     return p

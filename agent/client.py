@@ -20,9 +20,11 @@ from numpy.typing import NDArray
 
 from agent import npy
 from agent.api import set_timeouts
+from agent.api_guard import send_with_fds
 from agent.errors import RequestError
 
 DEFAULT_SOCKET = "/run/edge-agent/api.sock"
+ADMIN_SOCKET_NAME = "admin.sock"
 _MAX_HEAD = 64 << 10
 
 
@@ -30,11 +32,17 @@ class ApiClient:
     """Talks to one agent; not thread-safe (use one client per thread)."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, url: str | None = None, *,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, admin_socket: str | os.PathLike[str] | None = None,
+                 token: str | None = None) -> None:
         if socket_path is None and url is None:
             socket_path = DEFAULT_SOCKET
         self.socket_path = os.fspath(socket_path) if socket_path is not None else None
+        if admin_socket is None and self.socket_path is not None:
+            admin_socket = Path(self.socket_path).parent / ADMIN_SOCKET_NAME  # the agent's default beside it
+        self.admin_socket = os.fspath(admin_socket) if admin_socket is not None else None
+        """Where admin actions go (install, rollback, status); never the inference socket or TCP."""
         self.timeout = timeout
+        self._auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._tcp: tuple[str, int] | None = None
         if socket_path is None and url is not None:
             parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -115,38 +123,43 @@ class ApiClient:
             raise RequestError(_error_text(body, status), status)
         return body.decode("utf-8")
 
-    def admin(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run an admin action (Unix socket only); raise RequestError with the agent's message on failure."""
+    def admin(self, action: str, body: dict[str, Any] | None = None, *, fds: list[int] | None = None) -> dict[str, Any]:
+        """Run an admin action over the admin socket (passing `fds` with it, SCM_RIGHTS); raise
+        RequestError with the agent's message on failure."""
+        if self.admin_socket is None:
+            raise RequestError("admin actions need the agent's admin socket (api.admin_socket); "
+                               "this client has none", 503)
         data = json.dumps(body or {}, separators=(",", ":")).encode()
-        # not idempotent: never resent, so start from a fresh connection that cannot be stale
-        self.close()
-        return self._json("POST", f"/v1/admin/{quote(action)}", data, retry=False)  # type: ignore[no-any-return]
+        # not idempotent: never resent, so a fresh connection that cannot be stale, closed afterwards
+        with ApiClient(socket_path=self.admin_socket, admin_socket=self.admin_socket,
+                       timeout=self.timeout) as conn:
+            status, _, answer = conn.request("POST", f"/v1/admin/{quote(action)}", data, retry=False, fds=fds)
+        value = _decode(answer, status)
+        if status >= 300:
+            raise RequestError(value.get("error", f"HTTP {status}") if isinstance(value, dict) else
+                               f"HTTP {status}", status)
+        return value  # type: ignore[no-any-return]
 
     def install_bundle(self, bundle: Path) -> dict[str, Any]:
-        """Upload a bundle directory's files (a tar in the body) for the agent to install.
+        """Install a bundle directory: its files are opened here and passed to the agent as descriptors.
 
         The agent runs as its own user in a sandbox (systemd ProtectHome, PrivateTmp) and may not see
-        the caller's path; the caller can read the files, so it sends them.
+        the caller's path; the caller can read the files, so it opens them and hands over the open
+        files (SCM_RIGHTS on the admin socket). Nothing is uploaded through the agent's memory as a body.
         """
-        import io
-        import tarfile
+        from agent.api_guard import BUNDLE_PASSED
 
-        from agent.api_routes import BUNDLE_TAR
-        from agent.bundle import BUNDLE_FILES
-
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name in BUNDLE_FILES:
-                path = Path(bundle) / name
-                if path.is_file():
-                    tar.add(path, arcname=name, recursive=False)
-        self.close()
-        status, _, data = self.request("POST", "/v1/admin/install", buf.getvalue(), BUNDLE_TAR, retry=False)
-        value = _decode(data, status)
-        if status >= 300:
-            raise RequestError(value.get("error", f"HTTP {status}") if isinstance(value, dict) else f"HTTP {status}",
-                               status)
-        return value  # type: ignore[no-any-return]
+        fds: list[int] = []
+        try:
+            for name in BUNDLE_PASSED:
+                try:
+                    fds.append(os.open(Path(bundle) / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY))
+                except OSError as err:
+                    raise RequestError(f"{Path(bundle) / name}: {err.strerror}", 400) from err
+            return self.admin("install", {"files": {n: i for i, n in enumerate(BUNDLE_PASSED)}}, fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -159,17 +172,21 @@ class ApiClient:
         return value
 
     def request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json",
-                *, retry: bool = True) -> tuple[int, dict[str, str], bytes]:
-        """Send one request; return (status, lower-cased headers, body). Reconnects once if the agent
-        closed an idle connection; raise RequestError(503) when the agent cannot be reached."""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: {content_type}\r\n"
+                *, retry: bool = True, fds: list[int] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Send one request (with `fds` passed along on a Unix socket); return (status, lower-cased
+        headers, body). Reconnects once if the agent closed an idle connection; raise
+        RequestError(503) when the agent cannot be reached."""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n{self._auth}Content-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         message = head + body
         for attempt in (0, 1):
             fresh = self._sock is None
             try:
                 sock = self._connect()
-                sock.sendall(message)
+                if fds:
+                    send_with_fds(sock, message, fds)
+                else:
+                    sock.sendall(message)
                 return self._read_response(sock)
             except (ConnectionError, _Closed) as err:
                 self.close()

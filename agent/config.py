@@ -43,9 +43,13 @@ class MqttConfig:
     prefix: str = "edgefleet"
     """Topic prefix shared with the host tools."""
     client_id: str | None = None
-    """MQTT client id; defaults to the device id."""
+    """MQTT client id; defaults to the device id. The shipped broker config forces every device's client id
+    to its user name (its device id; `use_username_as_clientid`), so that one device's credential cannot
+    take over another's session: any other value has no effect there."""
     username: str | None = None
-    """Broker user name (the shipped ACL expects the device id)."""
+    """Broker user name; defaults to the device id, which the shipped ACL and identity binding expect. With
+    a client certificate whose CN the broker takes as the identity (`use_identity_as_username`), the CN
+    must be the device id and this name is ignored by the broker."""
     password_file: Path | None = None
     """File holding the password; a relative name is looked up in $CREDENTIALS_DIRECTORY."""
     ca_file: Path | None = None
@@ -71,7 +75,11 @@ class SecurityConfig:
     trusted_keys: tuple[Path, ...] = ()
     """Ed25519 public keys (PEM) whose signatures are accepted; list two during a key rotation."""
     require_signature: bool = True
-    """With trusted keys configured, unsigned documents are rejected; without keys, nothing is checked."""
+    """Deprecated: `false` is accepted only together with `insecure = true`, which it then repeats."""
+    insecure: bool = False
+    """Accept what cannot be verified (unsigned or untargeted documents, no trusted key, plain MQTT,
+    a network API without a token). Off: the agent refuses to start without a trusted key when MQTT
+    or the API is enabled. On: said at start, in status, telemetry and /metrics (`edgefleet_insecure`)."""
     max_artifact_bytes: int = 256 << 20
     """Largest model or golden artifact accepted."""
     max_chunks: int = 8192
@@ -80,6 +88,20 @@ class SecurityConfig:
     """How far in the future a document's issued_at may be before it is refused as not yet valid."""
     max_disk_fraction: float = 0.9
     """Refuse a download that would fill the state filesystem beyond this fraction."""
+    download_stall_s: float = 120.0
+    """A download that receives no chunk for this long fails (it resumes later from what it has)."""
+    max_timestamp_age_s: float | None = None
+    """Unset: a valid signed timestamp is fresh until its own expiry. Set: also stale once its
+    issued_at is older than this (tighter than what the operator signed)."""
+
+    def __post_init__(self) -> None:
+        # One meaning for both keys, so code that reads either one cannot fail open: `require_signature
+        # = false` alone would accept unsigned documents without the agent ever saying it is insecure.
+        if not self.require_signature and not self.insecure:
+            raise ConfigError("security.require_signature: false is accepted only with security.insecure = true "
+                              "(require_signature is deprecated: set insecure = true instead)")
+        if self.insecure:
+            object.__setattr__(self, "require_signature", False)
 
 
 @dataclass(frozen=True)
@@ -137,8 +159,8 @@ class StoreConfig:
 
     keep_blobs: int = 4
     """Artifacts kept per model beyond the active and previous ones (older ones are pruned)."""
-    max_rejected: int = 256
-    """Rejected deployment ids remembered (so a retained bad document is not retried)."""
+    max_models: int = 64
+    """Model names this agent keeps a record of; a signed document for one more is refused."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,37 @@ class ApiConfig:
     """Address of the TCP listener."""
     max_body_bytes: int = 16 << 20
     """Largest request body accepted."""
+    admin_socket: Path | None = Path("admin.sock")
+    """Unix socket of the admin actions (install, rollback, status), mode 0600: only the agent's own
+    user and root may use it. A relative name is taken beside `socket` (and disables it when `socket`
+    is disabled); "" disables admin actions over the API."""
+    max_inflight_bytes: int = 64 << 20
+    """Request bodies of all connections together may hold at most this many bytes; a request that
+    would go above it is answered 503 before its body is read. TCP requests get at most half."""
+    max_connections: int = 64
+    """Open connections per listener (the Unix socket and TCP each have their own)."""
+    max_connections_per_peer: int = 16
+    """Open TCP connections from one client address."""
+    idle_timeout_s: float = 60.0
+    """A connection that starts no request for this long is closed."""
+    header_timeout_s: float = 10.0
+    """A request head must arrive whole within this many seconds of its first byte."""
+    body_timeout_s: float = 60.0
+    """A request body must arrive whole within this many seconds of its head."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host header values (without port) the TCP listener accepts besides localhost, 127.0.0.1, [::1]
+    and `host`; any other Host is refused, so a web page cannot reach the API by DNS rebinding."""
+    token_file: Path | None = None
+    """File holding a bearer token every TCP request must send (`Authorization: Bearer ...`); a
+    relative name is looked up in $CREDENTIALS_DIRECTORY. The Unix sockets are guarded by their modes."""
+
+    def admin_socket_path(self) -> Path | None:
+        """Where the admin socket is, with a relative name resolved beside `socket`; None when disabled."""
+        if self.admin_socket is None or self.admin_socket.is_absolute():
+            return self.admin_socket
+        if self.socket is None:
+            return None
+        return self.socket.parent / self.admin_socket
 
 
 @dataclass(frozen=True)
@@ -189,10 +242,11 @@ class AgentConfig:
 
 _POSITIVE = {
     "mqtt.keepalive_s", "mqtt.reconnect_min_s", "mqtt.reconnect_max_s", "security.max_artifact_bytes",
-    "security.max_chunks", "validation.timeout_s", "validation.memory_mb", "validation.latency_runs",
+    "security.max_chunks", "security.download_stall_s", "security.max_timestamp_age_s", "validation.timeout_s", "validation.memory_mb", "validation.latency_runs",
     "validation.max_latency_ms", "health.max_latency_ratio", "health.hang_timeout_s",
     "health.max_boot_failures", "health.max_updates_per_hour", "telemetry.interval_s",
-    "telemetry.window_s", "api.max_body_bytes", "store.max_rejected", "runtime.num_threads",
+    "telemetry.window_s", "api.max_body_bytes", "api.max_inflight_bytes", "api.max_connections",
+    "api.max_connections_per_peer", "api.idle_timeout_s", "api.header_timeout_s", "api.body_timeout_s", "store.max_models", "runtime.num_threads",
 }
 _NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
 _FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
@@ -215,6 +269,10 @@ def _check_value(key: str, value: Any) -> None:
             raise ConfigError(f"{key}: expected a value between 0 and 1, got {value}")
     if key == "api.port" and value is not None and not 1 <= value <= 65535:
         raise ConfigError(f"api.port: expected 1-65535, got {value}")
+    if key == "api.allowed_hosts":
+        for h in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", h):
+                raise ConfigError(f"api.allowed_hosts: {h!r} is not a host name, IPv4 address or [IPv6] address")
     if key == "device_id" and (not _NAME_RE.match(value) or ".." in value):
         raise ConfigError(f"device_id: {value!r} must be 1-64 letters, digits, '_', '.', '-'")
     if key == "groups":
@@ -302,6 +360,8 @@ def parse_config(text: str, *, source: str = "config") -> AgentConfig:
     config: AgentConfig = _build(AgentConfig, data)
     if config.mqtt.reconnect_min_s > config.mqtt.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+    if config.api.max_inflight_bytes < config.api.max_body_bytes:
+        raise ConfigError("api.max_inflight_bytes: must be at least api.max_body_bytes")
     return config
 
 
@@ -347,3 +407,171 @@ def describe(config: AgentConfig) -> dict[str, Any]:
             return str(v)
         return v
     return plain(config)  # type: ignore[no-any-return]
+
+
+# --- fail closed: the checks `check-config` prints and `edge-agent run` refuses to start on ---------
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def _is_loopback(host: str) -> bool:
+    """True for names and addresses that never leave the board (no DNS lookup: a name could lie)."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_file(key: str, path: Path, problems: list[str], *, secret: bool = False) -> bytes | None:
+    """The bytes of a file the config names, or None after adding one line saying why not."""
+    p = credential_path(path) if secret else path
+    hint = ""
+    if secret and not p.is_absolute() and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        hint = (" (a relative name is a systemd credential id, found in $CREDENTIALS_DIRECTORY, which is not set"
+                " here: the unit's LoadCredential= sets it)")
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"{key}: {p}: no such file{hint}")
+        return None
+    except IsADirectoryError:
+        problems.append(f"{key}: {p} is a directory, not a file")
+        return None
+    except OSError as err:
+        problems.append(f"{key}: cannot read {p}: {err.strerror}{hint}")
+        return None
+    if not data.strip():
+        problems.append(f"{key}: {p} is empty")
+        return None
+    return data
+
+
+def _check_trusted_key(key: str, path: Path, problems: list[str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from agent.protocol.signing import PUBLIC_KEY_FILE
+
+    p = path / PUBLIC_KEY_FILE if path.is_dir() else path  # as Keyring.from_files reads it
+    data = _read_file(key, p, problems)
+    if data is None:
+        return
+    if b"PRIVATE KEY-----" in data:
+        # a signing key copied to a board is a leaked signing key, and it verifies nothing
+        problems.append(f"{key}: {p} is a private key; list its public key (.pub)")
+        return
+    try:
+        public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        problems.append(f"{key}: {p} is not a PEM public key (expected edgefleet.pub from `edgectl keygen`)")
+        return
+    if not isinstance(public, Ed25519PublicKey):
+        problems.append(f"{key}: {p} is not an Ed25519 public key")
+
+
+def _check_tls_files(mqtt: MqttConfig, problems: list[str]) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    if mqtt.ca_file is not None:
+        data = _read_file("mqtt.ca_file", mqtt.ca_file, problems)
+        if data is not None:
+            try:
+                x509.load_pem_x509_certificates(data)
+            except ValueError:
+                problems.append(f"mqtt.ca_file: {mqtt.ca_file} holds no PEM certificate")
+    if (mqtt.cert_file is None) != (mqtt.key_file is None):
+        given, missing = ("cert_file", "key_file") if mqtt.key_file is None else ("key_file", "cert_file")
+        problems.append(f"mqtt.{given}: set without mqtt.{missing}; mutual TLS needs both")
+        return
+    if mqtt.cert_file is None or mqtt.key_file is None:
+        return
+    cert_pem = _read_file("mqtt.cert_file", mqtt.cert_file, problems)
+    key_pem = _read_file("mqtt.key_file", mqtt.key_file, problems, secret=True)
+    cert = key = None
+    if cert_pem is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            problems.append(f"mqtt.cert_file: {mqtt.cert_file} is not a PEM certificate")
+    if key_pem is not None:
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except TypeError:
+            problems.append(f"mqtt.key_file: {credential_path(mqtt.key_file)} is encrypted; the agent needs it "
+                            "unencrypted (systemd's LoadCredentialEncrypted= protects it at rest)")
+        except (ValueError, UnsupportedAlgorithm):
+            problems.append(f"mqtt.key_file: {credential_path(mqtt.key_file)} is not a PEM private key")
+    if cert is not None and key is not None:
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+            problems.append(f"mqtt.key_file: {credential_path(mqtt.key_file)} does not match the certificate "
+                            f"{mqtt.cert_file}")
+
+
+def security_problems(config: AgentConfig) -> list[str]:
+    """Everything that would make the agent insecure or unable to start, one line each; empty when fine.
+
+    `edge-agent check-config` prints these and `edge-agent run` refuses to start on any of them. Every
+    file the configuration names is read and parsed here as the agent would use it, so a broken key
+    or certificate is found before the service starts rather than by a restart loop. Combinations
+    that expose the board are refused unless `security.insecure = true` says they are meant.
+    """
+    from urllib.parse import urlsplit
+
+    problems: list[str] = []
+    sec, mqtt, api = config.security, config.mqtt, config.api
+    insecure = sec.insecure
+    fix = "or set security.insecure = true for a test setup"
+
+    for i, path in enumerate(sec.trusted_keys):
+        _check_trusted_key(f"security.trusted_keys[{i}]", path, problems)
+    inputs = [k for k, v in (("mqtt.url", mqtt.url), ("api.socket", api.socket), ("api.port", api.port),
+                             ("api.admin_socket", api.admin_socket_path())) if v is not None]
+    if not sec.trusted_keys and inputs and not insecure:
+        reaches = inputs[0] if len(inputs) == 1 else f"{', '.join(inputs[:-1])} or {inputs[-1]}"
+        problems.append(f"security.trusted_keys: no trusted key, so any bundle that reaches {reaches} "
+                        f"would install unsigned; list the fleet's public key (edgefleet.pub from `edgectl keygen`) "
+                        f"{fix}")
+
+    if mqtt.url is not None:
+        parts = urlsplit(mqtt.url)
+        host = parts.hostname or ""
+        if parts.scheme == "mqtt":
+            if mqtt.ca_file is not None or mqtt.cert_file is not None or mqtt.key_file is not None:
+                problems.append(f"mqtt.url: {mqtt.url} is plain TCP but TLS files are set (mqtt.ca_file, cert_file, "
+                                "key_file); use mqtts://")
+            # Loopback is allowed, password or not (a broker or bridge on the board itself): the bytes
+            # never leave the board, and whoever could read them there can read the password file too.
+            # Refusing it would push such boards to `insecure`, which also stops signature checks.
+            elif not _is_loopback(host) and not insecure:
+                exposed = ("the password in mqtt.password_file would cross the network in clear text"
+                           if mqtt.password_file is not None else "anyone on the way can read and alter the traffic")
+                problems.append(f"mqtt.url: {mqtt.url} is plain TCP to another host, so {exposed}; use mqtts:// {fix}")
+        if mqtt.password_file is not None:
+            if mqtt.username is None:
+                problems.append("mqtt.password_file: set without mqtt.username")
+            _read_file("mqtt.password_file", mqtt.password_file, problems, secret=True)
+        _check_tls_files(mqtt, problems)
+
+    if api.token_file is not None:
+        _read_file("api.token_file", api.token_file, problems, secret=True)
+    if api.port is not None and api.token_file is None and not _is_loopback(api.host) and not insecure:
+        problems.append(f"api.host: {api.host} puts the inference API on the network with no api.token_file, so "
+                        f"anyone who reaches port {api.port} can use it; set api.token_file, use 127.0.0.1 {fix}")
+    return problems
+
+
+def insecure_warning(config: AgentConfig) -> str | None:
+    """The line the agent says loudly when it runs with `security.insecure = true`, else None."""
+    if not config.security.insecure:
+        return None
+    keys = "no trusted key" if not config.security.trusted_keys else "signatures not enforced"
+    return (f"security.insecure = true ({keys}): unsigned and untargeted documents are accepted, so anyone who "
+            "can publish to this device's topics or reach its API can change the model it runs")

@@ -20,17 +20,17 @@ from typing import Any
 from agent import __version__, faults
 from agent.api import ApiServer
 from agent.api_routes import serving_metrics
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files, read_bundle_tar
-from agent.config import AgentConfig
+from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files
+from agent.config import AgentConfig, insecure_warning, security_problems
 from agent.delivery import ChunkStored
-from agent.errors import EdgefleetError, ProtocolError, StoreError
+from agent.errors import ConfigError, EdgefleetError, ProtocolError, StoreError
 from agent.lifecycle import Lifecycle
 from agent.link import Connection, FleetLink
 from agent.protocol.canonical import parse_json
 from agent.protocol.documents import Event, Telemetry
 from agent.protocol.signing import Keyring
 from agent.serving import Serving
-from agent.store import Store
+from agent.store import STABLE_PHASES, Store
 from agent.systemd import Notifier
 from agent.telemetry import Sampler, model_figures, prometheus
 from agent.transport import Message
@@ -54,6 +54,12 @@ class Daemon:
     """A running agent."""
 
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None):
+        if not config.security.trusted_keys and not config.security.insecure:
+            # `edge-agent run` refuses this earlier with every problem listed; this keeps any other
+            # way of building a daemon from running open
+            refused = [p for p in security_problems(config) if p.startswith("security.trusted_keys:")]
+            if refused:
+                raise ConfigError(refused[0])
         self.config = config
         self.store = Store.from_config(config)
         self.keyring = Keyring.from_files(config.security.trusted_keys)
@@ -65,19 +71,20 @@ class Daemon:
         self.sinks: list[Callable[[Event], None]] = []
         self.unhealthy: str | None = None
         self._hung_reported: set[tuple[str, float]] = set()
+        self._loop_beat: float | None = None
+        """When the loop thread last showed it was alive (a tick, or a heartbeat during validation)."""
         self.lifecycle = Lifecycle(config, self.store, keyring=self.keyring, serving=self.serving,
                                    emit=self._on_event, heartbeat=self._heartbeat)
         self.api: ApiServer | None = None
         if config.api.socket is not None or config.api.port is not None:
-            self.api = ApiServer(
-                self.serving, socket_path=config.api.socket, port=config.api.port, host=config.api.host,
-                max_body_bytes=config.api.max_body_bytes, status=self.health, admin=self.admin,
-                metrics=self.metrics_text, admin_body_bytes=2 * config.security.max_artifact_bytes + (1 << 20),
+            self.api = ApiServer.from_config(
+                self.serving, config.api, status=self.health, admin=self.admin, metrics=self.metrics_text,
+                max_file_bytes=config.security.max_artifact_bytes,
             )
         # two samplers: CPU percentages are "since this sampler's last call", and /metrics is
         # scraped on its own schedule from API threads
-        self.sampler = Sampler(config.device_id, config.state_dir)
-        self._metrics_sampler = Sampler(config.device_id, config.state_dir)
+        self.sampler = Sampler(config.device_id, config.state_dir, insecure=config.security.insecure)
+        self._metrics_sampler = Sampler(config.device_id, config.state_dir, insecure=config.security.insecure)
         self._next_telemetry = 0.0
         self._status_text = ""
         self.link: FleetLink | None = None
@@ -115,6 +122,7 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         """Called during long steps (validation) so a busy loop is not mistaken for a stalled one."""
+        self._loop_beat = time.monotonic()
         if self.unhealthy is None:
             self.notifier.watchdog_if_due()
 
@@ -135,10 +143,28 @@ class Daemon:
             t = self.link.transport
             mqtt = {"url": self.config.mqtt.url, "connected": t.connected, "last_error": t.last_error,
                     "reconnects": t.reconnects}
-        return {"status": "unhealthy" if self.unhealthy else "ok", "reason": self.unhealthy,
+        reason = self.unhealthy or self._loop_stall()
+        return {"status": "unhealthy" if reason else "ok", "reason": reason,
                 "device_id": self.config.device_id, "agent_version": __version__,
                 "uptime_s": round(time.monotonic() - self.started, 1), "models": models, "mqtt": mqtt,
-                "trusted_keys": self.keyring.key_ids}
+                "trusted_keys": self.keyring.key_ids, "insecure": self.config.security.insecure}
+
+    def _loop_stall(self) -> str | None:
+        """Why the loop thread looks stuck (a model hanging its activation, a deadlock), or None.
+
+        The loop is silent for longer than an invocation may run (`health.hang_timeout_s`): the
+        watchdog is not fed either, so under systemd a restart follows; /healthz says so meanwhile.
+        """
+        beat = self._loop_beat
+        if beat is None:
+            return None
+        silent = time.monotonic() - beat
+        if silent <= self.config.health.hang_timeout_s:
+            return None
+        busy = [f"{name} {rec.phase}" for name, rec in sorted(self.lifecycle.state.models.items())
+                if rec.phase not in STABLE_PHASES and rec.phase != "PROBATION"]
+        return (f"the agent's loop has not run for {silent:.1f}s (limit {self.config.health.hang_timeout_s:g}s)"
+                + (f" while {', '.join(busy)}" if busy else ""))
 
     def telemetry(self, sampler: Sampler | None = None) -> Telemetry:
         """A telemetry sample of the agent and every model it knows."""
@@ -174,8 +200,9 @@ class Daemon:
             log.error("another agent is already running on %s", self.store.root)
             return 1
         try:
-            if not self.keyring:
-                log.warning("no trusted keys configured: deployments are accepted unsigned")
+            warning = insecure_warning(self.config)
+            if warning:
+                log.warning("INSECURE: %s", warning)
             self.lifecycle.boot()
             if self.api is not None:
                 self.api.start()
@@ -216,6 +243,7 @@ class Daemon:
 
     def periodic(self) -> None:
         """Work done every tick on the loop thread."""
+        self._loop_beat = time.monotonic()
         faults.point("stall:loop")
         self.lifecycle.tick()
         if self.lifecycle.unhealthy is not None:
@@ -251,16 +279,16 @@ class Daemon:
 
     def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
         if req.action == "install":
-            if "bundle_tar" in req.body:
+            if "bundle_files" in req.body:  # read by the API from descriptors `edge-agent install` passed
+                files = req.body["bundle_files"]
                 try:
-                    files = read_bundle_tar(req.body["bundle_tar"], self.config.security.max_artifact_bytes)
                     raw = parse_json(files[MANIFEST_FILE])
                 except ProtocolError as err:
-                    return 400, {"error": str(err)}
+                    return 400, {"error": f"{MANIFEST_FILE}: {err}"}
                 return self.install_files(raw, files[MODEL_FILE], files[GOLDEN_FILE])
             path = req.body.get("path")
             if not isinstance(path, str):
-                return 400, {"error": "install needs a bundle upload or {\"path\": \"/path/to/bundle\"}"}
+                return 400, {"error": "install needs passed bundle files or {\"path\": \"/path/to/bundle\"}"}
             return self.install_path(Path(path))
         if req.action == "rollback":
             return self.rollback(req.body.get("model"))

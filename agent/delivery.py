@@ -27,6 +27,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,6 +124,10 @@ class Job:
     """Complete or failed: reported to the loop thread, nothing more is asked for."""
     hashing: threading.Lock = field(default_factory=threading.Lock)
     """Held while an artifact's running hash advances."""
+    source: str | None = None
+    """The target of the topic its document came on (``device:{id}`` or ``group:{name}``)."""
+    last_progress: float = field(default_factory=time.monotonic)
+    """Monotonic time the download started or last stored a chunk: a stall is measured from here."""
 
     @property
     def name(self) -> str:
@@ -379,6 +384,7 @@ class Downloads:
                 return False  # cancelled, replaced or already failed meanwhile
             if error is None and sha in job.missing:
                 del job.missing[sha]
+                job.last_progress = time.monotonic()
                 job.fetched_bytes += wire_bytes
                 job.fetched_chunks += 1
                 job.mark_done(sha)
@@ -452,6 +458,13 @@ class Downloads:
         if self._started:
             for worker in self._workers:
                 worker.join()
+
+    def stalled(self, timeout_s: float) -> list[Job]:
+        """Downloads that stored no chunk for `timeout_s` seconds (a withheld or lost chunk)."""
+        now = time.monotonic()
+        with self._lock:
+            return [job for job in self.jobs.values()
+                    if not job.ended and job.missing and now - job.last_progress > timeout_s]
 
     def names(self) -> Iterable[str]:
         """Models being downloaded."""

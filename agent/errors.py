@@ -44,6 +44,12 @@ class DeploymentRejected(EdgefleetError):
         """True when the refusal may pass later (a clock not yet synchronised): not remembered."""
 
 
+class DocumentRefused(DeploymentRejected):
+    """A deployment document was not taken up: malformed, unauthenticated, for another target, or a
+    replay (expired, not above the active version or the version floor). Nothing is started, so
+    nothing in the saved state changes: the refusal is reported as an event at most."""
+
+
 class RequestError(EdgefleetError):
     """An inference request is malformed; carries the HTTP status to answer with."""
 

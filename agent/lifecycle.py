@@ -17,10 +17,17 @@ from typing import Any, Protocol
 
 from agent import __version__, faults
 from agent.config import AgentConfig
-from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, SignatureError, StoreError
+from agent.errors import (
+    DeploymentRejected,
+    DocumentRefused,
+    EdgefleetError,
+    ProtocolError,
+    SignatureError,
+    StoreError,
+)
 from agent.protocol.documents import Command, Deployment, DeviceState, Event, ModelState, Outcome, Phase
 from agent.protocol.signing import Keyring
-from agent.store import STABLE_PHASES, AgentState, Installed, ModelRecord, Probation, Store
+from agent.store import STABLE_PHASES, Activation, AgentState, Installed, ModelRecord, Probation, Store
 from agent.validate import ValidationRequest, validate
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,8 @@ MAX_COMMAND_VALIDITY_S = 86400
 MAX_COMMANDS_KEPT = 4096
 # Reasons travel in every event and in the retained state document.
 MAX_REASON = 500
+# Failures that say the model itself is unfit: they raise the version floor.
+FLOOR_STEPS = ("VALIDATING", "ACTIVATING")
 
 
 class StatsLike(Protocol):
@@ -101,6 +110,8 @@ class Lifecycle:
         self.state: AgentState = store.load()
         self.progress: dict[str, float] = {}
         self.unhealthy: str | None = None
+        self.last_refusal: str | None = None
+        """Reason of the last document refused by `precheck` (nothing is saved for those)."""
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -155,11 +166,24 @@ class Lifecycle:
     # --- start and stop ------------------------------------------------------------------------
 
     def boot(self) -> None:
-        """Start of the daemon: count a death during probation, finish interrupted steps, load active models."""
+        """Start of the daemon: count a death during probation or activation, finish interrupted steps, load
+        active models."""
         died = self.state.running
         state = replace(self.state, running=True)
         to_roll_back = []
+        to_reject = []
         for name, rec in state.models.items():
+            act = rec.activation
+            if died and rec.phase == "ACTIVATING" and rec.pending is not None and act is not None \
+                    and act.deployment_id == rec.pending.get("deployment_id"):
+                # killed (or hung until the watchdog killed it) while the serving path loaded the new
+                # model: counted like a death on probation, so a retained document cannot restart it forever
+                act = replace(act, deaths=act.deaths + 1)
+                log.warning("model %s: agent died while activating %s (%d time(s))", name, act.deployment_id,
+                            act.deaths)
+                rec = replace(rec, activation=act)
+                if act.deaths >= self.config.health.max_boot_failures:
+                    to_reject.append((name, rec.pending, act.deaths))
             if rec.phase in ("DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING"):
                 # the step was interrupted before the atomic switch: the active model is still the old one
                 rec = replace(rec, phase=_resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
@@ -175,6 +199,10 @@ class Lifecycle:
                 rec = replace(rec, probation=prob)
             state = state.with_record(name, rec)
         self._save(state)
+        for name, raw, deaths in to_reject:
+            self.reject(name, raw, DeploymentRejected(
+                f"the agent died {deaths} time(s) while activating this model (loading or warming it up in the "
+                "serving path kills or hangs the agent)", step="ACTIVATING", details={"activation_deaths": deaths}))
         for name, failures in to_roll_back:
             self.rollback(name, f"agent died {failures} time(s) during probation", figures={"boot_failures": failures})
         if self.serving is not None:
@@ -192,62 +220,118 @@ class Lifecycle:
 
     # --- verification --------------------------------------------------------------------------
 
-    def precheck(self, raw: Any, *, continuing: bool = False) -> Deployment | None:
-        """Checks that need only the document; None when there is nothing to do (already active or pending).
+    @property
+    def enforcing(self) -> bool:
+        """True when documents must carry a trusted signature (trusted keys are configured)."""
+        return bool(self.keyring) and self.config.security.require_signature
 
-        `continuing` is for the deployment that is itself pending (its download just finished).
+    def authenticate(self, raw: Any, source: str | None) -> Deployment:
+        """Parse a deployment document, verify its signature and that it is meant for this device.
+
+        `source` is the target its topic stands for (``device:{id}`` or ``group:{name}``), or None
+        for a bundle installed from disk. Raises DocumentRefused: nothing that fails here may change
+        the saved state.
         """
         try:
             doc = Deployment.from_dict(raw)
         except ProtocolError as err:
-            raise DeploymentRejected(f"malformed deployment: {err}", step="VERIFYING") from err
-        rec = self.state.record(doc.model.name)
-        if doc.deployment_id in self.state.rejected:
-            return None
+            raise DocumentRefused(f"malformed deployment: {err}", step="VERIFYING") from err
+        if self.enforcing:
+            try:
+                self.keyring.verify(raw)
+            except SignatureError as err:
+                raise DocumentRefused(f"signature: {err}", step="VERIFYING") from err
+        self.check_target(doc.target, source)
+        return doc
+
+    def check_target(self, target: str | None, source: str | None) -> None:
+        """A signed target must name the topic the document came on (or, from disk, this device)."""
+        if source is not None:
+            if target is None:
+                if self.enforcing:
+                    raise DocumentRefused(f"document names no target; a signed document for {source} must "
+                                          "say so inside its signature (re-issue it with edgectl push --key)",
+                                          step="VERIFYING")
+            elif target != source:
+                raise DocumentRefused(f"document is for {target} but was published for {source}", step="VERIFYING")
+            return
+        if target is None:
+            return
+        kind, _, who = target.partition(":")
+        if (kind == "device" and who != self.config.device_id) or (kind == "group" and who not in self.config.groups):
+            raise DocumentRefused(f"document is for {target}, not this device ({self.config.device_id}, groups: "
+                                  f"{', '.join(self.config.groups) or 'none'})", step="VERIFYING")
+
+    def precheck(self, raw: Any, source: str | None = None, *, continuing: bool = False) -> Deployment | None:
+        """Checks that need only the document; None when there is nothing to do (already active or pending).
+
+        Raises DocumentRefused when the document is not taken up (see `authenticate`, expiry, versions,
+        limits) and leaves the saved state as it was. `continuing` is for the deployment that is itself
+        pending (its download just finished).
+        """
+        doc = self.authenticate(raw, source)
+        name = doc.model.name
+        if name not in self.state.models and len(self.state.models) >= self.config.store.max_models:
+            raise DocumentRefused(f"model {name}: this agent already keeps {len(self.state.models)} models "
+                                  f"(store.max_models)", step="VERIFYING")
+        rec = self.state.record(name)
         if rec.active is not None and rec.active.deployment_id == doc.deployment_id:
             return None
         if not continuing and rec.pending is not None and rec.pending.get("deployment_id") == doc.deployment_id:
             return None
-        if self.keyring and self.config.security.require_signature:
-            try:
-                self.keyring.verify(raw)
-            except SignatureError as err:
-                raise DeploymentRejected(f"signature: {err}", step="VERIFYING") from err
         now = self.clock()
         if now > doc.expires_at:
-            raise DeploymentRejected(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
+            raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
         if doc.issued_at > now + self.config.security.max_clock_skew_s:
-            raise DeploymentRejected(f"document not yet valid: issued_at {doc.issued_at} is in the future "
-                                     f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
+            raise DocumentRefused(f"document not yet valid: issued_at {doc.issued_at} is in the future "
+                                  f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
+        if doc.model.version <= rec.floor and not (doc.policy.allow_downgrade and doc.issued_at > rec.floor_at):
+            raise DocumentRefused(
+                f"version {doc.model.version} is at or below the version floor {rec.floor} (a version that failed "
+                f"here); only a document issued after {rec.floor_at} with allow_downgrade lifts it", step="VERIFYING")
         if rec.active is not None:
+            active_issued = int(rec.active.deployment.get("issued_at", 0))
             if rec.active.sha256 == doc.model.artifact.sha256 and rec.active.version == doc.model.version:
-                self._adopt(doc, raw)
+                if doc.issued_at > active_issued:
+                    self._adopt(doc, raw)
                 return None
-            if doc.model.version <= rec.active.version and not doc.policy.allow_downgrade:
-                raise DeploymentRejected(
-                    f"version {doc.model.version} is not above the active version {rec.active.version} "
-                    "and the document does not allow a downgrade", step="VERIFYING")
+            if doc.model.version <= rec.active.version:
+                if not doc.policy.allow_downgrade:
+                    raise DocumentRefused(
+                        f"version {doc.model.version} is not above the active version {rec.active.version} "
+                        "and the document does not allow a downgrade", step="VERIFYING")
+                if doc.issued_at <= active_issued:
+                    raise DocumentRefused(
+                        f"a downgrade to version {doc.model.version} must be issued after the active version's "
+                        f"document (issued_at {active_issued}); this one was issued at {doc.issued_at}",
+                        step="VERIFYING")
         recent = [t for t in rec.attempts if now - t < ACTION_WINDOW_S]
         if not continuing and len(recent) >= self.config.health.max_updates_per_hour:
             wait = ACTION_WINDOW_S - (now - min(recent))
-            raise DeploymentRejected(
+            raise DocumentRefused(
                 f"{len(recent)} updates of {doc.model.name} in the last hour (limit "
                 f"{self.config.health.max_updates_per_hour}); trying again in {wait / 60:.0f} min",
                 step="VERIFYING", retry=True)
         sec = self.config.security
         for label, art in (("model", doc.model.artifact), ("golden", doc.model.golden)):
             if art.size > sec.max_artifact_bytes:
-                raise DeploymentRejected(f"{label} artifact is {art.size} bytes, above the limit of "
-                                         f"{sec.max_artifact_bytes}", step="VERIFYING")
+                raise DocumentRefused(f"{label} artifact is {art.size} bytes, above the limit of "
+                                      f"{sec.max_artifact_bytes}", step="VERIFYING")
             if len(art.chunks) > sec.max_chunks:
-                raise DeploymentRejected(f"{label} artifact has {len(art.chunks)} chunks, above the limit of "
-                                         f"{sec.max_chunks}", step="VERIFYING")
+                raise DocumentRefused(f"{label} artifact has {len(art.chunks)} chunks, above the limit of "
+                                      f"{sec.max_chunks}", step="VERIFYING")
             if art.chunk_size > MAX_CHUNK_SIZE:
-                raise DeploymentRejected(f"{label} chunk size {art.chunk_size} is above {MAX_CHUNK_SIZE}",
-                                         step="VERIFYING")
+                raise DocumentRefused(f"{label} chunk size {art.chunk_size} is above {MAX_CHUNK_SIZE}",
+                                      step="VERIFYING")
             if not art.chunks:
-                raise DeploymentRejected(f"{label} artifact lists no chunks", step="VERIFYING")
+                raise DocumentRefused(f"{label} artifact lists no chunks", step="VERIFYING")
         return doc
+
+    def refused(self, name: str, raw: Any, err: DeploymentRejected) -> None:
+        """Report a document that was not taken up: one event, and nothing saved."""
+        self.last_refusal = _clip(err.reason)
+        self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
+                  failed_step=err.step, refused=True, **_scalars(err.details))
 
     def withdraw(self, name: str, doc: Deployment, reason: str) -> None:
         """A pending deployment was called off before it was installed: back to where the model was."""
@@ -266,29 +350,34 @@ class Lifecycle:
         self._save(self.state.with_record(name, replace(rec, active=replace(rec.active, deployment=raw))))
         self.emit(name, rec.phase, True, doc, None, adopted=True)
 
-    def remember_rejected(self, deployment_id: str | None) -> None:
-        """Never try this deployment again."""
-        if not deployment_id or deployment_id in self.state.rejected:
-            return
-        rejected = (*self.state.rejected, deployment_id)[-self.config.store.max_rejected:]
-        self._save(replace(self.state, rejected=rejected))
-
     def reject(self, name: str, raw: Any, err: DeploymentRejected) -> None:
-        """End a deployment as REJECTED: the active model is untouched, the id is remembered."""
+        """End a started deployment as REJECTED: the active model is untouched.
+
+        A refusal of the model itself (validation, activation) raises the version floor, so the same
+        version is never tried again; a failure of the download or the store does not (it says nothing
+        about the model, and a stalled or tampered download is tried again later).
+        """
         dep_id = raw.get("deployment_id") if isinstance(raw, dict) else None
         dep_id = dep_id if isinstance(dep_id, str) and len(dep_id) <= 128 else None
+        pending = self.state.record(name).pending if name in self.state.models else None
+        if isinstance(err, DocumentRefused) and (pending is None or dep_id is None
+                                                 or pending.get("deployment_id") != dep_id):
+            self.refused(name, raw, err)
+            return
         version = raw.get("model", {}).get("version") if isinstance(raw, dict) and isinstance(
             raw.get("model"), dict) else None
+        version = version if isinstance(version, int) and not isinstance(version, bool) else -1
+        issued = raw.get("issued_at") if isinstance(raw, dict) else None
+        issued = issued if isinstance(issued, int) and not isinstance(issued, bool) else 0
         self.progress.pop(name, None)
         if name in self.state.models or name == raw_model_name(raw):
             rec = self.state.record(name)
-            outcome = Outcome(deployment_id=dep_id or "?", version=version if isinstance(version, int) and not
-                              isinstance(version, bool) else -1, result="rejected", reason=_clip(err.reason),
-                              ts=self.clock(), figures=_scalars(err.details))
-            self._save(self.state.with_record(name, replace(rec, phase=_resting_phase(rec, "REJECTED"),
-                                                            pending=None, last_outcome=outcome)))
-        if not err.retry:
-            self.remember_rejected(dep_id)
+            outcome = Outcome(deployment_id=dep_id or "?", version=version, result="rejected",
+                              reason=_clip(err.reason), ts=self.clock(), figures=_scalars(err.details))
+            rec = replace(rec, phase=_resting_phase(rec, "REJECTED"), pending=None, last_outcome=outcome)
+            if err.step in FLOOR_STEPS and not err.retry:
+                rec = _raise_floor(rec, version, issued)
+            self._save(self.state.with_record(name, rec))
         self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
         self.store.prune(self.state)  # a refused model's artifacts are stored before validation
@@ -335,14 +424,17 @@ class Lifecycle:
         self._set_phase(doc.model.name, phase, pending=raw, attempts=attempts)
         self.emit(doc.model.name, phase, True, doc)
 
-    def install(self, raw: dict[str, Any], model: bytes | None, golden: bytes | None) -> Phase:
+    def install(self, raw: dict[str, Any], model: bytes | None, golden: bytes | None, *,
+                source: str | None = None) -> Phase:
         """Run a deployment whose artifacts are in hand (or, given as None, verified in the blob store).
 
+        `source` is the target of the topic a downloaded document came on (None: a bundle from disk).
         Returns REJECTED if this deployment was refused, else the phase the model is in afterwards.
         """
         name = raw_model_name(raw) or "?"
+        self.last_refusal = None
         try:
-            doc = self.precheck(raw, continuing=True)
+            doc = self.precheck(raw, source, continuing=True)
             if doc is None:
                 log.info("model %s: deployment %s needs no action", name, raw.get("deployment_id"))
                 return self.state.record(name).phase
@@ -382,13 +474,15 @@ class Lifecycle:
         phase = self.install(raw, model, golden)
         rec = self.state.record(name)
         body: dict[str, Any] = {"model": name, "phase": phase, "version": rec.active.version if rec.active else None}
-        if phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
+        if self.last_refusal is not None:
+            body["reason"] = self.last_refusal
+        elif phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
             body["reason"] = rec.last_outcome.reason
         return body
 
-    def install_stored(self, raw: dict[str, Any]) -> Phase:
+    def install_stored(self, raw: dict[str, Any], source: str | None) -> Phase:
         """Continue a deployment whose artifacts were downloaded and verified into the blob store."""
-        return self.install(raw, None, None)
+        return self.install(raw, None, None, source=source)
 
     def _store_artifacts(self, doc: Deployment, model: bytes, golden: bytes) -> None:
         from agent.bundle import check_artifact
@@ -413,6 +507,7 @@ class Lifecycle:
             deployment=doc.to_dict(), backend=rt.backend, num_threads=rt.num_threads,
             use_xnnpack=rt.use_xnnpack, latency_runs=val.latency_runs,
             baseline_model_path=str(self.store.blob_path(rec.active.sha256)) if rec.active else None,
+            state_dir=str(self.store.root),
         )
         figures = validate(req, timeout_s=val.timeout_s, memory_mb=val.memory_mb, heartbeat=self.heartbeat)
         limits = [v for v in (val.max_latency_ms, doc.policy.max_latency_ms) if v is not None]
@@ -425,9 +520,14 @@ class Lifecycle:
     def _activate(self, doc: Deployment, raw: dict[str, Any], figures: dict[str, Any]) -> None:
         name = doc.model.name
         rec = self.state.record(name)
-        self._set_phase(name, "ACTIVATING")
+        # saved before the serving path loads the model: if the agent dies in there, the next start
+        # counts it against this deployment (see boot)
+        prior = rec.activation
+        deaths = prior.deaths if prior is not None and prior.deployment_id == doc.deployment_id else 0
+        self._set_phase(name, "ACTIVATING", activation=Activation(deployment_id=doc.deployment_id, deaths=deaths))
         self.emit(name, "ACTIVATING", True, doc)
         baseline = self._baseline_p95(name, rec, figures)
+        faults.point("stall:activate")
         if self.serving is not None:
             try:
                 self.serving.activate(name, self.store.blob_path(doc.model.artifact.sha256), doc)
@@ -438,8 +538,8 @@ class Lifecycle:
         started = self.clock() if self.serving is not None else None
         # last-known-good is the last model that passed probation, never one still on trial
         previous = rec.previous if rec.probation is not None or rec.active is None else rec.active
-        new = replace(rec, phase="PROBATION", active=installed, previous=previous,
-                      pending=None, probation=Probation(started_at=started, baseline_p95_ms=baseline))
+        new = replace(rec, phase="PROBATION", active=installed, previous=previous, pending=None, activation=None,
+                      probation=Probation(started_at=started, baseline_p95_ms=baseline))
         try:
             self._save(self.state.with_record(name, new))  # the atomic switch
         except StoreError:
@@ -543,8 +643,12 @@ class Lifecycle:
         self.emit(name, "COMMITTED", True, rec.active.deployment, None, **_scalars(figures or {}))
         self.store.prune(self.state)
 
-    def rollback(self, name: str, reason: str, *, figures: dict[str, Any] | None = None, manual: bool = False) -> None:
-        """Restore the last-known-good model (no download) and remember the failed deployment."""
+    def rollback(self, name: str, reason: str, *, figures: dict[str, Any] | None = None, manual: bool = False,
+                 ordered_at: int = 0) -> None:
+        """Restore the last-known-good model (no download) and raise the version floor above the failed one.
+
+        `ordered_at` is the signed `issued_at` of the command that ordered it, if any.
+        """
         rec = self.state.record(name)
         failed = rec.active
         if failed is None:
@@ -562,11 +666,11 @@ class Lifecycle:
         now = self.clock()
         outcome = Outcome(deployment_id=failed.deployment_id, version=failed.version, result="rolled_back",
                           reason=reason, ts=now, figures=_scalars(figures or {}))
-        new = replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
-                      last_outcome=outcome)
-        rejected = (*self.state.rejected, failed.deployment_id)[-self.config.store.max_rejected:]
+        new = _raise_floor(replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
+                                   last_outcome=outcome),
+                           failed.version, max(ordered_at, int(failed.deployment.get("issued_at", 0))))
         faults.point("rollback:served")
-        self._save(replace(self.state.with_record(name, new), rejected=rejected))
+        self._save(self.state.with_record(name, new))
         faults.point("rollback:saved")
         self.emit(name, "ROLLED_BACK", False, failed.deployment, reason,
                   restored_version=restored.version if restored else None, **_scalars(figures or {}))
@@ -595,6 +699,13 @@ def raw_model_name(raw: Any) -> str | None:
     except (KeyError, TypeError):
         return None
     return name if isinstance(name, str) and not check_name(name) else None
+
+
+def _raise_floor(rec: ModelRecord, version: int, issued_at: int) -> ModelRecord:
+    """The record with its version floor at least `version`, set by a document issued at `issued_at`."""
+    if version < 0:
+        return rec
+    return replace(rec, floor=max(rec.floor, version), floor_at=max(rec.floor_at, issued_at))
 
 
 def _clip(reason: str | None, limit: int = MAX_REASON) -> str | None:

@@ -9,17 +9,36 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
 from agent.delivery import ChunkStored, Downloads, Job
-from agent.errors import DeploymentRejected, EdgefleetError, ProtocolError, StoreError, TransportError
+from agent.errors import (
+    DeploymentRejected,
+    DocumentRefused,
+    EdgefleetError,
+    ProtocolError,
+    SignatureError,
+    StoreError,
+    TransportError,
+)
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.protocol.canonical import canonical_json, parse_json
-from agent.protocol.documents import Command, Event, Status, Telemetry
+from agent.protocol.documents import (
+    WITHDRAWAL_SCHEMA,
+    ChannelState,
+    Command,
+    Deployment,
+    Event,
+    Status,
+    Telemetry,
+    Timestamp,
+    Withdrawal,
+)
 from agent.protocol.schema import SHA256_RE
 from agent.protocol.topics import Route, Topics
 from agent.transport import Message, Transport, settings_from_config
@@ -27,7 +46,11 @@ from agent.transport import Message, Transport, settings_from_config
 log = logging.getLogger(__name__)
 
 STATE_INTERVAL_S = 1.0
-BAD_PAYLOADS_KEPT = 1024
+REFUSED_PAYLOADS_KEPT = 1024
+"""Refused payloads (by SHA-256) whose refusal is not reported again; memory only, never saved."""
+REFUSALS_PER_MINUTE = 20
+"""Refusal events a minute at most: a flood of bad documents costs the fleet a few events."""
+RETRY_MAX_S = 3600.0
 # Documents refused as not yet valid are tried again this often: a board without a real-time clock
 # boots in the past and only later learns the time from NTP.
 RETRY_INTERVAL_S = 30.0
@@ -62,8 +85,15 @@ class FleetLink:
             post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
         self._inbox = inbox
-        self.docs: dict[str, dict[str, dict[str, Any]]] = {}
-        self._bad_payloads: OrderedDict[str, None] = OrderedDict()
+        self.docs: dict[str, dict[str, tuple[Deployment, dict[str, Any]]]] = {}
+        """Per model, per source (``device:{id}``, ``group:{name}``): the verified document and its raw form."""
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
+        self._refusal_times: deque[float] = deque()
+        self.refusals_suppressed = 0
+        """Refusal events left out by the rate limit (a flood of bad documents)."""
+        self._backoff: dict[str, tuple[str, float, float]] = {}
+        """Per model: the deployment whose download failed, when to try it again, the current delay."""
+        self.timestamp: Timestamp | None = None
         self._state_dirty = True
         self._state_sent = 0.0
         self._retrying: dict[str, Any] = {}
@@ -75,6 +105,7 @@ class FleetLink:
         """Subscribe to this device's topics and start connecting (returns at once)."""
         topics = [f"{self.topics.prefix}/devices/{self.device_id}/models/+", self.topics.cmd(self.device_id)]
         topics += [f"{self.topics.prefix}/groups/{g}/models/+" for g in self.config.groups]
+        topics.append(self.topics.timestamp())
         self.transport.subscribe(topics)
         self.transport.start()
 
@@ -91,7 +122,7 @@ class FleetLink:
 
     def _status(self, status: str) -> bytes:
         doc = Status(status=status, device_id=self.device_id, agent_version=__version__,  # type: ignore[arg-type]
-                     ts=time.time(), groups=self.config.groups)
+                     ts=time.time(), groups=self.config.groups, insecure=self.config.security.insecure)
         return canonical_json(doc.to_dict())
 
     # --- publishing ----------------------------------------------------------------------------
@@ -109,13 +140,14 @@ class FleetLink:
             return
         if not force and now - self._state_sent < STATE_INTERVAL_S and not self._state_dirty:
             return
-        self._publish(self.topics.state(self.device_id), canonical_json(self.lifecycle.document().to_dict()),
-                      retain=True)
+        doc = replace(self.lifecycle.document(), channel=self.channel())
+        self._publish(self.topics.state(self.device_id), canonical_json(doc.to_dict()), retain=True)
         self._state_dirty = False
         self._state_sent = now
 
     def publish_telemetry(self, doc: Telemetry) -> None:
-        """Periodic metrics (QoS 0: a lost sample is replaced by the next one)."""
+        """Periodic metrics (QoS 0: a lost sample is replaced by the next one), with the channel's freshness."""
+        doc = replace(doc, channel=self.channel())
         self._publish(self.topics.telemetry(self.device_id), canonical_json(doc.to_dict()), qos=0)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
@@ -155,6 +187,8 @@ class FleetLink:
             return
         if route.kind in ("device_model", "group_model"):  # chunks never get here: see _on_message
             self._on_deployment(route, item.payload)
+        elif route.kind == "timestamp":
+            self._on_timestamp(item.payload)
         elif route.kind == "cmd" and route.device == self.device_id:
             self._on_command(item.payload)
 
@@ -163,97 +197,192 @@ class FleetLink:
         if route.kind == "device_model":
             if route.device != self.device_id:
                 return
-            source = "device"
+            source = f"device:{self.device_id}"
         else:
             if route.group not in self.config.groups:
                 return
             source = f"group:{route.group}"
         name = route.model
-        docs = self.docs.setdefault(name, {})
         if not payload:
-            # A cleared retained document withdraws the order: a download it started stops (and the
-            # document that applies now, if any, takes over); a model already installed stays.
-            withdrawn = docs.pop(source, None)
-            job = self.downloads.jobs.get(name)
-            if withdrawn is not None and job is not None and job.doc.deployment_id == withdrawn.get("deployment_id"):
-                self.downloads.cancel(name)
-                self.lifecycle.withdraw(name, job.doc, "its deployment document was withdrawn")
-                self.reconcile(name)
+            # Anyone allowed to publish here can clear a retained message: that withdraws nothing on
+            # the device. Only a signed Withdrawal does.
+            log.debug("model %s: empty payload on the %s document topic ignored", name, source)
             return
-        digest = "sha256:" + hashlib.sha256(payload).hexdigest()
-        if digest in self._bad_payloads:
-            return
+        digest = hashlib.sha256(payload).digest()
         try:
             raw = parse_json(payload)
             if not isinstance(raw, dict):
                 raise ProtocolError(f"document: expected an object, got {type(raw).__name__}")
         except ProtocolError as err:
-            self._remember_bad(digest)
-            self.lifecycle.reject(name, {}, DeploymentRejected(f"malformed deployment on {source}: {err}",
-                                                               step="VERIFYING"))
+            self._refuse(name, None, DocumentRefused(f"malformed document on {source}: {err}", step="VERIFYING"),
+                         digest)
+            return
+        if raw.get("schema") == WITHDRAWAL_SCHEMA:
+            self._on_withdrawal(name, source, raw, digest)
             return
         if raw_model_name(raw) != name:
-            self._remember_bad(digest)
-            self.lifecycle.reject(name, raw, DeploymentRejected(
+            self._refuse(name, raw, DocumentRefused(
                 f"document for model {raw_model_name(raw)!r} published on the topic of model {name!r}",
-                step="VERIFYING"))
+                step="VERIFYING"), digest)
             return
-        docs[source] = raw
+        try:
+            doc = self.lifecycle.authenticate(raw, source)
+        except DocumentRefused as err:
+            self._refuse(name, raw, err, digest)
+            return
+        self.docs.setdefault(name, {})[source] = (doc, raw)
         self.reconcile(name)
 
-    def _remember_bad(self, digest: str) -> None:
-        """Remember a malformed payload (bounded: the oldest are forgotten first)."""
-        self._bad_payloads[digest] = None
-        while len(self._bad_payloads) > BAD_PAYLOADS_KEPT:
-            self._bad_payloads.popitem(last=False)
-
-    def effective(self, name: str) -> dict[str, Any] | None:
-        """The document that applies: the device's own, else the newest of its groups'."""
+    def _on_withdrawal(self, name: str, source: str, raw: dict[str, Any], digest: bytes) -> None:
+        """A signed order to forget `source`'s document for `name`; a download it started stops."""
+        try:
+            wd = Withdrawal.from_dict(raw)
+            if self.lifecycle.enforcing:
+                self.lifecycle.keyring.verify(raw)
+            self.lifecycle.check_target(wd.target, source)
+            if wd.model != name:
+                raise DocumentRefused(f"withdrawal of model {wd.model!r} published on the topic of model {name!r}")
+            now = self.lifecycle.clock()
+            if now > wd.expires_at:
+                raise DocumentRefused(f"withdrawal expired at {wd.expires_at} (now {int(now)})")
+        except (ProtocolError, SignatureError, DocumentRefused) as err:
+            reason = err.reason if isinstance(err, DocumentRefused) else str(err)
+            self._refuse(name, raw, DocumentRefused(f"withdrawal refused: {reason}", step="VERIFYING"), digest)
+            return
         docs = self.docs.get(name, {})
-        if "device" in docs:
-            return docs["device"]
-        groups = [d for s, d in docs.items() if s.startswith("group:")]
+        current = docs.get(source)
+        if current is None:
+            return
+        if wd.issued_at <= current[0].issued_at:
+            self._refuse(name, raw, DocumentRefused(
+                f"withdrawal issued at {wd.issued_at} is not newer than the document it would withdraw "
+                f"(issued at {current[0].issued_at})", step="VERIFYING"), digest)
+            return
+        del docs[source]
+        log.info("model %s: the %s document was withdrawn", name, source)
+        job = self.downloads.jobs.get(name)
+        if job is not None and job.doc.deployment_id == current[0].deployment_id:
+            self.downloads.cancel(name)
+            self.lifecycle.withdraw(name, job.doc, "its deployment document was withdrawn")
+        self._backoff.pop(name, None)
+        self.reconcile(name)
+
+    def _refuse(self, name: str, raw: Any, err: DeploymentRejected, digest: bytes | None) -> None:
+        """Report a refused document once per payload, at most REFUSALS_PER_MINUTE a minute; save nothing."""
+        if digest is not None:
+            if digest in self._refused:
+                return
+            self._refused[digest] = None
+            while len(self._refused) > REFUSED_PAYLOADS_KEPT:
+                self._refused.popitem(last=False)
+        if self._refusal_allowed():
+            self.lifecycle.refused(name, raw, err)
+        else:
+            log.debug("model %s: refusal not reported (rate limit): %s", name, err.reason)
+
+    def _refusal_allowed(self) -> bool:
+        """The rate limit shared by refused documents and refused commands."""
+        now = time.monotonic()
+        while self._refusal_times and now - self._refusal_times[0] > 60.0:
+            self._refusal_times.popleft()
+        if len(self._refusal_times) >= REFUSALS_PER_MINUTE:
+            self.refusals_suppressed += 1
+            return False
+        self._refusal_times.append(now)
+        return True
+
+    def _on_timestamp(self, payload: bytes) -> None:
+        """The signed heartbeat of the update channel: keep the newest valid one."""
+        if not payload:
+            return
+        try:
+            raw = parse_json(payload)
+            ts = Timestamp.from_dict(raw)
+            if self.lifecycle.enforcing:
+                self.lifecycle.keyring.verify(raw)
+        except (ProtocolError, SignatureError) as err:
+            log.warning("timestamp refused: %s", str(err)[:200])
+            return
+        if self.timestamp is not None and ts.issued_at <= self.timestamp.issued_at:
+            return
+        self.timestamp = ts
+        self._state_dirty = True
+
+    def channel(self) -> ChannelState | None:
+        """How fresh the update channel is, from the newest valid signed timestamp (None: never seen one)."""
+        ts = self.timestamp
+        if ts is None:
+            return None
+        now = time.time()
+        fresh = now <= ts.expires_at
+        max_age = self.config.security.max_timestamp_age_s
+        if max_age is not None and now - ts.issued_at > max_age:
+            fresh = False
+        return ChannelState(issued_at=ts.issued_at, expires_at=ts.expires_at, fresh=fresh,
+                            age_s=round(max(0.0, now - ts.issued_at), 1))
+
+    def effective(self, name: str) -> tuple[str, Deployment, dict[str, Any]] | None:
+        """The verified document that applies, with its source: the device's own, else the newest of
+        its groups' (ranked by signed fields only)."""
+        docs = self.docs.get(name, {})
+        own = f"device:{self.device_id}"
+        if own in docs:
+            return own, *docs[own]
+        groups = [(s, *d) for s, d in docs.items() if s.startswith("group:")]
         if not groups:
             return None
-
-        def rank(raw: dict[str, Any]) -> tuple[int, int]:
-            try:
-                return int(raw["model"]["version"]), int(raw["issued_at"])
-            except (KeyError, TypeError, ValueError):
-                return -1, -1
-
-        return max(groups, key=rank)
+        return max(groups, key=lambda d: (d[1].model.version, d[1].issued_at))
 
     def reconcile(self, name: str) -> None:
         """Start, keep or replace the download of `name` so it follows the effective document."""
-        raw = self.effective(name)
-        if raw is None:
+        chosen = self.effective(name)
+        if chosen is None:
             return
+        source, doc, raw = chosen
         job = self.downloads.jobs.get(name)
-        if job is not None and job.doc.deployment_id == raw.get("deployment_id"):
+        if job is not None and job.doc.deployment_id == doc.deployment_id:
             return
+        digest: bytes | None = hashlib.sha256(canonical_json(raw)).digest()
         try:
-            doc = self.lifecycle.precheck(raw)
-        except DeploymentRejected as err:
+            checked = self.lifecycle.precheck(raw, source)
+        except DocumentRefused as err:
             if err.retry:
-                if raw.get("deployment_id") == self._retrying.get(name):
+                if doc.deployment_id == self._retrying.get(name):
                     return  # reported once; tried again quietly until it passes
-                self._retrying[name] = raw.get("deployment_id")
-            self.lifecycle.reject(name, raw, err)
+                self._retrying[name] = doc.deployment_id
+                digest = None
+            self._refuse(name, raw, err, digest)
             return
         self._retrying.pop(name, None)
-        if doc is None:
+        if checked is None:
             return
+        backoff = self._backoff.get(name)
+        if backoff is not None and backoff[0] == doc.deployment_id and time.monotonic() < backoff[1]:
+            return  # a failed download of this document is tried again later (periodic)
         self.downloads.cancel(name)
-        self.lifecycle.begin(doc, raw, "DOWNLOADING")
+        self.lifecycle.begin(checked, raw, "DOWNLOADING")
         try:
-            job = self.downloads.start(doc, raw)
+            job = self.downloads.start(checked, raw)
         except (DeploymentRejected, StoreError, OSError) as err:
-            self.lifecycle.reject(name, raw, _as_rejection(err))
+            self._download_failed(name, raw, _as_rejection(err))
             return
+        job.source = source
         self.lifecycle.progress[name] = job.progress() if job else 1.0
         if job is not None and not job.missing:
             self._complete(job)
+
+    def _download_failed(self, name: str, raw: dict[str, Any], err: DeploymentRejected) -> None:
+        """A download ended without the artifacts: REJECTED for now, tried again with a growing delay.
+
+        A failed download says nothing about the model (a withheld or overwritten chunk, a full disk),
+        so it raises no version floor; the chunks already in partial/ are kept for the next try.
+        """
+        dep_id = str(raw.get("deployment_id"))
+        previous = self._backoff.get(name)
+        delay = min(RETRY_MAX_S, previous[2] * 2) if previous and previous[0] == dep_id else RETRY_INTERVAL_S
+        self._backoff[name] = (dep_id, time.monotonic() + delay, delay)
+        self.lifecycle.reject(name, raw, DeploymentRejected(
+            f"{err.reason}; trying again in {delay:.0f} s", step=err.step, details=err.details))
 
     def _on_stored(self, msg: ChunkStored) -> None:
         jobs = {name: job.raw for name, job in self.downloads.jobs.items()}
@@ -261,7 +390,7 @@ class FleetLink:
             done = self.downloads.on_stored(msg)
         except DeploymentRejected as err:
             name = str(err.details.get("model"))
-            self.lifecycle.reject(name, jobs.get(name, {}), err)
+            self._download_failed(name, jobs.get(name, {}), err)
             return
         job = self.downloads.jobs.get(msg.model)
         if job is not None:
@@ -276,14 +405,15 @@ class FleetLink:
             self.downloads.finish(job)
         except (StoreError, OSError) as err:
             self.downloads.cancel(name)
-            self.lifecycle.reject(name, job.raw, _as_rejection(err))
+            self._download_failed(name, job.raw, _as_rejection(err))
             return
+        self._backoff.pop(name, None)
         self.lifecycle.progress.pop(name, None)
         self.lifecycle.emit(name, "DOWNLOADING", True, job.doc, None, fetched_bytes=job.fetched_bytes,
                             local_bytes=job.local_bytes, chunks_fetched=job.fetched_chunks, chunks_resumed=job.resumed_chunks,
                             chunks_total=job.total,
                             artifact_bytes=job.doc.model.artifact.size + job.doc.model.golden.size, done=True)
-        self.lifecycle.install_stored(job.raw)
+        self.lifecycle.install_stored(job.raw, job.source)
         self.publish_state(force=True)
 
     def _on_command(self, payload: bytes) -> None:
@@ -293,7 +423,8 @@ class FleetLink:
             cmd = self.lifecycle.check_command(raw)
         except (ProtocolError, DeploymentRejected) as err:
             reason = err.reason if isinstance(err, DeploymentRejected) else str(err)
-            self._command_event(raw if isinstance(raw, dict) else None, False, f"command rejected: {reason}")
+            if self._refusal_allowed():
+                self._command_event(raw if isinstance(raw, dict) else None, False, f"command rejected: {reason}")
             return
         if cmd.action == "report":
             self.publish_state(force=True)
@@ -301,7 +432,8 @@ class FleetLink:
             return
         assert cmd.model is not None
         try:
-            self.lifecycle.rollback(cmd.model, f"rollback ordered by command {cmd.command_id}", manual=True)
+            self.lifecycle.rollback(cmd.model, f"rollback ordered by command {cmd.command_id}", manual=True,
+                                    ordered_at=cmd.issued_at)
         except (StoreError, EdgefleetError) as err:
             self._command_event(cmd, False, f"command {cmd.command_id} failed: {err}")
             return
@@ -330,6 +462,15 @@ class FleetLink:
         if self._retrying and now >= self._next_retry:
             self._next_retry = now + RETRY_INTERVAL_S
             for name in list(self._retrying):
+                self.reconcile(name)
+        for job in self.downloads.stalled(self.config.security.download_stall_s):
+            self.downloads.cancel(job.name)
+            self._download_failed(job.name, job.raw, DeploymentRejected(
+                f"download stalled: no chunk arrived for {self.config.security.download_stall_s:g} s "
+                f"({len(job.missing)} of {job.total} chunks missing)", step="DOWNLOADING",
+                details={"chunks_missing": len(job.missing), "chunks_total": job.total}))
+        for name, (_dep, when, _delay) in list(self._backoff.items()):
+            if now >= when and name not in self.downloads.jobs:
                 self.reconcile(name)
 
 

@@ -108,6 +108,19 @@ class LoadedModel:
         self._shapes = [tuple(d["shape"]) for d in self.interpreter.get_input_details()]
 
 
+def warm_up(interpreter: Any) -> None:
+    """Invoke once on zeros in the interpreter's current input shapes, as the serving path does before
+    it swaps a model in (the first real request then does not pay for lazy delegate set-up).
+
+    The validation child runs this very function on a freshly loaded interpreter, so a model that
+    hangs or crashes on it is refused there, in the child, and never reaches the agent's loop thread.
+    Callers serialise access to the interpreter.
+    """
+    for d in interpreter.get_input_details():
+        interpreter.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
+    interpreter.invoke()
+
+
 def load_model(model: bytes | str | os.PathLike[str], backend: str = "auto", *,
                num_threads: int | None = None, use_xnnpack: bool = True) -> LoadedModel:
     """Load and allocate a TFLite model; raise RuntimeBackendError with the interpreter's reason on failure."""

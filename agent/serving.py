@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from agent.errors import RequestError, RuntimeBackendError
 from agent.protocol.documents import Deployment, TensorSpec
-from agent.runtime import LoadedModel, load_model
+from agent.runtime import LoadedModel, load_model, warm_up
 from agent.stats import ModelStats
 from agent.tensors import dequantize, plan_input, prepare, short_name
 from agent.tensors import top_k as top_k_labels
@@ -124,12 +124,9 @@ class _Live:
         self.shapes = [tuple(int(v) for v in d["shape"]) for d in it.get_input_details()]
 
     def warm_up(self) -> None:
-        """Invoke once on zeros so the first real request does not pay for lazy delegate set-up."""
+        """Invoke once on zeros (agent.runtime.warm_up, which validation has already run in its child)."""
         with self.lock:
-            details = self.model.interpreter.get_input_details()
-            for index, d in zip(self.in_idx, details, strict=True):
-                self.set(index, np.zeros(d["shape"], dtype=d["dtype"]))
-            self.invoke()
+            warm_up(self.model.interpreter)
 
 
 class Serving:

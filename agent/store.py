@@ -89,6 +89,15 @@ class Probation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Activation:
+    """A deployment whose activation was started, and how often the agent died before it switched over."""
+
+    deployment_id: str
+    deaths: int = 0
+    """Starts that found the agent had died (or was killed by the watchdog) while activating it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelRecord:
     """Everything the agent keeps about one model name."""
 
@@ -100,6 +109,14 @@ class ModelRecord:
     last_outcome: Outcome | None = None
     attempts: tuple[float, ...] = ()
     """Wall-clock times of recent update attempts, to cap them per hour."""
+    floor: int = -1
+    """Version floor: a version at or below it failed here (rolled back, or refused by validation or
+    activation) and is never installed again, unless a signed document issued after `floor_at`
+    allows the downgrade explicitly."""
+    floor_at: int = 0
+    """`issued_at` (Unix seconds, the signer's clock) of the newest signed document that set the floor."""
+    activation: Activation | None = None
+    """The last activation started and not yet switched over (absent in older state files)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +127,6 @@ class AgentState:
     running: bool = False
     """True while a daemon runs; found True at start, it means the last run died."""
     models: dict[str, ModelRecord] = field(default_factory=dict)
-    rejected: tuple[str, ...] = ()
-    """Deployment ids that failed, newest last, so retained documents are not retried."""
     commands: dict[str, int] = field(default_factory=dict)
     """Command ids already applied, with their expiry, to refuse replays."""
 
@@ -157,12 +172,11 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
 class Store:
     """Blobs and state of one state directory."""
 
-    def __init__(self, root: str | os.PathLike[str], *, keep_blobs: int = 4, max_rejected: int = 256):
+    def __init__(self, root: str | os.PathLike[str], *, keep_blobs: int = 4):
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.partial = self.root / "partial"
         self.keep_blobs = keep_blobs
-        self.max_rejected = max_rejected
         self._lock_fd: int | None = None
         try:
             for d in (self.root, self.blobs, self.partial):
@@ -173,7 +187,7 @@ class Store:
     @classmethod
     def from_config(cls, config: AgentConfig) -> Store:
         """The store of an agent configuration."""
-        return cls(config.state_dir, keep_blobs=config.store.keep_blobs, max_rejected=config.store.max_rejected)
+        return cls(config.state_dir, keep_blobs=config.store.keep_blobs)
 
     # --- the daemon's lock ---------------------------------------------------------------------
 
@@ -212,7 +226,12 @@ class Store:
             except FileNotFoundError:
                 continue
             try:
-                return parse(AgentState, parse_json(data, limit=64 << 20))
+                value = parse_json(data, limit=64 << 20)
+                if isinstance(value, dict):
+                    # state.json of agents that remembered rejected deployment ids; the per-model
+                    # version floor replaces that list
+                    value.pop("rejected", None)
+                return parse(AgentState, value)
             except ProtocolError as err:
                 problems.append(f"{path.name}: {err}")
                 log.error("state file %s is unreadable: %s", path, err)

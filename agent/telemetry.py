@@ -43,8 +43,10 @@ def read_temperature(thermal_root: Path = Path("/sys/class/thermal")) -> float |
 class Sampler:
     """Takes telemetry samples; CPU percentages cover the time since the previous sample."""
 
-    def __init__(self, device_id: str, state_dir: Path, *, temperature: Callable[[], float | None] = read_temperature):
+    def __init__(self, device_id: str, state_dir: Path, *, temperature: Callable[[], float | None] = read_temperature,
+                 insecure: bool = False):
         self.device_id = device_id
+        self.insecure = insecure
         self.state_dir = state_dir
         self.process = psutil.Process()
         self.started = time.monotonic()
@@ -66,7 +68,7 @@ class Sampler:
             uptime_s=round(time.monotonic() - self.started, 3), cpu_percent=cpu, rss_bytes=rss,
             system_cpu_percent=psutil.cpu_percent(None), mem_available_bytes=psutil.virtual_memory().available,
             load1=os.getloadavg()[0], disk_free_bytes=free, temperature_c=self._temperature(),
-            models=tuple(models),
+            models=tuple(models), insecure=self.insecure,
         )
 
 
@@ -104,6 +106,9 @@ def prometheus(t: Telemetry) -> str:
         ("edgefleet_load1", "One-minute load average.", t.load1),
         ("edgefleet_disk_free_bytes", "Free space on the state directory's filesystem.", t.disk_free_bytes),
         ("edgefleet_uptime_seconds", "Seconds since the agent started.", t.uptime_s),
+        # always present, so an alert on `edgefleet_insecure == 1` also sees the boards that are fine
+        ("edgefleet_insecure", "1 when the agent runs with security.insecure = true (accepts unsigned documents).",
+         int(t.insecure)),
     ]
     if t.temperature_c is not None:
         gauges.append(("edgefleet_temperature_celsius", "SoC temperature.", t.temperature_c))

@@ -119,13 +119,16 @@ class MqttSettings:
         return parse_url(self.url)[2]
 
 
-def settings_from_config(config: MqttConfig, client_id: str) -> MqttSettings:
-    """Settings from the agent's `[mqtt]` table; reads the password file (ConfigError when unreadable)."""
+def settings_from_config(config: MqttConfig, device_id: str) -> MqttSettings:
+    """Settings from the agent's `[mqtt]` table; reads the password file (ConfigError when unreadable).
+
+    The user name and client id default to the device id: the shipped broker config knows a device by
+    that one name (ACL patterns on the user name, client id bound to the user name)."""
     if config.url is None:
         raise ConfigError("mqtt.url: not set")
     return MqttSettings(
         url=config.url,
-        username=config.username,
+        username=config.username if config.username is not None else device_id,
         password=read_secret(config.password_file) if config.password_file else None,
         ca_file=config.ca_file,
         cert_file=config.cert_file,
@@ -133,7 +136,7 @@ def settings_from_config(config: MqttConfig, client_id: str) -> MqttSettings:
         keepalive=config.keepalive_s,
         reconnect_min_s=config.reconnect_min_s,
         reconnect_max_s=config.reconnect_max_s,
-        client_id=config.client_id or client_id,
+        client_id=config.client_id or device_id,
         protocol=config.protocol,
     )
 

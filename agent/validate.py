@@ -1,10 +1,13 @@
 """Validation of a model in a child process (DESIGN.md, "Update lifecycle": Validating).
 
 The parent forks a child from a preloaded fork server, with a time limit and an address-space
-limit, and receives the result over a pipe. The child loads the model with the backend and delegate settings the
-serving path uses, checks the input/output signature against the document, runs the golden inputs and
-compares with the golden outputs, and times the model (and the currently active one, for a fair
-baseline). A model that crashes or hangs the interpreter kills only the child.
+limit, and receives the result over a pipe. The child opens the files it needs, enters its sandbox
+(agent/sandbox.py: cleared environment, private TMPDIR, no network, and where the kernel allows it no
+view of the state or credentials directories), loads the model with the backend and delegate settings
+the serving path uses, runs the serving path's warm-up on zeros (agent.runtime.warm_up), checks the
+input/output signature against the document, runs the golden inputs and compares with the golden
+outputs, and times the model (and the currently active one, for a fair baseline). A model that
+crashes or hangs the interpreter, on any of these, kills only the child.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import importlib.util
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +43,8 @@ class ValidationRequest:
     use_xnnpack: bool = True
     latency_runs: int = 50
     baseline_model_path: str | None = None
+    state_dir: str | None = None
+    """Hidden from the child where the kernel allows it (it reads the files above through descriptors)."""
 
 
 def _dequantize(y: np.ndarray[Any, Any], spec: dict[str, Any]) -> np.ndarray[Any, Any]:
@@ -80,13 +87,15 @@ def _time_model(model: Any, sample: list[np.ndarray[Any, Any]], runs: int) -> di
             "max_ms": float(ms.max())}
 
 
-def run_checks(req: ValidationRequest) -> dict[str, Any]:
-    """The child's work; returns {"ok": bool, "reason": str, ...figures}."""
+def run_checks(req: ValidationRequest, stage: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The child's work; returns {"ok": bool, "reason": str, ...figures}. `stage` hears each step's name
+    before it starts, so a timeout or a crash can say where it happened."""
     from agent.bundle import load_golden
     from agent.errors import EdgefleetError
-    from agent.runtime import load_model
+    from agent.runtime import load_model, warm_up
 
     model_doc = req.deployment["model"]
+    stage("model load")
     try:
         model = load_model(req.model_path, req.backend, num_threads=req.num_threads, use_xnnpack=req.use_xnnpack)
     except EdgefleetError as err:
@@ -96,6 +105,14 @@ def run_checks(req: ValidationRequest) -> dict[str, Any]:
         problem = _signature_problem(kind, actual, expected)
         if problem:
             return {"ok": False, "reason": f"signature mismatch: {problem}"}
+    # exactly what activation does before it swaps the model in, so a model that hangs or crashes
+    # there is refused here, under this child's limits, and never on the agent's loop thread
+    stage("warm-up on zeros")
+    try:
+        warm_up(model.interpreter)
+    except Exception as err:  # the interpreter raises RuntimeError/ValueError with its own message
+        return {"ok": False, "reason": f"warm-up on zeros: invoke failed: {str(err).splitlines()[0] if str(err) else err!r}"}
+    stage("golden samples")
     try:
         inputs, outputs = load_golden(Path(req.golden_path).read_bytes(), len(model.inputs), len(model.outputs))
     except EdgefleetError as err:
@@ -125,6 +142,7 @@ def run_checks(req: ValidationRequest) -> dict[str, Any]:
                                                f" (tolerance {atol:g} + {rtol:g}*|y|)",
                         "max_abs_error": float(err_abs.max())}
     sample = [x[0] for x in inputs]
+    stage("latency measurement")
     result: dict[str, Any] = {"ok": True, "reason": "ok", "backend": model.backend, "samples": len(inputs[0]),
                               "max_abs_error": worst, **_time_model(model, sample, req.latency_runs)}
     if req.baseline_model_path:
@@ -184,63 +202,110 @@ def _die_with_the_agent() -> None:
         pass  # not Linux: the systemd unit's KillMode=mixed still cleans up
 
 
-def _child(conn: Any, request: dict[str, Any], memory_mb: int) -> None:
+def _child(conn: Any, work: Callable[[dict[str, Any], Callable[[str], None]], dict[str, Any]],
+           payload: dict[str, Any], files: dict[str, str], hide: list[str], tmpdir: str, memory_mb: int) -> None:
     _die_with_the_agent()
+    try:
+        # opened before the sandbox covers the state directory; read through /proc/self/fd from here on
+        for key, path in files.items():
+            payload[key] = f"/proc/self/fd/{os.open(path, os.O_RDONLY | os.O_CLOEXEC)}"
+    except OSError as err:
+        conn.send({"ok": False, "reason": f"cannot read {err.filename}: {err.strerror}"})
+        conn.close()
+        return
+    from agent import sandbox
+
+    figures = sandbox.apply(tmpdir, hide)
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        result = run_checks(ValidationRequest(**request))
+        result = work(payload, lambda name: conn.send(("stage", name)))
     except MemoryError:
         result = {"ok": False, "reason": f"model needs more than the {memory_mb} MB validation memory limit"}
     except Exception as err:  # anything unexpected is still a rejection with a reason, never a crash
         result = {"ok": False, "reason": f"validation error: {type(err).__name__}: {err}"}
-    conn.send(result)
+    conn.send({**result, **figures})
     conn.close()
+
+
+def _check_request(payload: dict[str, Any], stage: Callable[[str], None]) -> dict[str, Any]:
+    return run_checks(ValidationRequest(**payload), stage)
 
 
 def validate(req: ValidationRequest, *, timeout_s: float, memory_mb: int,
              heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the checks in a child process; return its figures or raise DeploymentRejected with the reason."""
+    payload = dict(req.__dict__)
+    if req.baseline_model_path is not None and not os.path.isfile(req.baseline_model_path):
+        payload["baseline_model_path"] = None  # the baseline is informative: its absence rejects nothing
+    files = {key: path for key in ("model_path", "golden_path", "baseline_model_path")
+             if (path := payload[key]) is not None}
+    hide = [d for d in (req.state_dir, os.environ.get("CREDENTIALS_DIRECTORY")) if d]
+    result = run_in_child(_check_request, payload, files=files, hide=hide, timeout_s=timeout_s,
+                          memory_mb=memory_mb, heartbeat=heartbeat)
+    if not result.get("ok"):
+        raise DeploymentRejected(str(result.get("reason", "validation failed")), step="VALIDATING",
+                                 details={k: v for k, v in result.items() if k not in ("ok", "reason")})
+    return result
+
+
+def run_in_child(work: Callable[[dict[str, Any], Callable[[str], None]], dict[str, Any]], payload: dict[str, Any], *,
+                 files: dict[str, str], hide: list[str], timeout_s: float, memory_mb: int,
+                 heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`work(payload, stage)` in a sandboxed child forked from the fork server; return its answer.
+
+    `work` is a module-level function (the child imports it by name). Each path of `files` is opened
+    read-only before the sandbox and replaced in `payload` by a /proc/self/fd path; the directories
+    of `hide` are covered where the kernel allows it. A timeout or a death of the child raises
+    DeploymentRejected (step VALIDATING) naming the stage it was in.
+    """
     ctx = _forkserver()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, req.__dict__, memory_mb), name="edge-agent-validate", daemon=True)
-    proc.start()
-    send.close()
-    deadline = time.monotonic() + timeout_s
+    tmpdir = tempfile.mkdtemp(prefix="edge-agent-validate-")
+    proc = ctx.Process(target=_child, args=(send, work, payload, files, hide, tmpdir, memory_mb),
+                       name="edge-agent-validate", daemon=True)
+    stage = "start"
     result: dict[str, Any] | None = None
     try:
+        proc.start()
+        send.close()
+        deadline = time.monotonic() + timeout_s
         while result is None:
+            if heartbeat is not None:
+                heartbeat()  # paced by the notifier: cheap to call on every message
             left = deadline - time.monotonic()
             if left <= 0:
                 proc.kill()
-                raise DeploymentRejected(f"validation timed out after {timeout_s:g}s (model hangs or is too slow)",
-                                         step="VALIDATING")
+                raise DeploymentRejected(f"validation timed out after {timeout_s:g}s during the {stage} "
+                                         "(model hangs or is too slow)", step="VALIDATING", details={"stage": stage})
             if receive.poll(min(1.0, left)):
                 try:
-                    result = receive.recv()
+                    message = receive.recv()
                 except (EOFError, OSError):
                     break  # the child died without answering
+                if isinstance(message, tuple):
+                    stage = str(message[1])
+                else:
+                    result = message
             elif not proc.is_alive():
                 if receive.poll(0):
                     continue  # it answered and exited between the poll above and this check (a busy parent)
                 break
-            elif heartbeat is not None:
-                heartbeat()
     finally:
         receive.close()
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        if proc.pid is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        shutil.rmtree(tmpdir, ignore_errors=True)
     if result is None:
         code = proc.exitcode
         if code is not None and code < 0:
             sig = signal.Signals(-code).name
-            raise DeploymentRejected(f"validation child crashed with {sig} (model crashes the interpreter)",
-                                     step="VALIDATING")
-        raise DeploymentRejected(f"validation child exited with code {code} without an answer", step="VALIDATING")
-    if not result.get("ok"):
-        raise DeploymentRejected(str(result.get("reason", "validation failed")), step="VALIDATING",
-                                 details={k: v for k, v in result.items() if k not in ("ok", "reason")})
+            raise DeploymentRejected(f"validation child crashed with {sig} during the {stage} (model crashes the "
+                                     "interpreter)", step="VALIDATING", details={"stage": stage})
+        raise DeploymentRejected(f"validation child exited with code {code} without an answer during the {stage}",
+                                 step="VALIDATING", details={"stage": stage})
     return result

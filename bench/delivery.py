@@ -201,7 +201,7 @@ class Host:
 
     def push(self, path: Path, before_document: Any = None) -> tuple[Any, float, float]:
         """Publish chunks then the document; return (prepared, publish seconds, document publication time)."""
-        prepared = prepare(Bundle.load(path), allow_unsigned=True)
+        prepared = prepare(Bundle.load(path), allow_unsigned=True, target="device:bench-dev")
         publish_s = publish_chunks(self.transport, T, prepared.chunks)
         if before_document is not None:
             before_document(prepared)

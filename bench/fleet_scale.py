@@ -233,7 +233,7 @@ def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: l
     failed: dict[str, str] = {}
     seen = observer.version
     started = time.monotonic()
-    publish_document(transport, [Topics().group_model(group, name)], prepared.document)
+    publish_document(transport, [Topics().group_model(group, name)], prepared.for_target(f"group:{group}"))
     while len(committed) + len(failed) < len(devices) and time.monotonic() - started < timeout:
         seen = observer.wait_change(seen, 1.0)
         now = time.monotonic() - started

@@ -59,6 +59,8 @@ class BundleSpec:
     policy: Policy = field(default_factory=Policy)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     expires_in_s: int = DEFAULT_EXPIRY_S
+    target: str | None = None
+    """``device:ID`` or ``group:NAME`` signed into the manifest, so `push` can publish it without the key."""
 
 
 def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -113,6 +115,7 @@ def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, 
             metrics=dict(spec.metrics),
         ),
         policy=spec.policy,
+        target=spec.target,
     )
 
 

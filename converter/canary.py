@@ -3,20 +3,26 @@
 The sequence (docs/operations-canary.md explains it for operators):
 
 1. pick N canaries among the group's *online* members, sorted by device id, skipping devices that
-   hold their own retained document for the model (they would not follow the group afterwards);
-2. publish the chunks, then the deployment document retained to each canary's device-level topic
-   (a device document overrides the group's for that model on the device);
+   hold their own retained document for the model (they would not follow the group afterwards). The
+   members come from the operator-signed inventory (converter/inventory.py), never from what devices
+   claim in their status, so a device cannot make itself a canary nor vote on a rollout it is not part of;
+2. publish the chunks, then the deployment document retained to each canary's device-level topic,
+   each signed for its device (``target = device:ID``; a device document overrides the group's for
+   that model on the device);
 3. wait until every canary reports COMMITTED (probation passed);
-4a. all passed: publish the same document to the group's topic, then clear (empty retained payload)
-   the canaries' device documents: the group document now names the same deployment, and a device
-   document left behind would pin the canaries to it even when later group pushes arrive;
+4a. all passed: publish the same deployment (same id, signed for ``group:G``) to the group's topic,
+   then withdraw the canaries' device documents with signed withdrawals: the group document now names
+   the same deployment, and a device document left behind would pin the canaries to it even when
+   later group pushes arrive;
 4b. a canary rejected or rolled back the deployment, or did not finish in time: wait for canaries
    still in the middle of it, send a signed rollback command to each canary that activated it, then
-   clear their device documents so they follow the group document again, which still names the old
+   withdraw their device documents so they follow the group document again, which still names the old
    model. The group document is not published.
 
-Clearing a retained document withdraws the order and uninstalls nothing, and a device remembers a
-deployment it rolled back and never retries it; that is why the rollback is an explicit command.
+A withdrawal takes the order back and uninstalls nothing, and a device remembers a deployment it
+rolled back and never retries it; that is why the rollback is an explicit command. Withdrawals are
+signed documents retained in the withdrawn document's place: agents ignore an empty retained payload,
+which anyone allowed to publish on the topic could send.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,10 +44,15 @@ from converter.fleet import DeviceView, FleetObserver
 from converter.publish import (
     DeviceResult,
     Prepared,
+    device_target,
+    group_target,
+    is_withdrawal,
     judge,
     make_command,
-    publish_document,
+    publish_documents,
+    publish_withdrawals,
     rollback_result,
+    targeted_documents,
     wait_for_rollout,
 )
 
@@ -118,7 +129,7 @@ class PinnedDocuments:
         if route.kind != "device_model" or route.model != self.model or route.device is None:
             return
         with self._lock:
-            if message.payload:
+            if message.payload and not is_withdrawal(message.payload):
                 self._devices.add(route.device)
             else:
                 self._devices.discard(route.device)
@@ -139,12 +150,12 @@ class Selection:
     pinned: tuple[str, ...]
 
 
-def pick_canaries(observer: FleetObserver, group: str, size: CanarySize, pinned: set[str]) -> Selection:
-    """The first N online, unpinned members of `group` by device id (deterministic, so reruns agree)."""
-    members = observer.members(group)
+def pick_canaries(observer: FleetObserver, members: Iterable[str], size: CanarySize, pinned: set[str]) -> Selection:
+    """The first N online, unpinned `members` (the group's, from the inventory) by device id (deterministic,
+    so reruns agree)."""
     online: list[str] = []
     offline: list[str] = []
-    for d in members:
+    for d in sorted(set(members)):
         view = observer.get(d)
         (online if view is not None and view.online else offline).append(d)
     candidates = [d for d in online if d not in pinned]
@@ -237,8 +248,8 @@ class CanaryRollout:
         outcome = CanaryOutcome(self.selection)
         canaries = list(self.selection.canaries)
         targets = {d: DeviceResult(d, "waiting") for d in canaries}
-        publish_document(self.transport, [self.topics.device_model(d, self.name) for d in canaries],
-                         self.prepared.document)
+        publish_documents(self.transport,
+                          targeted_documents(self.prepared, self.topics, [device_target(d) for d in canaries]))
         try:
             outcome.results = wait_for_rollout(self.observer, targets, self.name, self.dep_id, self.timeout,
                                                on_result=self.on_result)
@@ -251,7 +262,8 @@ class CanaryRollout:
         if outcome.passed:
             # Group document first: cleared device documents would otherwise fall back to the old group
             # document for a moment, which the canaries refuse as a downgrade (an alarming REJECTED event).
-            publish_document(self.transport, [self.topics.group_model(self.group, self.name)], self.prepared.document)
+            publish_documents(self.transport,
+                              targeted_documents(self.prepared, self.topics, [group_target(self.group)]))
             outcome.group_published = True
         else:
             outcome.undo = self.undo(canaries)
@@ -259,8 +271,8 @@ class CanaryRollout:
         return outcome
 
     def clear(self, devices: list[str]) -> list[str]:
-        """Withdraw the canaries' device documents (empty retained payloads); they follow the group again."""
-        publish_document(self.transport, [self.topics.device_model(d, self.name) for d in devices], b"")
+        """Withdraw the canaries' device documents (signed withdrawals); they follow the group again."""
+        publish_withdrawals(self.transport, self.topics, self.key, self.name, [device_target(d) for d in devices])
         return list(devices)
 
     def undo(self, canaries: list[str]) -> list[Undo]:

@@ -31,6 +31,7 @@ COMMAND_MODULES: list[str] = [
     "converter.cmd_diff",
     "converter.cmd_keygen",
     "converter.cmd_mqtt",
+    "converter.cmd_trust",
 ]
 
 EPILOG = """\

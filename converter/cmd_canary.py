@@ -8,12 +8,12 @@ from typing import Any
 
 from agent.bundle import Bundle
 from converter.canary import CanaryOutcome, CanaryRollout, PinnedDocuments, Selection, pick_canaries
-from converter.cmd_mqtt import _follow, policy_from_args, publish_chunks_with_progress
+from converter.cmd_mqtt import _follow, inventory_tracker, policy_from_args, publish_chunks_with_progress
 from converter.connect import connect, topics_from_args
 from converter.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from converter.fleet import FleetObserver
 from converter.output import load_key, print_json, stdout_console
-from converter.publish import DeviceResult, prepare, select_targets
+from converter.publish import DeviceResult, group_target, prepare, select_targets
 
 
 def _selection_line(group: str, sel: Selection) -> str:
@@ -35,7 +35,8 @@ def run_canary_push(args: argparse.Namespace) -> int:
     if key is None:
         raise UsageError("--canary needs --key: failed canaries are rolled back with signed commands")
     bundle = Bundle.load(args.bundle)
-    prepared = prepare(bundle, key=key, expires_in=args.expires_in, policy=policy_from_args(args))
+    prepared = prepare(bundle, key=key, expires_in=args.expires_in, policy=policy_from_args(args),
+                       target=group_target(args.group))
     dep = prepared.deployment
     name = dep.model.name
     topics = topics_from_args(args)
@@ -52,7 +53,8 @@ def run_canary_push(args: argparse.Namespace) -> int:
             say(f"canary {r.device_id}: {r.detail}")
 
     pins = PinnedDocuments(topics, name)
-    observer = FleetObserver(topics, leaves=("status", "state", "events"))
+    tracker = inventory_tracker(args, topics, key)
+    observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)
 
     def on_message(message: Any) -> None:
         pins.handle(message)
@@ -62,12 +64,16 @@ def run_canary_push(args: argparse.Namespace) -> int:
     try:
         transport.subscribe(pins.subscription, wait=args.connect_timeout)
         observer.attach(transport, timeout=args.connect_timeout)  # its sync also covers the pins
-        selection = pick_canaries(observer, args.group, args.canary, pins.devices())
+        members = tracker.members(args.group, f"push --group {args.group} --canary")
+        ignored = [d for d in observer.claiming(args.group) if d not in members]
+        selection = pick_canaries(observer, members, args.canary, pins.devices())
         if not selection.canaries:
             why = "no online member" if not selection.pinned else "every online member is pinned by a device document"
             raise UsageError(f"--canary: group {args.group} has {why} to use as a canary "
                              f"({len(selection.offline)} offline); nothing was published")
         say(_selection_line(args.group, selection))
+        for d in ignored:
+            say(f"device {d}: claims group {args.group} but is not in the inventory: never a canary, not counted")
         publish_s = publish_chunks_with_progress(args, transport, topics, prepared)
         say(f"pushed {name} v{dep.model.version} (deployment {dep.deployment_id}): {len(prepared.chunks)} chunks "
             f"in {publish_s:.2f} s; document to the canaries' device topics; waiting up to {args.timeout:g} s "
@@ -78,7 +84,7 @@ def run_canary_push(args: argparse.Namespace) -> int:
         summary: dict[str, Any] = {
             "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
             "group": args.group, "chunks": len(prepared.chunks), "wire_bytes": prepared.wire_bytes,
-            "publish_s": round(publish_s, 4), "canary": _canary_json(args, outcome),
+            "publish_s": round(publish_s, 4), "canary": _canary_json(args, outcome), "not_in_inventory": ignored,
         }
         if not outcome.passed:
             _report_failure(say, args.group, outcome)
@@ -93,7 +99,7 @@ def run_canary_push(args: argparse.Namespace) -> int:
                 summary["ok"] = True
                 print_json(summary)
             return EXIT_OK
-        return _follow(args, observer, select_targets(observer, args.group, []), name, dep.deployment_id, summary)
+        return _follow(args, observer, select_targets(observer, members), name, dep.deployment_id, summary)
     finally:
         transport.stop()
 

@@ -25,6 +25,7 @@ from converter.cmd_fleet import add_fleet_commands
 from converter.connect import add_broker_args, connect, topics_from_args
 from converter.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from converter.fleet import DeviceView, FleetObserver
+from converter.inventory import InventoryCache, InventoryTracker, Verified, add_trust_args, keyring_from_args
 from converter.output import (
     add_json,
     load_key,
@@ -39,25 +40,33 @@ from converter.publish import (
     Prepared,
     RetainedIndex,
     collect_garbage,
-    document_topics,
     make_command,
     prepare,
     publish_chunks,
-    publish_document,
+    publish_documents,
+    push_targets,
     rollback_result,
     select_targets,
+    targeted_documents,
     wait_for_rollout,
 )
 from converter.watch import wait_for_telemetry
 
 PUSH_EPILOG = """\
 Chunks are published retained (QoS 1) first, then the deployment document to the group's or each
-device's topic. Without --key the bundle's own signed manifest is published as it is; with --key the
-document is issued again (new deployment id, issued now, --expires-in) and signed.
+device's topic. Every document names its target inside the signature (target "group:G", or
+"device:ID", one document per device), and agents refuse a document on any other topic. With --key
+the document is issued again (new deployment id, issued now, --expires-in) and signed for each
+target. Without --key the bundle's own signed manifest is published as it is, which works only when
+it already names this target; an unsigned manifest (--allow-unsigned, for agents that trust no key)
+gets the target written in.
 
 --wait follows the targeted devices that are online: exit 0 when every one committed the
 deployment, 1 as soon as one rejects it or rolls it back (the reason is printed), 1 on --timeout.
 Offline devices are listed as pending: they install from the retained messages when they return.
+With --group, the devices waited for and counted are the group's members in the operator-signed
+inventory (edgectl inventory; verified with --trust and the public half of --key), never the devices
+that claim the group in their status; without a verified inventory the push stops before publishing.
 
 --canary N (or P%) deploys to N online members of the group first, with device-level documents,
 waits (--timeout) until every canary committed (probation passed), then publishes the group
@@ -131,6 +140,7 @@ def add_parser(subparsers: Any) -> None:
                    help="with --group and --key: deploy to N online members (or P%% of them, at least one) "
                         "first and publish the group document only when all of them committed; a failed "
                         "canary is rolled back and the push stops (docs/operations-canary.md)")
+    add_trust_args(p)
     add_json(p)
     add_broker_args(p)
     p.set_defaults(func=run_push)
@@ -160,6 +170,7 @@ def add_parser(subparsers: Any) -> None:
     s = fleet_commands.add_parser("status", help="one line per device from the retained status and state",
                                   description="Print every device's presence, groups and models.")
     s.add_argument("--group", type=name_type("group"), help="only the devices of this group")
+    add_trust_args(s)
     s.add_argument("--telemetry-wait", type=float, default=0.0, metavar="S",
                    help="also wait up to S s for telemetry from every online device (telemetry is not "
                         "retained; the agent sends it every telemetry.interval_s, 10 s by default); "
@@ -189,22 +200,32 @@ def run_push(args: argparse.Namespace) -> int:
 
         return run_canary_push(args)
     bundle = Bundle.load(args.bundle)
-    prepared = prepare(bundle, key=load_key(args.key), expires_in=args.expires_in, allow_unsigned=args.allow_unsigned,
-                       policy=policy_from_args(args))
+    key = load_key(args.key)
+    push_to = push_targets(args.group, args.devices or [])
+    prepared = prepare(bundle, key=key, expires_in=args.expires_in, allow_unsigned=args.allow_unsigned,
+                       policy=policy_from_args(args), target=push_to[0])
     dep = prepared.deployment
     name = dep.model.name
     topics = topics_from_args(args)
-    targets_topics = document_topics(topics, name, args.group, args.devices or [])
+    documents = targeted_documents(prepared, topics, push_to)
+    targets_topics = list(documents)
     out = stdout_console()
-    observer = FleetObserver(topics, leaves=("status", "state", "events"))
+    tracker = inventory_tracker(args, topics, key) if args.wait and args.group is not None else None
+    observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)
     transport = connect(args, "edgectl-push", on_message=observer.handle)
     try:
         targets: dict[str, DeviceResult] = {}
+        ignored: list[str] = []
         if args.wait:
             observer.attach(transport, timeout=args.connect_timeout)
-            targets = select_targets(observer, args.group, args.devices or [])
+            if tracker is not None:
+                members = tracker.members(args.group, f"push --group {args.group} --wait")
+                ignored = [d for d in observer.claiming(args.group) if d not in members]
+            else:
+                members = tuple(args.devices)
+            targets = select_targets(observer, members)
         publish_s = publish_chunks_with_progress(args, transport, topics, prepared)
-        publish_document(transport, targets_topics, prepared.document)
+        publish_documents(transport, documents)
         summary: dict[str, Any] = {
             "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
             "topics": targets_topics, "chunks": len(prepared.chunks), "wire_bytes": prepared.wire_bytes,
@@ -223,9 +244,14 @@ def run_push(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(summary)
             return EXIT_OK
-        return _follow(args, observer, targets, name, dep.deployment_id, summary)
+        return _follow(args, observer, targets, name, dep.deployment_id, summary, ignored)
     finally:
         transport.stop()
+
+
+def inventory_tracker(args: argparse.Namespace, topics: Topics, key: Any = None) -> InventoryTracker:
+    """The verified-inventory reader for this command's broker, trusted keys and cache."""
+    return InventoryTracker(topics, keyring_from_args(args, key), InventoryCache.for_broker(args.broker, topics.prefix))
 
 
 def publish_chunks_with_progress(args: argparse.Namespace, transport: Transport, topics: Topics,
@@ -241,8 +267,14 @@ def publish_chunks_with_progress(args: argparse.Namespace, transport: Transport,
 
 
 def _follow(args: argparse.Namespace, observer: FleetObserver, targets: dict[str, DeviceResult], name: str,
-            dep_id: str, summary: dict[str, Any]) -> int:
+            dep_id: str, summary: dict[str, Any], ignored: list[str] | None = None) -> int:
     out = stdout_console()
+    ignored = ignored or []
+    if ignored:
+        summary["not_in_inventory"] = ignored
+        if not args.json:
+            for d in ignored:
+                out.print(f"device {d}: claims group {args.group} but is not in the inventory: not counted")
 
     def show(r: DeviceResult) -> None:
         if args.json:
@@ -358,10 +390,38 @@ def _outcome_cell(view: DeviceView) -> str:
     return "\n".join(parts) or "-"
 
 
+NOT_IN_INVENTORY = "claims group, not in inventory"
+
+
+def groups_cell(view: DeviceView, inventory: Verified | None) -> str:
+    """The device's groups: the inventory's, then groups it only claims, marked; its claims without an inventory."""
+    if inventory is None:
+        return ", ".join(view.groups) or "-"
+    listed = inventory.groups_of(view.device_id)
+    claimed = [f"{g} ({NOT_IN_INVENTORY})" for g in view.groups if g not in listed]
+    return ", ".join([*listed, *claimed]) or "-"
+
+
+def with_inventory(views: dict[str, DeviceView], inventory: Verified | None, group: str | None) -> dict[str, DeviceView]:
+    """The devices to show: the inventory's members (seen or not) and every device seen, of `group` if given."""
+    out = dict(views)
+    if inventory is not None:
+        for members in inventory.inventory.groups.values():
+            for d in members:
+                out.setdefault(d, DeviceView(device_id=d))
+    if group is None:
+        return out
+    listed = set(inventory.inventory.members(group)) if inventory is not None else set()
+    return {d: v for d, v in out.items() if d in listed or group in v.groups}
+
+
 def run_fleet_status(args: argparse.Namespace) -> int:
     """edgectl fleet status."""
     topics = topics_from_args(args)
-    observer = FleetObserver(topics, leaves=("status", "state", "telemetry"))
+    keyring = keyring_from_args(args)
+    tracker = InventoryTracker(topics, keyring, InventoryCache.for_broker(args.broker, topics.prefix)) \
+        if keyring else None
+    observer = FleetObserver(topics, leaves=("status", "state", "telemetry"), inventory=tracker)
     transport = connect(args, "edgectl-fleet", on_message=observer.handle)
     try:
         observer.attach(transport, timeout=args.connect_timeout)
@@ -369,11 +429,20 @@ def run_fleet_status(args: argparse.Namespace) -> int:
             wait_for_telemetry(observer, args.telemetry_wait, args.group)
     finally:
         transport.stop()
-    views = observer.devices()
-    if args.group is not None:
-        views = {d: v for d, v in views.items() if args.group in v.groups}
+    inventory = tracker.current() if tracker is not None else None
+    views = with_inventory(observer.devices(), inventory, args.group)
     if args.json:
-        print_json({"devices": [views[d].to_dict() for d in sorted(views)]})
+        devices = []
+        for d in sorted(views):
+            row = views[d].to_dict()
+            if inventory is not None:
+                listed = inventory.groups_of(d)
+                row["inventory_groups"] = list(listed)
+                row["claims_not_in_inventory"] = [g for g in views[d].groups if g not in listed]
+            devices.append(row)
+        print_json({"devices": devices, "inventory": None if inventory is None else {
+            "version": inventory.inventory.version, "key_id": inventory.key_id,
+            "expires_at": inventory.inventory.expires_at}})
         return EXIT_OK
     out = stdout_console()
     if not views:
@@ -386,11 +455,13 @@ def run_fleet_status(args: argparse.Namespace) -> int:
     for d in sorted(views):
         v = views[d]
         age = f"{now - v.status.ts:.0f} s" if v.status is not None and v.status.ts else "-"
-        table.add_row(d, "yes" if v.online else "no", ", ".join(v.groups) or "-", _models_cell(v),
-                      _outcome_cell(v), age)
+        presence = "yes" if v.online else ("never seen" if v.status is None else "no")
+        table.add_row(d, presence, groups_cell(v, inventory), _models_cell(v), _outcome_cell(v), age)
     out.print(table)
     online = sum(1 for v in views.values() if v.online)
-    out.print(f"{len(views)} device(s), {online} online")
+    source = f"groups from inventory version {inventory.inventory.version}" if inventory is not None else \
+        "groups as the devices claim them (no verified inventory)"
+    out.print(f"{len(views)} device(s), {online} online; {source}")
     return EXIT_OK
 
 

@@ -17,11 +17,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ProtocolError, TransportError
 from agent.protocol import DeviceState, Event, ModelState, Status, Telemetry, Topics, dump, parse_json
 from agent.transport import Message, Transport
+
+if TYPE_CHECKING:
+    from converter.inventory import InventoryTracker
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class DeviceView:
 
     @property
     def groups(self) -> tuple[str, ...]:
-        """Groups the device announces in its status."""
+        """Groups the device claims in its status: shown to people, never used for membership."""
         return self.status.groups if self.status is not None else ()
 
     @property
@@ -106,8 +109,9 @@ class FleetObserver:
     """The latest documents of every device, fed by a Transport, safe to read from any thread."""
 
     def __init__(self, topics: Topics, *, leaves: Iterable[str] = LEAVES, max_events: int = 100,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, inventory: InventoryTracker | None = None) -> None:
         self.topics = topics
+        self.inventory = inventory
         self.leaves = tuple(leaves)
         self._clock = clock
         self._cond = threading.Condition()
@@ -122,12 +126,19 @@ class FleetObserver:
     def attach(self, transport: Transport, timeout: float = 10.0) -> None:
         """Subscribe `transport` (whose on_message is `handle`) and wait until the retained documents are in."""
         self._sync = Sync(self.topics, transport.client_id)
-        transport.subscribe([*(self.topics.all_devices(leaf) for leaf in self.leaves), self._sync.topic], wait=timeout)
+        extra = [self.inventory.topic] if self.inventory is not None else []
+        transport.subscribe([*(self.topics.all_devices(leaf) for leaf in self.leaves), *extra, self._sync.topic],
+                            wait=timeout)
         self._sync.wait(transport, timeout)
 
     def handle(self, message: Message) -> None:
         """Take one message (a Transport's on_message): parse it and keep it as the device's latest."""
         if self._sync is not None and self._sync.handle(message):
+            return
+        if self.inventory is not None and self.inventory.handle(message):
+            with self._cond:
+                self._seq += 1
+                self._cond.notify_all()
             return
         try:
             route = self.topics.parse(message.topic)
@@ -197,7 +208,8 @@ class FleetObserver:
             new = [e for seq, e in self._events if seq > cursor]
             return new, self._seq
 
-    def members(self, group: str) -> list[str]:
-        """Devices whose status lists `group`, online or not."""
+    def claiming(self, group: str) -> list[str]:
+        """Devices whose status claims `group`, online or not: for display only (any device may claim any
+        group); membership comes from the signed inventory (converter/inventory.py)."""
         with self._cond:
             return sorted(d for d, v in self._devices.items() if group in v.groups)

@@ -37,6 +37,8 @@ from agent.protocol import (
     parse_json,
     split,
 )
+from agent.protocol.documents import WITHDRAWAL_SCHEMA, Withdrawal
+from agent.protocol.schema import check_target
 from agent.transport import Message, Transport
 from converter.bundle import deployment_id as new_deployment_id
 from converter.errors import UsageError
@@ -47,7 +49,28 @@ log = logging.getLogger(__name__)
 # gc clears chunks in batches of this many unacknowledged messages.
 PUBLISH_WINDOW = 64
 COMMAND_EXPIRY_S = 300
+# A withdrawal stays retained in place of the document it takes back; it lives as long as a document.
+WITHDRAWAL_EXPIRY_S = 90 * 24 * 3600
 FAILED_STEPS = ("REJECTED", "ROLLED_BACK")
+
+
+def device_target(device: str) -> str:
+    """The signed target of a device's own document."""
+    return f"device:{device}"
+
+
+def group_target(group: str) -> str:
+    """The signed target of a group's document."""
+    return f"group:{group}"
+
+
+def target_topic(topics: Topics, target: str, model: str) -> str:
+    """The only topic a document for `target` may be published on (the agent refuses it anywhere else)."""
+    problem = check_target(target)
+    if problem:
+        raise UsageError(f"target {target!r}: {problem}")
+    kind, _, name = target.partition(":")
+    return topics.device_model(name, model) if kind == "device" else topics.group_model(name, model)
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,31 @@ class Prepared:
     wire_bytes: int
     compress_s: float
     resigned: bool
+    key: SigningKey | None = field(default=None, repr=False, compare=False)
+
+    def for_target(self, target: str) -> bytes:
+        """This deployment's document for `target`: same id, times, policy and chunks, the target signed in.
+
+        With the key the push was prepared with, the document is signed again for the target; an
+        unsigned document (fleets whose agents trust no key) just gets the target; a signed manifest
+        pushed without a key must already name exactly this target, since changing it breaks the signature.
+        """
+        raw = parse_json(self.document)
+        if raw.get("target") == target:
+            return self.document
+        problem = check_target(target)
+        if problem:
+            raise UsageError(f"target {target!r}: {problem}")
+        if self.key is not None:
+            raw = self.key.sign({**raw, "target": target})
+        elif raw.get("signature") is not None:
+            named = f"is signed for {raw['target']}" if raw.get("target") else "is signed without a target"
+            raise UsageError(f"the bundle's manifest {named}, so it cannot be sent to {target}; push it with --key "
+                             "to issue a document for that target")
+        else:
+            raw["target"] = target
+        Deployment.from_dict(raw)  # refuse to publish anything the agent would not parse
+        return canonical_json(raw)
 
 
 def split_parallel(data: bytes, chunk_size: int) -> tuple[Artifact, list[bytes]]:
@@ -77,8 +125,16 @@ def split_parallel(data: bytes, chunk_size: int) -> tuple[Artifact, list[bytes]]
 
 
 def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | None = None,
-            allow_unsigned: bool = False, now: int | None = None, policy: dict[str, Any] | None = None) -> Prepared:
-    """Chunk the bundle's files; with `key`, issue a fresh signed document, else check the bundle's own."""
+            allow_unsigned: bool = False, now: int | None = None, policy: dict[str, Any] | None = None,
+            target: str | None = None) -> Prepared:
+    """Chunk the bundle's files; with `key`, issue a fresh signed document, else check the bundle's own.
+
+    `target` (``device:ID`` or ``group:NAME``) is signed into the document; `Prepared.for_target` makes
+    the same deployment's document for other targets. A signed manifest pushed without `key` must
+    already name `target`.
+    """
+    if target is not None and check_target(target):
+        raise UsageError(f"target {target!r}: {check_target(target)}")
     dep = bundle.deployment
     issued = int(time.time()) if now is None else now
     started = time.perf_counter()
@@ -95,6 +151,8 @@ def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | 
         doc["model"]["golden"] = dump(golden_art)
         if policy:
             doc["policy"] = {**doc.get("policy", {}), **policy}
+        if target is not None:
+            doc["target"] = target
         raw = key.sign(doc)
     else:
         raw = bundle.raw_manifest
@@ -105,6 +163,12 @@ def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | 
         if raw.get("signature") is None and not allow_unsigned:
             raise UsageError(f"{bundle.path}: the manifest is not signed (sign with --key, or --allow-unsigned "
                              "for agents that trust no keys)")
+        if target is not None and raw.get("target") != target:
+            if raw.get("signature") is not None:
+                named = f"is signed for {raw['target']}" if raw.get("target") else "is signed without a target"
+                raise UsageError(f"{bundle.path}: the manifest {named}, so it cannot be pushed to {target}; push it "
+                                 "with --key to issue a document for that target")
+            raw = {**raw, "target": target}
         if dep.expires_at <= issued:
             raise UsageError(f"{bundle.path}: the manifest expired at {dep.expires_at}; re-sign it with --key")
         if model_art != dep.model.artifact or golden_art != dep.model.golden:
@@ -118,7 +182,7 @@ def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | 
     return Prepared(
         deployment=deployment, document=canonical_json(raw), chunks=chunks,
         raw_bytes=len(bundle.model) + len(bundle.golden),
-        wire_bytes=sum(len(p) for p in chunks.values()), compress_s=compress_s, resigned=key is not None,
+        wire_bytes=sum(len(p) for p in chunks.values()), compress_s=compress_s, resigned=key is not None, key=key,
     )
 
 
@@ -154,15 +218,58 @@ def publish_chunks(transport: Transport, topics: Topics, chunks: dict[str, bytes
             raise TransportError(f"the broker acknowledged no chunk for {timeout:g} s ({transport.last_error})")
 
 
-def document_topics(topics: Topics, name: str, group: str | None, devices: Iterable[str]) -> list[str]:
-    """Where the document goes: the group's topic or each device's."""
-    return [topics.group_model(group, name)] if group is not None else [topics.device_model(d, name) for d in devices]
+def push_targets(group: str | None, devices: Iterable[str]) -> list[str]:
+    """The signed targets of a push: the group, or each device."""
+    return [group_target(group)] if group is not None else [device_target(d) for d in dict.fromkeys(devices)]
+
+
+def targeted_documents(prepared: Prepared, topics: Topics, targets: Iterable[str]) -> dict[str, bytes]:
+    """Topic -> document for each target, every document naming the target of the topic it goes to."""
+    name = prepared.deployment.model.name
+    return {target_topic(topics, t, name): prepared.for_target(t) for t in targets}
 
 
 def publish_document(transport: Transport, targets: list[str], document: bytes, timeout: float = 30.0) -> None:
     """Publish the deployment document retained at QoS 1 to each target topic, waiting for each PUBACK."""
     for topic in targets:
         transport.publish(topic, document, qos=1, retain=True, wait=timeout)
+
+
+def publish_documents(transport: Transport, documents: dict[str, bytes], timeout: float = 30.0) -> None:
+    """Publish each topic's own document retained at QoS 1, waiting for each PUBACK."""
+    for topic, document in documents.items():
+        transport.publish(topic, document, qos=1, retain=True, wait=timeout)
+
+
+def make_withdrawal(key: SigningKey, model: str, target: str, *, expires_in: int = WITHDRAWAL_EXPIRY_S,
+                    now: int | None = None) -> dict[str, Any]:
+    """A signed withdrawal of `target`'s document for `model`, published retained in its place."""
+    issued = int(time.time()) if now is None else now
+    doc = {"schema": WITHDRAWAL_SCHEMA, "model": model, "target": target, "issued_at": issued,
+           "expires_at": issued + expires_in}
+    Withdrawal.from_dict(doc)  # refuse to sign anything the agent would not parse
+    return key.sign(doc)
+
+
+def publish_withdrawals(transport: Transport, topics: Topics, key: SigningKey, model: str, targets: Iterable[str],
+                        *, expires_in: int = WITHDRAWAL_EXPIRY_S, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """Publish a signed withdrawal retained on each target's topic for `model`; topic -> withdrawal sent."""
+    sent = {}
+    for target in targets:
+        doc = make_withdrawal(key, model, target, expires_in=expires_in)
+        topic = target_topic(topics, target, model)
+        transport.publish(topic, canonical_json(doc), qos=1, retain=True, wait=timeout)
+        sent[topic] = doc
+    return sent
+
+
+def is_withdrawal(payload: bytes) -> bool:
+    """True when a retained payload on a model topic is a withdrawal (read leniently: only its schema)."""
+    try:
+        doc = parse_json(payload)
+    except ProtocolError:
+        return False
+    return isinstance(doc, dict) and doc.get("schema") == WITHDRAWAL_SCHEMA
 
 
 # ---------------------------------------------------------------------- following a rollout
@@ -205,11 +312,11 @@ def judge(view: DeviceView | None, name: str, dep_id: str) -> tuple[Verdict, str
     return None
 
 
-def select_targets(observer: FleetObserver, group: str | None, devices: Iterable[str]) -> dict[str, DeviceResult]:
-    """Targeted devices: online ones are waited for, the others are pending (they catch up later)."""
-    ids = observer.members(group) if group is not None else list(dict.fromkeys(devices))
+def select_targets(observer: FleetObserver, devices: Iterable[str]) -> dict[str, DeviceResult]:
+    """Targeted devices (a group's come from the verified inventory, never from what devices claim):
+    online ones are waited for, the others are pending (they catch up later)."""
     out = {}
-    for d in ids:
+    for d in dict.fromkeys(devices):
         view = observer.get(d)
         if view is not None and view.online:
             out[d] = DeviceResult(d, "waiting")
@@ -302,6 +409,7 @@ class RetainedIndex:
     sync: Sync | None = None
     chunks: dict[str, int] = field(default_factory=dict)
     documents: dict[str, bytes] = field(default_factory=dict)
+    withdrawals: dict[str, bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def handle(self, message: Message) -> None:
@@ -319,10 +427,12 @@ class RetainedIndex:
                 else:
                     self.chunks.pop(route.sha256, None)
             elif route.kind in ("group_model", "device_model"):
+                self.documents.pop(message.topic, None)
+                self.withdrawals.pop(message.topic, None)
                 if message.payload:
-                    self.documents[message.topic] = message.payload
-                else:
-                    self.documents.pop(message.topic, None)
+                    # A signed withdrawal held in a document's place pins no chunks.
+                    held = self.withdrawals if is_withdrawal(message.payload) else self.documents
+                    held[message.topic] = message.payload
 
     def collect(self, transport: Transport, timeout: float = 30.0) -> None:
         """Subscribe to every chunk and deployment document and wait until the retained ones are in."""

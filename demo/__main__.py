@@ -48,7 +48,9 @@ class Demo:
         self.args = args
         self.processes: list[subprocess.Popen[bytes]] = []
         self.summary = Summary()
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+        # EDGEFLEET_STATE_DIR: what edgectl remembers (the newest inventory seen) stays in demo-out.
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3",
+                        EDGEFLEET_STATE_DIR=str(OUT / "edgectl-state"))
         self.env.pop("NOTIFY_SOCKET", None)
         self.broker_url = ""
         self.started = time.monotonic()
@@ -211,8 +213,11 @@ class Demo:
         return client
 
     def push_v1(self) -> None:
+        # Group membership comes from the operator-signed inventory, never from what a board claims.
+        self.run("edgectl", "inventory", "set", GROUP, DEVICE, "--key", "keys")
         t0 = time.monotonic()
-        self.run("edgectl", "push", "bundles/digits-v1", "--group", GROUP, "--wait", "--timeout", "60")
+        self.run("edgectl", "push", "bundles/digits-v1", "--group", GROUP, "--key", "keys", "--wait",
+                 "--timeout", "60")
         took = time.monotonic() - t0
         self.summary.add("v1 push to committed (incl. 5 s probation)", f"{took:.1f} s")
 
@@ -255,7 +260,8 @@ class Demo:
         worker = threading.Thread(target=traffic, daemon=True)
         worker.start()
         t0 = time.monotonic()
-        res = self.run("edgectl", "push", "bundles/digits-v2", "--group", GROUP, "--wait", "--timeout", "60",
+        res = self.run("edgectl", "push", "bundles/digits-v2", "--group", GROUP, "--key", "keys", "--wait",
+                       "--timeout", "60",
                        check=False)
         took = time.monotonic() - t0
         time.sleep(0.5)
@@ -274,7 +280,7 @@ class Demo:
         self.summary.add("failed requests during the switch", str(served.get(-1, 0)))
 
     def fleet(self) -> None:
-        self.run("edgectl", "fleet", "status")
+        self.run("edgectl", "fleet", "status", "--trust", "keys")
         self.run("edge-agent", "--config", "agent/agent.toml", "status")
 
     def stop_agent(self) -> None:

@@ -318,6 +318,9 @@ if [ -e "$ROOT$CONF_DIR/agent.toml" ]; then
 else
     install -m 0640 "$SCRIPT_DIR/agent.toml" "$ROOT$CONF_DIR/agent.toml"
     say "wrote the example $CONF_DIR/agent.toml: set mqtt.url and the keys there"
+    # The shipped broker config knows a board by one name (its broker user or certificate CN), which
+    # must be the board's device_id; a credential made for another name does not work.
+    say "the board's broker user name (or client certificate CN) must be its device_id (default: the host name)"
 fi
 if [ "$STAGED" -eq 0 ]; then
     # Ownership root:edge-agent of the config directory, as at every boot.

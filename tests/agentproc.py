@@ -66,6 +66,12 @@ class AgentProcess:
                 config.setdefault(key, {}).update(value)
             else:
                 config[key] = value
+        security = config.setdefault("security", {})
+        if not security.get("trusted_keys") and "insecure" not in security:
+            # A test that gives no key checks no signatures, which the agent runs only when told so
+            # (it refuses to start otherwise). Tests of signatures give keys; `insecure=False`
+            # keeps the refusal for tests of it.
+            security["insecure"] = True
         self.config_path = root / "agent.toml"
         self.config_path.write_text(toml(config))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,7 +1,8 @@
 """Real Mosquitto brokers for the tests: each on a free port with its own config in a temp directory.
 
 Variants: plain (anonymous, persistent), TLS (server-auth or mutual, certificates made here with
-`cryptography`) and password + ACL (the shipped `deploy/mosquitto/acl` itself). Every process started
+`cryptography`) and the shipped `deploy/mosquitto` config itself (device and operator listeners, their
+password files and ACLs), with or without its TLS. Every process started
 here is killed at teardown and, failing that, at interpreter exit.
 """
 
@@ -259,7 +260,7 @@ def tls_broker_for(workdir: Path, pki: Pki, *, mutual: bool) -> Mosquitto:
     return Mosquitto(workdir, listener=listener, tls=True)
 
 
-# ---------------------------------------------------------------------- password + ACL
+# ---------------------------------------------------------------------- password + ACL: the shipped config
 
 
 def write_password_file(path: Path, users: dict[str, str]) -> Path:
@@ -272,64 +273,102 @@ def write_password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
+SHIPPED_DIR = ROOT / "deploy" / "mosquitto"
+SHIPPED_CONF = SHIPPED_DIR / "mosquitto.conf"
+SHIPPED_OPERATOR_ACL = SHIPPED_DIR / "operator-acl"
+SHIPPED_ETC = "/etc/mosquitto/edgefleet/"
+DEVICE_LISTENER = "listener 8883\n"
+OPERATOR_LISTENER = "listener 8884\n"
+# The device listener's commented-out mutual TLS switches (the operator listener has its own).
+DEVICE_MTLS = "#require_certificate true\n#use_identity_as_username true\n"
+TLS_OPTIONS = ("cafile ", "certfile ", "keyfile ", "tls_version ")
+
+
 @dataclass
 class AclBroker:
-    """A broker enforcing the shipped ACL, with the operator and device passwords it accepts."""
+    """The shipped broker config on a real Mosquitto: the device listener (`url`: passwd + acl, client id
+    bound to the user name) and the operator listener (`operator_url`: operator-passwd + operator-acl).
+
+    `passwords` holds every user: the operators (only valid on the operator listener) and the devices
+    (only valid on the device listener)."""
 
     broker: Mosquitto
     passwords: dict[str, str]
+    operator_port: int
+    operators: tuple[str, ...] = (OPERATOR,)
 
     @property
     def url(self) -> str:
-        """The broker's url."""
+        """The device listener's url (what agents connect to)."""
         return self.broker.url
 
+    @property
+    def operator_url(self) -> str:
+        """The operator listener's url (what edgectl and other host tools connect to)."""
+        return f"{'mqtts' if self.broker.tls else 'mqtt'}://127.0.0.1:{self.operator_port}"
 
-def acl_broker_for(workdir: Path, devices: tuple[str, ...] = ("dev-a", "dev-b")) -> AclBroker:
-    """A broker with password_file and the shipped acl_file; users: the operator and `devices`."""
-    passwords = {name: secrets.token_urlsafe(12) for name in (OPERATOR, *devices)}
-    workdir.mkdir(parents=True, exist_ok=True)
-    pwfile = write_password_file(workdir / "passwd", passwords)
-    general = "\n".join([f"password_file {pwfile}", f"acl_file {SHIPPED_ACL}"])
-    return AclBroker(Mosquitto(workdir, general=general, anonymous=False), passwords)
+    def operator_login(self, user: str = OPERATOR) -> dict[str, Any]:
+        """Settings (for `client` / MqttSettings) that log in as an operator on the operator listener."""
+        return {"username": user, "password": self.passwords[user]}
 
-
-# ---------------------------------------------------------------------- the shipped config itself
-
-
-SHIPPED_CONF = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
-SHIPPED_ETC = "/etc/mosquitto/edgefleet/"
+    def device_login(self, device: str) -> dict[str, Any]:
+        """Settings that log in as `device` (user name = device id)."""
+        return {"username": device, "password": self.passwords[device]}
 
 
-def shipped_broker_for(workdir: Path, pki: Pki, *, mutual: bool = False,
-                       devices: tuple[str, ...] = ("dev-a", "dev-b")) -> AclBroker:
-    """deploy/mosquitto/mosquitto.conf as shipped, only paths, port and (for `mutual`) one switch changed."""
+def _shipped(workdir: Path, *, pki: Pki | None, mutual: bool, devices: tuple[str, ...],
+             operators: tuple[str, ...]) -> AclBroker:
+    """deploy/mosquitto as shipped; only paths, ports and the switches asked for change.
+
+    Without `pki` the TLS lines are dropped (both listeners speak plain MQTT); everything about
+    identities (per-listener users, ACLs, client id binding) stays exactly as shipped."""
     workdir.mkdir(parents=True, exist_ok=True)
     etc = workdir / "etc"
     etc.mkdir(exist_ok=True)
     shutil.copy(SHIPPED_ACL, etc / "acl")
-    shutil.copy(pki.ca_file, etc / "ca.pem")
-    cert, key = pki.issue("broker", server=True)
-    shutil.copy(cert, etc / "server.pem")
-    shutil.copy(key, etc / "server.key")
-    passwords = {name: secrets.token_urlsafe(12) for name in (OPERATOR, *devices)}
-    write_password_file(etc / "passwd", passwords)
-    b = Mosquitto(workdir, tls=True)
+    shutil.copy(SHIPPED_OPERATOR_ACL, etc / "operator-acl")
+    if pki is not None:
+        shutil.copy(pki.ca_file, etc / "ca.pem")
+        cert, key = pki.issue("broker", server=True)
+        shutil.copy(cert, etc / "server.pem")
+        shutil.copy(key, etc / "server.key")
+    passwords = {name: secrets.token_urlsafe(12) for name in (*operators, *devices)}
+    write_password_file(etc / "passwd", {d: passwords[d] for d in devices})
+    write_password_file(etc / "operator-passwd", {o: passwords[o] for o in operators})
+    b = Mosquitto(workdir, tls=pki is not None)
+    operator_port = free_port()
     text = SHIPPED_CONF.read_text()
     replacements = {
         SHIPPED_ETC: f"{etc}/",
         "persistence_location /var/lib/mosquitto/": f"persistence_location {workdir / 'store'}/",
         "log_dest syslog": f"log_dest file {b.log_file}",
-        "listener 8883\n": f"listener {b.port} 127.0.0.1\n",
+        DEVICE_LISTENER: f"listener {b.port} 127.0.0.1\n",
+        OPERATOR_LISTENER: f"listener {operator_port} 127.0.0.1\n",
     }
     if mutual:
-        replacements["#require_certificate true"] = "require_certificate true"
+        replacements[DEVICE_MTLS] = DEVICE_MTLS.replace("#", "")
     for old, new in replacements.items():
         if old not in text:
             raise AssertionError(f"shipped mosquitto.conf no longer contains {old!r}")
         text = text.replace(old, new)
+    if pki is None:
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(TLS_OPTIONS)) + "\n"
     b.conf.write_text(("user root\n" if os.geteuid() == 0 else "") + text)
-    return AclBroker(b, passwords)
+    return AclBroker(b, passwords, operator_port, operators)
+
+
+def acl_broker_for(workdir: Path, devices: tuple[str, ...] = ("dev-a", "dev-b"),
+                   operators: tuple[str, ...] = (OPERATOR,)) -> AclBroker:
+    """The shipped config without TLS (plain mqtt:// on both listeners): users, ACLs and identity binding as shipped."""
+    return _shipped(workdir, pki=None, mutual=False, devices=devices, operators=operators)
+
+
+def shipped_broker_for(workdir: Path, pki: Pki, *, mutual: bool = False,
+                       devices: tuple[str, ...] = ("dev-a", "dev-b"),
+                       operators: tuple[str, ...] = (OPERATOR,)) -> AclBroker:
+    """deploy/mosquitto/mosquitto.conf as shipped, TLS included; `mutual` uncomments the device listener's
+    certificate switches (require_certificate + use_identity_as_username: the CN is the device's identity)."""
+    return _shipped(workdir, pki=pki, mutual=mutual, devices=devices, operators=operators)
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -373,7 +412,7 @@ def mtls_broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[
 
 @pytest.fixture(scope="module")
 def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclBroker]:
-    """A broker enforcing the shipped ACL file, shared by a test module."""
+    """The shipped broker config without TLS (device and operator listeners), shared by a test module."""
     b = acl_broker_for(tmp_path_factory.mktemp("mosquitto-acl"))
     try:
         b.broker.start()

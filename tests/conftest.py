@@ -66,4 +66,13 @@ def make_bundle(zoo: Callable[[str], Path], tmp_path: Path) -> Callable[..., Pat
 
     return make
 
+
+@pytest.fixture(autouse=True)
+def host_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own EDGEFLEET_STATE_DIR: what edgectl remembers (the newest inventory seen) stays in it."""
+    path = tmp_path_factory.mktemp("edgectl-state")
+    monkeypatch.setenv("EDGEFLEET_STATE_DIR", str(path))
+    return path
+
+
 from tests.broker import *  # noqa: E402,F401,F403

@@ -29,6 +29,7 @@ from agent.protocol import (
     canonical_json,
     parse_json,
 )
+from agent.protocol.documents import WITHDRAWAL_SCHEMA
 from agent.transport import Message, MqttSettings, Transport
 
 Behaviour = Literal["commit", "reject", "silent"]
@@ -107,6 +108,8 @@ class FakeDevice:
 
     def _deploy(self, payload: bytes) -> None:
         raw = parse_json(payload)
+        if isinstance(raw, dict) and raw.get("schema") == WITHDRAWAL_SCHEMA:
+            return  # a signed withdrawal: nothing to install (an agent forgets the withdrawn document)
         dep = Deployment.from_dict(raw)
         name = dep.model.name
         current = self.models.get(name, ModelState())

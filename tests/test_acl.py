@@ -27,7 +27,7 @@ def operator_inbox() -> Inbox:
 @pytest.fixture(scope="module")
 def operator(acl_broker: AclBroker, operator_inbox: Inbox) -> Iterator[Transport]:
     """The operator credential, subscribed to the whole prefix."""
-    t = client(acl_broker.url, operator_inbox, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
+    t = client(acl_broker.operator_url, operator_inbox, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
     t.subscribe("edgefleet/#", wait=5)
     yield t
     t.stop()
@@ -99,15 +99,16 @@ def test_device_may_write_its_own_reports(acl_broker: AclBroker, operator: Trans
 
 def test_device_reads_only_its_own_deployments_and_commands(acl_broker: AclBroker, operator: Transport) -> None:
     token = uuid.uuid4().hex.encode()
-    readable = [T.device_model("dev-a", "m"), T.group_model("line-1", "m"), CHUNK]
-    hidden = [T.device_model("dev-b", "m")]
+    readable = [T.device_model("dev-a", "m"), T.group_model("line-1", "m"), CHUNK, T.timestamp()]
+    hidden = [T.device_model("dev-b", "m"), T.inventory()]
     for topic in readable + hidden:
         operator.publish(topic, token, retain=True, wait=5)
     inbox = Inbox()
     dev = device(acl_broker, "dev-a", inbox)
     try:
         # Wide subscriptions on purpose: the broker must filter by the ACL, not by what was asked.
-        dev.subscribe([*T.all_deployments(), T.all_chunks(), T.all_devices("cmd")], wait=5)
+        dev.subscribe([*T.all_deployments(), T.all_chunks(), T.all_devices("cmd"), T.timestamp(), T.inventory()],
+                      wait=5)
         operator.publish(T.cmd("dev-b"), token, wait=5)
         operator.publish(T.cmd("dev-a"), token, wait=5)  # the barrier: the broker delivers in order
         inbox.wait_for(lambda m: m.topic == T.cmd("dev-a"))
@@ -135,7 +136,7 @@ def test_unknown_user_is_refused(acl_broker: AclBroker) -> None:
 def test_shipped_mosquitto_conf_serves_tls_passwords_and_large_chunks(tmp_path: Path, pki: Pki) -> None:
     shipped = shipped_broker_for(tmp_path, pki)
     with shipped.broker:
-        op = client(shipped.url, username=OPERATOR, password=shipped.passwords[OPERATOR], ca_file=pki.ca_file)
+        op = client(shipped.operator_url, username=OPERATOR, password=shipped.passwords[OPERATOR], ca_file=pki.ca_file)
         big = bytes(range(256)) * (4 << 12)  # 4 MiB, far above the 64 KiB default chunk
         op.publish(CHUNK, big, retain=True, wait=10)
         inbox = Inbox()
@@ -149,8 +150,9 @@ def test_shipped_mosquitto_conf_serves_tls_passwords_and_large_chunks(tmp_path: 
         op.stop()
         log = shipped.broker.log()
         assert "Error" not in log
-        # Only the one TLS listener: a listener option misplaced in the global section would open 1883.
-        assert log.count("Opening ipv4 listen socket") == 1, log
+        # Only the two TLS listeners (devices, operators): a listener option misplaced in the global
+        # section would open 1883 as well.
+        assert log.count("Opening ipv4 listen socket") == 2, log
 
 
 def test_shipped_mosquitto_conf_with_mutual_tls(tmp_path: Path, pki: Pki) -> None:

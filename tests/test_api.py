@@ -49,6 +49,7 @@ def api(make_bundle: Callable[..., Path], short_dir: Path) -> Iterator[Factory]:
             bundle = make_bundle(model, version=version, labels=LABELS)
             serving.activate("m", bundle / MODEL_FILE, Bundle.load(bundle).deployment)
         kwargs.setdefault("port", 0)
+        kwargs.setdefault("admin_socket", short_dir / "admin.sock")
         server = ApiServer(serving, socket_path=short_dir / "api.sock", **kwargs)
         server.start()
         servers.append(server)
@@ -263,8 +264,14 @@ def test_oversized_body_is_refused_from_its_content_length(api: Factory) -> None
     (b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400, "Content-Length"),
     (b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400,
      "Content-Length"),
-    (b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411,
-     "Content-Length"),
+    (b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 501,
+     "not supported"),
+    (b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", 400,
+     "both Content-Length and Transfer-Encoding"),
+    (b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400,
+     "malformed chunk size"),
+    (b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n", 400,
+     "longer than its size"),
     (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"x" * (70 << 10) + b"\r\n\r\n", 431, "request head"),
 ])
 def test_malformed_http_is_refused_and_the_server_keeps_serving(api: Factory, raw: bytes, status: int,
@@ -293,7 +300,7 @@ def test_keep_alive_pipelining_and_expect_continue(api: Factory) -> None:
     assert _read(sock)[0] == 200
 
 
-def test_admin_actions_are_forwarded_on_the_unix_socket_only(api: Factory) -> None:
+def test_admin_actions_are_forwarded_on_the_admin_socket_only(api: Factory) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
     def admin(action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -309,13 +316,17 @@ def test_admin_actions_are_forwarded_on_the_unix_socket_only(api: Factory) -> No
     with pytest.raises(RequestError, match="cannot explode") as info:
         c.admin("explode")
     assert info.value.status == 400
-    tcp = ApiClient(url=f"http://127.0.0.1:{server.port}")
-    with pytest.raises(RequestError) as denied:
-        tcp.admin("rollback", {"model": "m"})
-    assert denied.value.status == 403
-    sock = _unix(server)
-    code, _, answer = _exchange(sock, _post("/v1/admin/rollback", b"[1]"))
+    # the inference socket and TCP are refused, whatever the body
+    for sock in (_unix(server), socket.create_connection(("127.0.0.1", server.port))):
+        code, _, answer = _exchange(sock, _post("/v1/admin/rollback", b'{"model": "m"}').replace(
+            b"Host: x", b"Host: localhost"))
+        assert code == 403 and "admin socket" in json.loads(answer)["error"]
+    admin_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin_sock.connect(str(server.admin_path))
+    code, _, answer = _exchange(admin_sock, _post("/v1/admin/rollback", b"[1]"))
     assert code == 400 and "JSON object" in json.loads(answer)["error"]
+    code, _, answer = _exchange(admin_sock, _post("/v1/admin/rollback", b"{}", "application/x-tar"))
+    assert code == 415
     assert calls == [("rollback", {"model": "m"})]
 
 
@@ -351,6 +362,8 @@ def test_socket_mode_and_stale_socket_file(api: Factory, short_dir: Path) -> Non
     server, _ = api()
     mode = os.stat(short_dir / "api.sock").st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    admin_mode = os.stat(short_dir / "admin.sock").st_mode
+    assert stat.S_ISSOCK(admin_mode) and stat.S_IMODE(admin_mode) == 0o600
     assert _client(server).health()["http_status"] == 200
     with pytest.raises(ConfigError, match="another process"):
         ApiServer(Serving(), socket_path=short_dir / "api.sock").start()
@@ -441,3 +454,198 @@ def test_clients_hammering_during_swaps_and_bad_requests(api: Factory, make_bund
         t.join(10)
     assert failures == []
     assert set(versions) == {1, 2}
+
+
+# -- hardening: budget, deadlines, per-listener caps, TCP policy, the admin socket -----------------
+
+def _chunked(path: str, body: bytes, ctype: str = "application/json", sizes: tuple[int, ...] = (7, 1, 100)) -> bytes:
+    out = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\n"
+           "Transfer-Encoding: chunked\r\n\r\n").encode()
+    i = 0
+    for n in sizes * (len(body) // max(1, sum(sizes)) + 1):
+        part = body[i:i + n]
+        if not part:
+            break
+        out += f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n"
+        i += n
+    return out + b"0\r\nX-Trailer: ignored\r\n\r\n"
+
+
+def test_chunked_bodies_are_read_incrementally(api: Factory) -> None:
+    server, serving = api()
+    x = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
+    expected = serving.predict("m", [x]).outputs[0]
+    sock = _unix(server)
+    body = json.dumps({"instances": x.tolist()}).encode()
+    sock.sendall(_chunked("/v1/models/m:predict", body) + _chunked("/v1/models/m:predict", _npy(x), "application/x-npy"))
+    (code, _, answer), (code2, _, answer2) = _read_many(sock, 2)
+    assert code == 200 and code2 == 200
+    np.testing.assert_allclose(json.loads(answer)["predictions"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.load(io.BytesIO(answer2)), expected)
+    server.stop()
+    small, _ = api(max_body_bytes=1000)
+    code, _, answer = _exchange(_unix(small), _chunked("/v1/models/m:predict", b"1" * 2000, sizes=(600,)))
+    assert code == 413 and "limit of 1000" in json.loads(answer)["error"]
+    assert small.budget.used == 0
+
+
+def test_heads_beyond_the_inflight_budget_are_refused_before_reading(api: Factory) -> None:
+    server, _ = api(max_body_bytes=1000, max_inflight_bytes=1500)
+    holder = _unix(server)
+    holder.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Type: application/x-npy\r\n"
+                   b"Content-Length: 1000\r\n\r\n" + b"x" * 10)  # holds 1000 bytes of the budget
+    wait = threading.Event()
+    while server.budget.used < 1000:
+        wait.wait(0.01)
+    second = _unix(server)
+    code, headers, answer = _exchange(second, b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Type: application/x-npy"
+                                              b"\r\nContent-Length: 800\r\n\r\n")
+    assert code == 503 and "api.max_inflight_bytes" in json.loads(answer)["error"]
+    assert headers["retry-after"] == "1" and second.recv(10) == b""
+    # small requests that arrive whole still pass, and the holder's reservation ends with its request
+    assert _client(server).predict("m", [[0.0] * 8])["model_version"] == 1
+    holder.close()
+    while server.budget.used:
+        wait.wait(0.01)
+
+
+def test_slow_heads_and_bodies_get_408(api: Factory) -> None:
+    server, _ = api(header_timeout_s=0.3, body_timeout_s=0.3)
+    slow_head = _unix(server)
+    slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
+    code, _, answer = _read(slow_head)
+    assert code == 408 and "head" in json.loads(answer)["error"]
+    slow_body = _unix(server)
+    slow_body.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+    code, _, answer = _read(slow_body)
+    assert code == 408 and "body" in json.loads(answer)["error"]
+    assert server.budget.used == 0
+    assert _client(server).health()["http_status"] == 200
+
+
+def _tcp(server: ApiServer) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    return sock
+
+
+def test_tcp_checks_host_content_type_and_token(api: Factory) -> None:
+    server, _ = api(token="s3cret-token", allowed_hosts=["board.example"])
+    predict = b'{"instances": [[0,0,0,0,0,0,0,0]]}'
+    auth = "Authorization: Bearer s3cret-token\r\n"
+    cases = [
+        (_post("/v1/models/m:predict", predict, extra=auth).replace(b"Host: x", b"Host: evil.example:8501"), 403,
+         "is not a name of this agent"),
+        (b"GET /healthz HTTP/1.1\r\n" + auth.encode() + b"\r\n", 403, "no Host header"),
+        (_post("/v1/models/m:predict", predict).replace(b"Host: x", b"Host: localhost"), 401, "bearer token"),
+        (_post("/v1/models/m:predict", predict, extra="Authorization: Bearer wrong\r\n").replace(
+            b"Host: x", b"Host: localhost"), 401, "bearer token"),
+        (_post("/v1/models/m:predict", b"instances=1", "application/x-www-form-urlencoded", auth).replace(
+            b"Host: x", b"Host: 127.0.0.1:1"), 415, "not accepted over TCP"),
+        (_post("/v1/models/m:predict", predict, "text/plain", auth).replace(b"Host: x", b"Host: localhost"), 415,
+         "not accepted over TCP"),
+        (_post("/v1/models/m:predict", predict, "multipart/form-data; boundary=x", auth).replace(
+            b"Host: x", b"Host: localhost"), 415, "not accepted over TCP"),
+    ]
+    for raw, status, message in cases:
+        code, headers, answer = _exchange(_tcp(server), raw)
+        assert code == status and message in json.loads(answer)["error"], (raw[:60], code, answer)
+        if status == 401:
+            assert headers["www-authenticate"].startswith("Bearer")
+    for host in ("localhost", "127.0.0.1:80", "BOARD.example:8501", "[::1]:1"):
+        code, _, answer = _exchange(_tcp(server), _post("/v1/models/m:predict", predict, extra=auth).replace(
+            b"Host: x", f"Host: {host}".encode()))
+        assert code == 200, (host, answer)
+    good = ApiClient(url=f"http://127.0.0.1:{server.port}", token="s3cret-token")
+    assert good.health()["http_status"] == 200
+    assert ApiClient(url=f"http://127.0.0.1:{server.port}").health()["http_status"] == 401
+    with pytest.raises(RequestError) as info:
+        ApiClient(url=f"http://127.0.0.1:{server.port}", token="wrong").predict("m", [[0.0] * 8])
+    assert info.value.status == 401
+    # the Unix socket needs neither token nor Host, and curl's default form type still works there
+    code, _, _ = _exchange(_unix(server), _post("/v1/models/m:predict", predict, "application/x-www-form-urlencoded"))
+    assert code == 200
+
+
+def test_tcp_clients_cannot_lock_out_the_unix_socket(api: Factory) -> None:
+    server, _ = api(max_connections=4, max_connections_per_peer=3)
+    held = [_tcp(server) for _ in range(3)]
+    code, _, answer = _read(_tcp(server))
+    assert code == 503 and "from 127.0.0.1" in json.loads(answer)["error"]
+    assert _client(server).health()["http_status"] == 200  # the Unix socket has its own cap
+    held += [_unix(server) for _ in range(4)]
+    code, _, answer = _read(_unix(server))
+    assert code == 503 and "too many connections (limit 4)" in json.loads(answer)["error"]
+    # ...and so does the admin socket
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin.connect(str(server.admin_path))
+    code, _, _ = _exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert code == 200
+    for s in held:
+        s.close()
+
+
+def test_admin_socket_refuses_other_uids(api: Factory) -> None:
+    server, _ = api(admin=lambda action, body: (200, {}), admin_uids={os.getuid() + 4242})
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin.connect(str(server.admin_path))
+    code, _, answer = _read(admin)
+    assert code == 403 and "not uid" in json.loads(answer)["error"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_install_reads_passed_file_descriptors(api: Factory, make_bundle: Callable[..., Path]) -> None:
+    got: list[dict[str, Any]] = []
+
+    def admin(action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        got.append(body)
+        return 200, {"phase": "PROBATION"}
+
+    server, _ = api(admin=admin, max_file_bytes=1 << 20)
+    bundle = make_bundle("dense_f32")
+    before = _open_fds()
+    c = ApiClient(socket_path=server.socket_path, admin_socket=server.admin_path)
+    assert c.install_bundle(bundle) == {"phase": "PROBATION"}
+    files = got[0]["bundle_files"]
+    assert {k: files[k] for k in ("manifest.json", "model.tflite", "golden.npz")} == {
+        k: (bundle / k).read_bytes() for k in ("manifest.json", "model.tflite", "golden.npz")}
+    # a pipe is not a file; indices must exist; too many descriptors are refused; none stay open
+    r, w = os.pipe()
+    with open(bundle / "manifest.json", "rb") as f:
+        with pytest.raises(RequestError, match="not a regular file") as info:
+            c.admin("install", {"files": {"manifest.json": 0, "model.tflite": 1, "golden.npz": 1}},
+                    fds=[f.fileno(), r])
+        assert info.value.status == 400
+        with pytest.raises(RequestError, match="no passed file descriptor number 7"):
+            c.admin("install", {"files": {"manifest.json": 0, "model.tflite": 0, "golden.npz": 7}}, fds=[f.fileno()])
+        with pytest.raises(RequestError, match="at most 8"):
+            c.admin("install", {"files": {}}, fds=[f.fileno()] * 9)
+        with pytest.raises(RequestError, match="takes no file descriptors"):
+            c.admin("rollback", {}, fds=[f.fileno()])
+        # descriptors sent to the inference socket are dropped by the kernel, never received
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(server.socket_path))
+        socket.send_fds(raw, [_post("/v1/admin/install", b'{"files": {}}')], [f.fileno()])
+        assert _read(raw)[0] == 403
+        raw.close()
+    os.close(r)
+    os.close(w)
+    assert len(got) == 1
+    c.close()
+    for _ in range(200):  # the server closes each connection just after its answer
+        if _open_fds() == before:
+            break
+        threading.Event().wait(0.01)
+    assert _open_fds() == before
+    assert server.admin_path is not None
+    big = ApiServer(Serving(), socket_path=None, admin_socket=server.admin_path.with_name("a2.sock"),
+                    admin=admin, max_file_bytes=100)
+    big.start()
+    try:
+        with pytest.raises(RequestError, match="above the limit of 100") as info:
+            ApiClient(socket_path=big.admin_path, admin_socket=big.admin_path).install_bundle(bundle)
+        assert info.value.status == 413
+    finally:
+        big.stop()

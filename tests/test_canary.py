@@ -54,8 +54,8 @@ class Recorder:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, broker: Mosquitto, key_dir: Path) -> Iterator[Callable[..., list[AgentProcess]]]:
-    """Start agents in group `lab` (in parallel) and wait until the broker shows them online."""
+def fleet(tmp_path: Path, broker: Mosquitto, key_dir: Path, edgectl: Edgectl) -> Iterator[Callable[..., list[AgentProcess]]]:
+    """Start agents in group `lab` (in parallel), list them in the signed inventory, wait until they are online."""
     made: list[AgentProcess] = []
     recorder = Recorder(broker.url)
 
@@ -76,6 +76,9 @@ def fleet(tmp_path: Path, broker: Mosquitto, key_dir: Path) -> Iterator[Callable
         for a in agents:
             a.wait_ready()
         recorder.wait_online([d for d, _ in specs])
+        code, _, err = edgectl("inventory", "set", "lab", *(d for d, _ in specs), "--key", key_dir,
+                               "--broker", broker.url)
+        assert code == 0, err
         return agents
 
     start.recorder = recorder  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config, parse_config, read_secret
 from agent.errors import ConfigError
+from agent.protocol import SigningKey
 
 
 def test_empty_file_means_all_defaults() -> None:
@@ -50,6 +51,9 @@ def test_values_are_read() -> None:
     ("[security]\ntrusted_keys = 'a.pub'", "security.trusted_keys: expected a list"),
     ("[security]\nrequire_signature = 'yes'", "security.require_signature: expected true or false"),
     ("[security]\nmax_disk_fraction = 1.5", "security.max_disk_fraction: expected a value between 0 and 1"),
+    ("[security]\nrequire_signature = false", "security.require_signature: false is accepted only with "
+                                              "security.insecure = true"),
+    ("[security]\ninsecure = 1", "security.insecure: expected true or false"),
     ("[runtime]\nbackend = 'gpu'", "runtime.backend: expected one of"),
     ("[runtime]\nnum_threads = 0", "runtime.num_threads: expected a value > 0"),
     ("[validation]\ntimeout_s = -1", "validation.timeout_s: expected a value > 0"),
@@ -86,8 +90,10 @@ def _agent(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_command(tmp_path: Path) -> None:
+    SigningKey.generate().write(tmp_path / "keys")
     good = tmp_path / "agent.toml"
-    good.write_text('device_id = "d1"\n[health]\nprobation_s = 5\n')
+    good.write_text(f'device_id = "d1"\n[health]\nprobation_s = 5\n'
+                    f'[security]\ntrusted_keys = ["{tmp_path / "keys" / "edgefleet.pub"}"]\n')
     ok = _agent("--config", str(good), "check-config", "--json")
     assert ok.returncode == 0, ok.stderr
     assert '"probation_s": 5.0' in ok.stdout

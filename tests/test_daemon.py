@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.bundle import MODEL_FILE
+from agent.bundle import MANIFEST_FILE, MODEL_FILE
+from agent.errors import RequestError
 from tests.agentproc import AgentProcess
 from tests.helpers import swap_file, wait_for
 
@@ -156,8 +158,8 @@ def test_killed_at_any_point_the_agent_comes_back_serving(agent: Any, make_bundl
     assert killed == len(CRASH_POINTS) >= 20
 
 
-def test_install_uploads_the_bundle_the_agent_cannot_read(agent: Any, make_bundle: Any, tmp_path: Path) -> None:
-    """The agent runs sandboxed as its own user: the CLI sends the bundle's files, not a path."""
+def test_install_passes_the_bundle_the_agent_cannot_read(agent: Any, make_bundle: Any, tmp_path: Path) -> None:
+    """The agent runs sandboxed as its own user: the CLI passes open files (SCM_RIGHTS), not a path."""
     a = agent().start()
     bundle = make_bundle("dense_f32", version=1)
     private = tmp_path / "private"
@@ -169,10 +171,14 @@ def test_install_uploads_the_bundle_the_agent_cannot_read(agent: Any, make_bundl
         assert _version(a) == 1
         from agent.client import ApiClient
 
-        # a tar that is not a bundle is refused with a reason, and nothing changes
+        # a manifest that is not JSON is refused with a reason, and nothing changes
+        junk = tmp_path / "junk"
+        shutil.copytree(private, junk)
+        (junk / MANIFEST_FILE).write_bytes(b"not json")
         client = ApiClient(socket_path=a.socket)
-        status, _, body = client.request("POST", "/v1/admin/install", b"not a tar", "application/x-tar", retry=False)
-        assert status == 400 and b"not a tar archive" in body
+        with pytest.raises(RequestError) as info:
+            client.install_bundle(junk)
+        assert info.value.status == 400 and MANIFEST_FILE in str(info.value)
     finally:
         private.chmod(0o755)
     assert _version(a) == 1

@@ -39,6 +39,12 @@ def devices(broker: Mosquitto) -> Iterator[Callable[..., FakeDevice]]:
         d.stop()
 
 
+def set_inventory(edgectl: Edgectl, key_dir: Path, group: str, *devices: str, login: list[object]) -> None:
+    """The operator's signed inventory: `devices` form `group` (push --group --wait counts only them)."""
+    code, _, err = edgectl("inventory", "set", group, *devices, "--key", key_dir, *login)
+    assert code == 0, err
+
+
 def announce_offline(url: str, device_id: str, groups: tuple[str, ...]) -> None:
     """A retained offline status, as the will of a device that went away leaves it."""
     t = client(url)
@@ -55,6 +61,7 @@ def test_push_wait_succeeds_when_every_online_member_commits(broker: Mosquitto, 
     b = devices("cam-2", groups=("lab", "north"), keyring=keyring)
     devices("cam-9", groups=("south",))  # not in the group: never targeted
     announce_offline(broker.url, "cam-3", ("lab",))
+    set_inventory(edgectl, key_dir, "lab", "cam-1", "cam-2", "cam-3", login=["--broker", broker.url])
     bundle = make_bundle("dense_f32", name="det", version=2)
     code, out, err = edgectl("push", bundle, "--group", "lab", "--key", key_dir, "--wait", "--timeout", 20,
                              "--broker", broker.url, "--json")
@@ -72,6 +79,7 @@ def test_push_wait_fails_with_the_device_reason(broker: Mosquitto, devices: Call
                                                 edgectl: Edgectl) -> None:
     devices("cam-1", groups=("lab",))
     devices("cam-2", groups=("lab",), behaviour="reject", reason="validation: output 0 differs by 0.31")
+    set_inventory(edgectl, key_dir, "lab", "cam-1", "cam-2", login=["--broker", broker.url])
     bundle = make_bundle("dense_f32", name="det", version=2)
     code, out, _ = edgectl("push", bundle, "--group", "lab", "--key", key_dir, "--wait", "--timeout", 20,
                            "--broker", broker.url)
@@ -161,7 +169,7 @@ def test_fleet_observer_sync_sees_every_retained_document(broker: Mosquitto, dev
     try:
         observer.attach(t)
         assert len(observer.devices()) == 30  # complete at return, without a settle delay to guess
-        assert observer.members("g") == [f"node-{i:02d}" for i in range(30)]
+        assert observer.claiming("g") == [f"node-{i:02d}" for i in range(30)]
     finally:
         t.stop()
 
@@ -204,15 +212,16 @@ def test_the_whole_flow_through_the_shipped_acl(acl_broker: AclBroker, make_bund
     a = FakeDevice(acl_broker.url, "dev-a", groups=("lab",), keyring=keyring, credentials=creds["dev-a"]).start()
     b = FakeDevice(acl_broker.url, "dev-b", groups=("lab",), keyring=keyring, credentials=creds["dev-b"]).start()
     (tmp_path / "op.pw").write_text(acl_broker.passwords[OPERATOR] + "\n")
-    login = ["--broker", acl_broker.url, "--username", OPERATOR, "--password-file", tmp_path / "op.pw"]
+    login = ["--broker", acl_broker.operator_url, "--username", OPERATOR, "--password-file", tmp_path / "op.pw"]
     try:
+        set_inventory(edgectl, key_dir, "lab", "dev-a", "dev-b", login=login)
         code, out, err = edgectl("push", make_bundle(name="acl-m"), "--group", "lab", "--key", key_dir, "--wait",
                                  "--timeout", 20, "--json", *login)
         assert code == 0, err
         assert {d["verdict"] for d in json.loads(out)["devices"]} == {"committed"}
         code, out, _ = edgectl("fleet", "status", "--json", "--group", "lab", *login)
         assert code == 0 and {d["device_id"] for d in json.loads(out)["devices"]} == {"dev-a", "dev-b"}
-        code, _, err = edgectl("fleet", "status", "--broker", acl_broker.url, "--username", OPERATOR,
+        code, _, err = edgectl("fleet", "status", "--broker", acl_broker.operator_url, "--username", OPERATOR,
                                "--password-file", tmp_path / "op.pw", "--connect-timeout", 1, "--username", "dev-a")
         assert code == 2 and "refused the connection" in err
     finally:

@@ -17,6 +17,7 @@ import pytest
 from agent.protocol import (
     DeviceState,
     Event,
+    Keyring,
     ModelState,
     ModelTelemetry,
     Outcome,
@@ -118,12 +119,14 @@ def test_canary_sizes() -> None:
 def test_canaries_are_online_unpinned_members_by_id() -> None:
     observer = FleetObserver(T)
     for device, online, groups in [("cam-3", True, ("lab",)), ("cam-1", False, ("lab",)), ("cam-2", True, ("lab",)),
-                                   ("cam-4", True, ("lab",)), ("cam-5", True, ("north",))]:
+                                   ("cam-4", True, ("lab",)), ("cam-0", True, ("lab",)), ("cam-5", True, ("north",))]:
         observer.handle(Message(T.status(device), canonical_json(status(device, online, groups).to_dict()), retain=True))
-    sel = pick_canaries(observer, "lab", CanarySize(count=2), pinned={"cam-2"})
+    # the members come from the inventory: cam-0 claims lab in its status but is not a member
+    members = ["cam-4", "cam-3", "cam-2", "cam-1", "cam-6"]
+    sel = pick_canaries(observer, members, CanarySize(count=2), pinned={"cam-2"})
     assert sel.canaries == ("cam-3", "cam-4")
-    assert (sel.online, sel.offline, sel.pinned) == (("cam-2", "cam-3", "cam-4"), ("cam-1",), ("cam-2",))
-    assert pick_canaries(observer, "south", CanarySize(count=1), set()).canaries == ()
+    assert (sel.online, sel.offline, sel.pinned) == (("cam-2", "cam-3", "cam-4"), ("cam-1", "cam-6"), ("cam-2",))
+    assert pick_canaries(observer, [], CanarySize(count=1), set()).canaries == ()
 
 
 # ---------------------------------------------------------------------- against a broker
@@ -229,7 +232,7 @@ def test_two_collectors_share_the_stream(broker: Mosquitto, publisher: Transport
 def test_shared_subscriptions_through_the_shipped_acl(acl_broker: AclBroker) -> None:
     pw = acl_broker.passwords
     operator, snoop = Collector(T), Collector(T)
-    op = client(acl_broker.url, operator.handle, username=OPERATOR, password=pw[OPERATOR])
+    op = client(acl_broker.operator_url, operator.handle, username=OPERATOR, password=pw[OPERATOR])
     dev_b = client(acl_broker.url, snoop.handle, username="dev-b", password=pw["dev-b"])
     dev_a = client(acl_broker.url, username="dev-a", password=pw["dev-a"])
     doc = canonical_json(telemetry("dev-a", 1.0, 1, 1.0).to_dict())
@@ -264,7 +267,10 @@ def test_bad_options_and_empty_groups_change_nothing(broker: Mosquitto, make_bun
         (["push", bundle, "--group", "lab", "--canary", "1"], "--canary needs --key"),
         (["push", bundle, "--group", "lab", "--canary", "0%", "--key", key_dir], "a percentage must be above 0"),
         (["push", bundle, "--group", "lab", "--canary", "1", "--key", key_dir],
-         "group lab has no online member to use as a canary (0 offline); nothing was published"),
+         "push --group lab --canary takes group membership from the signed inventory, and there is no inventory "
+         "on the broker; publish one with 'edgectl inventory set GROUP DEVICE... --key KEY'; nothing was published"),
+        (["push", bundle, "--group", "lab", "--wait", "--key", key_dir],
+         "push --group lab --wait takes group membership from the signed inventory, and there is no inventory"),
         (["fleet", "collect", "--share", "a/b"], "invalid share name 'a/b'"),
         (["fleet", "collect", "--out", tmp_path / "no" / "such.jsonl"], "--out"),
         (["fleet", "watch", "--json"], "--json needs --once"),
@@ -295,8 +301,11 @@ def test_canary_that_never_answers_times_out_and_the_group_is_left_alone(
     other = FakeDevice(broker.url, "cam-2", groups=("lab",)).start()
     try:
         # cam-0 follows its own document for this model, so it cannot stand for the group
-        own = prepare(Bundle.load(make_bundle(name="det", version=1)), key=key).document
+        own = prepare(Bundle.load(make_bundle(name="det", version=1)), key=key, target="device:cam-0").document
         publisher.publish(T.device_model("cam-0", "det"), own, retain=True, wait=5)
+        code, _, err = edgectl("inventory", "set", "lab", "cam-0", "cam-1", "cam-2", "--key", key_dir,
+                               "--broker", broker.url)
+        assert code == 0, err
         started = time.monotonic()
         code, out, _ = edgectl("push", make_bundle(name="det", version=2), "--group", "lab", "--key", key_dir,
                                "--canary", "1", "--timeout", 1, "--broker", broker.url)
@@ -317,3 +326,6 @@ def test_canary_that_never_answers_times_out_and_the_group_is_left_alone(
     finally:
         t.stop()
     assert set(index.documents) == {T.device_model("cam-0", "det")}  # cam-1's withdrawn, no group document
+    withdrawal = json.loads(index.withdrawals[T.device_model("cam-1", "det")])
+    Keyring([key.private_key.public_key()]).verify(withdrawal)  # signed: agents ignore empty payloads
+    assert (withdrawal["model"], withdrawal["target"]) == ("det", "device:cam-1")

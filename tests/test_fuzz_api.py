@@ -1,4 +1,4 @@
-"""Generated hostile requests to the local API, as raw bytes over its Unix socket.
+"""Generated hostile requests to the local API, as raw bytes over its Unix sockets (inference and admin).
 
 The agent is the real daemon (loop thread, ApiServer, Serving, admin actions) in-process; every case
 opens a connection, sends one request built from hostile parts (methods, targets with escaping names,
@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.api import ADMIN_BODY_BYTES
 from agent.client import ApiClient
 from agent.protocol import SigningKey
 from tests.fuzzing import CASES, E2E, FUZZ, JSON, NAMES, TIMEOUT_S
@@ -35,7 +36,7 @@ from tests.reliability import AgentWith, X, build_bundle, fast_tmp
 pytestmark = pytest.mark.timeout(TIMEOUT_S)
 
 MAX_BODY = 1 << 20
-ADMIN_BODY = 1 << 30  # the default limit of admin bodies on the Unix socket (bundle uploads)
+ADMIN_BODY = ADMIN_BODY_BYTES  # admin bodies are small JSON: bundles come as passed descriptors or a path
 ROW = st.lists(st.floats(allow_nan=False, width=32) | st.integers(-10, 10), min_size=8, max_size=8)
 INSTANCES = st.one_of(
     st.lists(ROW, min_size=1, max_size=4), st.lists(ROW, max_size=0), st.lists(st.lists(st.floats(), max_size=12),
@@ -86,7 +87,8 @@ def npy_body(draw: Any) -> bytes:
 
 
 def tar_body(draw: Any, v1: Path) -> bytes:
-    """A bundle upload that must not install: names that escape, links, lies in headers, junk."""
+    """A tar of a bundle, as bundles were once uploaded: it must install nothing (names that escape,
+    links, lies in headers, junk), whichever socket it is sent to."""
     import io
     import tarfile
 
@@ -134,8 +136,9 @@ def target(draw: Any) -> str:
     ]))
 
 
-def request_case(draw: Any, v1: Path) -> tuple[bytes, bool, str]:
-    """(raw request, whether a response is owed, what it is): a sane request with 0-3 layers broken."""
+def request_case(draw: Any, v1: Path) -> tuple[bytes, bool, str, bool]:
+    """(raw request, whether a response is owed, what it is, whether it goes to the admin socket): a sane
+    request with 0-3 layers broken; admin routes go to the admin socket or, refused there, the inference one."""
     broken = set(draw(st.lists(st.sampled_from(["method", "version", "target", "content type", "length", "header",
                                                 "body"]), max_size=3)))
     path = target(draw) if "target" in broken or draw(st.booleans()) else draw(st.sampled_from(
@@ -204,10 +207,12 @@ def request_case(draw: Any, v1: Path) -> tuple[bytes, bool, str]:
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogatepass") + body
     # a promised body that never comes may be answered by closing; everything else is owed an answer
     declared = [v.strip() for k, v in headers if k == "Content-Length" and v is not None]
-    limit = ADMIN_BODY if path.startswith("/v1/admin/") else MAX_BODY
+    admin = path.startswith("/v1/admin/") and draw(st.integers(0, 3)) > 0
+    limit = ADMIN_BODY if admin else MAX_BODY
     owed = not (declared and all(d.isdigit() for d in declared) and len(set(declared)) == 1
                 and len(body) < int(declared[0]) <= limit)
-    return raw, owed, f"{method} {path[:60]!r} {version} {body_kind} {lie} {sorted(broken)}"
+    where = "admin socket" if admin else "inference socket"
+    return raw, owed, f"{method} {path[:60]!r} {version} {body_kind} {lie} {sorted(broken)} on the {where}", admin
 
 
 def exchange(sock_path: Path, raw: bytes) -> tuple[int | None, dict[str, str], bytes]:
@@ -278,8 +283,8 @@ def test_generated_api_requests(agent: InProcessAgent) -> None:
     @FUZZ
     @given(data=st.data())
     def case(data: Any) -> None:
-        raw, owed, what = request_case(data.draw, agent.root / "v1")
-        status, headers, body = exchange(sock, raw)
+        raw, owed, what, admin = request_case(data.draw, agent.root / "v1")
+        status, headers, body = exchange(agent.root / "admin.sock" if admin else sock, raw)
         tally[check_answer(status, headers, body, owed, what)] += 1
         assert agent.state_bytes() == state, what
         assert agent.predict() == before.prediction, what
@@ -309,8 +314,8 @@ def test_generated_api_requests_to_a_real_agent(tmp_path: Path) -> None:
         @E2E
         @given(data=st.data())
         def case(data: Any) -> None:
-            raw, owed, what = request_case(data.draw, v1)
-            status, headers, body = exchange(a.socket, raw)
+            raw, owed, what, admin = request_case(data.draw, v1)
+            status, headers, body = exchange(a.root / "admin.sock" if admin else a.socket, raw)
             seen[check_answer(status, headers, body, owed, what)] += 1
 
         case()

@@ -138,7 +138,7 @@ def assert_files_in_place(agent: InProcessAgent) -> None:
     """Only the store's own files exist under the agent's directory, and nothing beside it."""
     for rel in tree(agent.root):
         parts = rel.rstrip("/").split("/")
-        if parts[0] in ("keys", "api.sock"):
+        if parts[0] in ("keys", "api.sock", "admin.sock"):
             continue
         assert parts[0] == "state", rel
         if len(parts) == 1:
@@ -488,5 +488,5 @@ def test_live_agent_refuses_generated_chunks_and_topics(world: World, live: tupl
     assert op.after(mark, lambda e: e["step"] == "DOWNLOADING")["ok"] is True
     assert_live_unchanged(agent)
     assert "Traceback" not in agent.log(), agent.log()[-3000:]
-    assert not [p for p in tree(agent.root) if not p.startswith(("state", "agent", "api.sock"))]
+    assert not [p for p in tree(agent.root) if not p.startswith(("state", "agent", "api.sock", "admin.sock"))]
     assert count["chunks"] >= E2E.max_examples // 2 and count["topics"] >= 1, count

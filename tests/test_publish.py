@@ -57,7 +57,7 @@ def retained(url: str, topics: list[str], settle: float = 0.5) -> dict[str, byte
 def test_push_publishes_chunks_and_a_document_that_reassemble(broker: Mosquitto, make_bundle: Callable[..., Path],
                                                              key: SigningKey, edgectl: Callable[..., tuple[int, str, str]]
                                                              ) -> None:
-    path = make_bundle("dense_f32", name="m", version=1, key=key)
+    path = make_bundle("dense_f32", name="m", version=1, key=key, target="device:dev-1")
     bundle = Bundle.load(path)
     code, out, err = edgectl("push", path, "--device", "dev-1", "--broker", broker.url, "--json")
     assert code == 0, err
@@ -68,6 +68,7 @@ def test_push_publishes_chunks_and_a_document_that_reassemble(broker: Mosquitto,
     Keyring([key.private_key.public_key()]).verify(json.loads(doc_payload))
     dep = Deployment.from_json(doc_payload)
     assert dep.deployment_id == bundle.deployment.deployment_id == report["deployment_id"]
+    assert dep.target == "device:dev-1"
     for art, data in ((dep.model.artifact, bundle.model), (dep.model.golden, bundle.golden)):
         raws = [decode_chunk(ref, got[T.chunk(ref.sha256)]) for ref in art.chunks]
         assert join(art, raws) == data
@@ -94,6 +95,40 @@ def test_push_with_key_issues_a_fresh_signed_document(broker: Mosquitto, make_bu
     assert before <= dep.issued_at <= int(time.time())
     assert dep.expires_at == dep.issued_at + 3600
     assert dep.model.artifact == Bundle.load(path).deployment.model.artifact
+    assert dep.target == "group:lab"  # inside the signature checked above
+
+
+def test_push_refuses_a_signed_manifest_for_another_target(broker: Mosquitto, make_bundle: Callable[..., Path],
+                                                           key: SigningKey, key_dir: Path,
+                                                           edgectl: Callable[..., tuple[int, str, str]]) -> None:
+    untargeted = make_bundle("dense_f32", name="m", version=1, key=key)
+    for_dev1 = make_bundle("dense_f32", name="m", version=1, key=key, target="device:dev-1")
+    cases = [
+        (untargeted, ["--device", "dev-1"], "the manifest is signed without a target, so it cannot be pushed to "
+                                            "device:dev-1; push it with --key"),
+        (for_dev1, ["--device", "dev-2"], "the manifest is signed for device:dev-1, so it cannot be pushed to "
+                                          "device:dev-2"),
+        (for_dev1, ["--group", "lab"], "is signed for device:dev-1, so it cannot be pushed to group:lab"),
+        (for_dev1, ["--device", "dev-1", "--device", "dev-2"], "is signed for device:dev-1, so it cannot be sent "
+                                                              "to device:dev-2"),
+    ]
+    for path, where, fragment in cases:
+        code, _, err = edgectl("push", path, *where, "--broker", broker.url)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], (where, err)
+    assert retained(broker.url, ["edgefleet/#"], settle=0.2) == {}  # nothing was published
+    # with the key, one document per device, each signed for its own device
+    code, _, err = edgectl("push", untargeted, "--device", "dev-1", "--device", "dev-2", "--key", key_dir,
+                           "--broker", broker.url)
+    assert code == 0, err
+    got = retained(broker.url, ["edgefleet/devices/+/models/m"])
+    assert set(got) == {T.device_model("dev-1", "m"), T.device_model("dev-2", "m")}
+    docs = {topic: json.loads(payload) for topic, payload in got.items()}
+    for device in ("dev-1", "dev-2"):
+        doc = docs[T.device_model(device, "m")]
+        Keyring([key.private_key.public_key()]).verify(doc)
+        assert doc["target"] == f"device:{device}"
+    assert len({d["deployment_id"] for d in docs.values()}) == 1  # one deployment, one document per target
 
 
 def test_push_refuses_an_unsigned_manifest(broker: Mosquitto, make_bundle: Callable[..., Path],
@@ -105,7 +140,8 @@ def test_push_refuses_an_unsigned_manifest(broker: Mosquitto, make_bundle: Calla
     assert retained(broker.url, ["edgefleet/#"], settle=0.2) == {}
     code, _, _ = edgectl("push", path, "--device", "dev-1", "--broker", broker.url, "--allow-unsigned")
     assert code == 0
-    assert T.device_model("dev-1", "m") in retained(broker.url, ["edgefleet/#"])
+    doc = json.loads(retained(broker.url, ["edgefleet/#"])[T.device_model("dev-1", "m")])
+    assert doc["target"] == "device:dev-1" and "signature" not in doc  # the target, unsigned
 
 
 def test_push_expiry_needs_the_key(broker: Mosquitto, make_bundle: Callable[..., Path], key: SigningKey,
@@ -118,7 +154,7 @@ def test_push_expiry_needs_the_key(broker: Mosquitto, make_bundle: Callable[...,
 def test_push_to_a_broker_that_is_down(tmp_path: Path, make_bundle: Callable[..., Path], key: SigningKey,
                                        edgectl: Callable[..., tuple[int, str, str]]) -> None:
     down = Mosquitto(tmp_path / "down")  # never started
-    code, _, err = edgectl("push", make_bundle(key=key), "--device", "d", "--broker", down.url,
+    code, _, err = edgectl("push", make_bundle(key=key, target="device:d"), "--device", "d", "--broker", down.url,
                            "--connect-timeout", 0.5)
     assert code == 2
     assert err.strip().splitlines() == [f"edgectl: error: cannot connect to {down.url}: Connection refused"]
@@ -159,11 +195,11 @@ def test_rollback_to_an_offline_device_sends_nothing(broker: Mosquitto, key_dir:
 def two_versions(broker: Mosquitto, make_bundle: Callable[..., Path], key: SigningKey,
                  edgectl: Callable[..., tuple[int, str, str]]) -> Iterator[tuple[Bundle, Bundle]]:
     """v1 then v2 of model m pushed to dev-1 (v2's document replaces v1's), plus one orphan chunk."""
-    v1 = Bundle.load(make_bundle("dense_f32", name="m", version=1, key=key))
-    v2 = Bundle.load(make_bundle("dense_f32_v2", name="m", version=2, key=key))
+    v1 = Bundle.load(make_bundle("dense_f32", name="m", version=1, key=key, target="device:dev-1"))
+    v2 = Bundle.load(make_bundle("dense_f32_v2", name="m", version=2, key=key, target="device:dev-1"))
     for b in (v1, v2):
         assert edgectl("push", b.path, "--device", "dev-1", "--broker", broker.url)[0] == 0
-    other = Bundle.load(make_bundle("dense_f32", name="other", version=5, key=key))
+    other = Bundle.load(make_bundle("dense_f32", name="other", version=5, key=key, target="group:lab"))
     assert edgectl("push", other.path, "--group", "lab", "--broker", broker.url)[0] == 0
     ref, payload = encode_chunk(b"orphan chunk no document names")
     pub = client(broker.url)

@@ -242,6 +242,7 @@ def test_unit_contract() -> None:
             settings.setdefault(key, []).append(value)
     expect = {
         "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30", "Restart": "on-failure",
+        "RestartPreventExitStatus": "2",
         "User": "edge-agent", "Group": "edge-agent", "StateDirectory": "edge-agent",
         "RuntimeDirectory": "edge-agent", "ConfigurationDirectory": "edge-agent",
         "ProtectSystem": "strict", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
@@ -283,7 +284,11 @@ def test_exec_start_arguments_fit_the_cli() -> None:
     args = [str(EXAMPLE_CONFIG) if a == "/etc/edge-agent/agent.toml" else a for a in args[:-1]]
     result = subprocess.run([sys.executable, "-m", "agent.cli", *args, "check-config"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    # The example, as shipped, lists no trusted key: it loads (so the arguments fit), and it fails
+    # closed with the one line that says what to add, until the operator lists the fleet's key.
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("edge-agent: error: security.trusted_keys: no trusted key"), result.stderr
 
 
 def test_credentials_dropin_names_the_config_credentials() -> None:
@@ -335,7 +340,7 @@ def test_inference_runs_without_writable_executable_memory(backend: str, model: 
 
 # --- the example configuration ---------------------------------------------------------------------
 
-SHOWN_AS_EXAMPLE = {"device_id", "groups", "security.trusted_keys"}  # the file shows an example, not the default
+SHOWN_AS_EXAMPLE = {"device_id", "groups", "security.trusted_keys", "api.allowed_hosts"}  # the file shows an example, not the default
 
 
 def uncommented_example() -> str:

@@ -333,7 +333,7 @@ def test_tls_files_need_an_mqtts_url(pki: Pki) -> None:
 
 
 def test_password_login(acl_broker: AclBroker) -> None:
-    t = client(acl_broker.url, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
+    t = client(acl_broker.operator_url, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
     t.publish("edgefleet/devices/dev-a/cmd", b"{}", wait=True)
     t.stop()
 

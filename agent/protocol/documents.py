@@ -365,6 +365,17 @@ class ModelState:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChannelState:
+    """The freshness of a device's update channel, from the newest valid signed Timestamp it holds."""
+
+    issued_at: int
+    expires_at: int
+    fresh: bool
+    """False once that timestamp expired: updates may be withheld or the channel frozen."""
+    age_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceState:
     """The retained state document of a device: every model it knows."""
 
@@ -372,6 +383,8 @@ class DeviceState:
     ts: float
     agent_version: str
     models: dict[str, ModelState] = field(default_factory=dict)
+    channel: ChannelState | None = None
+    """Absent until the device received a valid signed timestamp."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON value of this document."""
@@ -383,6 +396,14 @@ class DeviceState:
         return parse(cls, value)
 
 
+def _without_false_insecure(doc: dict[str, Any]) -> dict[str, Any]:
+    """Absent means false: a secure agent's status and telemetry stay exactly what hosts that predate
+    the field can read (their strict reader refuses fields it does not know)."""
+    if doc.get("insecure") is False:
+        del doc["insecure"]
+    return doc
+
+
 @dataclass(frozen=True, kw_only=True)
 class Status:
     """The retained presence document (also the MQTT will)."""
@@ -392,10 +413,12 @@ class Status:
     agent_version: str
     ts: float = 0.0
     groups: tuple[str, ...] = ()
+    insecure: bool = False
+    """The agent runs with ``security.insecure = true``: it accepts unsigned documents."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
+        return _without_false_insecure(dump(self))
 
     @classmethod
     def from_dict(cls, value: Any) -> Status:
@@ -458,10 +481,14 @@ class Telemetry:
     disk_free_bytes: int
     temperature_c: float | None = None
     models: tuple[ModelTelemetry, ...] = ()
+    channel: ChannelState | None = None
+    """The update channel's freshness (absent until a signed timestamp arrived)."""
+    insecure: bool = False
+    """The agent runs with ``security.insecure = true``: it accepts unsigned documents."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
+        return _without_false_insecure(dump(self))
 
     @classmethod
     def from_dict(cls, value: Any) -> Telemetry:
