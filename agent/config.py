@@ -555,8 +555,6 @@ def security_problems(config: AgentConfig) -> list[str]:
                            if mqtt.password_file is not None else "anyone on the way can read and alter the traffic")
                 problems.append(f"mqtt.url: {mqtt.url} is plain TCP to another host, so {exposed}; use mqtts:// {fix}")
         if mqtt.password_file is not None:
-            if mqtt.username is None:
-                problems.append("mqtt.password_file: set without mqtt.username")
             _read_file("mqtt.password_file", mqtt.password_file, problems, secret=True)
         _check_tls_files(mqtt, problems)
 

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,8 @@ class Daemon:
         phases = {name: (rec.phase, rec.active.version if rec.active else None)
                   for name, rec in self.lifecycle.state.models.items()}
         models = model_figures(self.serving, phases, self.config.telemetry.window_s)
-        return (sampler or self.sampler).sample(models)
+        sample = (sampler or self.sampler).sample(models)
+        return replace(sample, channel=self.link.channel()) if self.link is not None else sample
 
     def metrics_text(self) -> str:
         """/metrics: the serving counters and quantiles, the API's requests, and the telemetry figures."""

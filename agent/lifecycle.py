@@ -222,8 +222,9 @@ class Lifecycle:
 
     @property
     def enforcing(self) -> bool:
-        """True when documents must carry a trusted signature (trusted keys are configured)."""
-        return bool(self.keyring) and self.config.security.require_signature
+        """True unless the configuration says `insecure = true`: documents must carry a trusted signature
+        (with no trusted key configured, none verifies, so the agent fails closed)."""
+        return not self.config.security.insecure
 
     def authenticate(self, raw: Any, source: str | None) -> Deployment:
         """Parse a deployment document, verify its signature and that it is meant for this device.
@@ -390,7 +391,7 @@ class Lifecycle:
             cmd = Command.from_dict(raw)
         except ProtocolError as err:
             raise DeploymentRejected(f"malformed command: {err}", step="VERIFYING") from err
-        if self.keyring and self.config.security.require_signature:
+        if self.enforcing:
             try:
                 self.keyring.verify(raw)
             except SignatureError as err:

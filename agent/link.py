@@ -146,8 +146,7 @@ class FleetLink:
         self._state_sent = now
 
     def publish_telemetry(self, doc: Telemetry) -> None:
-        """Periodic metrics (QoS 0: a lost sample is replaced by the next one), with the channel's freshness."""
-        doc = replace(doc, channel=self.channel())
+        """Periodic metrics (QoS 0: a lost sample is replaced by the next one)."""
         self._publish(self.topics.telemetry(self.device_id), canonical_json(doc.to_dict()), qos=0)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
@@ -208,7 +207,7 @@ class FleetLink:
             # the device. Only a signed Withdrawal does.
             log.debug("model %s: empty payload on the %s document topic ignored", name, source)
             return
-        digest = hashlib.sha256(payload).digest()
+        digest = _digest(source, payload)
         try:
             raw = parse_json(payload)
             if not isinstance(raw, dict):
@@ -342,7 +341,7 @@ class FleetLink:
         job = self.downloads.jobs.get(name)
         if job is not None and job.doc.deployment_id == doc.deployment_id:
             return
-        digest: bytes | None = hashlib.sha256(canonical_json(raw)).digest()
+        digest: bytes | None = _digest(source, canonical_json(raw))
         try:
             checked = self.lifecycle.precheck(raw, source)
         except DocumentRefused as err:
@@ -472,6 +471,12 @@ class FleetLink:
         for name, (_dep, when, _delay) in list(self._backoff.items()):
             if now >= when and name not in self.downloads.jobs:
                 self.reconcile(name)
+
+
+def _digest(source: str, payload: bytes) -> bytes:
+    """What a refusal is remembered by: the payload and where it came (the same bytes may be refused
+    on one topic for a reason that does not hold on another)."""
+    return hashlib.sha256(source.encode() + b"\0" + payload).digest()
 
 
 def _as_rejection(err: BaseException) -> DeploymentRejected:

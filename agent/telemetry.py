@@ -112,6 +112,11 @@ def prometheus(t: Telemetry) -> str:
     ]
     if t.temperature_c is not None:
         gauges.append(("edgefleet_temperature_celsius", "SoC temperature.", t.temperature_c))
+    if t.channel is not None:
+        gauges.append(("edgefleet_channel_fresh", "1 while the newest signed timestamp of the update channel is "
+                       "valid; 0 when it expired (a frozen or withheld channel).", int(t.channel.fresh)))
+        gauges.append(("edgefleet_channel_age_seconds", "Age of the newest signed timestamp of the update channel.",
+                       t.channel.age_s))
     lines = []
     for name, help_text, value in gauges:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f'{name}{{device="{dev}"}} {value!r}']

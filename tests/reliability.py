@@ -113,17 +113,19 @@ class Operator:
         if not self.transport.wait_connected(20):
             raise AssertionError(f"operator cannot connect to {url}: {self.transport.last_error}")
 
-    def prepare(self, bundle: Path, **kwargs: Any) -> Any:
-        """The bundle chunked and freshly signed (converter.publish.prepare)."""
+    def prepare(self, bundle: Path, *, device: str = "dev-1", group: str | None = None, **kwargs: Any) -> Any:
+        """The bundle chunked and freshly signed for a device (or a group) (converter.publish.prepare)."""
         from agent.bundle import Bundle
         from converter.publish import prepare
 
-        return prepare(Bundle.load(bundle), key=kwargs.pop("key", self.key), **kwargs)
+        target = f"group:{group}" if group else f"device:{device}"
+        return prepare(Bundle.load(bundle), key=kwargs.pop("key", self.key), target=kwargs.pop("target", target),
+                       **kwargs)
 
     def push(self, bundle: Path, *, device: str = "dev-1", group: str | None = None, withhold: int = 0,
              **kwargs: Any) -> Any:
         """Publish the chunks (all but the last `withhold`) and a freshly signed document; return the Prepared."""
-        prepared = self.prepare(bundle, **kwargs)
+        prepared = self.prepare(bundle, device=device, group=group, **kwargs)
         items = list(prepared.chunks.items())
         self.chunks(dict(items[: len(items) - withhold]))
         self.document(prepared.document, prepared.deployment.model.name, device=device, group=group)

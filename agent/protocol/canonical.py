@@ -46,7 +46,14 @@ def parse_json(data: bytes | str, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
         raise ProtocolError(f"document is {len(data)} bytes, above the limit of {limit}")
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite)
+        if "\\ud" in text or "\\uD" in text:
+            # a \uD800-\uDFFF escape without its pair reads as a lone surrogate, which no UTF-8 encoder
+            # (so no signature check, no event, no state file) can write back
+            canonical_json(value)
+        return value
+    except UnicodeEncodeError as err:
+        raise ProtocolError("document holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)") from err
     except UnicodeDecodeError as err:
         raise ProtocolError(f"document is not UTF-8: {err.reason} at byte {err.start}") from err
     except RecursionError as err:
