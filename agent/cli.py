@@ -224,6 +224,10 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
     if mqtt:
         state_text = "connected" if mqtt["connected"] else f"not connected ({mqtt.get('last_error') or 'connecting'})"
         lines.append(f"  broker {mqtt['url']}: {state_text}")
+    channel = state.get("channel")
+    if channel:
+        freshness = "fresh" if channel["fresh"] else "STALE (expired: updates may be withheld)"
+        lines.append(f"  update channel: {freshness}, last signed timestamp {channel['age_s']:.0f} s ago")
     for name, m in sorted(state.get("models", {}).items()):
         active = m.get("active")
         prev = m.get("previous")

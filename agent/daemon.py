@@ -293,7 +293,10 @@ class Daemon:
             return self.install_path(Path(path))
         if req.action == "rollback":
             return self.rollback(req.body.get("model"))
-        return 200, {"state": self.lifecycle.document().to_dict(), "health": self.health()}
+        state = self.lifecycle.document()
+        if self.link is not None:
+            state = replace(state, channel=self.link.channel())
+        return 200, {"state": state.to_dict(), "health": self.health()}
 
     def install_path(self, path: Path) -> tuple[int, dict[str, Any]]:
         """Install a bundle directory through the full lifecycle."""

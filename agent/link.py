@@ -252,9 +252,9 @@ class FleetLink:
         current = docs.get(source)
         if current is None:
             return
-        if wd.issued_at <= current[0].issued_at:
+        if wd.issued_at < current[0].issued_at:  # the same second counts: a canary is undone at once
             self._refuse(name, raw, DocumentRefused(
-                f"withdrawal issued at {wd.issued_at} is not newer than the document it would withdraw "
+                f"withdrawal issued at {wd.issued_at} is older than the document it would withdraw "
                 f"(issued at {current[0].issued_at})", step="VERIFYING"), digest)
             return
         del docs[source]

@@ -14,6 +14,10 @@ Everything runs against real `edge-agent run` processes (and a real Mosquitto fo
   probation, frozen with SIGSTOP), run as they are, a few rounds each.
 - soak (tests/soak.py): 50 requests/s from five clients over two updates and a rollback. Baseline:
   p99 latency outside the switch windows, beside the p99 inside them.
+- trust attacks (tests/test_trust_*.py): client-id takeover, forged inventories and group claims,
+  replays and re-posted manifests after a signed rollback, forged copies, floods of unsigned documents,
+  withheld chunks, a frozen channel, a hanging warm-up, fail-open configurations, oversized and
+  cross-origin API requests; `TRUST_ATTACKS=<scenarios> TRUST_BREACHES=<not refused>` (goal: 0 breaches).
 
 Profiles: short (default: 110 kills, about 270 hostile files, 40 s soak; a few minutes), long (300
 kills, the 10-minute soak), --quick (for bench/run_all.py --quick: fewer kills and files, 20 s soak;
@@ -171,6 +175,34 @@ def soak_part(work: Path, seconds: float) -> dict[str, Any]:
             "seconds": report.seconds}
 
 
+def trust_part(work: Path) -> dict[str, Any]:
+    """Issue 12's attacks: the tests/test_trust_*.py modules, run as they are by pytest.
+
+    Each test case performs one attack scenario (several attempts each) against real agents, a real
+    Mosquitto with the shipped config and the real API; a breach is a case whose attack was not refused.
+    """
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_trust_*.py"))
+    report = work / "trust.xml"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                    *modules], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    cases = ET.parse(report).getroot().iter("testcase")
+    tried, breaches = 0, []
+    for case in cases:
+        if case.find("skipped") is not None:
+            continue
+        tried += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            breaches.append(f"{case.get('classname')}::{case.get('name')}")
+    say(f"trust: {tried} attack scenarios from {len(modules)} modules in {time.monotonic() - t0:.0f} s, "
+        f"{len(breaches)} not refused" + (f": {breaches}" if breaches else ""))
+    return {"tried": tried, "breaches": breaches, "modules": modules}
+
+
 def main() -> int:
     """Run the parts and print the figures; the last line is the summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -192,6 +224,7 @@ def main() -> int:
         figures["kills"] = kill_part(work / "kills", profile["kills"], args.seed)
         figures["faults"] = fault_part(work / "faults", profile["fault_rounds"])
         figures["soak"] = soak_part(work / "soak", profile["soak_s"])
+        figures["trust"] = trust_part(work / "trust")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     k, h, f, s = figures["kills"], figures["hostile"], figures["faults"], figures["soak"]
@@ -204,6 +237,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     say(f"FAULT_SCENARIOS={f['passed']}/{f['run']}")
+    say(f"TRUST_ATTACKS={figures['trust']['tried']} TRUST_BREACHES={len(figures['trust']['breaches'])}")
     say(f"KILLS={k['kills']} CORRUPT_STATES={k['corrupt_states']} LOST_MODELS={lost} SOAK_REQUESTS={s['requests']} "
         f"FAILED_REQUESTS={s['failed']} HOSTILE_MODELS={h['ran']} AGENT_CRASHES={crashes}")
     return 0

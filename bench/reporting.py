@@ -50,6 +50,8 @@ GOALS: dict[str, tuple[str, str, float | None]] = {
     "AGENT_CRASHES": ("agent crashes", "<=", 0),
     "SOAK_REQUESTS": ("requests in the soak (50/s over two updates and a rollback)", "", None),
     "FAULT_SCENARIOS": ("broker and disk fault scenarios passed / run", "", None),
+    "TRUST_ATTACKS": ("attack scenarios of the trust suite (tests/test_trust_*.py) tried", "", None),
+    "TRUST_BREACHES": ("attack scenarios not refused", "<=", 0),
 }
 
 

@@ -348,6 +348,14 @@ fi
 systemctl daemon-reload
 systemctl enable "$UNIT_NAME" >/dev/null 2>&1 || die "systemctl enable $UNIT_NAME failed"
 # restart, not start: an upgrade must replace a running agent with the new code.
-systemctl restart "$UNIT_NAME" \
-    || die "edge-agent did not start; see: systemctl status edge-agent; journalctl -u edge-agent"
+if ! systemctl restart "$UNIT_NAME"; then
+    # Exit status 2 is a configuration the agent refuses (fail closed, e.g. no trusted key yet): the
+    # install itself is done, and the unit does not restart in a loop (RestartPreventExitStatus=2).
+    if [ "$(systemctl show -p ExecMainStatus --value "$UNIT_NAME" 2>/dev/null)" = "2" ]; then
+        say "installed, but edge-agent refuses its configuration (journalctl -u edge-agent says why);"
+        say "list the fleet's public key in security.trusted_keys of $CONF_DIR/agent.toml, then: systemctl restart edge-agent"
+        exit 0
+    fi
+    die "edge-agent did not start; see: systemctl status edge-agent; journalctl -u edge-agent"
+fi
 say "edge-agent is running; check: systemctl status edge-agent; journalctl -u edge-agent -f"

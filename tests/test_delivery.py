@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from agent.bundle import GOLDEN_FILE, Bundle, dump_golden, load_golden
-from agent.protocol import SigningKey, Topics, parse_json
+from agent.protocol import SigningKey, Topics, canonical_json, parse_json
 from agent.transport import Message, MqttSettings, Transport
-from converter.publish import make_command, prepare, publish_chunks, publish_document
+from converter.publish import make_command, make_withdrawal, prepare, publish_chunks, publish_document
 from tests.agentproc import ROOT, AgentProcess
 from tests.broker import Inbox, Mosquitto
 from tests.helpers import swap_file, wait_for
@@ -40,7 +40,8 @@ class Host:
     def push(self, bundle: Path, *, group: str | None = None, device: str | None = None,
              withhold: int = 0, key: SigningKey | None = None) -> Any:
         """Publish the bundle's chunks (all but the last `withhold`) and its freshly signed document."""
-        prepared = prepare(Bundle.load(bundle), key=key or self.key)
+        prepared = prepare(Bundle.load(bundle), key=key or self.key,
+                           target=f"group:{group}" if group else f"device:{device or 'dev-1'}")
         items = list(prepared.chunks.items())
         publish_chunks(self.transport, T, dict(items[: len(items) - withhold]))
         target = T.group_model(group, prepared.deployment.model.name) if group else \
@@ -111,6 +112,8 @@ def edgectl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 def test_push_wait_to_a_group_then_a_rejected_model_fails_the_wait(
         broker: Mosquitto, agents: Any, make_bundle: Any, tmp_path: Path) -> None:
     a = agents().start()
+    listed = edgectl("inventory", "set", "lab", "dev-1", "--key", str(tmp_path / "keys"), "--broker", broker.url)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
     ok = edgectl("push", str(make_bundle("dense_f32", version=1)), "--group", "lab", "--key", str(tmp_path / "keys"),
                  "--broker", broker.url, "--wait", "--timeout", "60")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -202,7 +205,7 @@ def test_tampered_chunk_is_rejected_with_no_change(host: Host, agents: Any, make
     a = agents().start()
     host.push(make_bundle("dense_f32", version=1), group="lab")
     host.event("dev-1", "PROBATION", 1)
-    prepared = prepare(Bundle.load(make_bundle("dense_f32_v2", version=2)), key=host.key)
+    prepared = prepare(Bundle.load(make_bundle("dense_f32_v2", version=2)), key=host.key, target="group:lab")
     chunks = dict(prepared.chunks)
     sha = next(iter(chunks))
     chunks[sha] = bytes([chunks[sha][0] ^ 1]) + chunks[sha][1:]
@@ -225,7 +228,8 @@ def test_bad_documents_are_rejected_with_no_change(
     host.push(make_bundle("dense_f32", version=5), group="lab")
     host.event("dev-1", "PROBATION", 5)
     prepared = prepare(Bundle.load(make_bundle("dense_f32_v2", version=6 if kind != "downgrade" else 4)),
-                       key=host.key)
+                       key=host.key, target="group:lab")
+    before = a.status()["state"]["models"]["m"]
     raw = parse_json(prepared.document)
     if kind == "unsigned":
         raw.pop("signature"), raw.pop("key_id")
@@ -238,7 +242,8 @@ def test_bad_documents_are_rejected_with_no_change(
     rejected = host.event("dev-1", "REJECTED")
     assert reason in rejected["reason"]
     assert _version(a) == 5
-    assert a.status()["state"]["models"]["m"]["last_outcome"]["reason"] == rejected["reason"]
+    # refused before anything started: reported, and nothing saved changed
+    assert rejected["details"]["refused"] is True and a.status()["state"]["models"]["m"] == before
 
 
 def test_signed_rollback_command_and_its_replay(
@@ -281,7 +286,9 @@ def test_withdrawn_document_stops_its_download(host: Host, agents: Any, make_bun
     host.event("dev-1", "PROBATION", 1)
     pushed = host.push(make_bundle("cnn_v1", name="m", version=2, chunk_size=16384), device="dev-1", withhold=5)
     host.event("dev-1", "DOWNLOADING", 2)
-    host.transport.publish(T.device_model("dev-1", "m"), b"", retain=True, wait=5)  # the operator withdraws it
+    host.transport.publish(T.device_model("dev-1", "m"), b"", retain=True, wait=5)  # a cleared document: no effect
+    host.transport.publish(T.device_model("dev-1", "m"), canonical_json(make_withdrawal(host.key, "m", "device:dev-1")),
+                           retain=True, wait=5)  # the operator withdraws it
     stopped = host.wait_event_where(lambda e: e["step"] == "DOWNLOADING" and e.get("version") == 2 and not e["ok"])
     assert "withdrawn" in stopped["reason"]
     publish_chunks(host.transport, T, pushed.withheld)  # the rest arrives anyway: nothing is installed

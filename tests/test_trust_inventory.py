@@ -295,7 +295,7 @@ def test_inventory_input_errors_are_one_line(broker: Mosquitto, key_dir: Path, e
              "shape.toml": "[groups]\nlab = 3\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    cases = [
+    cases: list[tuple[list[object], str]] = [
         (["inventory", "push", tmp_path / "bad.toml"], "bad.toml: not valid TOML"),
         (["inventory", "push", tmp_path / "other.toml"], "other.toml: owner: unknown key"),
         (["inventory", "push", tmp_path / "names.toml"], "names.toml: groups.lab: 'a/b'"),
