@@ -1,4 +1,4 @@
-"""The local inference API (DESIGN.md, "Local inference API"): TensorFlow-Serving-shaped HTTP.
+"""The local inference API (docs/architecture.md): TensorFlow-Serving-shaped HTTP.
 
 A lean blocking server, one thread per connection, over a Unix socket and optionally TCP. The
 stdlib's http.server costs about 400 µs per request here and asyncio about 270 µs, against 44 µs
@@ -32,6 +32,7 @@ from agent.api_guard import (
     token_matches,
 )
 from agent.api_routes import JSON, Request, Router, error_response
+from agent.api_v2 import OCTET
 from agent.errors import ConfigError, RequestError
 from agent.serving import Serving
 
@@ -492,7 +493,7 @@ class ApiServer:
             raise _BadRequest(401, "a bearer token is required: send Authorization: Bearer <token from api.token_file>",
                               [("WWW-Authenticate", 'Bearer realm="edge-agent"')])
         carries_body = request.method == "POST" or request.content_length or request.chunked
-        if carries_body and request.content_type not in _TCP_POST_TYPES:
+        if carries_body and request.content_type not in _TCP_POST_TYPES and not _v2_client(request):
             shown = repr(request.content_type) if request.content_type else "no Content-Type"
             raise _BadRequest(415, f"{shown} is not accepted over TCP; send {JSON} or {npy.CONTENT_TYPE}")
 
@@ -551,6 +552,19 @@ class ApiServer:
         return buf[pos:end], buf, end + 2
 
 
+def _v2_client(request: Request) -> bool:
+    """Whether a TCP POST without a JSON/.npy type is an Open Inference Protocol client, not a web page.
+
+    tritonclient sends no Content-Type and kserve's binary requests send application/octet-stream,
+    types a page could send too. A request carrying Inference-Header-Content-Length cannot come from a
+    page without a CORS preflight, which the agent never approves; one without a type and without the
+    Origin header browsers put on every POST comes from a program.
+    """
+    if not request.path.startswith("/v2/") or request.content_type not in ("", OCTET):
+        return False
+    return request.inference_header is not None or (request.content_type == "" and request.origin is None)
+
+
 def _parse_head(head: bytes) -> Request:
     """Request line and the headers that matter, strictly; raise _BadRequest on anything malformed."""
     try:
@@ -571,6 +585,8 @@ def _parse_head(head: bytes) -> Request:
     chunked = False
     host: str | None = None
     authorization: str | None = None
+    inference_header: int | None = None
+    origin: str | None = None
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or " " in name:
@@ -600,6 +616,15 @@ def _parse_head(head: bytes) -> Request:
             if value.lower() != "100-continue":
                 raise _BadRequest(417, f"cannot meet Expect: {value[:40]}")
             expect = True
+        elif key == "inference-header-content-length":
+            if not value.isdigit() or len(value) > 15:
+                raise _BadRequest(400, f"bad Inference-Header-Content-Length {value[:40]!r}")
+            inference_header = int(value)
+        elif key == "origin":
+            origin = value
+        elif key == "content-encoding" and value.lower() != "identity":
+            # a compressed body would otherwise reach the routes as garbage JSON or tensor bytes
+            raise _BadRequest(415, f"Content-Encoding {value[:40]!r} is not supported; send the body uncompressed")
     if chunked and length is not None:
         # the two framings disagreeing is how requests are smuggled past a proxy: refuse both
         raise _BadRequest(400, "both Content-Length and Transfer-Encoding: send one")
@@ -607,7 +632,8 @@ def _parse_head(head: bytes) -> Request:
     close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     return Request(method=method, path=unquote(path), query=query, content_type=content_type,
                    content_length=length or 0, close=close, expect_continue=expect, host=host,
-                   authorization=authorization, chunked=chunked)
+                   authorization=authorization, chunked=chunked, inference_header=inference_header,
+                   origin=origin)
 
 
 def set_timeouts(sock: socket.socket, seconds: float) -> None:

@@ -6,6 +6,8 @@ byte mover and every route can be read in one place.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -19,6 +21,8 @@ from agent.api_guard import read_passed_files
 from agent.errors import EdgefleetError, RequestError, RuntimeBackendError
 from agent.protocol.schema import dump
 from agent.serving import Prediction, ServedModel, Serving
+from agent.stats import LATENCY_BUCKETS_S
+from agent.telemetry import PromText
 from agent.tensors import short_name
 
 log = logging.getLogger(__name__)
@@ -33,10 +37,14 @@ _REASONS = {
 }
 _TF_DTYPES = {
     "float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8", "int16": "DT_INT16",
-    "int32": "DT_INT32", "int64": "DT_INT64", "bool": "DT_BOOL",
+    "int32": "DT_INT32", "int64": "DT_INT64", "bool": "DT_BOOL", "string": "DT_STRING",
 }
 _ACTION = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_PREDICT_KEYS = {"instances", "inputs", "signature_name"}
+_PREDICT_KEYS = frozenset({"instances", "inputs", "signature_name"})
+_EXAMPLE_KEYS = frozenset({"examples", "context", "signature_name"})
+_VERBS = ("predict", "classify", "regress")
+SIGNATURE = "serving_default"
+"""The only signature a TFLite model is served under (TensorFlow Serving's default key)."""
 
 
 @dataclass
@@ -56,6 +64,10 @@ class Request:
     chunked: bool = False
     fds: list[int] = field(default_factory=list)
     """File descriptors the client passed with this request (admin socket only); closed after it."""
+    inference_header: int | None = None
+    """Inference-Header-Content-Length (the v2 binary tensor extension): the JSON part of the body."""
+    origin: str | None = None
+    """The Origin header, which browsers send with every POST (TCP uses it to tell a web page)."""
 
 
 @dataclass
@@ -88,40 +100,39 @@ def error_response(status: int, message: str, headers: list[tuple[str, str]] | N
     return json_response(status, {"error": message}, headers)
 
 
-def serving_metrics(serving: Serving, requests: dict[int, int] | None = None) -> str:
-    """Prometheus text of the per-model counters and latency quantiles (and API requests by status)."""
-    lines = [
-        "# HELP edgefleet_model_version Version of the model served under a name.",
-        "# TYPE edgefleet_model_version gauge",
-    ]
+def serving_metrics(serving: Serving, requests: dict[int, int] | None = None, out: PromText | None = None) -> str:
+    """Prometheus text of the per-model counters and latency histograms (and API requests by status).
+
+    With `out`, the families are added to it (the daemon renders all of /metrics as one exposition)
+    and "" is returned; without, a stand-alone text without a `device` label.
+    """
+    own = out is None
+    w = out if out is not None else PromText()
     served = [m for m in (serving.served(n) for n in serving.names()) if m is not None]
-    for m in served:
-        lines.append(f'edgefleet_model_version{{model="{_esc(m.name)}"}} {m.version}')
-    lines += ["# HELP edgefleet_inference_total Invocations since the model was activated.",
-              "# TYPE edgefleet_inference_total counter"]
-    lines += [f'edgefleet_inference_total{{model="{_esc(m.name)}"}} {m.stats.count}' for m in served]
-    lines += ["# HELP edgefleet_inference_errors_total Failed invocations since the model was activated.",
-              "# TYPE edgefleet_inference_errors_total counter"]
-    lines += [f'edgefleet_inference_errors_total{{model="{_esc(m.name)}"}} {m.stats.errors}' for m in served]
-    lines += ["# HELP edgefleet_inference_seconds Invoke latency over the recent samples.",
-              "# TYPE edgefleet_inference_seconds summary"]
-    for m in served:
-        snap = m.stats.snapshot()
-        label = _esc(m.name)
-        for q, v in (("0.5", snap.p50_ms), ("0.95", snap.p95_ms), ("0.99", snap.p99_ms)):
-            lines.append(f'edgefleet_inference_seconds{{model="{label}",quantile="{q}"}} '
-                         f'{"NaN" if v is None else repr(v / 1000.0)}')
-        lines.append(f'edgefleet_inference_seconds_sum{{model="{label}"}} {m.stats.total_s!r}')
-        lines.append(f'edgefleet_inference_seconds_count{{model="{label}"}} {m.stats.count}')
+    if served:
+        w.family("edgefleet_model_version", "gauge", "Version of the model served under a name.")
+        for m in served:
+            w.sample("edgefleet_model_version", m.version, model=m.name)
+        w.family("edgefleet_inference_total", "counter", "Invocations since the model was activated.")
+        for m in served:
+            w.sample("edgefleet_inference_total", m.stats.count, model=m.name)
+        w.family("edgefleet_inference_errors_total", "counter", "Failed invocations since the model was activated.")
+        for m in served:
+            w.sample("edgefleet_inference_errors_total", m.stats.errors, model=m.name)
+        w.family("edgefleet_inference_duration_seconds", "histogram",
+                 "Invoke latency since the model was activated.")
+        for m in served:
+            cumulative, total = m.stats.histogram()
+            for bound, n in zip(LATENCY_BUCKETS_S, cumulative, strict=False):
+                w.sample("edgefleet_inference_duration_seconds_bucket", n, model=m.name, le=repr(bound))
+            w.sample("edgefleet_inference_duration_seconds_bucket", cumulative[-1], model=m.name, le="+Inf")
+            w.sample("edgefleet_inference_duration_seconds_sum", total, model=m.name)
+            w.sample("edgefleet_inference_duration_seconds_count", cumulative[-1], model=m.name)
     if requests is not None:
-        lines += ["# HELP edgefleet_api_requests_total API requests answered, by HTTP status.",
-                  "# TYPE edgefleet_api_requests_total counter"]
-        lines += [f'edgefleet_api_requests_total{{code="{code}"}} {n}' for code, n in sorted(requests.items())]
-    return "\n".join(lines) + "\n"
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        w.family("edgefleet_api_requests_total", "counter", "API requests answered, by HTTP status.")
+        for code, n in sorted(requests.items()):
+            w.sample("edgefleet_api_requests_total", n, code=str(code))
+    return w.text() if own else ""
 
 
 class Router:
@@ -141,6 +152,9 @@ class Router:
         self._count_lock = threading.Lock()
         # one bundle read into memory at a time, however many admin connections ask
         self._install_lock = threading.Lock()
+        from agent.api_v2 import V2Routes  # here, not at the top: agent.api_v2 builds on this module
+
+        self.v2 = V2Routes(serving, status)
 
     def count(self, status: int) -> None:
         """Count an answer the HTTP layer gave without routing (refusals), for /metrics."""
@@ -176,18 +190,24 @@ class Router:
             rest = path[len("/v1/models/"):]
             rest, colon, verb = rest.partition(":")
             if colon:
-                if verb != "predict":
-                    raise RequestError(f"unknown route {path!r} (only :predict is served)", 404)
+                if verb not in _VERBS:
+                    raise RequestError(f"unknown route {path!r} (served: :predict, :classify, :regress)", 404)
                 _method(req, "POST")
-                name, version = _model_path(rest, path)
-                return self._predict(req, name, version)
+                name, version, label = _model_path(rest, path)
+                if verb == "predict":
+                    return self._predict(req, name, version, label)
+                return self._classify_or_regress(req, verb, name, version, label)
             if rest.endswith("/metadata"):
                 _method(req, "GET")
-                name, version = _model_path(rest[:-len("/metadata")], path)
-                return json_response(200, _metadata(self._served(name, version)))
+                name, version, label = _model_path(rest[:-len("/metadata")], path)
+                return json_response(200, _metadata(self.serving.resolve(name, version, label)))
             _method(req, "GET")
-            name, version = _model_path(rest, path)
-            return json_response(200, _model_status(self._served(name, version)))
+            name, version, label = _model_path(rest, path)
+            if version is None and label is None:
+                return json_response(200, _model_status(*self.serving.versions(name)))
+            return json_response(200, _model_status(self.serving.resolve(name, version, label)))
+        if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
+            return self.v2.handle(req)  # the Open Inference Protocol (agent/api_v2.py)
         if path == "/healthz":
             _method(req, "GET")
             return self._health()
@@ -199,16 +219,6 @@ class Router:
             _method(req, "POST")
             return self._admin(req, path[len("/v1/admin/"):], admin)
         raise RequestError(f"unknown route {path!r}", 404)
-
-    def _served(self, name: str, version: int | None) -> ServedModel:
-        served = self.serving.served(name)
-        if served is None:
-            names = self.serving.names()
-            raise RequestError(f"unknown model {name!r}" + (f"; serving: {', '.join(names)}" if names else
-                                                             "; no model is loaded yet"), 404)
-        if version is not None and version != served.version:
-            raise RequestError(f"model {name!r} version {version} is not served (version {served.version} is)", 404)
-        return served
 
     def _health(self) -> Response:
         models = {}
@@ -262,34 +272,85 @@ class Router:
 
     # -- predict -------------------------------------------------------------------------------
 
-    def _predict(self, req: Request, name: str, version: int | None) -> Response:
-        if version is not None:
-            self._served(name, version)
+    def _predict(self, req: Request, name: str, version: int | None = None, label: str | None = None) -> Response:
         if req.content_type == npy.CONTENT_TYPE:
-            return self._predict_npy(req, name)
+            return self._predict_npy(req, name, version, label)
+        body = self._json_request(req, _PREDICT_KEYS)
+        if ("instances" in body) == ("inputs" in body):
+            raise RequestError('send exactly one of "instances" (row format) or "inputs" (columnar format)')
+        served = self.serving.resolve(name, version, label) if b'"b64"' in req.body else None
+        if "instances" in body:
+            columns = rows_to_columns(body["instances"])
+            prediction = self.serving.predict(name, _binary(columns, served), batch_dim=True, version=version,
+                                              label=label)
+            return json_response(200, row_answer(prediction), [("X-Model-Version", str(prediction.version))])
+        inputs = body["inputs"]
+        inputs = _binary(inputs if isinstance(inputs, dict) else [inputs], served)
+        prediction = self.serving.predict(name, inputs, batch_dim=True, version=version, label=label)
+        return json_response(200, _columnar_answer(prediction), [("X-Model-Version", str(prediction.version))])
+
+    def _json_request(self, req: Request, keys: frozenset[str]) -> dict[str, Any]:
+        """The JSON object of a TensorFlow Serving request, its signature_name checked."""
         if req.content_type not in ("", JSON, "text/json", "application/x-www-form-urlencoded"):
             raise RequestError(f"unsupported Content-Type {req.content_type!r}; send {JSON} or "
                                f"{npy.CONTENT_TYPE}", 415)
         body = _json_body(req)
         if not isinstance(body, dict):
-            raise RequestError('expected a JSON object with "instances" or "inputs"')
-        unknown = set(body) - _PREDICT_KEYS
+            raise RequestError(f"expected a JSON object with {' or '.join(sorted(keys - {'signature_name'}))}")
+        unknown = set(body) - keys
         if unknown:
-            raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; expected instances or inputs")
-        if ("instances" in body) == ("inputs" in body):
-            raise RequestError('send exactly one of "instances" (row format) or "inputs" (columnar format)')
-        if "instances" in body:
-            prediction = self.serving.predict(name, rows_to_columns(body["instances"]), batch_dim=True)
-            return json_response(200, row_answer(prediction), [("X-Model-Version", str(prediction.version))])
-        inputs = body["inputs"]
-        prediction = self.serving.predict(name, inputs if isinstance(inputs, dict) else [inputs], batch_dim=True)
-        return json_response(200, _columnar_answer(prediction), [("X-Model-Version", str(prediction.version))])
+            raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}; expected "
+                               f"{', '.join(sorted(keys))}")
+        signature = body.get("signature_name", SIGNATURE)
+        if signature not in ("", SIGNATURE):  # "" is how TensorFlow Serving's clients say the default
+            raise RequestError(f"signature_name {str(signature)[:100]!r} not found: a TFLite model served here "
+                               f"has one signature, {SIGNATURE!r}")
+        return body
 
-    def _predict_npy(self, req: Request, name: str) -> Response:
+    def _classify_or_regress(self, req: Request, verb: str, name: str, version: int | None,
+                             label: str | None) -> Response:
+        """TensorFlow Serving's :classify and :regress, for models whose outputs fit them.
+
+        Examples are objects of input name -> value (one instance each); `context` holds values
+        shared by every example. The model runs once on the whole batch.
+        """
+        body = self._json_request(req, _EXAMPLE_KEYS)
+        served = self.serving.resolve(name, version, label)
+        index = _classify_output(served) if verb == "classify" else _regress_output(served)
+        examples = body.get("examples")
+        if not isinstance(examples, list) or not examples:
+            raise RequestError('"examples": expected a non-empty list of objects')
+        context = body.get("context", {})
+        if not isinstance(context, dict):
+            raise RequestError('"context": expected an object')
+        rows = []
+        for n, example in enumerate(examples):
+            if not isinstance(example, dict):
+                raise RequestError(f'"examples"[{n}]: expected an object of input name -> value')
+            both = set(context) & set(example)
+            if both:
+                raise RequestError(f'"examples"[{n}]: {", ".join(sorted(both))} also in "context"')
+            rows.append({**context, **example})
+        columns = _binary(rows_to_columns(rows), served if b'"b64"' in req.body else None)
+        prediction = self.serving.predict(name, columns, batch_dim=True, top_k=False, version=version, label=label)
+        scores = prediction.outputs[index]
+        extra = {"model_version": prediction.version}
+        if verb == "regress":
+            return json_response(200, {"result": scores.reshape(len(scores)).tolist(), "edgefleet": extra},
+                                 [("X-Model-Version", str(prediction.version))])
+        labels = served.deployment.model.postprocessing.labels if served.labelled_output == index else None
+        rows_out = scores.reshape(len(scores), -1).tolist()
+        names = [labels[j] if labels is not None and j < len(labels) else str(j) for j in range(len(rows_out[0]))]
+        result = [[[names[j], v] for j, v in enumerate(row)] for row in rows_out]
+        return json_response(200, {"result": result, "edgefleet": extra},
+                             [("X-Model-Version", str(prediction.version))])
+
+    def _predict_npy(self, req: Request, name: str, version: int | None = None, label: str | None = None) -> Response:
         if not name:
             raise RequestError(f"unknown route {req.path!r}", 404)
         arr = npy.loads(req.body)
-        prediction = self.serving.predict(name, [arr], top_k=False)  # the answer is the first output only
+        # the answer is the first output only
+        prediction = self.serving.predict(name, [arr], top_k=False, version=version, label=label)
         return Response(200, npy.dumps(prediction.outputs[0]), npy.CONTENT_TYPE,
                         [("X-Model-Version", str(prediction.version))])
 
@@ -305,12 +366,16 @@ class _NotAllowed(RequestError):
         self.allowed = allowed
 
 
-def _model_path(rest: str, path: str) -> tuple[str, int | None]:
+def _model_path(rest: str, path: str) -> tuple[str, int | None, str | None]:
+    """(model, version, label) of `{m}`, `{m}/versions/{v}` or `{m}/labels/{label}`."""
     parts = rest.split("/")
     if len(parts) == 1 and parts[0]:
-        return parts[0], None
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2].isdigit():
-        return parts[0], int(parts[2])
+        return parts[0], None, None
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2].isascii() and parts[2].isdigit() \
+            and len(parts[2]) <= 18:
+        return parts[0], int(parts[2]), None
+    if len(parts) == 3 and parts[0] and parts[1] == "labels" and parts[2]:
+        return parts[0], None, parts[2]
     raise RequestError(f"unknown route {path!r}", 404)
 
 
@@ -331,7 +396,7 @@ def rows_to_columns(instances: Any) -> list[Any] | dict[str, Any]:
     """Row format to columns: a list of values (one input) or of {input: value} objects."""
     if not isinstance(instances, list) or not instances:
         raise RequestError('"instances": expected a non-empty list')
-    dicts = [isinstance(i, dict) for i in instances]
+    dicts = [isinstance(i, dict) and set(i) != {"b64"} for i in instances]  # {"b64": ...} is one value
     if not any(dicts):
         return [instances]
     if not all(dicts):
@@ -344,38 +409,117 @@ def rows_to_columns(instances: Any) -> list[Any] | dict[str, Any]:
 
 
 def row_answer(p: Prediction) -> dict[str, Any]:
+    """TensorFlow Serving's row-format answer; edgefleet's own fields under "edgefleet"."""
     if len(p.outputs) == 1:
-        predictions: list[Any] = p.outputs[0].tolist()
+        predictions: list[Any] = _values(p.outputs[0])
     else:
-        cols = [y.tolist() for y in p.outputs]
+        cols = [_values(y) for y in p.outputs]
         predictions = [{k: c[i] for k, c in zip(p.output_names, cols, strict=True)} for i in range(len(cols[0]))]
-    answer: dict[str, Any] = {"predictions": predictions, "model_version": p.version}
-    if p.top_k is not None:
-        answer["top_k"] = p.top_k
-    return answer
+    return {"predictions": predictions, "edgefleet": _extras(p)}
 
 
 def _columnar_answer(p: Prediction) -> dict[str, Any]:
-    outputs: Any = p.outputs[0].tolist() if len(p.outputs) == 1 else {
-        k: y.tolist() for k, y in zip(p.output_names, p.outputs, strict=True)}
-    answer: dict[str, Any] = {"outputs": outputs, "model_version": p.version}
+    outputs: Any = _values(p.outputs[0]) if len(p.outputs) == 1 else {
+        k: _values(y) for k, y in zip(p.output_names, p.outputs, strict=True)}
+    return {"outputs": outputs, "edgefleet": _extras(p)}
+
+
+def _extras(p: Prediction) -> dict[str, Any]:
+    """What edgefleet adds to TensorFlow Serving's answers: the version that answered, and the
+    labelled top-k when the deployment has labels."""
+    extras: dict[str, Any] = {"model_version": p.version}
     if p.top_k is not None:
-        answer["top_k"] = p.top_k
-    return answer
+        extras["top_k"] = p.top_k
+    return extras
 
 
-def _model_status(m: ServedModel) -> dict[str, Any]:
+def _values(y: Any) -> Any:
+    """An output as JSON values; string tensors as text, or {"b64": ...} when not UTF-8 (as TensorFlow
+    Serving writes binary values)."""
+    if y.dtype.kind not in "SO":
+        return y.tolist()
+    return _strings(y.tolist())
+
+
+def _strings(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_strings(x) for x in v]
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(v).decode("ascii")}
+    return v
+
+
+def _binary(values: Any, served: ServedModel | None) -> Any:
+    """The caller's values with every {"b64": "..."} decoded to bytes, for the model's string inputs.
+
+    `served` is None when the body holds no "b64" at all (the common case pays for one substring
+    search of the body). A b64 value for a numeric input is refused: TensorFlow Serving would decode
+    it into a string tensor, which such an input cannot take.
+    """
+    if served is None:
+        return values
+    dtypes = {}
+    for i, spec in enumerate(served.inputs):
+        dtypes[spec.name] = dtypes[served.input_names[i]] = spec.dtype
+    if isinstance(values, dict):
+        return {k: _decode_b64(v, dtypes.get(k, ""), str(k)) for k, v in values.items()}
+    names = served.input_names
+    return [_decode_b64(v, served.inputs[i].dtype if i < len(names) else "", names[i] if i < len(names) else str(i))
+            for i, v in enumerate(values)]
+
+
+def _decode_b64(value: Any, dtype: str, name: str) -> Any:
+    if isinstance(value, list):
+        return [_decode_b64(v, dtype, name) for v in value]
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise RequestError(f'input {name}: an object value must be {{"b64": "<base64 text>"}}')
+        if dtype != "string":
+            raise RequestError(f'input {name}: {{"b64": ...}} values are for string inputs; {name} takes '
+                               f"{dtype or 'no such input'} (send numbers)")
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(f"input {name}: b64 value is not valid base64 ({err})") from err
+    return value
+
+
+def _classify_output(m: ServedModel) -> int:
+    """The output :classify reports: the labelled one, or the model's only output when it scores classes."""
+    if m.labelled_output is not None:
+        return m.labelled_output
+    if len(m.outputs) == 1 and len(m.outputs[0].shape) == 2 and m.outputs[0].shape[-1] != 1:
+        return 0
+    shapes = ", ".join(f"{n} {list(s.shape)}" for n, s in zip(m.output_names, m.outputs, strict=True))
+    raise RequestError(f"model {m.name!r} does not fit :classify: it needs labels bound to an output, or one "
+                       f"output of class scores [batch, classes]; its outputs: {shapes}")
+
+
+def _regress_output(m: ServedModel) -> int:
+    """The output :regress reports: the model's only output, one value per example."""
+    if len(m.outputs) == 1 and (len(m.outputs[0].shape) == 1 or
+                                (len(m.outputs[0].shape) == 2 and m.outputs[0].shape[-1] == 1)):
+        return 0
+    shapes = ", ".join(f"{n} {list(s.shape)}" for n, s in zip(m.output_names, m.outputs, strict=True))
+    raise RequestError(f"model {m.name!r} does not fit :regress: it needs one output of one value per example; "
+                       f"its outputs: {shapes}")
+
+
+def _model_status(*served: ServedModel) -> dict[str, Any]:
     return {"model_version_status": [{
         "version": str(m.version), "state": "AVAILABLE",
         "status": {"error_code": "OK", "error_message": ""},
-    }]}
+    } for m in served]}
 
 
-def _tensor_info(specs: tuple[Any, ...]) -> dict[str, Any]:
-    return {short_name(s.name): {
+def _tensor_info(specs: tuple[Any, ...], names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: {
         "dtype": _TF_DTYPES.get(s.dtype, "DT_INVALID"), "name": s.name,
         "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in s.shape], "unknown_rank": False},
-    } for s in specs}
+    } for s, n in zip(specs, names or tuple(short_name(s.name) for s in specs), strict=True)}
 
 
 def _metadata(m: ServedModel) -> dict[str, Any]:
@@ -383,13 +527,14 @@ def _metadata(m: ServedModel) -> dict[str, Any]:
     return {
         "model_spec": {"name": m.name, "signature_name": "", "version": str(m.version)},
         "metadata": {"signature_def": {"signature_def": {"serving_default": {
-            "inputs": _tensor_info(m.inputs), "outputs": _tensor_info(m.outputs),
+            "inputs": _tensor_info(m.inputs, m.input_names), "outputs": _tensor_info(m.outputs, m.output_names),
             "method_name": "tensorflow/serving/predict",
         }}}},
         "edgefleet": {
             "deployment_id": m.deployment.deployment_id, "backend": m.backend, "loaded_at": m.loaded_at,
             "inputs": [dump(s) for s in m.inputs], "outputs": [dump(s) for s in m.outputs],
             "preprocessing": dump(model.preprocessing), "labels": list(model.postprocessing.labels or []),
+            "labels_output": m.output_names[m.labelled_output] if m.labelled_output is not None else None,
             "top_k": model.postprocessing.top_k,
         },
     }

@@ -1,4 +1,4 @@
-"""Reading a bundle directory (DESIGN.md, "Bundle"): the manifest, the model and its golden vectors."""
+"""Reading a bundle directory (docs/protocol.md §3): the manifest, the model and its golden vectors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`edge-agent`: the device command line (DESIGN.md, "Device CLI surface").
+"""`edge-agent`: the device command line (docs/install.md).
 
 Commands that change state (`install`, `rollback`) go through the running daemon when there is one
 (it holds the state directory's lock and owns state.json) and work on the state directory directly

@@ -8,8 +8,10 @@ Content-Length).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,6 +56,9 @@ class ApiClient:
         self._buf = b""
         self.last_version: int | None = None
         self._paths: dict[str, str] = {}
+        self._v2_inputs: dict[str, list[str]] = {}
+        self._v2_requests: dict[tuple[Any, ...], tuple[str, bytes, str]] = {}
+        self._v2_answers: dict[bytes, list[tuple[str, np.dtype[Any], tuple[int, ...]]]] = {}
 
     @property
     def address(self) -> str:
@@ -98,6 +103,69 @@ class ApiClient:
         version = headers.get("x-model-version")
         self.last_version = int(version) if version and version.isdigit() else None
         return npy.loads(body)
+
+    def predict_v2(self, name: str, inputs: NDArray[Any] | Mapping[str, NDArray[Any]], *,
+                   version: int | None = None, outputs: Sequence[str] | None = None) -> dict[str, NDArray[Any]]:
+        """Infer with the Open Inference Protocol and its binary tensor extension; return outputs by name.
+
+        `inputs` is one array (for a single-input model) or arrays by input name, batch dimension
+        first; tensors travel as raw bytes both ways, never as JSON numbers. The version that
+        answered is in `last_version`.
+        """
+        if isinstance(inputs, np.ndarray):
+            names = self._v2_inputs.get(name)
+            if names is None:
+                names = [i["name"] for i in self._json("GET", f"/v2/models/{quote(name)}")["inputs"]]
+                if len(self._v2_inputs) < 64:
+                    self._v2_inputs[name] = names
+            if len(names) != 1:
+                raise RequestError(f"model {name} takes {len(names)} inputs: pass them by name", 400)
+            inputs = {names[0]: inputs}
+        arrays = [v if v.flags.c_contiguous and v.dtype.byteorder != ">" else
+                  np.ascontiguousarray(v, v.dtype.newbyteorder("<")) for v in inputs.values()]
+        key = (name, version, tuple(inputs), tuple((v.dtype, v.shape) for v in arrays),
+               tuple(outputs) if outputs is not None else None)
+        cached = self._v2_requests.get(key)
+        if cached is None:
+            doc: dict[str, Any] = {"inputs": [
+                {"name": k, "shape": list(v.shape), "datatype": _V2_BY_DTYPE.get(v.dtype) or v.dtype.name,
+                 "parameters": {"binary_data_size": v.nbytes}} for k, v in zip(inputs, arrays, strict=True)]}
+            if outputs is not None:
+                doc["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
+            else:
+                doc["parameters"] = {"binary_data_output": True}
+            header = json.dumps(doc, separators=(",", ":")).encode()
+            path = f"/v2/models/{quote(name)}" + (f"/versions/{version}" if version is not None else "") + "/infer"
+            # the header of one request shape never changes: built once, like the npy route's path
+            cached = (path, header, f"Inference-Header-Content-Length: {len(header)}\r\n")
+            if len(self._v2_requests) >= 64:
+                self._v2_requests.clear()
+            self._v2_requests[key] = cached
+        path, header, extra = cached
+        status, headers, body = self.request("POST", path, b"".join([header, *(v.data for v in arrays)]),
+                                             "application/octet-stream", extra_headers=extra)
+        if status != 200:
+            self._v2_inputs.pop(name, None)  # the model may have been replaced by one with other inputs
+            raise RequestError(_error_text(body, status), status)
+        version_text = headers.get("x-model-version")
+        self.last_version = int(version_text) if version_text and version_text.isdigit() else None
+        end_text = headers.get("inference-header-content-length")
+        end = int(end_text) if end_text and end_text.isdigit() else len(body)
+        layout = self._v2_answers.get(body[:end]) if end < len(body) else None
+        if layout is None:
+            out, binary = _v2_outputs(body, end)
+            if binary and end < len(body):
+                if len(self._v2_answers) >= 64:
+                    self._v2_answers.clear()
+                self._v2_answers[body[:end]] = [(k, o.dtype, o.shape) for k, o in out.items()]
+            return out
+        # an answer header seen before (same outputs, shapes and version): only the tensor bytes are new
+        result: dict[str, NDArray[Any]] = {}
+        for k, dt, shape in layout:
+            n = math.prod(shape)
+            result[k] = np.frombuffer(body, dt, n, end).reshape(shape)
+            end += n * dt.itemsize
+        return result
 
     def model_status(self, name: str) -> dict[str, Any]:
         """TensorFlow Serving's model status document."""
@@ -172,12 +240,13 @@ class ApiClient:
         return value
 
     def request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json",
-                *, retry: bool = True, fds: list[int] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """Send one request (with `fds` passed along on a Unix socket); return (status, lower-cased
-        headers, body). Reconnects once if the agent closed an idle connection; raise
-        RequestError(503) when the agent cannot be reached."""
+                *, retry: bool = True, fds: list[int] | None = None,
+                extra_headers: str = "") -> tuple[int, dict[str, str], bytes]:
+        """Send one request (with `fds` passed along on a Unix socket, `extra_headers` as CRLF-ended
+        lines); return (status, lower-cased headers, body). Reconnects once if the agent closed an
+        idle connection; raise RequestError(503) when the agent cannot be reached."""
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\n{self._auth}Content-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+                f"{extra_headers}Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         message = head + body
         for attempt in (0, 1):
             fresh = self._sock is None
@@ -260,6 +329,44 @@ class ApiClient:
 
 class _Closed(Exception):
     """The server closed the connection or sent something unreadable."""
+
+
+_V2_TYPES = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+             "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
+             "float32": "FP32", "float64": "FP64"}
+_V2_DTYPES = {v: np.dtype(k).newbyteorder("<") for k, v in _V2_TYPES.items()}
+_V2_BY_DTYPE = {np.dtype(k): v for k, v in _V2_TYPES.items()}  # dtype.name costs µs per call; a dict probe does not
+
+
+def _v2_outputs(body: bytes, end: int) -> tuple[dict[str, NDArray[Any]], bool]:
+    """The outputs of a v2 inference response whose JSON header ends at `end`, by name (binary ones as
+    views on `body`, JSON ones as arrays), and whether all of them were binary numbers."""
+    offset = end
+    binary = True
+    out: dict[str, NDArray[Any]] = {}
+    for o in json.loads(body[:end])["outputs"]:
+        shape = tuple(o["shape"])
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if o["datatype"] == "BYTES":
+            if size is None:
+                values: list[Any] = list(o["data"])
+            else:
+                values, pos = [], offset
+                while pos < offset + size:
+                    n = int.from_bytes(body[pos:pos + 4], "little")
+                    values.append(body[pos + 4:pos + 4 + n].decode())
+                    pos += 4 + n
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            out[o["name"]] = arr.reshape(shape)
+        elif size is None:
+            out[o["name"]] = np.array(o["data"], dtype=_V2_DTYPES[o["datatype"]]).reshape(shape)
+        else:
+            dt = _V2_DTYPES[o["datatype"]]
+            out[o["name"]] = np.frombuffer(body, dt, size // dt.itemsize, offset).reshape(shape)
+        offset += size or 0
+        binary = binary and size is not None and o["datatype"] != "BYTES"
+    return out, binary
 
 
 def _decode(body: bytes, status: int) -> Any:

@@ -114,6 +114,11 @@ class RuntimeConfig:
     """Interpreter threads; unset lets the backend decide."""
     use_xnnpack: bool = True
     """Apply the default XNNPACK delegate (validation uses the same setting as serving)."""
+    keep_previous_loaded: bool = True
+    """Keep the version a new one replaced loaded while it is the rollback target: it answers by version
+    and by label (`stable` during probation) and a rollback swaps it back without loading."""
+    keep_previous_max_mb: float = 256.0
+    """Largest model file kept loaded beside the active one; a bigger previous version is not kept."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,17 @@ class TelemetryConfig:
     """Seconds between telemetry messages."""
     window_s: float = 60.0
     """Latency percentiles cover this many recent seconds."""
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery: the device and its sensors appear in Home Assistant by themselves."""
+
+    discovery: bool = False
+    """Publish retained discovery messages (the device, its figures and one set per model) on connect."""
+    prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix (its MQTT integration's setting); the broker's ACL must let the
+    device write `PREFIX/+/DEVICE_ID/#`."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,7 @@ class AgentConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
 
 
@@ -247,6 +264,7 @@ _POSITIVE = {
     "health.max_boot_failures", "health.max_updates_per_hour", "telemetry.interval_s",
     "telemetry.window_s", "api.max_body_bytes", "api.max_inflight_bytes", "api.max_connections",
     "api.max_connections_per_peer", "api.idle_timeout_s", "api.header_timeout_s", "api.body_timeout_s", "store.max_models", "runtime.num_threads",
+    "runtime.keep_previous_max_mb",
 }
 _NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
 _FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
@@ -283,13 +301,13 @@ def _check_value(key: str, value: Any) -> None:
         m = re.match(r"^mqtts?://[^/\s:]+(?::(\d{1,5}))?/?$", value)
         if m is None or int(m[1] or 1) > 65535:
             raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
-    if key == "mqtt.prefix":
+    if key in ("mqtt.prefix", "homeassistant.prefix"):
         from agent.protocol.topics import Topics  # the one rule for topic prefixes
 
         try:
             Topics(value)
         except EdgefleetError as err:
-            raise ConfigError(f"mqtt.{err}") from err
+            raise ConfigError(f"{key.partition('.')[0]}.{err}") from err
 
 
 def _convert(key: str, tp: Any, value: Any) -> Any:
@@ -362,6 +380,11 @@ def parse_config(text: str, *, source: str = "config") -> AgentConfig:
         raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
     if config.api.max_inflight_bytes < config.api.max_body_bytes:
         raise ConfigError("api.max_inflight_bytes: must be at least api.max_body_bytes")
+    if config.homeassistant.discovery and not re.fullmatch(r"[A-Za-z0-9_-]+", config.device_id):
+        # the device id is the node id of every discovery topic, which Home Assistant matches as
+        # [a-zA-Z0-9_-]+, and the broker's ACL pins it to the device's user name, so it cannot be rewritten
+        raise ConfigError(f"homeassistant.discovery: device_id {config.device_id!r} contains '.'; Home Assistant "
+                          "discovery needs a device id of letters, digits, '_' and '-'")
     return config
 
 

@@ -29,10 +29,10 @@ from agent.link import Connection, FleetLink
 from agent.protocol.canonical import parse_json
 from agent.protocol.documents import Event, Telemetry
 from agent.protocol.signing import Keyring
-from agent.serving import Serving
+from agent.serving import Roles, Serving
 from agent.store import STABLE_PHASES, Store
 from agent.systemd import Notifier
-from agent.telemetry import Sampler, model_figures, prometheus
+from agent.telemetry import PromText, Sampler, model_figures, prometheus
 from agent.transport import Message
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class Daemon:
         self.config = config
         self.store = Store.from_config(config)
         self.keyring = Keyring.from_files(config.security.trusted_keys)
-        self.serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack)
+        self.serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack,
+                               keep_previous=config.runtime.keep_previous_loaded,
+                               keep_previous_max_mb=config.runtime.keep_previous_max_mb, roles=self._roles)
         self.notifier = notifier or Notifier.from_environment()
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stop_event = threading.Event()
@@ -126,6 +128,21 @@ class Daemon:
         if self.unhealthy is None:
             self.notifier.watchdog_if_due()
 
+    def _roles(self, name: str) -> Roles | None:
+        """For the serving path (API threads): whether `name` is on probation and its rollback target.
+
+        Reads the lifecycle's current state, which is replaced whole on every change, never mutated."""
+        lifecycle = getattr(self, "lifecycle", None)
+        rec = lifecycle.state.models.get(name) if lifecycle is not None else None
+        if rec is None:
+            return None
+        prev = rec.previous
+        try:
+            target = (prev.version, self.store.blob_path(prev.sha256), prev.doc) if prev is not None else None
+        except (KeyError, TypeError, ValueError, EdgefleetError):  # a record that does not parse is no target
+            target = None
+        return Roles(on_probation=rec.phase == "PROBATION", previous=target)
+
     def health(self) -> dict[str, Any]:
         """Live summary for /healthz and `edge-agent status`."""
         models = {}
@@ -175,10 +192,14 @@ class Daemon:
         return replace(sample, channel=self.link.channel()) if self.link is not None else sample
 
     def metrics_text(self) -> str:
-        """/metrics: the serving counters and quantiles, the API's requests, and the telemetry figures."""
+        """/metrics: the telemetry figures, the serving counters and histograms and the API's requests,
+        as one exposition with the `device` label on every sample."""
         requests = dict(self.api.router.requests) if self.api is not None else None
-        return serving_metrics(self.serving, requests) + prometheus(
-            self.telemetry(self._metrics_sampler))
+        out = PromText(self.config.device_id)
+        prometheus(self.telemetry(self._metrics_sampler), out,
+                   mqtt_connected=self.link.transport.connected if self.link is not None else None)
+        serving_metrics(self.serving, requests, out)
+        return out.text()
 
     def _status_line(self) -> str:
         parts = []
@@ -247,6 +268,7 @@ class Daemon:
         self._loop_beat = time.monotonic()
         faults.point("stall:loop")
         self.lifecycle.tick()
+        self.serving.sync()  # unload a previous version that is no longer the rollback target
         if self.lifecycle.unhealthy is not None:
             self.mark_unhealthy(self.lifecycle.unhealthy)
         self._check_hangs()

@@ -1,4 +1,4 @@
-"""Chunked, resumable, delta downloads of deployment artifacts (DESIGN.md, "Topics" and chunking).
+"""Chunked, resumable, delta downloads of deployment artifacts (docs/protocol.md §1 and §5).
 
 A download needs every chunk of the model and golden artifacts. Chunks the device already holds, in
 any stored blob, are copied locally; the rest are fetched from their retained `P/chunks/{sha256}`

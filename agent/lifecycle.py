@@ -1,4 +1,4 @@
-"""The update lifecycle of every model name, as an explicit state machine (DESIGN.md, "Update lifecycle").
+"""The update lifecycle of every model name, as an explicit state machine (docs/architecture.md, "The update lifecycle").
 
 ``IDLE → DOWNLOADING → VERIFYING → VALIDATING → ACTIVATING → PROBATION → COMMITTED``, or ``→ REJECTED``
 (never activated) / ``→ ROLLED_BACK`` (previous model restored). One thread owns a `Lifecycle`; it
@@ -138,7 +138,7 @@ class Lifecycle:
             log.exception("event handler failed")
 
     def document(self) -> DeviceState:
-        """The retained state document (DESIGN.md topic `state`)."""
+        """The retained state document (docs/protocol.md §3.4)."""
         models = {}
         for name, rec in self.state.models.items():
             pending = None
@@ -286,16 +286,17 @@ class Lifecycle:
         if doc.issued_at > now + self.config.security.max_clock_skew_s:
             raise DocumentRefused(f"document not yet valid: issued_at {doc.issued_at} is in the future "
                                   f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
+        active_issued = int(rec.active.deployment.get("issued_at", 0)) if rec.active is not None else 0
+        if rec.active is not None and rec.active.sha256 == doc.model.artifact.sha256 \
+                and rec.active.version == doc.model.version:
+            if doc.issued_at > active_issued:  # a re-issue of what runs (new expiry, policy or target)
+                self._adopt(doc, raw)
+            return None
         if doc.model.version <= rec.floor and not (doc.policy.allow_downgrade and doc.issued_at > rec.floor_at):
             raise DocumentRefused(
                 f"version {doc.model.version} is at or below the version floor {rec.floor} (a version that failed "
                 f"here); only a document issued after {rec.floor_at} with allow_downgrade lifts it", step="VERIFYING")
         if rec.active is not None:
-            active_issued = int(rec.active.deployment.get("issued_at", 0))
-            if rec.active.sha256 == doc.model.artifact.sha256 and rec.active.version == doc.model.version:
-                if doc.issued_at > active_issued:
-                    self._adopt(doc, raw)
-                return None
             if doc.model.version <= rec.active.version:
                 if not doc.policy.allow_downgrade:
                     raise DocumentRefused(
@@ -327,6 +328,14 @@ class Lifecycle:
             if not art.chunks:
                 raise DocumentRefused(f"{label} artifact lists no chunks", step="VERIFYING")
         return doc
+
+    def mark_withdrawn(self, name: str, source: str, issued_at: int) -> None:
+        """A signed withdrawal of `source`'s document for a known model: documents of that source issued
+        no later are not taken up again (an unknown model gets no record from a withdrawal)."""
+        rec = self.state.models.get(name)
+        if rec is None or rec.withdrawn.get(source, -1) >= issued_at:
+            return
+        self._save(self.state.with_record(name, replace(rec, withdrawn={**rec.withdrawn, source: issued_at})))
 
     def refused(self, name: str, raw: Any, err: DeploymentRejected) -> None:
         """Report a document that was not taken up: one event, and nothing saved."""

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from agent.errors import (
     StoreError,
     TransportError,
 )
+from agent.homeassistant import Discovery
 from agent.lifecycle import Lifecycle, raw_model_name
 from agent.protocol.canonical import canonical_json, parse_json
 from agent.protocol.documents import (
@@ -76,7 +77,9 @@ class FleetLink:
         self.transport = transport_factory(
             settings_from_config(config.mqtt, config.device_id),
             on_message=self._on_message,
-            will=(self.topics.status(self.device_id), self._status("offline"), True),
+            # MQTT allows one will per connection: the JSON status holds it (edgectl and other hosts
+            # read it); it carries no `ts`, since the broker sends it long after it was made
+            will=(self.topics.status(self.device_id), self._status("offline", will=True), True),
             on_connection=lambda up: inbox(Connection(up)),
         )
         self.downloads = Downloads(
@@ -94,10 +97,17 @@ class FleetLink:
         self._backoff: dict[str, tuple[str, float, float]] = {}
         """Per model: the deployment whose download failed, when to try it again, the current delay."""
         self.timestamp: Timestamp | None = None
+        self._withdrawn: dict[tuple[str, str], int] = {}
+        """Signed withdrawals seen this run, per (model, source); known models also keep them in state.json."""
         self._state_dirty = True
         self._state_sent = 0.0
         self._retrying: dict[str, Any] = {}
         self._next_retry = 0.0
+        ha = config.homeassistant
+        self._discovery = Discovery(self.topics, self.device_id, __version__, ha_prefix=ha.prefix,
+                                    telemetry_interval_s=config.telemetry.interval_s) if ha.discovery else None
+        self._announced: set[str] = set()
+        """Models whose Home Assistant discovery was published on this connection."""
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -113,17 +123,33 @@ class FleetLink:
         """Publish a retained `offline` (a clean disconnect sends no will) and disconnect."""
         if self.transport.connected:
             try:
+                self.transport.publish(self.topics.availability(self.device_id), b"offline", retain=True)
                 self.transport.publish(self.topics.status(self.device_id), self._status("offline"), retain=True,
-                                       wait=timeout)
+                                       wait=timeout)  # QoS 1 in order: this ack covers both
             except TransportError as err:
                 log.warning("could not publish offline status: %s", err)
         self.transport.stop(timeout)
         self.downloads.close()
 
-    def _status(self, status: str) -> bytes:
+    def _status(self, status: str, *, will: bool = False) -> bytes:
         doc = Status(status=status, device_id=self.device_id, agent_version=__version__,  # type: ignore[arg-type]
                      ts=time.time(), groups=self.config.groups, insecure=self.config.security.insecure)
-        return canonical_json(doc.to_dict())
+        value = doc.to_dict()
+        if will:
+            del value["ts"]  # readers take a status without ts as "time unknown" (Status.ts defaults to 0)
+        return canonical_json(value)
+
+    def _announce(self, models: Iterable[str], *, device: bool = False) -> None:
+        """Publish Home Assistant discovery (retained) for the device and models not announced yet."""
+        if self._discovery is None:
+            return
+        new = sorted(set(models) - self._announced)
+        messages = self._discovery.device_entities() if device else []
+        for model in new:
+            messages += self._discovery.model_entities(model)
+        for topic, payload in messages:
+            self._publish(topic, payload, retain=True)
+        self._announced.update(new)
 
     # --- publishing ----------------------------------------------------------------------------
 
@@ -147,6 +173,7 @@ class FleetLink:
 
     def publish_telemetry(self, doc: Telemetry) -> None:
         """Periodic metrics (QoS 0: a lost sample is replaced by the next one)."""
+        self._announce(m.name for m in doc.models)  # a model that appeared since the connect
         self._publish(self.topics.telemetry(self.device_id), canonical_json(doc.to_dict()), qos=0)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
@@ -177,6 +204,9 @@ class FleetLink:
         if isinstance(item, Connection):
             if item.up:
                 self._publish(self.topics.status(self.device_id), self._status("online"), retain=True)
+                self._publish(self.topics.availability(self.device_id), b"online", retain=True)
+                self._announced.clear()  # again on every connect: the broker may have lost its retained store
+                self._announce(self.lifecycle.state.models, device=True)
                 self.publish_state(force=True)
             return
         try:
@@ -226,11 +256,20 @@ class FleetLink:
             return
         try:
             doc = self.lifecycle.authenticate(raw, source)
+            withdrawn = self._withdrawn_at(name, source)
+            if doc.issued_at <= withdrawn:
+                raise DocumentRefused(f"the {source} document was withdrawn by a signed withdrawal issued at "
+                                      f"{withdrawn}; this one was issued at {doc.issued_at}", step="VERIFYING")
         except DocumentRefused as err:
             self._refuse(name, raw, err, digest)
             return
         self.docs.setdefault(name, {})[source] = (doc, raw)
         self.reconcile(name)
+
+    def _withdrawn_at(self, name: str, source: str) -> int:
+        """`issued_at` of the newest signed withdrawal of `source`'s document for `name` (-1: none)."""
+        rec = self.lifecycle.state.models.get(name)
+        return max(self._withdrawn.get((name, source), -1), rec.withdrawn.get(source, -1) if rec else -1)
 
     def _on_withdrawal(self, name: str, source: str, raw: dict[str, Any], digest: bytes) -> None:
         """A signed order to forget `source`'s document for `name`; a download it started stops."""
@@ -250,12 +289,14 @@ class FleetLink:
             return
         docs = self.docs.get(name, {})
         current = docs.get(source)
-        if current is None:
-            return
-        if wd.issued_at < current[0].issued_at:  # the same second counts: a canary is undone at once
+        if current is not None and wd.issued_at < current[0].issued_at:  # the same second counts: a canary is undone at once
             self._refuse(name, raw, DocumentRefused(
                 f"withdrawal issued at {wd.issued_at} is older than the document it would withdraw "
                 f"(issued at {current[0].issued_at})", step="VERIFYING"), digest)
+            return
+        self._withdrawn[(name, source)] = max(wd.issued_at, self._withdrawn.get((name, source), -1))
+        self.lifecycle.mark_withdrawn(name, source, wd.issued_at)
+        if current is None:
             return
         del docs[source]
         log.info("model %s: the %s document was withdrawn", name, source)
@@ -301,6 +342,10 @@ class FleetLink:
                 self.lifecycle.keyring.verify(raw)
         except (ProtocolError, SignatureError) as err:
             log.warning("timestamp refused: %s", str(err)[:200])
+            return
+        if ts.issued_at > time.time() + self.config.security.max_clock_skew_s:
+            # kept, it would hide every genuine heartbeat until a restart
+            log.warning("timestamp refused: issued_at %d is in the future", ts.issued_at)
             return
         if self.timestamp is not None and ts.issued_at <= self.timestamp.issued_at:
             return

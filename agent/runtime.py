@@ -1,4 +1,4 @@
-"""Interpreter backends behind one small interface (DESIGN.md, "Interpreter backends").
+"""Interpreter backends behind one small interface (docs/architecture.md).
 
 `auto` prefers LiteRT, then tflite-runtime, then TensorFlow's own interpreter. TensorFlow is imported
 only when that last backend is chosen: the agent never pays for it otherwise.
@@ -66,7 +66,9 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     scale, zero_point = detail.get("quantization", (0.0, 0))
     quant = Quantization(scale=float(scale), zero_point=int(zero_point)) if scale else None
     return TensorSpec(
-        name=str(detail["name"]), dtype=np.dtype(detail["dtype"]).name,  # type: ignore[arg-type]
+        name=str(detail["name"]),
+        # TFLite string tensors come as numpy bytes_; the wire calls them "string"
+        dtype="string" if np.dtype(detail["dtype"]).kind in "SO" else np.dtype(detail["dtype"]).name,  # type: ignore[arg-type]
         shape=tuple(int(d) for d in shape), quantization=quant,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,13 @@ _now = time.monotonic
 
 DEFAULT_CAPACITY = 4096
 _MARKS = 64
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+)
+"""Upper bounds (seconds, inclusive) of the cumulative latency histogram on /metrics: from a tiny model
+on a desktop core (~10 µs) to a large one on a slow board (seconds); one more bucket counts the rest."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class LatencyWindow:
     flushed the CPU caches every line touched here is a miss, which is what a sample really costs.
     """
 
-    __slots__ = ("capacity", "_mask", "_ring", "count", "errors", "total_s", "created", "_marks", "_lock")
+    __slots__ = ("capacity", "_mask", "_ring", "count", "errors", "total_s", "created", "_marks", "_lock", "buckets")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1 or capacity & (capacity - 1):
@@ -67,6 +75,8 @@ class LatencyWindow:
         # samples ended in a window than the ring holds, at no cost on the hot path
         self._marks: deque[tuple[float, int, int]] = deque(maxlen=_MARKS)
         self._lock = threading.Lock()
+        self.buckets = array("Q", bytes(8 * (len(LATENCY_BUCKETS_S) + 1)))
+        """Invocations per latency bucket since creation (not cumulative; the last is above every bound)."""
 
     def add(self, duration_s: float, ok: bool, end: float) -> None:
         """Store one sample that ended at `end` (monotonic seconds); thread-safe."""
@@ -87,6 +97,7 @@ class LatencyWindow:
             ring[i] = -end
             self.errors += 1
         self.total_s += duration_s
+        self.buckets[bisect_left(LATENCY_BUCKETS_S, duration_s)] += 1  # one C-level search: ~0.1 µs
         self.count += 1  # last: a concurrent reader never counts a slot that is not written yet
 
     def samples(self) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
@@ -138,6 +149,22 @@ class LatencyWindow:
             count=window_count, errors=window_errors, p50_ms=float(p50), p95_ms=float(p95),
             p99_ms=float(p99), max_ms=float(ms.max()), window_s=window_s,
         )
+
+
+    def histogram(self) -> tuple[list[int], float]:
+        """Cumulative counts per bound of LATENCY_BUCKETS_S plus +Inf, and the sum of durations.
+
+        The +Inf count is the sum of the buckets themselves, so it always equals the histogram's
+        count, even when read while a sample is being written.
+        """
+        with self._lock:
+            counts = self.buckets.tolist()
+            total = self.total_s
+        cumulative, running = [], 0
+        for n in counts:
+            running += n
+            cumulative.append(running)
+        return cumulative, total
 
 
 class ModelStats(LatencyWindow):

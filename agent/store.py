@@ -1,6 +1,6 @@
 """The on-disk model store: content-addressed blobs and one atomically replaced `state.json`.
 
-Layout under the state directory (DESIGN.md, "On-disk state"):
+Layout under the state directory (docs/architecture.md, "On-disk state"):
 ``state.json`` (what is active, previous, pending, per model), ``blobs/{sha256}`` complete artifacts,
 ``partial/`` downloads in progress, ``lock`` held by the running daemon.
 
@@ -115,6 +115,9 @@ class ModelRecord:
     allows the downgrade explicitly."""
     floor_at: int = 0
     """`issued_at` (Unix seconds, the signer's clock) of the newest signed document that set the floor."""
+    withdrawn: dict[str, int] = field(default_factory=dict)
+    """Per source (``device:{id}``, ``group:{name}``): `issued_at` of the newest signed withdrawal, so a
+    withdrawn document re-posted on its topic is not taken up again."""
     activation: Activation | None = None
     """The last activation started and not yet switched over (absent in older state files)."""
 

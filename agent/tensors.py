@@ -25,6 +25,70 @@ def short_name(tensor_name: str) -> str:
     return name.removeprefix("serving_default_")
 
 
+def distinct_names(specs: Sequence[TensorSpec], signature: Sequence[str | None] | None = None) -> tuple[str, ...]:
+    """Caller-facing names of a model's tensors: the short names, unless two of them collide.
+
+    Several outputs of one Keras model are all `StatefulPartitionedCall_1:N`: their short names
+    collide, and a dict keyed by them would silently keep one. Then the signature's own names
+    (`output_0`, ..., the names TensorFlow Serving would show) are used when the model has them for
+    every tensor and they are distinct, else the full tensor names, which keep the `:N` suffix.
+    """
+    short = tuple(short_name(s.name) for s in specs)
+    if len(set(short)) == len(short):
+        return short
+    if signature is not None and all(signature) and len(set(signature)) == len(signature) == len(specs):
+        return tuple(str(n) for n in signature)
+    full = tuple(s.name for s in specs)
+    if len(set(full)) == len(full):
+        return full
+    return tuple(f"{s.name}#{i}" for i, s in enumerate(specs))  # nameless tensors: their position decides
+
+
+def signature_names(interpreter: Any, which: str) -> list[str | None] | None:
+    """The names the model's only signature gives its input or output tensors (`which`), in the
+    interpreter's tensor order; None when the model has no signature, or several."""
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            return None
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        details = runner.get_input_details() if which == "inputs" else runner.get_output_details()
+        order = interpreter.get_input_details() if which == "inputs" else interpreter.get_output_details()
+    except Exception:  # a model converted without signatures, or an interpreter without the API
+        return None
+    by_index = {int(d["index"]): str(n) for n, d in details.items()}
+    return [by_index.get(int(d["index"])) for d in order]
+
+
+def labelled_output(specs: Sequence[TensorSpec], names: Sequence[str], labels: Sequence[str] | None,
+                    output: str | None) -> int | None:
+    """Index of the output the labels name classes of (Postprocessing.output), or None when none does."""
+    if not labels:
+        return None
+    if output is not None:
+        return next((i for i, (s, n) in enumerate(zip(specs, names, strict=True)) if output in (n, s.name)), None)
+    return next((i for i, s in enumerate(specs) if s.shape and s.shape[-1] == len(labels)), None)
+
+
+def label_binding_problem(specs: Sequence[TensorSpec], names: Sequence[str], labels: Sequence[str],
+                          output: str | None) -> str | None:
+    """Why `labels` cannot name the classes of `output` (or of the default output), or None.
+
+    Used when a bundle is made, so a count that fits no output is refused there, not discovered on a board.
+    """
+    shown = ", ".join(f"{n} {list(s.shape)}" for n, s in zip(names, specs, strict=True))
+    i = labelled_output(specs, names, labels, output)
+    if output is not None and i is None:
+        return f"the model has no output {output!r}; its outputs: {shown}"
+    if i is None:
+        return (f"{len(labels)} labels, but no output has {len(labels)} classes in its last dimension "
+                f"(outputs: {shown})")
+    last = specs[i].shape[-1] if specs[i].shape else 1
+    if last not in (-1, len(labels)):
+        return f"{len(labels)} labels, but output {names[i]} has {last} classes in its last dimension"
+    return None
+
+
 @dataclass
 class InputPlan:
     """How a caller's value becomes this input's tensor (precomputed at activation)."""
@@ -49,7 +113,7 @@ class InputPlan:
 
 def plan_input(spec: TensorSpec, deployment: Deployment) -> InputPlan:
     """The plan for one input: its normalisation (when the deployment's fits it) and quantization."""
-    dtype = np.dtype(spec.dtype)
+    dtype: np.dtype[Any] = np.dtype(object) if spec.dtype == "string" else np.dtype(spec.dtype)  # strings: bytes
     tail = tuple(spec.shape[1:])
     plan = InputPlan(spec=spec, dtype=dtype, rank=len(spec.shape), label=short_name(spec.name),
                       tail=None if -1 in tail else tail)
@@ -65,7 +129,7 @@ def plan_input(spec: TensorSpec, deployment: Deployment) -> InputPlan:
             log.warning("input %s: normalisation over %s channels does not fit shape %s; not applied",
                         plan.label, sorted(channels), list(spec.shape))
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
+        info = np.iinfo(dtype.type)
         plan.lo, plan.hi = int(info.min), int(info.max)
         if spec.quantization is not None:
             plan.scale = spec.quantization.scale
@@ -116,6 +180,12 @@ def prepare(plans: list[InputPlan], aliases: dict[str, int],
 def _convert(plan: InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any], bool]:
     """One caller value as this input's tensor; raise RequestError naming the input when it cannot be."""
     label = plan.label
+    if plan.dtype.kind == "O":  # a string input: bytes and text may mix, which np.asarray cannot type
+        try:
+            x = value if isinstance(value, np.ndarray) else np.array(value, dtype=object)
+        except (ValueError, TypeError) as err:
+            raise RequestError(f"input {label}: not a rectangular array of strings ({err})") from err
+        return _string_tensor(plan, value, x, batch_dim), False
     try:
         x = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (ValueError, TypeError) as err:
@@ -165,6 +235,32 @@ def _convert(plan: InputPlan, value: Any, batch_dim: bool) -> tuple[NDArray[Any]
         raise RequestError(f"input {label}: values outside the {dt.name} range [{plan.lo}, {plan.hi}]")
     # integers from a wider type (JSON numbers) go in as the model's own values; outputs stay friendly
     return _contiguous(x.astype(dt)), False
+
+
+def _string_tensor(plan: InputPlan, value: Any, x: NDArray[Any], batch_dim: bool) -> NDArray[Any]:
+    """A string input's value: text (UTF-8) or bytes (decoded {"b64": ...}), as an array of Python bytes.
+
+    Object arrays keep every byte; numpy's fixed-width bytes type would drop trailing NULs.
+    """
+    label = plan.label
+    if x.dtype.kind not in "USO":
+        raise RequestError(f"input {label}: expected strings (or {{\"b64\": ...}} values), got {_kind_name(x.dtype)}")
+    flat = x.reshape(-1).tolist() if x.dtype.kind != "O" else list(x.reshape(-1))
+    out = np.empty(len(flat), dtype=object)
+    for i, v in enumerate(flat):
+        if isinstance(v, str):
+            out[i] = v.encode("utf-8")
+        elif isinstance(v, bytes):
+            out[i] = v
+        else:
+            raise RequestError(f"input {label}: expected strings, got {type(v).__name__} values")
+    y = out.reshape(x.shape)
+    if plan.rank and y.ndim == plan.rank - 1 and not batch_dim:
+        y = y[None]
+    if y.ndim != plan.rank or any(e not in (-1, d) for e, d in zip(plan.spec.shape, y.shape, strict=False)):
+        raise RequestError(f"input {label}: shape {list(y.shape)} does not fit the model's {list(plan.spec.shape)} "
+                           f"(-1 = any size)")
+    return y
 
 
 def _contiguous(x: NDArray[Any], dtype: np.dtype[Any] | None = None) -> NDArray[Any]:

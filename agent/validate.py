@@ -1,4 +1,4 @@
-"""Validation of a model in a child process (DESIGN.md, "Update lifecycle": Validating).
+"""Validation of a model in a child process (docs/architecture.md, "The update lifecycle").
 
 The parent forks a child from a preloaded fork server, with a time limit and an address-space
 limit, and receives the result over a pipe. The child opens the files it needs, enters its sandbox

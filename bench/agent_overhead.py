@@ -5,7 +5,8 @@ MobileNet-like CNN on 128x128x3, about a millisecond), then, in this process (no
 measures p50/p99 of:
   - a bare set_tensor + invoke + get_tensor loop on the interpreter Serving holds (the baseline),
   - Serving.predict_raw and Serving.predict in-process,
-  - the API over the Unix socket, JSON and npy, served by a separate process (bench's --serve mode),
+  - the API over the Unix socket, JSON, npy and the Open Inference Protocol's binary tensor extension,
+    served by a separate process (bench's --serve mode),
 idle RSS and CPU of a process serving one model through Serving + ApiServer against a bare process
 that imports the same interpreter and loads the same model, and the rollback time (trigger to the
 previous model answering). Methods are measured in interleaved rounds so that a noisy neighbour
@@ -44,7 +45,8 @@ from agent.runtime import load_model, resolve_backend  # noqa: E402
 from agent.serving import Serving  # noqa: E402
 
 THREADS = 1
-GOALS = {"ratio": 1.05, "added_us": 5.0, "socket_us": 200.0, "rollback_s": 0.5, "rss_mb": 25.0, "cpu_pct": 1.0}
+GOALS = {"ratio": 1.05, "added_us": 5.0, "socket_us": 200.0, "v2_us": 200.0, "rollback_s": 0.5, "rss_mb": 25.0,
+         "cpu_pct": 1.0}
 
 BUILD = r"""
 import os, sys
@@ -324,10 +326,16 @@ def main() -> int:
             if name == "small":  # what the JSON route runs, and the JSON route itself
                 remote["predict+top_k"] = lambda name=name, x=x: serving.predict(name, [x])
                 remote["socket json"] = lambda name=name, x=x: client.predict(name, x)
+                # the Open Inference Protocol with binary tensors both ways, against a bare invoke
+                # measured in the same interleaving
+                remote["socket v2 binary"] = lambda name=name, x=x: client.predict_v2(name, x)
+                remote["bare"] = bare_loop
+                (v2_out,) = client.predict_v2(name, x).values()
+                np.testing.assert_allclose(v2_out, bare_loop(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(client.predict_npy(name, x), bare_loop(), rtol=1e-5, atol=1e-6)
             results[name] = interleaved(local, rounds_, per_round)
             for method, ts in interleaved(remote, max(1, rounds_ // 2), per_round).items():
-                results[name]["socket: " + method if method.startswith("predict") else method] = ts
+                results[name]["socket: " + method if method.startswith(("predict", "bare")) else method] = ts
             if name == "medium":  # CPU time of this thread: blind to time slices lost to other processes
                 cpu[name] = interleaved({k: local[k] for k in ("bare", "predict_raw")}, rounds_ // 2, 1,
                                         time.thread_time)
@@ -366,6 +374,7 @@ def main() -> int:
     ratio = p(m["predict_raw"], 50) / p(m["bare"], 50)
     added_small = p(s["predict_raw"], 50) - p(s["bare"], 50)
     socket_added = p(s["socket npy"], 50) - p(s["socket: predict"], 50)
+    v2_added = p(s["socket v2 binary"], 50) - p(s["socket: bare"], 50)
     print("\nadded by the agent (p50)")
     print(f"  predict_raw, small model: +{added_small:.1f} µs (goal <= {GOALS['added_us']})")
     print(f"  predict (conversions), small model: +{p(s['predict'], 50) - p(s['bare'], 50):.1f} µs; "
@@ -378,6 +387,9 @@ def main() -> int:
     print(f"  npy over the Unix socket vs the same predict in-process, small model: +{socket_added:.1f} µs "
           f"(goal <= {GOALS['socket_us']}); vs predict_raw: +{p(s['socket npy'], 50) - p(s['predict_raw'], 50):.1f}"
           f" µs; vs bare: +{p(s['socket npy'], 50) - p(s['bare'], 50):.1f} µs")
+    print(f"  v2 binary-extension infer over the Unix socket vs a bare invoke, small model: +{v2_added:.1f} µs "
+          f"(goal <= {GOALS['v2_us']}); vs npy over the socket: "
+          f"+{p(s['socket v2 binary'], 50) - p(s['socket npy'], 50):.1f} µs")
     print(f"  JSON over the Unix socket vs the same predict (with top_k) in-process, small model: "
           f"+{p(s['socket json'], 50) - p(s['socket: predict+top_k'], 50):.1f} µs")
     print(f"  npy over the Unix socket, medium model: {p(m['socket npy'], 50) / p(m['bare'], 50):.3f}x bare")
@@ -394,13 +406,14 @@ def main() -> int:
     print(f"  baseline: one bare invoke {p(m['bare'], 50) / 1e6:.4f} s; ratio {rb / (p(m['bare'], 50) / 1e6):.0f}")
     missed = [k for k, ok in (("ratio", ratio <= GOALS["ratio"]), ("added_us", added_small <= GOALS["added_us"]),
                               ("socket_us", socket_added <= GOALS["socket_us"]),
+                              ("v2_us", v2_added <= GOALS["v2_us"]),
                               ("rollback_s", rb <= GOALS["rollback_s"]),
                               ("rss_mb", agent_rss - bare_rss <= GOALS["rss_mb"]),
                               ("cpu_pct", agent_cpu <= GOALS["cpu_pct"])) if not ok]
     print(f"\ngoals missed: {', '.join(missed) if missed else 'none'}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"AGENT_OVERHEAD_RATIO={ratio:.4f} ADDED_US_SMALL={added_small:.2f} SOCKET_NPY_ADDED_US={socket_added:.1f} "
-          f"ROLLBACK_S={rb:.3f}")
+          f"V2_BINARY_ADDED_US={v2_added:.1f} ROLLBACK_S={rb:.3f}")
     if args.json:
         doc = {
             "backend": backend, "threads": THREADS, "quick": args.quick, "goals": GOALS,
@@ -408,6 +421,7 @@ def main() -> int:
                            for name, res in results.items()},
             "thread_cpu_us": {method: [round(float(t) * 1e6, 3) for t in ts] for method, ts in cpu["medium"].items()},
             "ratio_medium": ratio, "added_us_small": added_small, "socket_npy_added_us": socket_added,
+            "v2_binary_added_us": v2_added,
             "rollback_s": rollbacks, "rss_mib": {"agent": agent_rss, "bare": bare_rss},
             "cpu_pct": {"agent": agent_cpu, "bare": bare_cpu}, "missed": missed,
         }

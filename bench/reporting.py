@@ -33,6 +33,8 @@ GOALS: dict[str, tuple[str, str, float | None]] = {
     "AGENT_OVERHEAD_RATIO": ("in-process predict p50 / bare invoke p50, medium model", "<=", 1.05),
     "ADDED_US_SMALL": ("µs added to a bare invoke at p50, small model", "<=", 5),
     "SOCKET_NPY_ADDED_US": ("µs added by npy over the Unix socket at p50, small model", "<=", 200),
+    "V2_BINARY_ADDED_US": ("µs a v2 binary-extension infer over the Unix socket adds to a bare invoke at p50, "
+                           "small model", "<=", 200),
     "ROLLBACK_S": ("s from rollback trigger to the previous model answering (median)", "<=", 0.5),
     "PUSH_RATIO": ("push throughput / raw paho publish throughput, 64 KiB chunks", ">=", 0.8),
     "DELIVERY_RATIO": ("agent download+verify+store throughput / raw paho publish->subscribe", ">=", 0.5),
@@ -244,8 +246,8 @@ def section_convert(r: dict[str, Any]) -> list[str]:
 
 
 MODEL_ORDER = ("small", "medium")
-METHOD_ORDER = ("bare", "predict_raw", "predict", "socket: predict", "socket npy", "socket: predict+top_k",
-                "socket json")
+METHOD_ORDER = ("bare", "predict_raw", "predict", "socket: predict", "socket npy", "socket: bare", "socket v2 binary",
+                "socket: predict+top_k", "socket json")
 
 
 def _ordered(mapping: dict[str, Any], order: Sequence[str]) -> list[tuple[str, Any]]:

@@ -35,6 +35,8 @@ from agent.protocol import (
     split,
 )
 from agent.runtime import LoadedModel, load_model
+from agent.tensors import distinct_names, label_binding_problem, signature_names
+from converter.errors import UsageError
 
 DEFAULT_EXPIRY_S = 90 * 24 * 3600
 
@@ -51,6 +53,8 @@ class BundleSpec:
     version: int
     golden_inputs: list[np.ndarray]
     labels: Sequence[str] | None = None
+    labels_output: str | None = None
+    """The output the labels name classes of; None: the first whose last dimension fits them."""
     top_k: int = 5
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
@@ -61,6 +65,16 @@ class BundleSpec:
     expires_in_s: int = DEFAULT_EXPIRY_S
     target: str | None = None
     """``device:ID`` or ``group:NAME`` signed into the manifest, so `push` can publish it without the key."""
+
+
+def label_problem(model: LoadedModel, labels: Sequence[str], output: str | None) -> str | None:
+    """Why `labels` do not fit the output they are bound to (`output`, or the default one), or None.
+
+    Outputs are named as the agent names them (agent.tensors.distinct_names), so the name given
+    here is the one the agent resolves on the board.
+    """
+    names = distinct_names(model.outputs, signature_names(model.interpreter, "outputs"))
+    return label_binding_problem(model.outputs, names, labels, output)
 
 
 def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -111,7 +125,7 @@ def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, 
                 mean=tuple(float(v) for v in spec.mean) if spec.mean is not None else None,
                 std=tuple(float(v) for v in spec.std) if spec.std is not None else None,
             ),
-            postprocessing=Postprocessing(labels=labels, top_k=spec.top_k),
+            postprocessing=Postprocessing(labels=labels, top_k=spec.top_k, output=spec.labels_output),
             metrics=dict(spec.metrics),
         ),
         policy=spec.policy,
@@ -131,7 +145,12 @@ def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSp
         raise BundleError(f"the model does not load: {err}") from err
     if len(spec.golden_inputs) != len(model.inputs):
         raise BundleError(f"golden inputs: model takes {len(model.inputs)} inputs, got {len(spec.golden_inputs)}")
-    golden_inputs = [np.ascontiguousarray(x, dtype=np.dtype(s.dtype))
+    if spec.labels_output is not None and not spec.labels:
+        raise UsageError("--labels-output: needs --labels (or labels in the model's metadata)")
+    problem = label_problem(model, spec.labels, spec.labels_output) if spec.labels else None
+    if problem is not None:
+        raise UsageError(f"--labels: {problem}")  # before anything is written: exit 2
+    golden_inputs = [np.ascontiguousarray(x) if s.dtype == "string" else np.ascontiguousarray(x, dtype=np.dtype(s.dtype))
                      for x, s in zip(spec.golden_inputs, model.inputs, strict=True)]
     try:
         golden_outputs = run_samples(model, golden_inputs)

@@ -118,6 +118,9 @@ def add_parser(subparsers: Any) -> None:
     v.add_argument("--golden-samples", metavar="N", type=positive_int, default=8, help="golden vectors to store (default 8)")
     v.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
     v.add_argument("--labels", metavar="FILE", help="class names, one per line, in output order")
+    v.add_argument("--labels-output", metavar="OUTPUT",
+                   help="the output the labels name classes of, as the agent names it (default: the first output "
+                        "whose last dimension equals the number of labels)")
     v.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
     v.add_argument("--input-mean", metavar="M[,M...]", help="normalisation mean, scalar or per channel")
     v.add_argument("--input-std", metavar="S[,S...]", help="normalisation std, scalar or per channel")
@@ -209,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
     source = load_source(args.src)
     if source.inputs:
         check_normalisation(mean, std, source.inputs[0])
-    labels = load_labels(args.labels, classes_of(source.outputs[0])) if args.labels else None
+    # with --labels-output the count is checked against that output, when the bundle is written
+    labels = load_labels(args.labels, None if args.labels_output else classes_of(source.outputs[0])) \
+        if args.labels else None
     options = ConvertOptions(
         quantize=args.quantize, prune=args.prune, prune_structure=args.prune_structure,
         prune_epochs=args.prune_epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                                 "no bundle written")
     name = args.name or default_name(args.src)
     spec = BundleSpec(name=name, version=args.version, golden_inputs=result.golden_inputs, labels=labels,
-                      top_k=args.top_k, mean=mean, std=std, metrics=metrics(report), report=report)
+                      labels_output=args.labels_output, top_k=args.top_k, mean=mean, std=std, metrics=metrics(report), report=report)
     deployment = write_bundle(out, result.model, spec, key=key, overwrite=args.force)
     summary = {"written": True, "bundle": str(out), "name": name, "version": args.version,
                "deployment_id": deployment.deployment_id, "signed_by": deployment.key_id, "report": report}

@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed for random golden inputs (default 0)")
     p.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: from TFLite metadata)")
+    p.add_argument("--labels-output", metavar="OUTPUT",
+                   help="the output the labels name classes of, as the agent names it (default: the first output "
+                        "whose last dimension equals the number of labels)")
     p.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
     p.add_argument("--input-mean", metavar="M[,M...]", help="normalisation mean (default: from metadata)")
     p.add_argument("--input-std", metavar="S[,S...]", help="normalisation std (default: from metadata)")
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     std = parse_floats(args.input_std, "--input-std") or (meta.std if meta else None)
     check_normalisation(mean, std, model.inputs[0])
     classes = classes_of(model.outputs[0])
-    labels = load_labels(args.labels, classes) if args.labels else (meta.labels if meta else None)
+    # the count is checked against the output the labels are bound to, when the bundle is written
+    labels = load_labels(args.labels, None) if args.labels else (meta.labels if meta else None)
     accuracy, samples = None, 0
     if args.data:
         if len(model.inputs) != 1:
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     report["preprocessing"] = {"mean": list(mean) if mean else None, "std": list(std) if std else None}
     report["postprocessing"] = {"labels": list(labels) if labels else None, "top_k": args.top_k}
     report["conversion_s"] = round(time.perf_counter() - started, 3)
-    spec = BundleSpec(name=args.name, version=args.version, golden_inputs=golden, labels=labels, top_k=args.top_k,
+    spec = BundleSpec(name=args.name, version=args.version, golden_inputs=golden, labels=labels,
+                      labels_output=args.labels_output, top_k=args.top_k,
                       mean=mean, std=std, metrics=metrics(report), report=report)
     deployment = write_bundle(out, data, spec, key=key, overwrite=args.force)
     if args.json:

@@ -1,6 +1,6 @@
 """The fleet table: one row per device from FleetObserver views, as a rich table or plain text.
 
-Telemetry is not retained (DESIGN.md, "Topics"), so a fresh observer knows the figures of a device
+Telemetry is not retained (docs/protocol.md §1), so a fresh observer knows the figures of a device
 only once it has published again; `wait_for_telemetry` waits for that, at most a given time.
 """
 

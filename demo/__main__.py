@@ -228,13 +228,13 @@ class Demo:
             t0 = time.perf_counter()
             answer = client.predict("digits", [xi.tolist()])
             times.append(time.perf_counter() - t0)
-            correct += int(answer["top_k"][0][0]["label"] == str(yi))
+            correct += int(answer["edgefleet"]["top_k"][0][0]["label"] == str(yi))
         acc = correct / len(y)
         p50 = float(np.percentile(np.array(times) * 1e3, 50))
         print(f"  {len(y)} held-out digits through the local API (JSON, with top-k labels): accuracy {acc:.1%}, "
               f"p50 {p50:.2f} ms per request")
         sample = client.predict("digits", [x[0].tolist()])
-        print(f"  e.g. {json.dumps(sample['top_k'][0][:3])} (model v{sample['model_version']})")
+        print(f"  e.g. {json.dumps(sample['edgefleet']['top_k'][0][:3])} (model v{sample['edgefleet']['model_version']})")
         self.summary.add("v1 accuracy on the board (local API)", f"{acc:.1%}")
         self.summary.add("request latency through the API, p50", f"{p50:.2f} ms")
 
@@ -249,7 +249,7 @@ class Demo:
             i = 0
             while not stop.is_set():
                 try:
-                    v = c.predict("digits", [data["x_test"][i % len(data["x_test"])].tolist()])["model_version"]
+                    v = c.predict("digits", [data["x_test"][i % len(data["x_test"])].tolist()])["edgefleet"]["model_version"]
                     served[v] = served.get(v, 0) + 1
                 except Exception:
                     served[-1] = served.get(-1, 0) + 1
@@ -269,7 +269,7 @@ class Demo:
         worker.join(5)
         if res.returncode == 0:
             raise SystemExit("demo: the bad v2 was committed; expected an automatic rollback")
-        version = client.predict("digits", [data["x_test"][0].tolist()])["model_version"]
+        version = client.predict("digits", [data["x_test"][0].tolist()])["edgefleet"]["model_version"]
         outcome = client.admin("status")["state"]["models"]["digits"]["last_outcome"]
         reason = f"{outcome['result']}: {outcome['reason']}"
         print(f"  rolled back automatically in {took:.1f} s; the board serves v{version} again")

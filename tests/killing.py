@@ -208,7 +208,7 @@ class KillLoop:
             else:
                 self.report.api_failures += 1
             return
-        version = int(answer["model_version"])
+        version = int(answer["edgefleet"]["model_version"])
         self.report.versions_seen[version] += 1
         if version not in self.digests:
             self.report.lost_models += 1

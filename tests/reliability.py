@@ -302,7 +302,7 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
             report.kinds[f"unexpected: {answer}"[:80]] += 1
         shutil.rmtree(bundle, ignore_errors=True)
         served = agent.client.predict("m", X)
-        if served["model_version"] != 1 or not np.array_equal(np.array(served["predictions"]), expected):
+        if served["edgefleet"]["model_version"] != 1 or not np.array_equal(np.array(served["predictions"]), expected):
             report.kinds["lost the previous model"] += 1
     report.seconds = time.monotonic() - started
     return report

@@ -96,7 +96,7 @@ def soak(agent: AgentWith, updates: list[Path], *, seconds: float, rate: float =
                     api.predict_npy("m", x)
                     version = api.last_version
                 else:
-                    version = int(api.predict("m", X)["model_version"])
+                    version = int(api.predict("m", X)["edgefleet"]["model_version"])
             except Exception as err:  # every failure is counted, whatever raised it
                 ok, error = False, f"{type(err).__name__}: {str(err)[:80]}"
             with lock:

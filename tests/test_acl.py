@@ -53,6 +53,7 @@ DENIED_WRITES = {
     "another device's command": T.cmd("dev-b"),
     "another device's state": T.state("dev-b"),
     "another device's status": T.status("dev-b"),
+    "another device's availability": T.availability("dev-b"),
     "another device's events": T.events("dev-b"),
     "a chunk": CHUNK,
 }
@@ -87,14 +88,40 @@ def test_denied_publish_is_silently_dropped_under_mqtt_3_1_1(acl_broker: AclBrok
 def test_device_may_write_its_own_reports(acl_broker: AclBroker, operator: Transport, operator_inbox: Inbox) -> None:
     dev = device(acl_broker, "dev-a")
     token = uuid.uuid4().hex.encode()
-    mine = [T.status("dev-a"), T.state("dev-a"), T.events("dev-a"), T.telemetry("dev-a")]
+    mine = [T.status("dev-a"), T.availability("dev-a"), T.state("dev-a"), T.events("dev-a"), T.telemetry("dev-a")]
     try:
         for topic in mine:
-            dev.publish(topic, token, retain=topic.endswith(("status", "state")), wait=5)
+            dev.publish(topic, token, retain=topic.endswith(("status", "availability", "state")), wait=5)
     finally:
         dev.stop()
     for topic in mine:
         operator_inbox.wait_for(lambda m, t=topic: m.topic == t and m.payload == token)  # type: ignore[misc]
+
+
+def test_home_assistant_discovery_only_for_the_device_itself(acl_broker: AclBroker) -> None:
+    """A device writes the discovery configs of its own node id; Home Assistant, with an operator-listener
+    user, reads them (and may announce itself on homeassistant/status)."""
+    ha_inbox = Inbox()
+    ha = client(acl_broker.operator_url, ha_inbox, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
+    ha.subscribe("homeassistant/#", wait=5)
+    dev = device(acl_broker, "dev-a")
+    own, other = T.discovery("homeassistant", "sensor", "dev-a", "cpu"), T.discovery("homeassistant", "sensor",
+                                                                                       "dev-b", "cpu")
+    token, barrier = uuid.uuid4().hex.encode(), uuid.uuid4().hex.encode()
+    try:
+        ha.publish("homeassistant/status", b"online", wait=5)
+        with pytest.raises(TransportError, match="Not authorized"):
+            dev.publish(other, token, retain=True, wait=5)
+        with pytest.raises(TransportError, match="Not authorized"):
+            dev.publish("homeassistant/status", token, retain=True, wait=5)
+        dev.publish(own, barrier, retain=True, wait=5)
+        ha_inbox.wait_for(lambda m: m.topic == own and m.payload == barrier)
+        ha_inbox.wait_for(lambda m: m.topic == "homeassistant/status" and m.payload == b"online")
+        assert not [m for m in ha_inbox.seen if m.payload == token]
+        dev.publish(own, b"", retain=True, wait=5)  # leave no retained config behind for other tests
+    finally:
+        dev.stop()
+        ha.stop()
 
 
 def test_device_reads_only_its_own_deployments_and_commands(acl_broker: AclBroker, operator: Transport) -> None:

@@ -149,10 +149,10 @@ def test_json_rows_and_columns_answer_like_the_in_process_path(api: Factory) -> 
     x = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
     local = serving.predict("m", [x])
     rows = c.predict("m", x)
-    assert rows["model_version"] == 1
+    assert rows["edgefleet"]["model_version"] == 1
     np.testing.assert_allclose(rows["predictions"], local.outputs[0], rtol=1e-6)
-    assert rows["top_k"] == json.loads(json.dumps(local.top_k))
-    assert [t["label"] for t in rows["top_k"][0]][0] == LABELS[int(np.argmax(local.outputs[0][0]))]
+    assert rows["edgefleet"]["top_k"] == json.loads(json.dumps(local.top_k))
+    assert [t["label"] for t in rows["edgefleet"]["top_k"][0]][0] == LABELS[int(np.argmax(local.outputs[0][0]))]
     cols = c.predict("m", x, columnar=True)
     np.testing.assert_allclose(cols["outputs"], local.outputs[0], rtol=1e-6)
     # TF Serving's named-input forms
@@ -223,7 +223,7 @@ BAD = [
      "not supported"),
     ("content type", "/v1/models/m:predict", b"<xml/>", "application/xml", 415, "Content-Type"),
     ("unknown route", "/v2/whatever", b"{}", "application/json", 404, "unknown route"),
-    ("unknown verb", "/v1/models/m:classify", b"{}", "application/json", 404, "only :predict"),
+    ("unknown verb", "/v1/models/m:explain", b"{}", "application/json", 404, ":predict, :classify, :regress"),
     ("wrong method", "/healthz", b"{}", "application/json", 405, "POST is not allowed"),
 ]
 
@@ -280,7 +280,7 @@ def test_malformed_http_is_refused_and_the_server_keeps_serving(api: Factory, ra
     sock = _unix(server)
     code, _, answer = _exchange(sock, raw)
     assert code == status and message in json.loads(answer)["error"]
-    assert _client(server).predict("m", [[0.0] * 8])["model_version"] == 1
+    assert _client(server).predict("m", [[0.0] * 8])["edgefleet"]["model_version"] == 1
 
 
 def test_keep_alive_pipelining_and_expect_continue(api: Factory) -> None:
@@ -336,7 +336,7 @@ def test_metrics_default_and_from_the_callable(api: Factory) -> None:
     c.predict("m", [[0.0] * 8])
     text = c.metrics()
     assert 'edgefleet_inference_total{model="m"} 1' in text
-    assert 'edgefleet_inference_seconds{model="m",quantile="0.99"}' in text
+    assert 'edgefleet_inference_duration_seconds_bucket{model="m",le="+Inf"} 1' in text
     assert 'edgefleet_model_version{model="m"} 1' in text
     server.stop()
     custom, _ = api(metrics=lambda: "edgefleet_custom 42\n")
@@ -503,7 +503,7 @@ def test_heads_beyond_the_inflight_budget_are_refused_before_reading(api: Factor
     assert code == 503 and "api.max_inflight_bytes" in json.loads(answer)["error"]
     assert headers["retry-after"] == "1" and second.recv(10) == b""
     # small requests that arrive whole still pass, and the holder's reservation ends with its request
-    assert _client(server).predict("m", [[0.0] * 8])["model_version"] == 1
+    assert _client(server).predict("m", [[0.0] * 8])["edgefleet"]["model_version"] == 1
     holder.close()
     while server.budget.used:
         wait.wait(0.01)

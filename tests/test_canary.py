@@ -89,7 +89,7 @@ def fleet(tmp_path: Path, broker: Mosquitto, key_dir: Path, edgectl: Edgectl) ->
 
 
 def version(a: AgentProcess) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def phase(a: AgentProcess) -> tuple[str, int | None]:

@@ -35,7 +35,7 @@ def agent(tmp_path: Path) -> Any:
 
 
 def _version(a: AgentProcess) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def test_install_serve_commit_rollback_and_stop(agent: Any, make_bundle: Any) -> None:
@@ -45,7 +45,7 @@ def test_install_serve_commit_rollback_and_stop(agent: Any, make_bundle: Any) ->
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "m: PROBATION (v1)"
     answer = a.client.predict("m", X)
-    assert answer["model_version"] == 1 and answer["top_k"][0][0]["label"] in "abcd"
+    assert answer["edgefleet"]["model_version"] == 1 and answer["edgefleet"]["top_k"][0][0]["label"] in "abcd"
     for _ in range(5):
         a.client.predict("m", X)
     wait_for(lambda: a.status()["state"]["models"]["m"]["phase"] == "COMMITTED", what="v1 committed")
@@ -96,7 +96,7 @@ def test_install_and_predict_without_a_daemon(agent: Any, make_bundle: Any, tmp_
     np.save(tmp_path / "x.npy", np.array(X, dtype=np.float32))
     res = a.cli("predict", "--model", "m", "--input", str(tmp_path / "x.npy"))
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["model_version"] == 1
+    assert json.loads(res.stdout)["edgefleet"]["model_version"] == 1
     assert a.status()["running"] is False
 
 

@@ -78,7 +78,7 @@ def test_ready_watchdog_status_stopping(tmp_path: Path, notify: NotifySocket, ma
         _start(a, notify)
         ready_at, ready = notify.first("READY")
         # READY only once the model answers: the API is up and serves v4 at that moment
-        assert a.client.predict("m", [[0.0] * 8])["model_version"] == 4
+        assert a.client.predict("m", [[0.0] * 8])["edgefleet"]["model_version"] == 4
         assert "m v4" in ready.get("STATUS", "")
         time.sleep(2.0)
         pings = [t for t in notify.times("WATCHDOG") if t > ready_at]

@@ -101,7 +101,7 @@ def agents(tmp_path: Path, broker: Mosquitto, key: SigningKey) -> Any:
 
 
 def _version(a: AgentProcess) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def edgectl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

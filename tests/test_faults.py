@@ -59,7 +59,7 @@ def test_broker_killed_and_restarted_during_a_download(fleet: Fleet, tmp_path: P
     done = fleet.op.event(lambda e: e["step"] == "DOWNLOADING" and e["details"].get("done"), timeout=120)
     assert done["details"]["chunks_total"] == total
     fleet.op.step("PROBATION", 1, timeout=60)
-    assert a.client.predict("m", np.zeros((1, 28, 28, 1)).tolist())["model_version"] == 1
+    assert a.client.predict("m", np.zeros((1, 28, 28, 1)).tolist())["edgefleet"]["model_version"] == 1
 
 
 def test_broker_killed_during_probation(fleet: Fleet, tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_broker_killed_during_probation(fleet: Fleet, tmp_path: Path) -> None:
     fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2))
     fleet.op.step("PROBATION", 2)
     fleet.broker.kill()
-    answers = [a.client.predict("m", X)["model_version"] for _ in range(20)]  # traffic judges the probation
+    answers = [a.client.predict("m", X)["edgefleet"]["model_version"] for _ in range(20)]  # traffic judges the probation
     assert answers == [2] * 20
     wait_for(lambda: fleet.model(a)["phase"] == "COMMITTED", timeout=60, what="v2 committed with no broker")
     # the operator must be subscribed again before the agent reconnects, or the broker drops the events
@@ -101,7 +101,7 @@ def test_broker_frozen_with_sigstop_is_detected_by_keepalive(fleet: Fleet, tmp_p
     try:
         wait_for(lambda: "connection to" in a.log() and " lost" in a.log(), timeout=30, what="keepalive timeout")
         detected = time.monotonic() - frozen
-        assert a.client.predict("m", X)["model_version"] == 1  # serving never depended on the broker
+        assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1  # serving never depended on the broker
     finally:
         fleet.broker.resume()
     print(f"\nbroker frozen: the agent noticed after {detected:.1f} s (keep alive {keepalive} s)")
@@ -109,7 +109,7 @@ def test_broker_frozen_with_sigstop_is_detected_by_keepalive(fleet: Fleet, tmp_p
     wait_for(lambda: a.log().count("connected to") > connects, timeout=60, what="reconnected after SIGCONT")
     fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2))
     fleet.op.step("PROBATION", 2, timeout=60)
-    assert a.client.predict("m", X)["model_version"] == 2
+    assert a.client.predict("m", X)["edgefleet"]["model_version"] == 2
 
 
 # --- clocks ---------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_documents_not_yet_valid_are_retried_and_expired_ones_are_not(fleet: Fle
     fleet.op.step("PROBATION", 1, dep_id=dep_id, timeout=60)
     assert time.time() >= early
     assert [e["step"] for e in fleet.op.events() if e.get("deployment_id") == dep_id].count("REJECTED") == 1
-    # expired: refused once, remembered, never retried
+    # expired: refused once, not reported again, nothing saved
     stale = fleet.op.push(build_bundle(tmp_path / "v2", "dense_f32_v2", version=2), now=int(time.time()) - 7200,
                           expires_in=3600)
     expired = fleet.op.step("REJECTED", 2, dep_id=stale.deployment.deployment_id)
@@ -137,8 +137,10 @@ def test_documents_not_yet_valid_are_retried_and_expired_ones_are_not(fleet: Fle
     fleet.op.document(stale.document)  # delivered again (as after a reconnect): still nothing happens
     with pytest.raises(AssertionError):
         fleet.op.after(mark, lambda e: e.get("deployment_id") == stale.deployment.deployment_id, timeout=3)
-    assert stale.deployment.deployment_id in a.state_file()["rejected"]
-    assert a.client.predict("m", X)["model_version"] == 1
+    assert expired["details"]["refused"] is True
+    saved = a.state_file()["models"]["m"]
+    assert saved["active"]["deployment"]["model"]["version"] == 1 and saved["floor"] == -1
+    assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1
 
 
 # --- a full disk -----------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_disk_filling_up_during_a_download(fleet: Fleet, tmp_path: Path) -> None
     fleet.op.chunks(dict(list(prepared.chunks.items())[total - withheld:]))
     refused = fleet.op.step("REJECTED", 2, timeout=60)
     assert "No space left on device" in refused["reason"] and refused["details"]["failed_step"] == "DOWNLOADING"
-    assert a.client.predict("m", X)["model_version"] == 1 and a.proc is not None and a.proc.poll() is None
+    assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1 and a.proc is not None and a.proc.poll() is None
     assert not list((state / "partial").iterdir()), "the refused download's partial data was kept on a full disk"
     assert shutil.disk_usage(state).free > free + 400_000
     assert parse_json((state / "state.json").read_bytes())["models"]["m"]["active"]["deployment"]["model"]["version"] == 1
@@ -189,4 +191,4 @@ def test_disk_quota_refuses_a_download_before_writing(fleet: Fleet, tmp_path: Pa
     refused = fleet.op.step("REJECTED", 2)
     assert refused["reason"].startswith("not enough disk space") and refused["details"]["failed_step"] == "DOWNLOADING"
     assert not list((a.state_dir / "partial").iterdir())
-    assert a.client.predict("m", X)["model_version"] == 1
+    assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1

@@ -11,6 +11,7 @@ afterwards state.json is byte-for-byte the same, the same model answers the same
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import string
@@ -298,7 +299,8 @@ def test_generated_api_requests(agent: InProcessAgent) -> None:
     print(f"API fuzz: {dict(tally)}")
     assert tally["cases"] >= CASES and tally["2xx"] > 50 and tally["400"] > 100, tally
     metrics = client.metrics()
-    assert 'edgefleet_api_requests_total{code="500"}' not in metrics, metrics
+    assert re.search(r'^edgefleet_api_requests_total\{(device="[^"]*",)?code="400"\} [1-9]', metrics, re.M), metrics
+    assert not re.search(r'^edgefleet_api_requests_total\{(device="[^"]*",)?code="500"\}', metrics, re.M), metrics
 
 
 def test_generated_api_requests_to_a_real_agent(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ class World:
         raw = parse_json((self.v2 / "manifest.json").read_bytes())
         raw.pop("signature", None)
         raw.pop("key_id", None)
-        raw.update(deployment_id=dep_id, issued_at=self.now - 60, expires_at=self.now + 86400)
+        raw.update(deployment_id=dep_id, issued_at=self.now - 60, expires_at=self.now + 86400, target="device:dev-1")
         if not compress:
             for field_name, file in (("artifact", MODEL_FILE), ("golden", GOLDEN_FILE)):
                 raw["model"][field_name] = dump(split((self.v2 / file).read_bytes(), 1024, compress=False)[0])
@@ -108,6 +108,20 @@ class World:
                 for ref, p in zip(art.chunks, payloads, strict=True):
                     out[ref.sha256 + ("" if ref.compressed else ":raw")] = p
         return out
+
+
+# Every generated refusal must be reported here, so the agents under test lift the refusal events'
+# rate limit (which tests/test_trust_documents.py checks with a flood).
+UNLIMITED_REFUSALS = 10**9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_every_refusal() -> Iterator[None]:
+    import agent.link
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(agent.link, "REFUSALS_PER_MINUTE", UNLIMITED_REFUSALS)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -362,9 +376,10 @@ def test_generated_topic_names(world: World) -> None:
             elif route.model != "m" and name == "m":
                 refused(events, topic)
                 tally["name mismatch refused"] += 1
-            elif route.kind == "group_model" and "device" in agent.link.docs.get(str(route.model), {}):
-                assert not events, topic  # the device's own document for this name overrides any group's
-                tally["shadowed by a device document"] += 1
+            elif route.kind == "group_model":
+                # every generated document is signed for device:dev-1: on a group's topic it is refused
+                assert "but was published for group:lab" in (refused(events, topic).reason or ""), topic
+                tally["target mismatch refused"] += 1
             else:
                 assert events and events[-1].step in ("DOWNLOADING", "REJECTED"), topic
                 tally["routed"] += 1
@@ -384,6 +399,7 @@ def live(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     (world.root / "live-keys").mkdir()
     (world.root / "live-keys" / "edgefleet.pub").write_bytes(world.key.public_pem())
     agent = AgentWith(tmp_path_factory.mktemp("fuzz-agent"), groups=["lab"],
+                      prelude=f"import agent.link; agent.link.REFUSALS_PER_MINUTE = {UNLIMITED_REFUSALS}",
                       mqtt={"url": broker.url, "reconnect_max_s": 1.0},
                       security={"trusted_keys": [str(world.root / "live-keys" / "edgefleet.pub")]},
                       health={"probation_s": 3600, "max_updates_per_hour": 1_000_000})
@@ -402,7 +418,7 @@ def live(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
 def assert_live_unchanged(agent: AgentWith) -> None:
     """The real agent is up and still serves v1."""
     assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
-    assert agent.client.predict("m", [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]])["model_version"] == 1
+    assert agent.client.predict("m", [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]])["edgefleet"]["model_version"] == 1
 
 
 def test_live_agent_refuses_generated_documents_and_commands(world: World, live: tuple[AgentWith, Operator]) -> None:

@@ -54,7 +54,7 @@ def _install_v2(a: AgentProcess, make_bundle: Any, zoo: Any, model: str) -> None
 def test_a_healthy_model_commits(agent: AgentProcess, make_bundle: Any, zoo: Any) -> None:
     _install_v2(agent, make_bundle, zoo, "dense_f32_v2")
     for _ in range(20):
-        assert agent.client.predict("m", SMALL)["model_version"] == 2
+        assert agent.client.predict("m", SMALL)["edgefleet"]["model_version"] == 2
     wait_for(lambda: _model(agent)["phase"] == "COMMITTED", what="v2 commit")
     assert _model(agent)["last_outcome"]["result"] == "committed"
 
@@ -67,7 +67,7 @@ def test_a_slower_model_is_rolled_back(agent: AgentProcess, make_bundle: Any, zo
                        what="rollback")
     assert "p95 latency" in outcome["reason"] and "the previous model's" in outcome["reason"]
     assert outcome["figures"]["latency_ratio"] > 1.5 and outcome["figures"]["baseline_p95_ms"] > 0
-    assert agent.client.predict("m", SMALL)["model_version"] == 1
+    assert agent.client.predict("m", SMALL)["edgefleet"]["model_version"] == 1
 
 
 def test_a_model_failing_on_real_inputs_is_rolled_back(agent: AgentProcess, make_bundle: Any, zoo: Any) -> None:
@@ -83,12 +83,12 @@ def test_a_model_failing_on_real_inputs_is_rolled_back(agent: AgentProcess, make
     outcome = wait_for(lambda: _model(agent)["last_outcome"] if _model(agent)["phase"] == "ROLLED_BACK" else None,
                        what="rollback")
     assert "error rate" in outcome["reason"] and outcome["figures"]["error_rate"] > 0.05
-    assert agent.client.predict("m", BIG)["model_version"] == 1
+    assert agent.client.predict("m", BIG)["edgefleet"]["model_version"] == 1
 
 
 def test_a_hung_invocation_rolls_back_and_answers_continue(agent: AgentProcess, make_bundle: Any, zoo: Any) -> None:
     _install_v2(agent, make_bundle, zoo, "hang_on_big_f32")
-    assert agent.client.predict("m", SMALL)["model_version"] == 2
+    assert agent.client.predict("m", SMALL)["edgefleet"]["model_version"] == 2
 
     def hang() -> None:
         try:
@@ -102,6 +102,6 @@ def test_a_hung_invocation_rolls_back_and_answers_continue(agent: AgentProcess, 
                        what="rollback")
     assert time.monotonic() - started < 5
     assert "hung" in outcome["reason"] and outcome["figures"]["hung_s"] >= 1.0
-    assert agent.client.predict("m", SMALL)["model_version"] == 1  # the board keeps answering
+    assert agent.client.predict("m", SMALL)["edgefleet"]["model_version"] == 1  # the board keeps answering
     health = agent.client.health()
     assert "hung" in (health["agent"]["reason"] or "")  # under systemd: no more watchdog pings

@@ -30,7 +30,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def _served(a: AgentWith) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def _refused(fleet: Fleet, mark: int, part: str, device: str = "dev-1") -> dict[str, object]:
@@ -188,7 +188,7 @@ def test_a_device_credential_cannot_order_another_device_through_the_shipped_acl
         op.transport.publish(T.cmd("dev-a"), canonical_json(make_command(key, "dev-a", "report")), wait=10)
         op.after(mark, lambda e: e["ok"], device="dev-a")
         assert not [e for e in op.events("dev-a") if e.get("version") == 2 or e["step"] == "ROLLED_BACK"]
-        assert a.client.predict("m", X)["model_version"] == 1
+        assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1
         # dev-b asking for dev-a's client id gets its own (the device listener binds the client id to the
         # user name): dev-a stays connected, and the publish is refused all the same. (The first dev-b
         # connection goes first: two connections of one identity replace each other.)
@@ -207,7 +207,7 @@ def test_a_device_credential_cannot_order_another_device_through_the_shipped_acl
         op.transport.publish(T.cmd("dev-a"), canonical_json(make_command(key, "dev-a", "report")), wait=10)
         op.after(mark, lambda e: e["ok"], device="dev-a")
         assert a.log().count("connected to") == connects, a.log()
-        assert a.client.predict("m", X)["model_version"] == 1
+        assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1
         assert a.state_file()["models"]["m"]["active"]["deployment"]["model"]["version"] == 1
     finally:
         if attacker is not None:

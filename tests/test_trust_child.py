@@ -130,14 +130,14 @@ def test_deaths_while_activating_reject_the_deployment(world: tuple[Path, Signin
         rec = agent.client.admin("status")["state"]["models"]["m"]
         assert rec["phase"] == "REJECTED" and rec["active"]["version"] == 1, rec
         assert "died 2 time(s) while activating" in rec["last_outcome"]["reason"], rec
-        assert agent.client.predict("m", X)["model_version"] == 1
+        assert agent.client.predict("m", X)["edgefleet"]["model_version"] == 1
         assert _model(agent)["activation"]["deaths"] == 2
         # offered again (a retained document would do this at every start), it is not activated again
         res = agent.cli("install", str(v2), env=crash)
         assert res.returncode == 1, res.stdout + res.stderr
         time.sleep(0.5)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-2000:]
-        assert _model(agent)["phase"] == "REJECTED" and agent.client.predict("m", X)["model_version"] == 1
+        assert _model(agent)["phase"] == "REJECTED" and agent.client.predict("m", X)["edgefleet"]["model_version"] == 1
         assert agent.log().count("ACTIVATING v2") == 2
         assert agent.stop() == 0
     finally:
@@ -167,7 +167,7 @@ def test_a_hang_while_activating_makes_healthz_unhealthy(world: tuple[Path, Sign
                           what="unhealthy")
         assert health["http_status"] == 503
         assert "loop has not run" in health["agent"]["reason"] and "m ACTIVATING" in health["agent"]["reason"]
-        assert agent.client.predict("m", X)["model_version"] == 1  # the API threads still answer with v1
+        assert agent.client.predict("m", X)["edgefleet"]["model_version"] == 1  # the API threads still answer with v1
     finally:
         agent.kill()
 

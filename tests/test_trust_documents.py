@@ -74,7 +74,7 @@ def _agent(fleet: Fleet, device: str = "dev-1", prelude: str = "", groups: tuple
 
 
 def _served(a: AgentWith) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def _active(a: AgentWith) -> int:
@@ -263,6 +263,9 @@ def test_an_empty_payload_withdraws_nothing_but_a_signed_withdrawal_does(fleet: 
     fleet.op.document(canonical_json(fleet.key.sign(withdrawal)), device="dev-1")
     event = fleet.op.after(mark, lambda e: e["step"] == "DOWNLOADING" and not e["ok"])
     assert "withdrawn" in event["reason"]
+    mark = fleet.op.mark()
+    attacker.document(v3.document, device="dev-1")  # the withdrawn document, re-posted without the key
+    _refusal(fleet, mark, "was withdrawn by a signed withdrawal")
     fleet.op.chunks(v3.chunks)
     _report(fleet)
     assert _active(a) == 2 and _model(a)["phase"] == "COMMITTED"

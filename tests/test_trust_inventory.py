@@ -124,7 +124,7 @@ def prod(tmp_path: Path, broker: Mosquitto, key_dir: Path) -> Iterator[list[Agen
 
 
 def version(a: AgentProcess) -> int:
-    return int(a.client.predict("m", X)["model_version"])
+    return int(a.client.predict("m", X)["edgefleet"]["model_version"])
 
 
 def test_an_impostor_claiming_the_group_is_neither_canary_nor_counted(

@@ -1,7 +1,7 @@
 """Tiny models the tests build for themselves, converted to TFLite in a separate process.
 
 Run as ``python tests/zoo.py OUTDIR NAME...``. TensorFlow is imported only here, in its own process,
-so test processes that use tflite-runtime never see it (DESIGN.md, "Interpreter backends").
+so test processes that use tflite-runtime never see it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -199,9 +199,45 @@ def cnn_v2() -> bytes:
     return _cnn(last_layer_seed=1)
 
 
+def two_in_two_out() -> bytes:
+    """Inputs `a` (3 floats) and `b` (2 floats); outputs `output_0` (1 value) and `output_1` (softmax
+    over 3 classes). The TFLite file orders inputs b, a and outputs output_1, output_0, and both outputs
+    are named `StatefulPartitionedCall_1:N`: what multi-tensor serving gets wrong first."""
+    tf = _tf()
+    a = tf.keras.Input((3,), name="a")
+    b = tf.keras.Input((2,), name="b")
+    h = tf.keras.layers.Dense(8, activation="relu")(tf.keras.layers.Concatenate()([a, b]))
+    value = tf.keras.layers.Dense(1, name="value")(h)
+    scores = tf.keras.layers.Dense(3, activation="softmax", name="scores")(h)
+    return _convert(tf.keras.Model([a, b], [value, scores]))
+
+
+def regress_f32() -> bytes:
+    """8 floats in, one value out per example: the shape TensorFlow Serving's :regress answers for."""
+    tf = _tf()
+    m = tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(4, activation="relu"),
+                             tf.keras.layers.Dense(1)])
+    return _convert(m)
+
+
+def text_is_cat() -> bytes:
+    """A string input `text` (any number of strings) and a float output `is_cat`: 1.0 where the string is
+    exactly b"cat". TFLite string tensors are what TensorFlow Serving's {"b64": ...} values feed."""
+    tf = _tf()
+
+    class Text(tf.Module):  # type: ignore[misc,name-defined]
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def __call__(self, x):  # type: ignore[no-untyped-def]
+            return {"is_cat": tf.cast(tf.equal(x, "cat"), tf.float32)}
+
+    m = Text()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.__call__.get_concrete_function()], m)
+    return bytes(conv.convert())
+
+
 MODELS = {f.__name__: f for f in (dense_f32, dense_f32_v2, dense_int8, other_signature, slow_f32,
                                   hang_f32, memhog_f32, dense_f32_batch1, hang_on_big_f32, fails_on_big_f32,
-                                  cnn_v1, cnn_v2)}
+                                  cnn_v1, cnn_v2, two_in_two_out, regress_f32, text_is_cat)}
 
 
 def main(argv: list[str]) -> int:

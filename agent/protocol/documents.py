@@ -1,7 +1,8 @@
-"""The documents on the wire, as typed dataclasses (see DESIGN.md, "Deployment document")."""
+"""The documents on the wire, as typed dataclasses (docs/protocol.md §3)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -26,8 +27,8 @@ WITHDRAWAL_SCHEMA = "edgefleet.withdrawal/1"
 TIMESTAMP_SCHEMA = "edgefleet.timestamp/1"
 INVENTORY_SCHEMA = "edgefleet.inventory/1"
 
-DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
-Dtype = Literal["float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
+DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "string")
+Dtype = Literal["float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "string"]
 Phase = Literal[
     "IDLE", "DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING",
     "PROBATION", "COMMITTED", "REJECTED", "ROLLED_BACK",
@@ -36,6 +37,23 @@ PHASES: tuple[str, ...] = (
     "IDLE", "DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING",
     "PROBATION", "COMMITTED", "REJECTED", "ROLLED_BACK",
 )
+
+
+_VERSION_LABEL = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def check_version_labels(value: Any) -> str | None:
+    """User version labels: short lowercase names, distinct, never the agent's own `stable` or `canary`."""
+    if value is None:
+        return None
+    if len(value) > 16 or len(set(value)) != len(value):
+        return "expected at most 16 distinct labels"
+    for label in value:
+        if not _VERSION_LABEL.fullmatch(label):
+            return f"label {label!r}: expected 1-32 of a-z, 0-9, '_', '-', starting with a letter"
+        if label in ("stable", "canary"):
+            return f"label {label!r}: set by the agent itself (stable: committed, canary: on probation)"
+    return None
 
 
 def _schema(expected: str) -> Any:
@@ -113,6 +131,11 @@ class Postprocessing:
 
     labels: tuple[str, ...] | None = None
     top_k: int = checked(positive, default=5)
+    output: str | None = None
+    """The output whose last dimension the labels name, as the agent names outputs (`scores`,
+    `output_1`, or a full tensor name such as `StatefulPartitionedCall:1`). Absent (documents older than
+    this field, and models whose choice is unambiguous): the first output, in the model's order, whose
+    last dimension equals the number of labels."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,11 +178,14 @@ class Policy:
     max_latency_ms: float | None = checked(positive, default=None)
     hang_timeout_s: float | None = checked(positive, default=None)
     allow_downgrade: bool = False
+    version_labels: tuple[str, ...] | None = checked(check_version_labels, default=None)
+    """Names the local API accepts for this version (`/v1/models/{m}/labels/{label}`), beside the agent's
+    own `stable` and `canary`; absent: none."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Deployment:
-    """A signed order to run `model` (DESIGN.md, "Deployment document")."""
+    """A signed order to run `model` (docs/protocol.md §3.1)."""
 
     schema: str = checked(_schema(DEPLOYMENT_SCHEMA))
     deployment_id: str = checked(check_id)
@@ -467,7 +493,7 @@ class ModelTelemetry:
 
 @dataclass(frozen=True, kw_only=True)
 class Telemetry:
-    """The periodic telemetry document (DESIGN.md, "Telemetry document")."""
+    """The periodic telemetry document (docs/protocol.md §3.6)."""
 
     ts: float
     device_id: str

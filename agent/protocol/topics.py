@@ -1,4 +1,4 @@
-"""Every MQTT topic, built from one prefix in one place (DESIGN.md, "Topics")."""
+"""Every MQTT topic, built from one prefix in one place (docs/protocol.md §1)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ class Topics:
         """Retained online/offline presence of a device."""
         return self._device(device, "status")
 
+    def availability(self, device: str) -> str:
+        """Retained plain `online`/`offline` of a device, for tools that read no JSON."""
+        return self._device(device, "availability")
+
     def state(self, device: str) -> str:
         """Retained lifecycle state of a device."""
         return self._device(device, "state")
@@ -96,6 +100,16 @@ class Topics:
         """Wildcard subscription to every retained chunk."""
         return f"{self.prefix}/chunks/+"
 
+    @staticmethod
+    def discovery(ha_prefix: str, component: str, device: str, object_id: str) -> str:
+        """Retained Home Assistant MQTT discovery config of one entity of a device (outside the prefix:
+        Home Assistant's own layout, `{ha_prefix}/{component}/{node_id}/{object_id}/config`)."""
+        Topics(ha_prefix)  # the same rule as for our prefix
+        for kind, value in (("component", component), ("object id", object_id)):
+            if not value or not all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+                raise ProtocolError(f"discovery {kind} {value!r}: expected letters, digits, '_' or '-'")
+        return f"{ha_prefix}/{component}/{_checked('device', device)}/{object_id}/config"
+
     def parse(self, topic: str) -> Route:
         """Route an incoming topic; raise ProtocolError for anything outside the contract."""
         head = self.prefix + "/"
@@ -114,7 +128,7 @@ class Topics:
             case ["devices", device, "models", model] if not check_name(device) and not check_name(model):
                 return Route("device_model", device=device, model=model)
             case ["devices", device, leaf] if not check_name(device) and leaf in {
-                "cmd", "status", "state", "events", "telemetry"
+                "cmd", "status", "availability", "state", "events", "telemetry"
             }:
                 return Route(leaf, device=device)
         raise ProtocolError(f"topic {topic!r} is not part of the contract")
