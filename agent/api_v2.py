@@ -56,6 +56,8 @@ _BODY_TYPES = frozenset({"", JSON, "text/json", OCTET, "application/x-www-form-u
 _MAX_CLASSES = 1000
 _PARSED_CACHE = 64
 """Distinct binary request headers remembered per model (emptied when full)."""
+_CACHED_HEADER_MAX = 4096
+"""Longer headers (a padded one, a long id) are parsed every time: the caches stay small."""
 
 
 def datatype_name(dtype: str | np.dtype[Any]) -> str:
@@ -91,7 +93,7 @@ class V2Routes:
     def __init__(self, serving: Serving, status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.serving = serving
         self.status = status
-        self._info: dict[str, _ModelInfo] = {}
+        self._info: dict[tuple[str, int], _ModelInfo] = {}
         server = {"name": SERVER_NAME, "version": agent.__version__, "extensions": list(EXTENSIONS)}
         self._server_metadata = json.dumps(server, separators=(",", ":")).encode()
 
@@ -106,7 +108,8 @@ class V2Routes:
             info = self._model(name, version)
             if action == "ready":
                 return json_response(200, {"name": name, "ready": True})
-            return Response(200, info.metadata)
+            versions = ",".join(f'"{m.version}"' for m in self.serving.versions(name))
+            return Response(200, info.metadata.replace(b'"versions":[]', b'"versions":[' + versions.encode() + b"]"))
         if path in ("/v2", "/v2/"):
             _method(req, "GET")
             return Response(200, self._server_metadata)
@@ -130,19 +133,17 @@ class V2Routes:
 
     def _model(self, name: str, version: int | None) -> _ModelInfo:
         """The precomputed view of what is served as `name` (at `version`, when given)."""
-        served = self.serving.served(name)
-        if served is None:
-            names = self.serving.names()
-            raise RequestError(f"unknown model {name!r}" + (f"; serving: {', '.join(names)}" if names else
-                                                             "; no model is loaded yet"), 404)
-        if version is not None and version != served.version:
-            raise RequestError(f"model {name!r} version {version} is not served (version {served.version} is)",
-                               404)
-        info = self._info.get(name)
+        if not self.serving.names():
+            raise RequestError(f"unknown model {name!r}; no model is loaded yet", 404)
+        # the active version, or the previous one while it is the rollback target (Serving decides)
+        served = self.serving.resolve(name, version)
+        key = (name, served.version)
+        info = self._info.get(key)
         if info is None or info.served is not served:
             info = _model_info(served)
+            names = set(self.serving.names())
             # replaced whole, never mutated: a reader holding the old one still sees a consistent view
-            self._info = {**{k: v for k, v in self._info.items() if k in self.serving.names()}, name: info}
+            self._info = {**{k: v for k, v in self._info.items() if k[0] in names and k != key}, key: info}
         return info
 
     # -- inference -------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class V2Routes:
             cached = info.parsed.get(header)
             if cached is None:
                 cached = self._parse(info, header)
-                if cached.binary_only:
+                if cached.binary_only and header_len <= _CACHED_HEADER_MAX:
                     # a client sends the same header for every request of one shape: check it once
                     if len(info.parsed) >= _PARSED_CACHE:
                         info.parsed.clear()
@@ -179,9 +180,9 @@ class V2Routes:
             key, x = next(iter(arrays.items()))
             if info.inputs.get(key) != 0:
                 raise RequestError(f"unknown input {key!r}; the model's input: {info.single}")
-            prediction = self.serving.predict(name, [x], batch_dim=True, top_k=False)
+            prediction = self.serving.predict(name, [x], batch_dim=True, top_k=False, version=version)
         else:
-            prediction = self.serving.predict(name, arrays, batch_dim=True, top_k=False)
+            prediction = self.serving.predict(name, arrays, batch_dim=True, top_k=False, version=version)
         return self._answer(info, prediction, parsed.wanted, parsed.request_id)
 
     def _parse(self, info: _ModelInfo, header: bytes | bytearray) -> _Parsed:
@@ -233,7 +234,8 @@ class V2Routes:
     @staticmethod
     def _answer(info: _ModelInfo, p: Prediction, wanted: list[tuple[int, bool, int]],
                 request_id: str | None) -> Response:
-        if all(binary and not classes for _, binary, classes in wanted) and \
+        if (request_id is None or len(request_id) <= 128) and \
+                all(binary and not classes for _, binary, classes in wanted) and \
                 all(i < len(p.outputs) and p.outputs[i].dtype.kind != "O" for i, _, _ in wanted):
             ys = [p.outputs[i] for i, _, _ in wanted]
             key = (p.version, request_id, tuple((i, y.dtype, y.shape) for (i, _, _), y in zip(wanted, ys, strict=True)))
@@ -418,7 +420,7 @@ def _model_info(served: ServedModel) -> _ModelInfo:
         inputs.setdefault(s.name, i)
     post = served.deployment.model.postprocessing
     meta = {
-        "name": served.name, "versions": [str(served.version)], "platform": PLATFORM,
+        "name": served.name, "versions": [], "platform": PLATFORM,  # filled per request: the set changes
         "inputs": [{"name": n, "datatype": datatype_name(s.dtype), "shape": list(s.shape)}
                    for n, s in zip(in_names, served.inputs, strict=True)],
         "outputs": [{"name": n, "datatype": datatype_name(s.dtype), "shape": list(s.shape)}

@@ -121,15 +121,19 @@ class ApiClient:
             if len(names) != 1:
                 raise RequestError(f"model {name} takes {len(names)} inputs: pass them by name", 400)
             inputs = {names[0]: inputs}
-        arrays = [v if v.flags.c_contiguous and v.dtype.byteorder != ">" else
-                  np.ascontiguousarray(v, v.dtype.newbyteorder("<")) for v in inputs.values()]
-        key = (name, version, tuple(inputs), tuple((v.dtype, v.shape) for v in arrays),
+        arrays: list[Any] = [
+            _v2_bytes(v) if v.dtype.kind in "OSU" else v if v.flags.c_contiguous and v.dtype.byteorder != ">"
+            else np.ascontiguousarray(v, v.dtype.newbyteorder("<")) for v in inputs.values()]
+        strings = any(isinstance(v, bytes) for v in arrays)
+        key = (name, version, tuple(inputs), tuple((v.dtype, v.shape) for v in inputs.values()),
                tuple(outputs) if outputs is not None else None)
-        cached = self._v2_requests.get(key)
+        cached = None if strings else self._v2_requests.get(key)  # string sizes vary: no fixed header
         if cached is None:
             doc: dict[str, Any] = {"inputs": [
-                {"name": k, "shape": list(v.shape), "datatype": _V2_BY_DTYPE.get(v.dtype) or v.dtype.name,
-                 "parameters": {"binary_data_size": v.nbytes}} for k, v in zip(inputs, arrays, strict=True)]}
+                {"name": k, "shape": list(v.shape),
+                 "datatype": "BYTES" if isinstance(a, bytes) else _V2_BY_DTYPE.get(v.dtype) or v.dtype.name,
+                 "parameters": {"binary_data_size": len(a) if isinstance(a, bytes) else a.nbytes}}
+                for (k, v), a in zip(inputs.items(), arrays, strict=True)]}
             if outputs is not None:
                 doc["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
             else:
@@ -138,11 +142,13 @@ class ApiClient:
             path = f"/v2/models/{quote(name)}" + (f"/versions/{version}" if version is not None else "") + "/infer"
             # the header of one request shape never changes: built once, like the npy route's path
             cached = (path, header, f"Inference-Header-Content-Length: {len(header)}\r\n")
-            if len(self._v2_requests) >= 64:
-                self._v2_requests.clear()
-            self._v2_requests[key] = cached
+            if not strings:
+                if len(self._v2_requests) >= 64:
+                    self._v2_requests.clear()
+                self._v2_requests[key] = cached
         path, header, extra = cached
-        status, headers, body = self.request("POST", path, b"".join([header, *(v.data for v in arrays)]),
+        parts = [a if isinstance(a, bytes) else a.data for a in arrays]
+        status, headers, body = self.request("POST", path, b"".join([header, *parts]),
                                              "application/octet-stream", extra_headers=extra)
         if status != 200:
             self._v2_inputs.pop(name, None)  # the model may have been replaced by one with other inputs
@@ -338,6 +344,12 @@ _V2_DTYPES = {v: np.dtype(k).newbyteorder("<") for k, v in _V2_TYPES.items()}
 _V2_BY_DTYPE = {np.dtype(k): v for k, v in _V2_TYPES.items()}  # dtype.name costs µs per call; a dict probe does not
 
 
+def _v2_bytes(x: NDArray[Any]) -> bytes:
+    """A string tensor in the binary tensor extension's layout: per element a 4-byte length, then its bytes."""
+    values = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in x.reshape(-1).tolist()]
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
 def _v2_outputs(body: bytes, end: int) -> tuple[dict[str, NDArray[Any]], bool]:
     """The outputs of a v2 inference response whose JSON header ends at `end`, by name (binary ones as
     views on `body`, JSON ones as arrays), and whether all of them were binary numbers."""
@@ -354,7 +366,7 @@ def _v2_outputs(body: bytes, end: int) -> tuple[dict[str, NDArray[Any]], bool]:
                 values, pos = [], offset
                 while pos < offset + size:
                     n = int.from_bytes(body[pos:pos + 4], "little")
-                    values.append(body[pos + 4:pos + 4 + n].decode())
+                    values.append(body[pos + 4:pos + 4 + n])
                     pos += 4 + n
             arr = np.empty(len(values), dtype=object)
             arr[:] = values

@@ -94,18 +94,24 @@ class LoadedModel:
         """Invoke once; inputs in signature order with the model's dtypes; outputs are copies."""
         if len(inputs) != len(self._in):
             raise RuntimeBackendError(f"model takes {len(self._in)} inputs, got {len(inputs)}")
-        for i, (index, x) in enumerate(zip(self._in, inputs, strict=True)):
-            if x.shape != self._shapes[i]:
-                self._resize(i, x.shape)
+        changed = [i for i, x in enumerate(inputs) if x.shape != self._shapes[i]]
+        if changed:
+            self._resize(changed, [inputs[i].shape for i in changed])
+        for index, x in zip(self._in, inputs, strict=True):
             self._set(index, x)
         self._invoke()
         return [self._get(index) for index in self._out]
 
-    def _resize(self, i: int, shape: tuple[int, ...]) -> None:
-        expected = self.inputs[i].shape
-        if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
-            raise RuntimeBackendError(f"input {self.inputs[i].name}: shape {list(shape)} does not fit {list(expected)}")
-        self.interpreter.resize_tensor_input(self._in[i], list(shape))
+    def _resize(self, which: list[int], shapes: list[tuple[int, ...]]) -> None:
+        """Resize every changed input, then allocate once: a multi-input model planned with inputs of
+        different batch sizes fails to allocate (see agent.serving)."""
+        for i, shape in zip(which, shapes, strict=True):
+            expected = self.inputs[i].shape
+            if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
+                raise RuntimeBackendError(f"input {self.inputs[i].name}: shape {list(shape)} does not fit "
+                                          f"{list(expected)}")
+        for i, shape in zip(which, shapes, strict=True):
+            self.interpreter.resize_tensor_input(self._in[i], list(shape))
         self.interpreter.allocate_tensors()
         self._shapes = [tuple(d["shape"]) for d in self.interpreter.get_input_details()]
 

@@ -107,6 +107,8 @@ def policy_from_args(args: argparse.Namespace) -> dict[str, Any]:
     policy: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
     if args.allow_downgrade:
         policy["allow_downgrade"] = True
+    if getattr(args, "version_labels", None):
+        policy["version_labels"] = list(args.version_labels)
     try:
         return dump(parse(Policy, policy)) if policy else {}  # type: ignore[no-any-return]
     except ProtocolError as err:
@@ -134,6 +136,9 @@ def add_parser(subparsers: Any) -> None:
     pol.add_argument("--max-latency-ms", type=float, metavar="MS", help="refuse a model slower than this at validation")
     pol.add_argument("--allow-downgrade", action="store_true",
                      help="let devices install a version not above the one they run (a signed downgrade)")
+    pol.add_argument("--version-label", dest="version_labels", action="append", metavar="LABEL",
+                     help="a name for this version on the devices' local API (/v1/models/M/labels/LABEL); repeat "
+                          "for several")
     p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S s (600)")
     p.add_argument("--canary", type=parse_canary, metavar="N|P%",

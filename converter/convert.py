@@ -24,6 +24,7 @@ from converter.data import (
     check_inputs,
     check_labels,
     classes_of,
+    overlap,
     quantize_input,
     random_inputs,
 )
@@ -33,6 +34,7 @@ from converter.evaluate import Gate, Validation, compare, first_sample, gate, me
 from converter.load import SourceModel
 from converter.native import captured_native_output
 from converter.prune import PruneConfig, PruneResult, prune
+from converter.prune_structured import StructuredConfig, StructuredResult, prune_channels
 from converter.quantize import convert_tflite, mode
 from converter.tflite_info import read_model
 
@@ -65,16 +67,32 @@ class ConvertOptions:
     quantize: str = "none"
     prune: float | None = None
     prune_structure: tuple[int, int] | None = None
+    prune_channels: float | None = None  # fraction of filters/units removed per layer (structured)
     prune_epochs: int | None = None  # None: enough epochs for MIN_FINE_TUNE_STEPS steps
     batch_size: int = 32
     learning_rate: float = 1e-3
     sparse_encoding: bool = True
     max_accuracy_drop: float = 1.0
+    min_top1_agreement: float | None = None  # percent, per vector output; None: not checked
+    min_sqnr_db: float | None = None  # per output; None: not checked
     calibration_samples: int = 200
     golden_samples: int = 8
     latency_warmup: int = 10
     latency_runs: int = 100
     seed: int = 0
+
+    def _epochs(self, fine_tune: Dataset | None) -> int:
+        if self.prune_epochs is not None:
+            return self.prune_epochs
+        steps = math.ceil(len(fine_tune) / self.batch_size) if fine_tune is not None else 1
+        return min(MAX_AUTO_EPOCHS, max(2, math.ceil(MIN_FINE_TUNE_STEPS / steps)))
+
+    def channels_config(self, fine_tune: Dataset | None) -> StructuredConfig | None:
+        """The structured (filter/unit) pruning configuration, or None when not asked for."""
+        if self.prune_channels is None:
+            return None
+        return StructuredConfig(fraction=self.prune_channels, epochs=self._epochs(fine_tune),
+                                batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed)
 
     def prune_config(self, fine_tune: Dataset | None) -> PruneConfig | None:
         """The pruning configuration for this fine-tune set, or None when not pruning."""
@@ -87,10 +105,7 @@ class ConvertOptions:
                 raise UsageError(f"--prune {sparsity:g} contradicts --prune-structure "
                                  f"{self.prune_structure[0]}:{self.prune_structure[1]} (which means {implied:g})")
             sparsity = implied
-        epochs = self.prune_epochs
-        if epochs is None:
-            steps = math.ceil(len(fine_tune) / self.batch_size) if fine_tune is not None else 1
-            epochs = min(MAX_AUTO_EPOCHS, max(2, math.ceil(MIN_FINE_TUNE_STEPS / steps)))
+        epochs = self._epochs(fine_tune)
         return PruneConfig(sparsity=float(sparsity), structure=self.prune_structure,  # type: ignore[arg-type]
                            epochs=epochs, batch_size=self.batch_size,
                            learning_rate=self.learning_rate, seed=self.seed)
@@ -108,6 +123,7 @@ class Conversion:
     encoding: EncodingDecision
     pruning: PruneResult | None
     timings: dict[str, float] = field(default_factory=dict)
+    structured: StructuredResult | None = None
 
     @property
     def wire_bytes(self) -> int:
@@ -131,7 +147,7 @@ def check_data(source: SourceModel, splits: Splits) -> Splits:
         ds = check_inputs(ds, source.inputs[0])
         check_labels(ds, classes)
         checked.append(ds)
-    return Splits(*checked)
+    return Splits(*checked, held_out=splits.held_out)
 
 
 @dataclass
@@ -143,6 +159,8 @@ class Prepared:
     baseline: bytes
     calibration: np.ndarray | None
     seconds: float
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Where the evaluation samples come from and whether the conversion has seen them."""
 
 
 def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks: Hooks | None = None) -> Prepared:
@@ -155,9 +173,33 @@ def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks:
     if qmode.needs_calibration and calibration is None:
         raise UsageError(f"--quantize {qmode.name} needs calibration samples: pass --data or --calibration")
     reference = source.predict(splits.validation.x) if splits.validation is not None else None
+    evaluation = describe_evaluation(splits, reference)
     hooks.stage("converting the float32 baseline")
     baseline = convert_tflite(source, "none")
-    return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started)
+    return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started, evaluation)
+
+
+def describe_evaluation(splits: Splits, reference: np.ndarray | None) -> dict[str, Any]:
+    """Provenance of the evaluation set and the signs that it is not held out, with a warning for each."""
+    val = splits.validation
+    if val is None:
+        return {"source": None, "samples": 0, "held_out": None, "overlap": 0, "float_perfect": False, "warnings": []}
+    warnings = []
+    if not splits.held_out:
+        warnings.append(f"the gate judges on {val.source}, which the float model may have been trained on; "
+                        "pass held-out samples with --eval-data")
+    shared = overlap(val, [splits.fine_tune, splits.calibration])
+    if shared:
+        warnings.append(f"{shared} of the {len(val)} evaluation samples also appear in the fine-tuning or "
+                        "calibration data: the gate judges partly on samples the conversion has seen")
+    perfect = False
+    if val.y is not None and reference is not None and reference.ndim == 2 and reference.shape[1] > 1:
+        perfect = bool(np.all(reference.argmax(axis=1) == val.y))
+        if perfect:
+            warnings.append(f"the float model scores 100 % on the {len(val)} evaluation samples: they look like "
+                            "training data, so the gate's drop is measured where the model cannot err")
+    return {"source": val.source, "samples": len(val), "held_out": splits.held_out and not shared,
+            "overlap": shared, "float_perfect": perfect, "warnings": warnings}
 
 
 def prune_source(source: SourceModel, prepared: Prepared, options: ConvertOptions,
@@ -175,22 +217,47 @@ def prune_source(source: SourceModel, prepared: Prepared, options: ConvertOption
     return prune(source.keras_model, config, fine_tune, hooks.fine_tune)
 
 
+def prune_channels_source(source: SourceModel, prepared: Prepared, options: ConvertOptions,
+                          hooks: Hooks | None = None) -> StructuredResult | None:
+    """Replace `source`'s Keras model by one with fewer filters/units, as `--prune-channels` asks.
+
+    Runs before magnitude pruning, which then acts on the smaller model's kernels.
+    """
+    hooks = hooks or Hooks()
+    config = options.channels_config(prepared.splits.fine_tune)
+    if config is None:
+        return None
+    if not source.prunable:
+        raise UsageError(f"--prune-channels needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
+    fine_tune = prepared.splits.fine_tune
+    tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
+    hooks.stage("removing filters and units, fine-tuning" if tuned else "removing filters and units (one-shot)")
+    smaller, result = prune_channels(source.keras_model, config, fine_tune, hooks.fine_tune)
+    source.keras_model = smaller
+    return result
+
+
 def convert(source: SourceModel, splits: Splits, options: ConvertOptions, hooks: Hooks | None = None) -> Conversion:
     """Run the whole pipeline; raise UsageError for bad input. The gate verdict is returned, not raised."""
     mode(options.quantize)
     # Reject bad pruning options before any slow work.
     if options.prune_config(None) is not None and not source.prunable:
         raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
+    if options.channels_config(None) is not None and not source.prunable:
+        raise UsageError(f"--prune-channels needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
     prepared = prepare(source, splits, options, hooks)
     t = time.perf_counter()
+    structured = prune_channels_source(source, prepared, options, hooks)
     pruning = prune_source(source, prepared, options, hooks)
     prune_s = time.perf_counter() - t
     return finish(source, prepared, pruning, options, hooks,
-                  timings={"baseline_s": prepared.seconds, **({"prune_s": prune_s} if pruning else {})})
+                  timings={"baseline_s": prepared.seconds, **({"prune_s": prune_s} if pruning or structured else {})},
+                  structured=structured)
 
 
 def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None, options: ConvertOptions,
-           hooks: Hooks | None = None, timings: dict[str, float] | None = None) -> Conversion:
+           hooks: Hooks | None = None, timings: dict[str, float] | None = None,
+           structured: StructuredResult | None = None) -> Conversion:
     """Quantize (dense, and sparse when pruned), pick the encoding, validate with LiteRT, gate, report."""
     hooks = hooks or Hooks()
     started = time.perf_counter()
@@ -204,7 +271,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
 
     t = time.perf_counter()
     hooks.stage(f"converting ({qmode.name})")
-    if qmode.name == "none" and pruning is None:
+    if qmode.name == "none" and pruning is None and structured is None:
         dense = prepared.baseline
     else:
         dense = convert_tflite(source, qmode.name, calibration, on_sample=hooks.calibration)
@@ -222,8 +289,10 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     served = load_model(model_bytes, "auto", use_xnnpack=True)
     result = None
     if validation is not None and prepared.reference is not None:
-        result = compare(prepared.reference, run_samples(served, validation.x), validation.y)
-    verdict = gate(result, options.max_accuracy_drop)
+        result = compare(prepared.reference, run_samples(served, validation.x), validation.y,
+                         served.outputs[0].name)
+    verdict = gate(result, options.max_accuracy_drop, min_top1_agreement=options.min_top1_agreement,
+                   min_sqnr_db=options.min_sqnr_db)
     timings["validate_s"] = time.perf_counter() - t
     latency = measure_latency(served, first_sample(served, val_x), warmup=options.latency_warmup,
                               runs=options.latency_runs)
@@ -235,8 +304,16 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
         encoding=encoding, validation=result, gate=verdict, latency=latency, timings=timings,
         data_sizes=prepared.splits.sizes(), tensorflow_version=_tf_version(),
     )
+    rep["evaluation"] = {k: v for k, v in prepared.evaluation.items() if k != "warnings"}
+    rep["warnings"] = list(prepared.evaluation.get("warnings", []))
+    if verdict.decision == "warn":
+        rep["warnings"].append(f"gate: {verdict.reason}")
+    rep["structured_pruning"] = structured.to_dict() if structured else None
+    baseline_info = read_model(prepared.baseline)  # the unpruned float32 model: what MACs are compared with
+    rep["compute"] = {"params": info.params, "macs": info.macs, "float32_params": baseline_info.params,
+                      "float32_macs": baseline_info.macs}
     return Conversion(model=model_bytes, golden_inputs=golden, report=rep, gate=verdict, validation=result,
-                      encoding=encoding, pruning=pruning, timings=timings)
+                      encoding=encoding, pruning=pruning, timings=timings, structured=structured)
 
 
 def golden_inputs(specs: Any, x: np.ndarray | None, samples: int, seed: int = 0) -> list[np.ndarray]:

@@ -7,6 +7,7 @@ calibration and validation sets; or each set comes from its own file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ class Splits:
     fine_tune: Dataset | None = None
     calibration: Dataset | None = None
     validation: Dataset | None = None
+    held_out: bool = True
+    """False when the validation set is a split of --data, which the float model may have been trained on."""
 
     def sizes(self) -> dict[str, int]:
         """Sample counts for the report."""
@@ -133,7 +136,31 @@ def split(ds: Dataset, *, seed: int = 0, validation: float = 0.2, calibration: f
         return Dataset(x=ds.x[idx], y=None if ds.y is None else ds.y[idx], source=f"{ds.source} ({role} split)")
 
     return Splits(fine_tune=subset("fit", "fine-tune"), calibration=subset("cal", "calibration"),
-                  validation=subset("val", "validation"))
+                  validation=subset("val", "validation"), held_out=False)
+
+
+def row_digests(x: np.ndarray) -> set[bytes]:
+    """A digest of every sample's bytes (dtype, shape and values), to find exact duplicates across sets."""
+    x = np.ascontiguousarray(x)
+    head = f"{x.dtype.str}{x.shape[1:]}".encode()
+    return {hashlib.blake2b(head + x[i].tobytes(), digest_size=16).digest() for i in range(len(x))}
+
+
+def overlap(evaluation: Dataset, others: Sequence[Dataset | None]) -> int:
+    """How many evaluation samples also appear, byte for byte, in any of `others` (fine-tune, calibration).
+
+    Compare sets after `check_inputs`, which casts every set to the input's dtype, so that the same
+    values stored as float64 in one file and float32 in another still match.
+    """
+    seen: set[bytes] = set()
+    for ds in others:
+        if ds is not None:
+            seen |= row_digests(ds.x)
+    if not seen:
+        return 0
+    x = np.ascontiguousarray(evaluation.x)
+    head = f"{x.dtype.str}{x.shape[1:]}".encode()
+    return sum(hashlib.blake2b(head + x[i].tobytes(), digest_size=16).digest() in seen for i in range(len(x)))
 
 
 def quantize_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:

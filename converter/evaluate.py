@@ -5,7 +5,9 @@ The converted model runs through `agent.runtime` with XNNPACK on, exactly as the
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,11 +15,22 @@ import numpy as np
 
 from agent.runtime import LoadedModel
 from converter.data import dequantize_output, quantize_input
+from converter.paired import (
+    CONFIDENCE,
+    agreement_to_settle,
+    clopper_pearson,
+    drop_interval,
+    mcnemar_exact_p,
+    samples_to_settle,
+)
+
+DROP_METHOD = "Tango score interval on paired outcomes; exact McNemar p"
+AGREEMENT_METHOD = "Clopper-Pearson exact interval"
 
 
 @dataclass(frozen=True)
 class Validation:
-    """How the converted model compares with the float model on the validation set."""
+    """How the converted model compares with the float model on the evaluation set, sample by sample."""
 
     samples: int
     labelled: bool
@@ -27,24 +40,71 @@ class Validation:
     top1_agreement: float | None
     max_abs_error: float
     mean_abs_error: float
+    # Paired figures (labelled classifiers): samples only the float model gets right (b) and only the
+    # converted one gets right (c); the drop is (b - c) / n, and only b and c say anything about it.
+    float_only_correct: int | None = None
+    converted_only_correct: int | None = None
+    accuracy_drop_interval_pt: tuple[float, float] | None = None
+    mcnemar_p: float | None = None
+    confidence: float = CONFIDENCE
+    method: str | None = None
+    outputs: tuple[dict[str, Any], ...] = ()
+    """Agreement with the float model per output: top-1, SQNR, cosine similarity, abs error."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON value."""
-        return asdict(self)
+        d = asdict(self)
+        d["accuracy_drop_interval_pt"] = list(self.accuracy_drop_interval_pt) if self.accuracy_drop_interval_pt else None
+        d["outputs"] = [dict(o) for o in self.outputs]
+        return d
+
+
+@dataclass(frozen=True)
+class Check:
+    """One figure the gate judged: its estimate, interval (when it has one), limit and decision."""
+
+    metric: str  # "accuracy_drop_pt", "top1_disagreement_pt", "top1_agreement_pct", "sqnr_db"
+    output: str | None
+    value: float | None
+    interval: tuple[float, float] | None
+    limit: float
+    bound: str  # "max": the figure must stay at or below the limit; "min": at or above it
+    decision: str  # "pass", "warn" or "refuse"
+    reason: str
+    settle_samples: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON value."""
+        d = asdict(self)
+        d["interval"] = list(self.interval) if self.interval else None
+        return d
 
 
 @dataclass(frozen=True)
 class Gate:
-    """The accuracy gate: which figure was checked, against which limit, and the verdict."""
+    """The gate's verdict: the deciding figure (metric, value, interval, limit) and every check made."""
 
-    metric: str  # "accuracy_drop_pt", "top1_disagreement_pt" or "none"
+    metric: str  # the deciding check's metric, or "none"
     value: float | None
     limit: float
     passed: bool
+    decision: str = "pass"  # "pass", "warn" (passes, with a warning) or "refuse" (exit 3)
+    interval: tuple[float, float] | None = None
+    confidence: float = CONFIDENCE
+    method: str | None = None
+    samples: int = 0
+    discordant: dict[str, int] | None = None
+    mcnemar_p: float | None = None
+    settle_samples: int | None = None
+    reason: str = "nothing to check: no evaluation data"
+    checks: tuple[Check, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON value."""
-        return asdict(self)
+        d = asdict(self)
+        d["interval"] = list(self.interval) if self.interval else None
+        d["checks"] = [c.to_dict() for c in self.checks]
+        return d
 
 
 @dataclass(frozen=True)
@@ -72,35 +132,174 @@ def run_samples(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def compare(reference: np.ndarray, converted: np.ndarray, y: np.ndarray | None) -> Validation:
-    """Accuracy of both (with labels), drop in points, top-1 agreement, and output error."""
+def output_agreement(name: str, reference: np.ndarray, converted: np.ndarray) -> dict[str, Any]:
+    """How one converted output agrees with the float model's: top-1 (vector outputs), SQNR, cosine, abs error.
+
+    SQNR is 10·log10(Σ ref² / Σ (ref − converted)²) over every value; None when the outputs are identical.
+    Cosine similarity is taken per sample over its flattened output; mean and minimum over samples.
+    """
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    conv = converted.astype(np.float64).reshape(len(converted), -1)
+    err = np.abs(ref - conv)
+    noise, signal = float(np.sum((ref - conv) ** 2)), float(np.sum(ref ** 2))
+    sqnr = None if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(conv, axis=1)
+    dots = np.sum(ref * conv, axis=1)
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(conv, axis=1) == 0)
+    cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    out: dict[str, Any] = {
+        "name": name, "samples": len(reference), "sqnr_db": None if sqnr is None else round(sqnr, 3),
+        "identical": noise == 0,
+        "cosine_mean": round(float(cosine.mean()), 6) if cosine.size else None,
+        "cosine_min": round(float(cosine.min()), 6) if cosine.size else None,
+        "max_abs_error": float(err.max()) if err.size else 0.0,
+        "mean_abs_error": float(err.mean()) if err.size else 0.0,
+        "top1_agreement": None, "top1_agreement_interval": None,
+    }
+    if reference.ndim >= 2 and reference.shape[-1] > 1:
+        same = reference.argmax(axis=-1) == converted.argmax(axis=-1)
+        out["top1_agreement"] = float(np.mean(same))
+        if reference.ndim == 2:  # one decision per sample: samples are independent, so the interval holds
+            low, high = clopper_pearson(int(same.sum()), len(same))
+            out["top1_agreement_interval"] = [low, high]
+            out["top1_agreeing"] = int(same.sum())
+    return out
+
+
+def compare(reference: np.ndarray, converted: np.ndarray, y: np.ndarray | None,
+            output_name: str = "output 0") -> Validation:
+    """Accuracy of both (with labels), the paired drop with its interval, agreement and output error."""
     err = np.abs(reference.astype(np.float64) - converted.astype(np.float64))
     classifier = reference.ndim == 2 and reference.shape[1] > 1
     agreement = float_acc = acc = drop = None
+    b = c = None
+    interval = p = None
     if classifier:
         ref_top, conv_top = reference.argmax(axis=1), converted.argmax(axis=1)
         agreement = float(np.mean(ref_top == conv_top))
         if y is not None:
-            float_acc = float(np.mean(ref_top == y))
-            acc = float(np.mean(conv_top == y))
-            drop = round((float_acc - acc) * 100.0, 4)
+            ref_ok, conv_ok = ref_top == y, conv_top == y
+            float_acc = float(np.mean(ref_ok))
+            acc = float(np.mean(conv_ok))
+            b, c = int(np.sum(ref_ok & ~conv_ok)), int(np.sum(~ref_ok & conv_ok))
+            n = len(y)
+            drop = round((b - c) / n * 100.0, 4)
+            low, high = drop_interval(b, c, n)
+            interval = (round(low * 100.0, 4), round(high * 100.0, 4))
+            p = mcnemar_exact_p(b, c)
     return Validation(
         samples=len(reference), labelled=y is not None and classifier, float_accuracy=float_acc, accuracy=acc,
         accuracy_drop_pt=drop, top1_agreement=agreement,
         max_abs_error=float(err.max()) if err.size else 0.0, mean_abs_error=float(err.mean()) if err.size else 0.0,
+        float_only_correct=b, converted_only_correct=c, accuracy_drop_interval_pt=interval, mcnemar_p=p,
+        method=DROP_METHOD if interval is not None else None,
+        outputs=(output_agreement(output_name, reference, converted),),
     )
 
 
-def gate(validation: Validation | None, limit: float) -> Gate:
-    """Check the accuracy drop (or, without labels, disagreement with the float model) against `limit` points."""
+def _against_max(metric: str, value: float, interval: tuple[float, float], limit: float, unit: str,
+                 settle: Callable[[], int | None], output: str | None = None) -> Check:
+    """Decide a figure that must stay at or below `limit` from its interval: refuse when the whole
+    interval lies above it, pass when the whole interval lies at or below it, warn in between."""
+    low, high = interval
+    shown = f"{metric} {value:.2f} {unit} (95 % CI {low:.2f} to {high:.2f})"
+    if low > limit:
+        return Check(metric, output, value, interval, limit, "max", "refuse",
+                     f"{shown} lies wholly above the limit {limit:g}")
+    if high <= limit:
+        return Check(metric, output, value, interval, limit, "max", "pass",
+                     f"{shown} lies at or below the limit {limit:g}")
+    needed = settle()
+    more = (f"about {needed} evaluation samples at the rates seen would settle it" if needed
+            else "more evaluation samples would not settle it at the rates seen")
+    return Check(metric, output, value, interval, limit, "max", "warn",
+                 f"{shown} straddles the limit {limit:g}; {more}", needed)
+
+
+def _agreement_check(out: dict[str, Any], limit_pct: float) -> Check:
+    """--min-top1-agreement on one output: refuse when the interval lies wholly below the limit."""
+    value = round(out["top1_agreement"] * 100.0, 4)
+    name = out["name"]
+    if out.get("top1_agreement_interval") is None:  # several decisions per sample: no interval claimed
+        decision = "pass" if value >= limit_pct else "refuse"
+        return Check("top1_agreement_pct", name, value, None, limit_pct, "min", decision,
+                     f"{name}: top-1 agreement {value:.2f} % (per position; no interval) "
+                     f"{'meets' if decision == 'pass' else 'is below'} the limit {limit_pct:g} %")
+    low, high = (round(v * 100.0, 4) for v in out["top1_agreement_interval"])
+    shown = f"{name}: top-1 agreement {value:.2f} % (95 % CI {low:.2f} to {high:.2f})"
+    if high < limit_pct:
+        return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "refuse",
+                     f"{shown} lies wholly below the limit {limit_pct:g} %")
+    if low >= limit_pct:
+        return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "pass",
+                     f"{shown} lies at or above the limit {limit_pct:g} %")
+    needed = agreement_to_settle(out["top1_agreeing"], out["samples"], limit_pct / 100.0)
+    more = (f"about {needed} evaluation samples at the rate seen would settle it" if needed
+            else "more evaluation samples would not settle it at the rate seen")
+    return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "warn",
+                 f"{shown} straddles the limit {limit_pct:g} %; {more}", needed)
+
+
+def _sqnr_check(out: dict[str, Any], limit_db: float) -> Check:
+    """--min-sqnr-db on one output: a point figure over every value of every sample (no interval)."""
+    name, value = out["name"], out["sqnr_db"]
+    if value is None:
+        return Check("sqnr_db", name, None, None, limit_db, "min", "pass",
+                     f"{name}: outputs identical to the float model's")
+    ok = value >= limit_db
+    return Check("sqnr_db", name, value, None, limit_db, "min", "pass" if ok else "refuse",
+                 f"{name}: SQNR {value:.2f} dB {'meets' if ok else 'is below'} the limit {limit_db:g} dB")
+
+
+_SEVERITY = {"pass": 0, "warn": 1, "refuse": 2}
+
+
+def gate(validation: Validation | None, limit: float, *, min_top1_agreement: float | None = None,
+         min_sqnr_db: float | None = None) -> Gate:
+    """Judge the evaluation: the paired accuracy drop against `limit` points (or, without labels,
+    top-1 disagreement with the float model), and the agreement flags on every output they apply to.
+    The verdict is the worst of the checks; the deciding check is reported at the top level."""
     if validation is None:
         return Gate("none", None, limit, True)
-    if validation.accuracy_drop_pt is not None:
-        return Gate("accuracy_drop_pt", validation.accuracy_drop_pt, limit, validation.accuracy_drop_pt <= limit)
-    if validation.top1_agreement is not None:
-        value = round((1.0 - validation.top1_agreement) * 100.0, 4)
-        return Gate("top1_disagreement_pt", value, limit, value <= limit)
-    return Gate("none", None, limit, True)
+    checks: list[Check] = []
+    discordant = None
+    if validation.accuracy_drop_pt is not None and validation.accuracy_drop_interval_pt is not None:
+        b, c, n = validation.float_only_correct or 0, validation.converted_only_correct or 0, validation.samples
+        discordant = {"float_only_correct": b, "converted_only_correct": c}
+        checks.append(_against_max("accuracy_drop_pt", validation.accuracy_drop_pt,
+                                   validation.accuracy_drop_interval_pt, limit, "points",
+                                   lambda: samples_to_settle(b, c, n, limit / 100.0)))
+    elif validation.top1_agreement is not None and min_top1_agreement is None:
+        # Without labels a classifier is judged by how often it disagrees with the float model, in points.
+        first = validation.outputs[0] if validation.outputs else None
+        n = validation.samples
+        k = n - int(round(validation.top1_agreement * n))
+        value = round(k / n * 100.0, 4)
+        low, high = clopper_pearson(k, n)
+        interval = (round(low * 100.0, 4), round(high * 100.0, 4))
+        checks.append(_against_max("top1_disagreement_pt", value, interval, limit, "points",
+                                   lambda: agreement_to_settle(k, n, limit / 100.0),
+                                   first["name"] if first else None))
+    for out in validation.outputs:
+        if min_top1_agreement is not None and out.get("top1_agreement") is not None:
+            checks.append(_agreement_check(out, min_top1_agreement))
+        if min_sqnr_db is not None:
+            checks.append(_sqnr_check(out, min_sqnr_db))
+    if not checks:
+        return Gate("none", None, limit, True, samples=validation.samples,
+                    reason="nothing to check: no labels, no classifier output and no agreement limits")
+    decisive = max(checks, key=lambda ch: _SEVERITY[ch.decision])  # the first of the worst
+    decision = decisive.decision
+    primary = checks[0] if decision == "pass" else decisive
+    is_drop = primary.metric == "accuracy_drop_pt"
+    return Gate(
+        metric=primary.metric, value=primary.value, limit=primary.limit, passed=decision != "refuse",
+        decision=decision, interval=primary.interval,
+        method=(DROP_METHOD if is_drop else AGREEMENT_METHOD if primary.interval else None),
+        samples=validation.samples, discordant=discordant if is_drop else None,
+        mcnemar_p=validation.mcnemar_p if is_drop else None, settle_samples=primary.settle_samples,
+        reason=primary.reason, checks=tuple(checks),
+    )
 
 
 def measure_latency(model: LoadedModel, sample: list[np.ndarray], *, warmup: int = 10, runs: int = 100,

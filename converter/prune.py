@@ -229,6 +229,14 @@ def prune(model: Any, config: PruneConfig, data: Dataset | None = None,
     return _fine_tune(model, targets, config, data, on_step)
 
 
+def fine_tune(model: Any, config: PruneConfig, data: Dataset, on_step: StepCallback | None = None) -> int:
+    """Fine-tune `model` with the same loop, optimizer and loss as pruning, but no masks; return the steps.
+
+    Structured pruning uses it after removing channels (the smaller model has no zeros to keep).
+    """
+    return _fine_tune(model, [], config, data, on_step).steps
+
+
 def _fine_tune(model: Any, targets: list[_Target], config: PruneConfig, data: Dataset,
                on_step: StepCallback | None) -> PruneResult:
     import keras

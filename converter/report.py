@@ -62,7 +62,8 @@ def convert_report(*, source: SourceModel, options: ConvertOptions, info: ModelI
                                                         if options.prune_structure else None),
             "prune_epochs": options.prune_epochs, "batch_size": options.batch_size,
             "learning_rate": options.learning_rate, "sparse_encoding": options.sparse_encoding,
-            "max_accuracy_drop": options.max_accuracy_drop,
+            "max_accuracy_drop": options.max_accuracy_drop, "min_top1_agreement": options.min_top1_agreement,
+            "min_sqnr_db": options.min_sqnr_db,
         },
     }
 
@@ -92,6 +93,11 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
     val = report.get("validation") or {}
     lat = report.get("latency") or {}
     pruning = report.get("pruning") or {}
+    gate = report.get("gate") or {}
+    interval = val.get("accuracy_drop_interval_pt") or [None, None]
+    outputs = val.get("outputs") or []
+    sqnrs = [o["sqnr_db"] for o in outputs if o.get("sqnr_db") is not None]
+    cosines = [o["cosine_min"] for o in outputs if o.get("cosine_min") is not None]
     out: dict[str, Any] = {
         "quantization": (report.get("quantization") or {}).get("mode"),
         "bytes": size.get("bytes"),
@@ -107,6 +113,16 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
         "top1_agreement": val.get("top1_agreement"),
         "max_abs_error": val.get("max_abs_error"),
         "validation_samples": val.get("samples"),
+        "accuracy_drop_low_pt": interval[0],
+        "accuracy_drop_high_pt": interval[1],
+        "float_only_correct": val.get("float_only_correct"),
+        "converted_only_correct": val.get("converted_only_correct"),
+        "mcnemar_p": val.get("mcnemar_p"),
+        "sqnr_db": min(sqnrs) if sqnrs else None,
+        "cosine_min": min(cosines) if cosines else None,
+        "gate_decision": gate.get("decision") if gate.get("metric") not in (None, "none") else None,
+        "gate_metric": gate.get("metric") if gate.get("metric") not in (None, "none") else None,
+        "eval_held_out": (report.get("evaluation") or {}).get("held_out"),
         "latency_p50_ms": lat.get("p50_ms"),
         "latency_p95_ms": lat.get("p95_ms"),
         "conversion_s": report.get("conversion_s"),
@@ -157,6 +173,34 @@ def operator_table(operators: list[dict[str, Any]]) -> Table:
     return table
 
 
+GATE_COLOURS = {"pass": "green", "warn": "yellow", "refuse": "red"}
+
+
+def gate_line(gate: dict[str, Any]) -> str:
+    """The gate's verdict in one line: decision, figure, interval, limit and the reason."""
+    decision = gate.get("decision") or ("pass" if gate.get("passed") else "refuse")
+    colour = GATE_COLOURS.get(decision, "white")
+    if gate.get("metric") in (None, "none"):
+        return f"[{colour}]{decision}[/{colour}]: {gate.get('reason') or 'nothing to check'}"
+    return f"[{colour}]{decision.upper()}[/{colour}]: {gate.get('reason')}"
+
+
+def agreement_table(outputs: list[dict[str, Any]]) -> Table:
+    """Agreement of each converted output with the float model's."""
+    table = Table(title="Agreement with the float model")
+    for col in ("output", "top-1 agreement", "SQNR dB", "cosine mean / min", "max abs error", "mean abs error"):
+        table.add_column(col)
+    for o in outputs:
+        top1 = "-" if o.get("top1_agreement") is None else fmt_pct(o["top1_agreement"])
+        if o.get("top1_agreement_interval"):
+            low, high = o["top1_agreement_interval"]
+            top1 += f" (CI {low * 100:.2f}-{high * 100:.2f})"
+        sqnr = "identical" if o.get("identical") else ("-" if o.get("sqnr_db") is None else f"{o['sqnr_db']:.1f}")
+        cosine = "-" if o.get("cosine_mean") is None else f"{o['cosine_mean']:.6f} / {o['cosine_min']:.6f}"
+        table.add_row(str(o["name"]), top1, sqnr, cosine, f"{o['max_abs_error']:.6g}", f"{o['mean_abs_error']:.6g}")
+    return table
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """Print the report as tables."""
     size = report.get("size") or {}
@@ -186,6 +230,12 @@ def render(report: dict[str, Any], console: Console) -> None:
         if val.get("float_accuracy") is not None:
             summary.add_row("accuracy", f"{fmt_pct(val['float_accuracy'])} float -> {fmt_pct(val['accuracy'])} "
                                         f"converted (drop {val['accuracy_drop_pt']:.2f} points)")
+        if val.get("accuracy_drop_interval_pt"):
+            low, high = val["accuracy_drop_interval_pt"]
+            summary.add_row("paired drop", f"{val['accuracy_drop_pt']:.2f} points, 95 % CI {low:.2f} to {high:.2f} "
+                                           f"({val['float_only_correct']} right only in float, "
+                                           f"{val['converted_only_correct']} right only converted; "
+                                           f"exact McNemar p = {val['mcnemar_p']:.3g})")
         elif val.get("accuracy") is not None:
             summary.add_row("accuracy", fmt_pct(val["accuracy"]))
         if val.get("top1_agreement") is not None:
@@ -201,12 +251,18 @@ def render(report: dict[str, Any], console: Console) -> None:
                                         f"{lat['runs']} runs after {lat['warmup']} warm-up)")
     if report.get("conversion_s") is not None:
         summary.add_row("conversion time", f"{report['conversion_s']:.1f} s")
+    evaluation = report.get("evaluation")
+    if evaluation and evaluation.get("source"):
+        seen = ("held out" if evaluation.get("held_out") else
+                "[yellow]not held out: the model may have seen these samples[/yellow]")
+        summary.add_row("evaluation data", f"{evaluation['source']}, {evaluation['samples']} samples, {seen}")
     gate = report.get("gate")
     if gate:
-        verdict = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
-        value = "-" if gate["value"] is None else f"{gate['value']:.2f}"
-        summary.add_row("accuracy gate", f"{verdict}: {gate['metric']} = {value} (limit {gate['limit']:g} points)")
+        summary.add_row("accuracy gate", gate_line(gate))
     console.print(summary)
+    outputs = val.get("outputs") or []
+    if outputs:
+        console.print(agreement_table(outputs))
     if pruning:
         layers = Table(title="Sparsity per layer")
         for col in ("layer", "weight", "shape", "target", "reached"):

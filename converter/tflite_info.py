@@ -91,6 +91,9 @@ class ModelInfo:
     metadata: ModelMetadata | None = None
     min_runtime_version: str | None = None
     float_ops: tuple[str, ...] = field(default=())
+    params: int = 0  # elements of the weight tensors (kernels, biases, other float/8-bit constants)
+    macs: int = 0  # multiply-accumulates of one invoke in Conv/DepthwiseConv/FullyConnected ops
+    macs_by_op: tuple[tuple[str, int], ...] = field(default=())
 
     @property
     def sparsity(self) -> float:
@@ -114,6 +117,7 @@ class ModelInfo:
             "inputs": [tensor_dict(t) for t in self.inputs], "outputs": [tensor_dict(t) for t in self.outputs],
             "weights": [w.to_dict() for w in self.weights],
             "float_ops": list(self.float_ops),
+            "params": self.params, "macs": self.macs, "macs_by_op": dict(self.macs_by_op),
             "metadata": self.metadata.to_dict() if self.metadata else None,
         }
 
@@ -225,13 +229,74 @@ def read_model(data: bytes, *, chunk_size: int | None = None) -> ModelInfo:
         elif entry_name == "min_runtime_version":
             runtime = _buffer(model, data, entry.buffer).rstrip(b"\0").decode("ascii", "replace") or None
     artifact, _ = split(data, chunk_size) if chunk_size else split(data)
+    params, macs = _compute(model, names, constant)
     return ModelInfo(
         size=len(data), wire_size=artifact.wire_size, chunks=len(artifact.chunks),
         operators=tuple(OperatorInfo(n, v, c) for (n, v), c in sorted(ops.items())),
         inputs=inputs, outputs=outputs, weights=tuple(weights),
         quantization=_guess_mode(model, inputs, outputs, weights, constant),
         metadata=meta, min_runtime_version=runtime, float_ops=_float_ops(model, names, constant),
+        params=params, macs=sum(macs.values()), macs_by_op=tuple(sorted(macs.items())),
     )
+
+
+def _dims(tensor: Any) -> list[int]:
+    # A dynamic dimension (the batch, -1 in the signature) counts once: one invoke of one sample.
+    return [max(1, int(d)) for d in (tensor.shape if tensor.shape is not None else [])]
+
+
+_BIAS_OPS = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "CONV_3D": 2, "TRANSPOSE_CONV": 3}
+
+
+def _compute(model: Any, names: dict[int, str], constant: set[int]) -> tuple[int, dict[str, int]]:
+    """Parameters, and the multiply-accumulates per operator kind, of the main subgraph.
+
+    MACs come from shapes: CONV_2D and CONV_3D cost (output elements) x (kernel elements per output
+    channel), DEPTHWISE_CONV_2D (output elements) x kh x kw, FULLY_CONNECTED (output elements) x
+    (input features), TRANSPOSE_CONV (input elements) x kh x kw x output channels. Other operators
+    (pooling, element-wise) are not counted. Parameters are the elements of every constant tensor
+    except integer index/shape constants; int32 biases of the ops above count.
+    """
+    graph = model.subgraphs[0]
+    tensors = graph.tensors or []
+    macs: dict[str, int] = {}
+    biases: set[int] = set()
+    for op in graph.operators or []:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+        ins = [int(i) for i in (op.inputs if op.inputs is not None else [])]
+        outs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
+        if name in _BIAS_OPS and len(ins) > _BIAS_OPS[name] and ins[_BIAS_OPS[name]] >= 0:
+            biases.add(ins[_BIAS_OPS[name]])
+        if not outs or len(ins) < 2:
+            continue
+        out = _dims(tensors[outs[0]])
+        if name == "TRANSPOSE_CONV":
+            if len(ins) < 3:
+                continue
+            w, x = _dims(tensors[ins[1]]), _dims(tensors[ins[2]])
+            count = int(np.prod(x)) * int(np.prod(w[:-1]))
+        else:
+            w = _dims(tensors[ins[1]])
+            if name == "CONV_2D":
+                count = int(np.prod(out)) * int(np.prod(w[1:]))
+            elif name == "CONV_3D":
+                count = int(np.prod(out)) * int(np.prod(w[:-1]))
+            elif name == "DEPTHWISE_CONV_2D":
+                count = int(np.prod(out)) * int(np.prod(w[1:3]))
+            elif name == "FULLY_CONNECTED":
+                count = int(np.prod(out)) * w[-1]
+            else:
+                continue
+        macs[name] = macs.get(name, 0) + count
+    params = 0
+    for i in constant:
+        t = tensors[i]
+        dtype = _DTYPES.get(t.type, "")
+        if dtype in ("int32", "int64", "bool", "string") and i not in biases:
+            continue
+        params += int(np.prod(t.shape)) if t.shape is not None and len(t.shape) else 1
+    return params, macs
 
 
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}

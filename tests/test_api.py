@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -605,6 +606,7 @@ def test_install_reads_passed_file_descriptors(api: Factory, make_bundle: Callab
 
     server, _ = api(admin=admin, max_file_bytes=1 << 20)
     bundle = make_bundle("dense_f32")
+    gc.collect()  # models of earlier tests left in reference cycles must not close their files mid-count
     before = _open_fds()
     c = ApiClient(socket_path=server.socket_path, admin_socket=server.admin_path)
     assert c.install_bundle(bundle) == {"phase": "PROBATION"}

@@ -95,10 +95,17 @@ def test_two_inputs_two_outputs_batch_2_then_1(make_bundle: Callable[..., Path],
         scores = got[served.output_names[served.labelled_output]]
         assert [t[0]["label"] for t in p.top_k] == [LABELS3[int(np.argmax(r))] for r in scores]
     assert served.stats.errors == 0 and served.stats.count == 4
+    # the interpreter wrapper validation and edgectl use resizes the same way
+    ref = load_model(bundle / MODEL_FILE, backend)
+    x = _two(2)
+    args = [x["a"] if s.name.endswith("_a:0") else x["b"] for s in ref.inputs]
+    assert [y.shape[0] for y in ref.run(args)] == [2, 2]
+    assert [y.shape[0] for y in ref.run([v[:1] for v in args])] == [1, 1]
 
 
-def test_a_failed_invoke_after_a_resize_restores_the_model(make_bundle: Callable[..., Path]) -> None:
-    serving = Serving()
+@pytest.mark.parametrize("backend", ["litert", "tflite"])
+def test_a_failed_invoke_after_a_resize_restores_the_model(make_bundle: Callable[..., Path], backend: str) -> None:
+    serving = Serving(backend)
     _serve(serving, make_bundle("fails_on_big_f32"))
     good = serving.predict("m", [np.array(X8 * 2, np.float32)]).outputs[0]
     with pytest.raises(RuntimeBackendError, match="invoke failed"):
@@ -417,3 +424,15 @@ def test_real_agent_chunked_predict(tmp_path: Path, make_bundle: Callable[..., P
         assert json.loads(payload)["predictions"] == expected
     finally:
         a.kill()
+
+
+def test_edgectl_push_signs_version_labels() -> None:
+    import argparse
+
+    from converter.cmd_mqtt import policy_from_args
+
+    args = argparse.Namespace(probation=None, max_error_rate=None, max_latency_ratio=None, max_latency_ms=None,
+                              allow_downgrade=False, version_labels=["prod", "eu-1"])
+    assert policy_from_args(args) == {"allow_downgrade": False, "version_labels": ["prod", "eu-1"]}
+    with pytest.raises(UsageError, match="set by the agent itself"):
+        policy_from_args(argparse.Namespace(**{**vars(args), "version_labels": ["canary"]}))

@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -260,6 +261,25 @@ def test_predict_v2_over_the_unix_socket(agent: Agent) -> None:
     with pytest.raises(RequestError) as err:
         agent.client.predict_v2("m", x, version=3)
     assert err.value.status == 404
+    # one request shape, new values each time: headers are reused on both sides, never the numbers
+    for seed in range(20, 26):
+        x = _x(2, seed=seed)
+        np.testing.assert_array_equal(next(iter(agent.client.predict_v2("m", x).values())),
+                                      agent.client.predict_npy("m", x))
+
+
+def test_repeated_binary_requests_echo_their_own_id_and_numbers(agent: Agent) -> None:
+    c = tritonhttp.InferenceServerClient(agent.url)
+    try:
+        in_name = c.get_model_metadata("m")["inputs"][0]["name"]
+        for seed, request_id in ((1, "a"), (2, "a"), (3, "b"), (3, "")):
+            x = _x(2, seed=seed)
+            result = c.infer("m", [_triton_input(in_name, x, "FP32", True)], request_id=request_id)
+            assert result.get_response().get("id", "") == request_id
+            (name,) = [o["name"] for o in result.get_response()["outputs"]]
+            np.testing.assert_array_equal(result.as_numpy(name), agent.client.predict_npy("m", x))
+    finally:
+        c.close()
 
 
 # -- malformed requests: the protocol's error shape, nothing changed --------------------------------
@@ -294,7 +314,10 @@ def test_malformed_requests_get_the_protocol_error_and_change_nothing(agent: Age
     cases: list[tuple[bytes, int, str]] = [
         (_v2("/v2/models/m/infer", b"{not json", ctype="application/json"), 400, "malformed JSON"),
         (_v2("/v2/models/m/infer", b"[]", ctype="application/json"), 400, "must be a JSON object"),
-        (_v2("/v2/models/m/infer", json.dumps(doc(datatype="BYTES")).encode()), 400, "datatype 'BYTES'"),
+        (_v2("/v2/models/m/infer", json.dumps(doc(datatype="BF16")).encode()), 400, "datatype 'BF16'"),
+        (_v2("/v2/models/m/infer", json.dumps(doc(datatype="BYTES")).encode()), 400, "BYTES data must be strings"),
+        (_v2("/v2/models/m/infer", json.dumps(doc(datatype="BYTES", data=["x"] * 16)).encode()), 400,
+         "expected numbers"),
         (_v2("/v2/models/m/infer", json.dumps(doc(shape=[3, 8])).encode()), 400, "data has 16 values"),
         (_v2("/v2/models/m/infer", json.dumps(doc(data=[["x"] * 8] * 2)).encode()), 400, "must be numbers"),
         (_v2("/v2/models/m/infer", json.dumps({"inputs": [], "extra": 1}).encode()), 400, "unknown field(s) extra"),
@@ -397,4 +420,119 @@ def test_server_ready_follows_the_models_and_the_agents_health(make_bundle: Any)
     finally:
         client.close()
         srv.stop(timeout=2)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- several inputs and outputs; string tensors ----------------------------------------------------
+
+@pytest.fixture
+def tcp_server(make_bundle: Any) -> Iterator[Any]:
+    """Start an in-process Serving + ApiServer (Unix socket and TCP) on zoo models; stopped at teardown."""
+    root = fast_tmp("ef-v2-")
+    servers: list[ApiServer] = []
+
+    def start(**models: str | Path) -> tuple[ApiServer, ApiClient, Any]:
+        """Serve zoo models (by name) or bundles (by path) under the given names."""
+        serving = Serving()
+        for name, model in models.items():
+            bundle = make_bundle(model, name=name, version=2) if isinstance(model, str) else model
+            serving.activate(name, bundle / MODEL_FILE, Bundle.load(bundle).deployment)
+        srv = ApiServer(serving, socket_path=root / "api.sock", port=0)
+        srv.start()
+        servers.append(srv)
+        return srv, ApiClient(socket_path=srv.socket_path), tritonhttp.InferenceServerClient(f"127.0.0.1:{srv.port}")
+
+    yield start
+    for srv in servers:
+        srv.stop(timeout=2)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_inputs_two_outputs_batch_2_then_1(tcp_server: Any) -> None:
+    srv, client, triton = tcp_server(two="two_in_two_out")
+    meta = triton.get_model_metadata("two")
+    assert sorted(i["name"] for i in meta["inputs"]) == ["a", "b"]
+    outs = [o["name"] for o in meta["outputs"]]
+    assert len(set(outs)) == 2  # both outputs, under distinct names
+    rng = np.random.default_rng(21)
+    for n, binary in ((2, True), (1, False), (2, False), (1, True)):
+        a = rng.normal(size=(n, 3)).astype(np.float32)
+        b = rng.normal(size=(n, 2)).astype(np.float32)
+        tf = client.predict("two", {"a": a, "b": b}, columnar=True)["outputs"]
+        result = triton.infer("two", [_triton_input("b", b, "FP32", binary), _triton_input("a", a, "FP32", binary)],
+                              outputs=[tritonhttp.InferRequestedOutput(o, binary_data=binary) for o in outs])
+        for o in outs:
+            np.testing.assert_array_equal(result.as_numpy(o), np.asarray(tf[o], np.float32))
+        mine = client.predict_v2("two", {"a": a, "b": b})
+        assert list(mine) == outs
+        for o in outs:
+            np.testing.assert_array_equal(mine[o], np.asarray(tf[o], np.float32))
+        # one output asked for: only it comes back
+        only = triton.infer("two", [_triton_input("a", a, "FP32", True), _triton_input("b", b, "FP32", True)],
+                            outputs=[tritonhttp.InferRequestedOutput(outs[1])]).get_response()["outputs"]
+        assert [o["name"] for o in only] == [outs[1]]
+    with pytest.raises(InferenceServerException) as err:
+        triton.infer("two", [_triton_input("a", np.zeros((2, 3), np.float32), "FP32", True),
+                             _triton_input("b", np.zeros((1, 2), np.float32), "FP32", True)])
+    assert err.value.status() == "400" and "batch" in err.value.message()
+    triton.close()
+    client.close()
+
+
+def test_string_inputs_as_bytes(tcp_server: Any, zoo: Any, tmp_path: Path) -> None:
+    from converter.bundle import BundleSpec, write_bundle
+
+    bundle = tmp_path / "text"
+    write_bundle(bundle, zoo("text_is_cat").read_bytes(),
+                 BundleSpec(name="text", version=1, golden_inputs=[np.array([[b"cat"], [b"dog"]])]))
+    srv, client, triton = tcp_server(text=bundle)
+    meta = triton.get_model_metadata("text")
+    assert meta["inputs"][0]["datatype"] == "BYTES"
+    in_name, out_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+    words = np.array([b"cat", b"dog", b"cat\x00", b"cat"], dtype=object)  # a NUL byte survives only binary
+    expected = np.asarray(client.predict("text", [w.decode("latin-1") for w in words])["predictions"], np.float32)
+    np.testing.assert_array_equal(expected, [1, 0, 0, 1])
+    for binary in (False, True):
+        words_in = words if binary else np.array([b"cat", b"dog", b"cat!", b"cat"], dtype=object)
+        got = triton.infer("text", [_triton_input(in_name, words_in, "BYTES", binary)]).as_numpy(out_name)
+        np.testing.assert_array_equal(got, [1, 0, 0, 1])
+    np.testing.assert_array_equal(next(iter(client.predict_v2("text", words).values())), [1, 0, 0, 1])
+    triton.close()
+    client.close()
+
+
+def test_the_previous_version_is_addressable_while_it_is_the_rollback_target(tmp_path: Path) -> None:
+    root = fast_tmp("edgefleet-v2v-")
+    port = free_port()
+    proc = AgentProcess(root / "a", api={"port": port}, health={"probation_s": 60, "min_requests": 1000})
+    try:
+        assert proc.cli("install", str(build_bundle(root / "v1", "dense_f32", version=1))).returncode == 0
+        proc.start()
+        res = proc.cli("install", str(build_bundle(root / "v2", "dense_f32_v2", version=2)))
+        assert res.returncode == 0, res.stdout + res.stderr
+        wait_for(lambda: proc.client.health()["models"]["m"]["version"] == 2, timeout=30, what="v2 active")
+        c = tritonhttp.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert c.is_model_ready("m", "1") and c.is_model_ready("m", "2") and not c.is_model_ready("m", "3")
+            meta = c.get_model_metadata("m")
+            # the versions that answer, as TensorFlow Serving's model status lists them
+            tf_status = proc.client.model_status("m")["model_version_status"]
+            assert meta["versions"] == [v["version"] for v in tf_status] == ["2", "1"]
+            x = _x(2, seed=17)
+            answers = {}
+            for version in ("1", "2", ""):
+                tf = json.loads(proc.client.request(
+                    "POST", f"/v1/models/m{'/versions/' + version if version else ''}:predict",
+                    json.dumps({"instances": x.tolist()}).encode())[2])
+                result = c.infer("m", [_triton_input(meta["inputs"][0]["name"], x, "FP32", True)],
+                                 model_version=version)
+                assert result.get_response()["model_version"] == (version or "2")
+                answers[version] = result.as_numpy(meta["outputs"][0]["name"])
+                np.testing.assert_array_equal(answers[version], np.asarray(tf["predictions"], np.float32))
+            assert not np.array_equal(answers["1"], answers["2"])  # two models really answered
+            np.testing.assert_array_equal(answers[""], answers["2"])
+        finally:
+            c.close()
+    finally:
+        proc.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from agent.errors import ProtocolError
 from agent.protocol.canonical import canonical_json, parse_json
@@ -168,6 +168,29 @@ class ModelSpec:
             raise ProtocolError("outputs: a model needs at least one output")
 
 
+_S = TypeVar("_S", bound="_Signed")
+
+
+class _Signed:
+    """What every signed order shares: a validity window, its JSON value and a strict parser."""
+
+    issued_at: int
+    expires_at: int
+
+    def __post_init__(self) -> None:
+        if self.expires_at <= self.issued_at:
+            raise ProtocolError("expires_at: must be after issued_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON value of this document."""
+        return dump(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls: type[_S], value: Any) -> _S:
+        """Strictly parse the document (unknown, missing and mistyped fields refused by name)."""
+        return parse(cls, value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     """Rollout policy signed with the deployment; limits here can only tighten the agent's config."""
@@ -184,7 +207,7 @@ class Policy:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Deployment:
+class Deployment(_Signed):
     """A signed order to run `model` (docs/protocol.md §3.1)."""
 
     schema: str = checked(_schema(DEPLOYMENT_SCHEMA))
@@ -200,22 +223,9 @@ class Deployment:
     key_id: str | None = None
     signature: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.expires_at <= self.issued_at:
-            raise ProtocolError("expires_at: must be after issued_at")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
-
     def to_json(self) -> bytes:
         """Canonical JSON bytes of this document."""
         return canonical_json(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, value: Any) -> Deployment:
-        """Strictly parse a deployment document."""
-        return parse(cls, value)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Deployment:
@@ -228,7 +238,7 @@ class Deployment:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Command:
+class Command(_Signed):
     """A signed order to one device: roll a model back, or report state now."""
 
     schema: str = checked(_schema(COMMAND_SCHEMA))
@@ -242,23 +252,13 @@ class Command:
     signature: str | None = None
 
     def __post_init__(self) -> None:
-        if self.expires_at <= self.issued_at:
-            raise ProtocolError("expires_at: must be after issued_at")
+        super().__post_init__()
         if self.action == "rollback" and self.model is None:
             raise ProtocolError("model: a rollback command names the model")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON value of this command."""
-        return dump(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, value: Any) -> Command:
-        """Strictly parse a command."""
-        return parse(cls, value)
-
 
 @dataclass(frozen=True, kw_only=True)
-class Withdrawal:
+class Withdrawal(_Signed):
     """A signed order that takes a retained deployment document back, published in its place.
 
     The device forgets the document of that source (device or group) for `model`; a download it had
@@ -274,22 +274,10 @@ class Withdrawal:
     key_id: str | None = None
     signature: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.expires_at <= self.issued_at:
-            raise ProtocolError("expires_at: must be after issued_at")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, value: Any) -> Withdrawal:
-        """Strictly parse a withdrawal."""
-        return parse(cls, value)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Timestamp:
+class Timestamp(_Signed):
     """The signed heartbeat of the update channel, retained on ``P/timestamp``.
 
     The operator re-issues it often (``edgectl timestamp --every``) with a short validity. A device
@@ -303,22 +291,10 @@ class Timestamp:
     key_id: str | None = None
     signature: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.expires_at <= self.issued_at:
-            raise ProtocolError("expires_at: must be after issued_at")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, value: Any) -> Timestamp:
-        """Strictly parse a timestamp."""
-        return parse(cls, value)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Inventory:
+class Inventory(_Signed):
     """The operator-signed fleet inventory, retained on ``P/inventory``: which devices form each group.
 
     Host tools take group membership (canary choice, `push --wait` accounting) from here, never from
@@ -334,8 +310,7 @@ class Inventory:
     signature: str | None = None
 
     def __post_init__(self) -> None:
-        if self.expires_at <= self.issued_at:
-            raise ProtocolError("expires_at: must be after issued_at")
+        super().__post_init__()
         for group, devices in self.groups.items():
             if check_name(group):
                 raise ProtocolError(f"groups: {group!r}: {check_name(group)}")
@@ -346,15 +321,6 @@ class Inventory:
     def members(self, group: str) -> tuple[str, ...]:
         """The devices of a group (empty for an unknown group)."""
         return self.groups.get(group, ())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON value of this document."""
-        return dump(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, value: Any) -> Inventory:
-        """Strictly parse an inventory."""
-        return parse(cls, value)
 
 
 @dataclass(frozen=True, kw_only=True)
