@@ -296,17 +296,16 @@ class Lifecycle:
             raise DocumentRefused(
                 f"version {doc.model.version} is at or below the version floor {rec.floor} (a version that failed "
                 f"here); only a document issued after {rec.floor_at} with allow_downgrade lifts it", step="VERIFYING")
-        if rec.active is not None:
-            if doc.model.version <= rec.active.version:
-                if not doc.policy.allow_downgrade:
-                    raise DocumentRefused(
-                        f"version {doc.model.version} is not above the active version {rec.active.version} "
-                        "and the document does not allow a downgrade", step="VERIFYING")
-                if doc.issued_at <= active_issued:
-                    raise DocumentRefused(
-                        f"a downgrade to version {doc.model.version} must be issued after the active version's "
-                        f"document (issued_at {active_issued}); this one was issued at {doc.issued_at}",
-                        step="VERIFYING")
+        if rec.active is not None and doc.model.version <= rec.active.version:
+            if not doc.policy.allow_downgrade:
+                raise DocumentRefused(
+                    f"version {doc.model.version} is not above the active version {rec.active.version} "
+                    "and the document does not allow a downgrade", step="VERIFYING")
+            if doc.issued_at <= active_issued:
+                raise DocumentRefused(
+                    f"a downgrade to version {doc.model.version} must be issued after the active version's "
+                    f"document (issued_at {active_issued}); this one was issued at {doc.issued_at}",
+                    step="VERIFYING")
         recent = [t for t in rec.attempts if now - t < ACTION_WINDOW_S]
         if not continuing and len(recent) >= self.config.health.max_updates_per_hour:
             wait = ACTION_WINDOW_S - (now - min(recent))

@@ -55,6 +55,15 @@ def _dequantize(y: np.ndarray[Any, Any], spec: dict[str, Any]) -> np.ndarray[Any
     return out
 
 
+def beyond_tolerance(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], atol: float, rtol: float) -> np.ndarray[Any, Any]:
+    """Where `a` (the device's output) is farther from `b` (the golden one) than `atol + rtol * |b|`; both
+    dequantized to real values. Tolerances are whole quantization steps, and a difference of exactly
+    that many steps comes out of the dequantization a rounding error above or below the bound: the
+    bound gets a relative 1e-9 of slack, far below any step."""
+    bound = atol + rtol * np.abs(b)
+    return np.abs(a - b) > bound * (1 + 1e-9)  # type: ignore[no-any-return]
+
+
 def _signature_problem(kind: str, actual: Sequence[Any], expected: Sequence[dict[str, Any]]) -> str | None:
     if len(actual) != len(expected):
         return f"model has {len(actual)} {kind}, the document says {len(expected)}"
@@ -117,8 +126,8 @@ def run_checks(req: ValidationRequest, stage: Callable[[str], None] = lambda _: 
         inputs, outputs = load_golden(Path(req.golden_path).read_bytes(), len(model.inputs), len(model.outputs))
     except EdgefleetError as err:
         return {"ok": False, "reason": str(err)}
-    tol = model_doc.get("tolerance", {})
-    atol, rtol = float(tol.get("atol", 1e-4)), float(tol.get("rtol", 1e-3))
+    default = model_doc.get("tolerance", {})
+    per_output = model_doc.get("tolerances") or [default] * len(outputs)
     worst = 0.0
     for s in range(len(inputs[0])):
         sample = [x[s] for x in inputs]
@@ -135,9 +144,9 @@ def run_checks(req: ValidationRequest, stage: Callable[[str], None] = lambda _: 
             err_abs = np.abs(a - b)
             if not np.all(np.isfinite(a)):
                 return {"ok": False, "reason": f"golden sample {s}: output {j} is not finite"}
-            excess = err_abs - (atol + rtol * np.abs(b))
+            atol, rtol = float(per_output[j].get("atol", 1e-4)), float(per_output[j].get("rtol", 1e-3))
             worst = max(worst, float(err_abs.max()) if err_abs.size else 0.0)
-            if np.any(excess > 0):
+            if np.any(beyond_tolerance(a, b, atol, rtol)):
                 return {"ok": False, "reason": f"golden sample {s}: output {j} differs by {float(err_abs.max()):.6g}"
                                                f" (tolerance {atol:g} + {rtol:g}*|y|)",
                         "max_abs_error": float(err_abs.max())}

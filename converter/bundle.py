@@ -36,7 +36,9 @@ from agent.protocol import (
 )
 from agent.runtime import LoadedModel, load_model
 from agent.tensors import distinct_names, label_binding_problem, signature_names
+from converter import golden
 from converter.errors import UsageError
+from converter.interpreters import Interpreter
 
 DEFAULT_EXPIRY_S = 90 * 24 * 3600
 
@@ -52,6 +54,11 @@ class BundleSpec:
     name: str
     version: int
     golden_inputs: list[np.ndarray]
+    """Candidate golden inputs, stacked over samples (axis 0 of each input)."""
+    golden_samples: int | None = None
+    """How many of the candidates to keep as golden vectors (converter/golden.py chooses them); None: all."""
+    seed: int = 0
+    """Seed of the random part of that choice."""
     labels: Sequence[str] | None = None
     labels_output: str | None = None
     """The output the labels name classes of; None: the first whose last dimension fits them."""
@@ -107,7 +114,8 @@ def deployment_id(name: str, version: int) -> str:
 
 
 def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, inputs: Sequence[TensorSpec],
-                     outputs: Sequence[TensorSpec], tolerance: Tolerance, *, now: int | None = None) -> Deployment:
+                     outputs: Sequence[TensorSpec], tolerance: Tolerance, *, now: int | None = None,
+                     tolerances: Sequence[Tolerance] | None = None) -> Deployment:
     """The (unsigned) deployment document for a model and its golden vectors."""
     artifact, _ = split(model_bytes, spec.chunk_size)
     golden, _ = split(golden_bytes, spec.chunk_size)
@@ -121,6 +129,7 @@ def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, 
         model=ModelSpec(
             name=spec.name, version=spec.version, artifact=artifact, golden=golden,
             inputs=tuple(inputs), outputs=tuple(outputs), tolerance=tolerance,
+            tolerances=tuple(tolerances) if tolerances is not None else None,
             preprocessing=Preprocessing(
                 mean=tuple(float(v) for v in spec.mean) if spec.mean is not None else None,
                 std=tuple(float(v) for v in spec.std) if spec.std is not None else None,
@@ -134,8 +143,15 @@ def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, 
 
 
 def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSpec, *,
-                 key: SigningKey | None = None, overwrite: bool = False) -> Deployment:
-    """Run the golden inputs through the model, then write the bundle atomically; return its document."""
+                 key: SigningKey | None = None, overwrite: bool = False,
+                 interpreters: Sequence[Interpreter] = ()) -> Deployment:
+    """Run the golden inputs through the model, then write the bundle atomically; return its document.
+
+    The candidate inputs also run on each of `interpreters` in its own process (converter/golden.py):
+    a model one of them cannot run, or that disagrees beyond the tolerance, is refused (GoldenCheckError,
+    exit 2) before anything is written. `edgectl convert` and `edgectl package` pass every interpreter
+    installed on the host; without any, tolerances of float outputs fall back to their floor.
+    """
     dest = Path(out)
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists (use --force to replace it)")
@@ -153,19 +169,23 @@ def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSp
     golden_inputs = [np.ascontiguousarray(x) if s.dtype == "string" else np.ascontiguousarray(x, dtype=np.dtype(s.dtype))
                      for x, s in zip(spec.golden_inputs, model.inputs, strict=True)]
     try:
-        golden_outputs = run_samples(model, golden_inputs)
+        reference = run_samples(model, golden_inputs)
     except Exception as err:  # the interpreter reports a failing invoke as RuntimeError/ValueError
         raise BundleError(f"the model fails on the golden inputs: {err}") from err
-    golden_bytes = dump_golden(golden_inputs, golden_outputs)
-    tolerance = tolerance_for(model.outputs, golden_outputs)
-    deployment = build_deployment(model_bytes, golden_bytes, spec, model.inputs, model.outputs, tolerance)
+    checked = golden.plan(model_bytes, model.outputs, golden_inputs, reference, interpreters,
+                          samples=spec.golden_samples, seed=spec.seed)
+    chosen = np.asarray(checked.indices, dtype=np.intp)
+    golden_bytes = dump_golden([x[chosen] for x in golden_inputs], [y[chosen] for y in reference])
+    tolerance, tolerances = golden.manifest_tolerances(checked.tolerances)
+    deployment = build_deployment(model_bytes, golden_bytes, spec, model.inputs, model.outputs, tolerance,
+                                  tolerances=tolerances)
     manifest = key.sign(deployment.to_dict()) if key else deployment.to_dict()
     deployment = Deployment.from_dict(manifest)
     files = {
         MODEL_FILE: model_bytes,
         GOLDEN_FILE: golden_bytes,
         MANIFEST_FILE: canonical_json(manifest),
-        REPORT_FILE: canonical_json(spec.report),
+        REPORT_FILE: canonical_json({**spec.report, "golden_check": checked.to_dict()}),
     }
     write_directory_atomically(dest, files, overwrite=overwrite)
     return deployment

@@ -83,9 +83,11 @@ def error_line(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgectl` console script; returns the exit code."""
+    verbose = 0
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        verbose = args.verbose
         logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                             format="%(levelname)s %(name)s: %(message)s")
         if getattr(args, "func", None) is None:
@@ -106,10 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted; nothing was written")
         return 130
-    except Exception as exc:  # the last line of defence: one line, traceback only with -v
-        log.debug("unexpected error", exc_info=True)
-        error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)")
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
+    except Exception as exc:  # the last line of defence: one line, the traceback with -v
+        error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
+        if verbose:  # the hint names -v, so -v alone must be enough to get the traceback
             import traceback
 
             traceback.print_exc()

@@ -29,6 +29,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("a", metavar="BUNDLE_A", help="the current bundle (or .tflite)")
     p.add_argument("b", metavar="BUNDLE_B", help="the new bundle (or .tflite)")
+    p.add_argument("--latency-runs", metavar="N", type=int, default=50,
+                   help="time N bare invokes of each model with LiteRT on this host (default 50; 0 skips)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -40,6 +42,23 @@ def _load(path: str) -> dict[str, Any]:
     if not p.exists():
         raise UsageError(f"{p}: no such file or directory")
     return describe_bundle(p) if p.is_dir() else describe_tflite(p)
+
+
+def _interval(metrics: dict[str, Any]) -> str | None:
+    low, high = metrics.get("accuracy_drop_low_pt"), metrics.get("accuracy_drop_high_pt")
+    return None if low is None or high is None else f"{low:.2f} to {high:.2f} points"
+
+
+def _gate(side: dict[str, Any]) -> str | None:
+    """The gate's decision and deciding figure, from the report (or the manifest's metrics)."""
+    gate = (side.get("report") or {}).get("gate") or {}
+    metrics = (side.get("manifest") or {}).get("metrics", {})
+    decision = gate.get("decision") or metrics.get("gate_decision")
+    if decision is None or gate.get("metric") == "none":
+        return None
+    value, limit = gate.get("value"), gate.get("limit")
+    shown = f" {gate['metric']} {value:.2f}, limit {limit:g}" if value is not None and limit is not None else ""
+    return f"{decision}:{shown}" if shown else str(decision)
 
 
 def _tensor(t: dict[str, Any] | None) -> str | None:
@@ -65,10 +84,20 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     row("version", mfa.get("version"), mfb.get("version"))
     row("bytes on disk", ma["bytes"], mb["bytes"])
     row("bytes on the wire", ma["wire_bytes"], mb["wire_bytes"])
+    row("parameters", ma.get("params"), mb.get("params"))
+    row("MACs per invoke", ma.get("macs"), mb.get("macs"))
+    if "host_latency" in a or "host_latency" in b:
+        row("bare p50 ms here", _p50(a.get("host_latency")), _p50(b.get("host_latency")))
     row("quantization", ma["quantization"], mb["quantization"])
     row("sparsity", ma["sparsity"], mb["sparsity"])
     row("sparse encoding", ma["sparse_encoding"], mb["sparse_encoding"])
-    for key in ("accuracy", "accuracy_drop_pt", "top1_agreement", "latency_p50_ms", "latency_p95_ms"):
+    for key in ("accuracy", "accuracy_drop_pt"):
+        row(key.replace("_", " "), fa.get(key), fb.get(key))
+    row("accuracy drop 95 % CI", _interval(fa), _interval(fb))
+    row("gate", _gate(a), _gate(b))
+    row("evaluation samples", fa.get("validation_samples"), fb.get("validation_samples"))
+    row("evaluation held out", fa.get("eval_held_out"), fb.get("eval_held_out"))
+    for key in ("top1_agreement", "sqnr_db", "cosine_min", "latency_p50_ms", "latency_p95_ms"):
         row(key.replace("_", " "), fa.get(key), fb.get(key))
     row("signed by", (a.get("signature") or {}).get("key_id"), (b.get("signature") or {}).get("key_id"))
     pa, pb = mfa.get("preprocessing") or {}, mfb.get("preprocessing") or {}
@@ -91,6 +120,12 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             signature.append({"tensor": f"{kind[:-1]} {i}", "a": va, "b": vb, "changed": va != vb})
     return {"a": a["path"], "b": b["path"], "rows": rows, "operators": operators, "signature": signature,
             "signature_changed": any(s["changed"] for s in signature), "update": _update_cost(a, b)}
+
+
+def _p50(lat: dict[str, Any] | None) -> float | str | None:
+    if not lat:
+        return None
+    return lat.get("p50_ms") if "error" not in lat else f"not measured: {lat['error']}"
 
 
 def _update_cost(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
@@ -141,7 +176,21 @@ def render(result: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compare two bundles."""
-    result = compare(_load(args.a), _load(args.b))
+    if args.latency_runs < 0:
+        raise UsageError(f"--latency-runs: must be >= 0, got {args.latency_runs}")
+    a, b = _load(args.a), _load(args.b)
+    if args.latency_runs:
+        from agent.bundle import MODEL_FILE
+        from converter.latency import compare_latency
+
+        def model_bytes(side: dict[str, Any]) -> bytes:
+            path = Path(side["path"])
+            return (path / MODEL_FILE if side["kind"] == "bundle" else path).read_bytes()
+
+        # Measured in turns on this host in this run, so the two figures compare with each other.
+        lat = compare_latency({"a": model_bytes(a), "b": model_bytes(b)}, runs=args.latency_runs)
+        a["host_latency"], b["host_latency"] = lat["a"], lat["b"]
+    result = compare(a, b)
     if args.json:
         print_json(result)
     else:

@@ -33,6 +33,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("path", metavar="PATH", help="a .tflite file or a bundle directory")
     p.add_argument("--pubkey", metavar="KEY", help="verify the bundle's signature with this public key (or directory)")
+    p.add_argument("--latency-runs", metavar="N", type=int, default=50,
+                   help="time N bare invokes with LiteRT on this host (default 50; 0 skips)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -100,11 +102,32 @@ def describe_bundle(path: Path, pubkey: str | None = None) -> dict[str, Any]:
     }
 
 
+def host_latency(result: dict[str, Any], runs: int) -> dict[str, Any] | None:
+    """Bare LiteRT latency of the inspected model on this host (inputs set once, invoke timed); None for 0 runs."""
+    if runs <= 0:
+        return None
+    from agent.bundle import MODEL_FILE
+    from converter.latency import bare_latency
+
+    path = Path(result["path"])
+    return bare_latency((path / MODEL_FILE if result["kind"] == "bundle" else path).read_bytes(), runs=runs)
+
+
+def fmt_latency(lat: dict[str, Any] | None) -> str:
+    """One line for a bare latency measurement (or why there is none)."""
+    if lat is None:
+        return "-"
+    if "error" in lat:
+        return f"not measured: {lat['error']}"
+    return f"p50 {lat['p50_ms']:.4f} ms, p95 {lat['p95_ms']:.4f} ms (bare invoke, {lat['backend']}, " \
+           f"xnnpack={'on' if lat['xnnpack'] else 'off'}, {lat['runs']} runs)"
+
+
 def render(result: dict[str, Any]) -> None:
     """Print an inspect result as tables."""
     from rich.table import Table
 
-    from converter.report import fmt_bytes, fmt_pct, operator_table, signature_table
+    from converter.report import fmt_bytes, fmt_pct, gate_line, operator_table, signature_table
 
     console = stdout_console()
     model = result["model"]
@@ -139,10 +162,33 @@ def render(result: dict[str, Any]) -> None:
         if metrics.get("accuracy") is not None:
             drop = metrics.get("accuracy_drop_pt")
             table.add_row("accuracy", fmt_pct(metrics["accuracy"]) + (f" (drop {drop:.2f} points)" if drop is not None else ""))
+        if metrics.get("accuracy_drop_low_pt") is not None:
+            table.add_row("paired drop", f"95 % CI {metrics['accuracy_drop_low_pt']:.2f} to "
+                                         f"{metrics['accuracy_drop_high_pt']:.2f} points on "
+                                         f"{metrics.get('validation_samples')} samples "
+                                         f"({metrics.get('float_only_correct')} right only in float, "
+                                         f"{metrics.get('converted_only_correct')} right only converted)")
+        if metrics.get("sqnr_db") is not None or metrics.get("cosine_min") is not None:
+            table.add_row("agreement", f"SQNR {metrics.get('sqnr_db', '-')} dB, "
+                                       f"min cosine {metrics.get('cosine_min', '-')}")
+        report = result.get("report") or {}
+        evaluation = report.get("evaluation") or {}
+        if evaluation.get("source"):
+            seen = "held out" if evaluation.get("held_out") else "[yellow]not held out[/yellow]"
+            table.add_row("evaluation data", f"{evaluation['source']}, {evaluation['samples']} samples, {seen}")
+        if report.get("gate"):
+            table.add_row("accuracy gate", gate_line(report["gate"]))
+        for warning in report.get("warnings") or []:
+            table.add_row("[yellow]warning[/yellow]", warning)
         if metrics.get("latency_p50_ms") is not None:
             table.add_row("host latency", f"p50 {metrics['latency_p50_ms']} ms, p95 {metrics.get('latency_p95_ms')} ms")
     table.add_row("bytes on disk", fmt_bytes(model["bytes"]))
     table.add_row("bytes on the wire", f"{fmt_bytes(model['wire_bytes'])} in {model['chunks']} chunk(s)")
+    table.add_row("parameters", f"{model.get('params', 0):,}")
+    table.add_row("MACs per invoke", f"{model.get('macs', 0):,} (" + ", ".join(
+        f"{op} {n:,}" for op, n in (model.get("macs_by_op") or {}).items()) + ")")
+    if "host_latency" in result:
+        table.add_row("host latency here", fmt_latency(result["host_latency"]))
     table.add_row("quantization", model["quantization"])
     table.add_row("sparsity (kernels)", fmt_pct(model["sparsity"]) + (", sparse encoding" if model["sparse_encoding"] else ""))
     if model.get("min_runtime_version"):
@@ -165,6 +211,8 @@ def render(result: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Inspect a model or bundle."""
     path = Path(args.path)
+    if args.latency_runs < 0:
+        raise UsageError(f"--latency-runs: must be >= 0, got {args.latency_runs}")
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
     if args.pubkey and not Path(args.pubkey).exists():
@@ -175,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
         if args.pubkey:
             raise UsageError("--pubkey applies to bundles, not to a .tflite file")
         result = describe_tflite(path)
+    if args.latency_runs:
+        result["host_latency"] = host_latency(result, args.latency_runs)
     if args.json:
         print_json(result)
     else:

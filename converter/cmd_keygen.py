@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from converter.errors import UsageError
 from converter.output import add_json, print_json, stdout_console
 
 
@@ -27,8 +29,18 @@ def run(args: argparse.Namespace) -> int:
     """Generate and write the key pair."""
     from agent.protocol import SigningKey
 
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: exists and is not a directory; keygen writes edgefleet.key and "
+                         "edgefleet.pub into a directory and never overwrites a file")
+    blocker = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"-o {out}: {blocker} is a file, not a directory")
     key = SigningKey.generate()
-    private, public = key.write(args.output)
+    try:
+        private, public = key.write(out)
+    except OSError as err:
+        raise UsageError(f"-o {out}: {err.strerror or err}") from err
     result = {"key_id": key.key_id, "private_key": str(private), "public_key": str(public)}
     if args.json:
         print_json(result)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import UsageError
+from converter.interpreters import OPTION_HELP as INTERPRETERS_HELP
+from converter.interpreters import option as interpreter_option
 from converter.output import (
     add_json,
     check_output,
@@ -45,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--version", metavar="N", type=version_number, required=True, help="integer model version")
     p.add_argument("--data", metavar="FILE.npz", help="samples 'x' (and optional labels 'y') for golden vectors")
     p.add_argument("--golden-samples", metavar="N", type=positive_int, default=8, help="golden vectors to store (default 8)")
+    p.add_argument("--interpreters", metavar="LIST", type=interpreter_option, default="auto", help=INTERPRETERS_HELP)
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed for random golden inputs (default 0)")
     p.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: from TFLite metadata)")
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         quantize_input,
         random_inputs,
     )
-    from converter.evaluate import first_sample, measure_latency, run_samples
+    from converter.evaluate import check_invokes, first_sample, measure_latency, run_samples
+    from converter.golden import POOL_SAMPLES
     from converter.native import captured_native_output
     from converter.report import metrics, package_report, render
     from converter.tflite_info import read_model
@@ -107,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
             model = load_model(data, "auto", use_xnnpack=True)
     except RuntimeBackendError as err:
         raise UsageError(f"{args.model}: {err}") from err
+    try:
+        check_invokes(model, first_sample(model, None, args.seed), sparse_encoded=info.sparse_encoded)
+    except UsageError as err:
+        raise UsageError(f"{args.model}: {err}") from err
     meta = info.metadata
     mean = parse_floats(args.input_mean, "--input-mean") or (meta.mean if meta else None)
     std = parse_floats(args.input_std, "--input-std") or (meta.std if meta else None)
@@ -120,15 +128,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--data: the model has {len(model.inputs)} inputs; data files support one-input models")
         ds = check_inputs(load_npz(args.data), model.inputs[0])
         check_labels(ds, classes)
-        golden = [quantize_input(ds.x[:args.golden_samples], model.inputs[0])[:, None]]
-        golden_source = f"first {len(golden[0])} samples of {args.data}"
+        golden = [quantize_input(ds.x[:max(args.golden_samples, POOL_SAMPLES)], model.inputs[0])[:, None]]
+        golden_source = f"{min(args.golden_samples, len(golden[0]))} of the first {len(golden[0])} samples of {args.data}"
         if ds.y is not None:
             predicted = run_samples(model, ds.x).argmax(axis=-1)
             accuracy, samples = float(np.mean(predicted == ds.y)), len(ds)
         sample_x = ds.x
     else:
-        golden = random_inputs(model.inputs, args.golden_samples, args.seed)
-        golden_source = f"{args.golden_samples} random inputs (seed {args.seed})"
+        golden = random_inputs(model.inputs, max(args.golden_samples, POOL_SAMPLES), args.seed)
+        golden_source = f"{args.golden_samples} of {len(golden[0])} random inputs (seed {args.seed})"
         sample_x = None
     latency = measure_latency(model, first_sample(model, sample_x, args.seed), runs=args.latency_runs)
     report = package_report(path=args.model, info=info, validation_accuracy=accuracy, samples=samples,
@@ -138,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     report["conversion_s"] = round(time.perf_counter() - started, 3)
     spec = BundleSpec(name=args.name, version=args.version, golden_inputs=golden, labels=labels,
                       labels_output=args.labels_output, top_k=args.top_k,
-                      mean=mean, std=std, metrics=metrics(report), report=report)
-    deployment = write_bundle(out, data, spec, key=key, overwrite=args.force)
+                      mean=mean, std=std, metrics=metrics(report), report=report,
+                      golden_samples=args.golden_samples, seed=args.seed)
+    deployment = write_bundle(out, data, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
     if args.json:
         print_json({"written": True, "bundle": str(out), "name": args.name, "version": args.version,
                     "deployment_id": deployment.deployment_id, "signed_by": deployment.key_id, "report": report})

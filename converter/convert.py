@@ -31,6 +31,7 @@ from converter.data import (
 from converter.encoding import EncodingDecision, choose_encoding, runs_like
 from converter.errors import UsageError
 from converter.evaluate import Gate, Validation, compare, first_sample, gate, measure_latency, run_samples
+from converter.golden import POOL_SAMPLES
 from converter.load import SourceModel
 from converter.native import captured_native_output
 from converter.prune import PruneConfig, PruneResult, prune
@@ -285,7 +286,10 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     hooks.stage("validating with LiteRT")
     with captured_native_output():  # LiteRT announces its XNNPACK delegate on stderr
         dense_model = load_model(dense, "auto", use_xnnpack=True)
-    model_bytes, encoding = choose_encoding(dense, sparse, runs_like(dense, _check_samples(dense_model, val_x)))
+    absent = ("sparse encoding switched off (--no-sparse-encoding)" if pruning is not None
+              else "no pruning, so no sparse candidate")
+    model_bytes, encoding = choose_encoding(dense, sparse, runs_like(dense, _check_samples(dense_model, val_x)),
+                                            absent)
     served = load_model(model_bytes, "auto", use_xnnpack=True)
     result = None
     if validation is not None and prepared.reference is not None:
@@ -296,7 +300,8 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     timings["validate_s"] = time.perf_counter() - t
     latency = measure_latency(served, first_sample(served, val_x), warmup=options.latency_warmup,
                               runs=options.latency_runs)
-    golden = golden_inputs(served.inputs, val_x, options.golden_samples, options.seed)
+    # candidates: the bundle keeps golden_samples of them, chosen where the interpreters disagree most
+    golden = golden_inputs(served.inputs, val_x, max(options.golden_samples, POOL_SAMPLES), options.seed)
     timings["total_s"] = timings.get("baseline_s", 0.0) + timings.get("prune_s", 0.0) + time.perf_counter() - started
     info = read_model(model_bytes)
     rep = reporting.convert_report(

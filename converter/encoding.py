@@ -40,11 +40,13 @@ def wire_size(model: bytes) -> int:
     return split(model)[0].wire_size
 
 
-def choose_encoding(dense: bytes, sparse: bytes | None, check: RunCheck) -> tuple[bytes, EncodingDecision]:
-    """Keep `sparse` when it is smaller and `check` finds no problem with it; otherwise `dense`, saying why."""
+def choose_encoding(dense: bytes, sparse: bytes | None, check: RunCheck,
+                    absent: str = "no pruning, so no sparse candidate") -> tuple[bytes, EncodingDecision]:
+    """Keep `sparse` when it is smaller and `check` finds no problem with it; otherwise `dense`, saying why
+    (`absent` says why there is no sparse candidate)."""
     dense_wire = wire_size(dense)
     if sparse is None:
-        return dense, EncodingDecision("dense", "no pruning, so no sparse candidate", len(dense), dense_wire)
+        return dense, EncodingDecision("dense", absent, len(dense), dense_wire)
     sparse_wire = wire_size(sparse)
 
     def decide(chosen: str, reason: str) -> EncodingDecision:

@@ -6,6 +6,7 @@ The converted model runs through `agent.runtime` with XNNPACK on, exactly as the
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ import numpy as np
 
 from agent.runtime import LoadedModel
 from converter.data import dequantize_output, quantize_input
+from converter.errors import UsageError
 from converter.paired import (
     CONFIDENCE,
     agreement_to_settle,
@@ -198,22 +200,23 @@ def compare(reference: np.ndarray, converted: np.ndarray, y: np.ndarray | None,
 
 
 def _against_max(metric: str, value: float, interval: tuple[float, float], limit: float, unit: str,
-                 settle: Callable[[], int | None], output: str | None = None) -> Check:
+                 settle: Callable[[], int | None], output: str | None = None,
+                 flag: str = "--max-accuracy-drop") -> Check:
     """Decide a figure that must stay at or below `limit` from its interval: refuse when the whole
     interval lies above it, pass when the whole interval lies at or below it, warn in between."""
     low, high = interval
     shown = f"{metric} {value:.2f} {unit} (95 % CI {low:.2f} to {high:.2f})"
     if low > limit:
         return Check(metric, output, value, interval, limit, "max", "refuse",
-                     f"{shown} lies wholly above the limit {limit:g}")
+                     f"{shown} lies wholly above {flag} {limit:g}")
     if high <= limit:
         return Check(metric, output, value, interval, limit, "max", "pass",
-                     f"{shown} lies at or below the limit {limit:g}")
+                     f"{shown} lies at or below {flag} {limit:g}")
     needed = settle()
     more = (f"about {needed} evaluation samples at the rates seen would settle it" if needed
             else "more evaluation samples would not settle it at the rates seen")
     return Check(metric, output, value, interval, limit, "max", "warn",
-                 f"{shown} straddles the limit {limit:g}; {more}", needed)
+                 f"{shown} straddles {flag} {limit:g}; {more}", needed)
 
 
 def _agreement_check(out: dict[str, Any], limit_pct: float) -> Check:
@@ -224,20 +227,20 @@ def _agreement_check(out: dict[str, Any], limit_pct: float) -> Check:
         decision = "pass" if value >= limit_pct else "refuse"
         return Check("top1_agreement_pct", name, value, None, limit_pct, "min", decision,
                      f"{name}: top-1 agreement {value:.2f} % (per position; no interval) "
-                     f"{'meets' if decision == 'pass' else 'is below'} the limit {limit_pct:g} %")
+                     f"{'meets' if decision == 'pass' else 'is below'} --min-top1-agreement {limit_pct:g}")
     low, high = (round(v * 100.0, 4) for v in out["top1_agreement_interval"])
     shown = f"{name}: top-1 agreement {value:.2f} % (95 % CI {low:.2f} to {high:.2f})"
     if high < limit_pct:
         return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "refuse",
-                     f"{shown} lies wholly below the limit {limit_pct:g} %")
+                     f"{shown} lies wholly below --min-top1-agreement {limit_pct:g}")
     if low >= limit_pct:
         return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "pass",
-                     f"{shown} lies at or above the limit {limit_pct:g} %")
+                     f"{shown} lies at or above --min-top1-agreement {limit_pct:g}")
     needed = agreement_to_settle(out["top1_agreeing"], out["samples"], limit_pct / 100.0)
     more = (f"about {needed} evaluation samples at the rate seen would settle it" if needed
             else "more evaluation samples would not settle it at the rate seen")
     return Check("top1_agreement_pct", name, value, (low, high), limit_pct, "min", "warn",
-                 f"{shown} straddles the limit {limit_pct:g} %; {more}", needed)
+                 f"{shown} straddles --min-top1-agreement {limit_pct:g}; {more}", needed)
 
 
 def _sqnr_check(out: dict[str, Any], limit_db: float) -> Check:
@@ -248,7 +251,7 @@ def _sqnr_check(out: dict[str, Any], limit_db: float) -> Check:
                      f"{name}: outputs identical to the float model's")
     ok = value >= limit_db
     return Check("sqnr_db", name, value, None, limit_db, "min", "pass" if ok else "refuse",
-                 f"{name}: SQNR {value:.2f} dB {'meets' if ok else 'is below'} the limit {limit_db:g} dB")
+                 f"{name}: SQNR {value:.2f} dB {'meets' if ok else 'is below'} --min-sqnr-db {limit_db:g}")
 
 
 _SEVERITY = {"pass": 0, "warn": 1, "refuse": 2}
@@ -324,3 +327,32 @@ def first_sample(model: LoadedModel, x: np.ndarray | None, seed: int = 0) -> lis
     if x is not None and len(model.inputs) == 1:
         return [quantize_input(x[:1], model.inputs[0])]
     return [a[0] for a in random_inputs(model.inputs, 1, seed)]
+
+
+_DELEGATE_FAILURE = re.compile(r"failed to delegate (\w+) node #(\d+)")
+
+
+def invoke_failure(err: BaseException, *, sparse_encoded: bool) -> str:
+    """One line saying why a model fails at invoke and what to do, from the interpreter's error text.
+
+    LiteRT's XNNPACK delegate, which agents serve with by default, can refuse a node only when the
+    graph is prepared at the first invoke ("failed to delegate FULLY_CONNECTED node #13 ..."): the
+    model loads, then every request fails.
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    found = _DELEGATE_FAILURE.search(text)
+    if found:
+        op, node = found.groups()
+        cure = ("export it without sparse tensor encoding (edgectl convert --no-sparse-encoding)"
+                if sparse_encoded else "set use_xnnpack = false under [runtime] on the boards that serve it")
+        return (f"the XNNPACK delegate fails on {op} (node {node}) at invoke, and agents serve with XNNPACK; "
+                f"{cure}")
+    return f"the model fails at invoke: {text[:300]}"
+
+
+def check_invokes(model: LoadedModel, sample: list[np.ndarray], *, sparse_encoded: bool) -> None:
+    """Invoke once on `sample`; raise UsageError with `invoke_failure`'s line when the interpreter fails."""
+    try:
+        model.run(sample)
+    except (RuntimeError, ValueError) as err:  # the interpreters report a failing invoke with these
+        raise UsageError(invoke_failure(err, sparse_encoded=sparse_encoded)) from err

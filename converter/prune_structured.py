@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from converter.data import Dataset
 from converter.errors import ConversionError, UsageError
@@ -123,13 +124,41 @@ def _types() -> dict[str, tuple[type, ...]]:
     }
 
 
-def _parents(layer: Any) -> list[Any]:
-    return [t._keras_history.operation for node in layer._inbound_nodes for t in node.input_tensors]
+@dataclass
+class _Graph:
+    """The model's own call graph: layers in topological order, their parents, children and call count."""
+
+    order: list[Any]
+    parents: dict[int, list[Any]]
+    children: dict[int, list[Any]]
+    calls: dict[int, int]
+    outputs: set[int]
+
+    def uses(self, layer: Any) -> int:
+        return self.calls.get(id(layer), 0)
 
 
-def _children(layer: Any, members: set[int]) -> list[Any]:
-    # Outbound nodes can belong to other models that reused the layer; only this model's count.
-    return [node.operation for node in layer._outbound_nodes if id(node.operation) in members]
+def _graph(model: Any) -> _Graph:
+    # A layer's own _inbound_nodes also hold the calls of other models that used it, and a Sequential
+    # model adds nodes each time it rebuilds itself; the nodes of this model's graph are the truth.
+    graph = model._functional if hasattr(model, "_functional") else model
+    by_depth = graph._nodes_by_depth
+    order: list[Any] = []
+    parents: dict[int, list[Any]] = {}
+    children: dict[int, list[Any]] = {}
+    calls: dict[int, int] = {}
+    for depth in sorted(by_depth, reverse=True):  # inputs have the largest depth
+        for node in by_depth[depth]:
+            layer = node.operation
+            calls[id(layer)] = calls.get(id(layer), 0) + 1
+            if calls[id(layer)] == 1:
+                order.append(layer)
+            ins = [t._keras_history.operation for t in node.input_tensors]
+            parents.setdefault(id(layer), []).extend(ins)
+            for parent in ins:
+                children.setdefault(id(parent), []).append(layer)
+    outputs = {id(t._keras_history.operation) for t in graph.outputs}
+    return _Graph(order, parents, children, calls, outputs)
 
 
 def _channels_last(layer: Any) -> bool:
@@ -143,11 +172,11 @@ def _last_axis(layer: Any) -> bool:
     return len(axes) == 1 and axes[0] in (-1, rank - 1)
 
 
-def _why_not_consumer(layer: Any, kinds: dict[str, tuple[type, ...]]) -> str | None:
+def _why_not_consumer(layer: Any, graph: _Graph, kinds: dict[str, tuple[type, ...]]) -> str | None:
     """None when `layer` takes a channel-sliced input unchanged in meaning; else the reason it cannot."""
     kind = type(layer)
     name = f"{layer.name} ({kind.__name__})"
-    if len(layer._inbound_nodes) != 1:
+    if graph.uses(layer) != 1:
         return f"feeds {name}, which is used more than once"
     if kind in kinds["producer"]:
         if not _channels_last(layer) or getattr(layer, "groups", 1) != 1:
@@ -168,19 +197,19 @@ def _why_not_consumer(layer: Any, kinds: dict[str, tuple[type, ...]]) -> str | N
 class _Plan:
     """Keep-masks over the last axis: each pruned producer's output, and each layer's input."""
 
-    out_keep: dict[str, np.ndarray] = field(default_factory=dict)
-    in_keep: dict[str, np.ndarray] = field(default_factory=dict)
+    out_keep: dict[str, NDArray[Any]] = field(default_factory=dict)
+    in_keep: dict[str, NDArray[Any]] = field(default_factory=dict)
 
 
-def _walk(producer: Any, members: set[int], outputs: set[int], kinds: dict[str, tuple[type, ...]]) -> str | None:
+def _walk(producer: Any, graph: _Graph, kinds: dict[str, tuple[type, ...]]) -> str | None:
     """Why `producer`'s channels cannot be removed, or None when every path ends in a consumer."""
     frontier = [producer]
     while frontier:
         layer = frontier.pop()
-        if id(layer) in outputs:
+        if id(layer) in graph.outputs:
             return "its output is a model output" if layer is producer else f"flows into the model output {layer.name}"
-        for child in _children(layer, members):
-            reason = _why_not_consumer(child, kinds)
+        for child in graph.children.get(id(layer), []):
+            reason = _why_not_consumer(child, graph, kinds)
             if reason is not None:
                 return reason
             if type(child) not in kinds["producer"]:
@@ -188,7 +217,7 @@ def _walk(producer: Any, members: set[int], outputs: set[int], kinds: dict[str, 
     return None
 
 
-def _l1_keep(kernel: np.ndarray, in_keep: np.ndarray | None, in_axis: int, fraction: float) -> np.ndarray:
+def _l1_keep(kernel: NDArray[Any], in_keep: NDArray[Any] | None, in_axis: int, fraction: float) -> NDArray[Any]:
     """Keep-mask over the output axis (last): drop round(fraction * n) filters with the smallest L1 norm."""
     if in_keep is not None:
         kernel = np.compress(in_keep, kernel, axis=in_axis)
@@ -200,7 +229,7 @@ def _l1_keep(kernel: np.ndarray, in_keep: np.ndarray | None, in_axis: int, fract
     return keep
 
 
-def _propagate(layer: Any, mask: np.ndarray, kinds: dict[str, tuple[type, ...]]) -> np.ndarray:
+def _propagate(layer: Any, mask: NDArray[Any], kinds: dict[str, tuple[type, ...]]) -> NDArray[Any]:
     """The keep-mask over `layer`'s output last axis, given the one over its input's."""
     if type(layer) in kinds["flatten"]:
         shape = layer.input.shape
@@ -217,13 +246,11 @@ def plan(model: Any, fraction: float) -> tuple[_Plan, list[LayerChannels]]:
     if not (isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"):
         raise UsageError("--prune-channels needs a Sequential or functional Keras model")
     kinds = _types()
-    layers = list(model.layers)
-    members = {id(layer) for layer in layers}
-    outputs = {id(t._keras_history.operation) for t in model.outputs}
+    graph = _graph(model)
     out = _Plan()
     records: list[LayerChannels] = []
-    for layer in layers:  # topological order
-        parents = [p for p in _parents(layer) if id(p) in members]
+    for layer in graph.order:
+        parents = graph.parents.get(id(layer), [])
         in_mask = out.out_keep.get(parents[0].name) if len(parents) == 1 else None
         if in_mask is not None:
             out.in_keep[layer.name] = in_mask
@@ -236,12 +263,12 @@ def plan(model: Any, fraction: float) -> tuple[_Plan, list[LayerChannels]]:
         kind = "units" if isinstance(layer, keras.layers.Dense) else "filters"
         n = int(layer.kernel.shape[-1])
         reason = None
-        if len(layer._inbound_nodes) != 1:
+        if graph.uses(layer) != 1:
             reason = "the layer is used more than once"
         elif not _channels_last(layer) or getattr(layer, "groups", 1) != 1:
             reason = "channels_first or grouped convolution"
         else:
-            reason = _walk(layer, members, outputs, kinds)
+            reason = _walk(layer, graph, kinds)
         if reason is None and n - max(1, n - int(round(fraction * n))) == 0:
             reason = f"{round(fraction * n)} of {n} {kind} round to none"
         if reason is not None:
@@ -257,8 +284,8 @@ def plan(model: Any, fraction: float) -> tuple[_Plan, list[LayerChannels]]:
 # ---------------------------------------------------------------------------------------------- rebuild
 
 
-def _sliced_weights(layer: Any, weights: list[np.ndarray], in_keep: np.ndarray | None,
-                    out_keep: np.ndarray | None, kinds: dict[str, tuple[type, ...]]) -> list[np.ndarray]:
+def _sliced_weights(layer: Any, weights: list[NDArray[Any]], in_keep: NDArray[Any] | None,
+                    out_keep: NDArray[Any] | None, kinds: dict[str, tuple[type, ...]]) -> list[NDArray[Any]]:
     if type(layer) in kinds["producer"]:
         kernel, rest = weights[0], weights[1:]
         in_axis = kernel.ndim - 2  # Dense (in, out), Conv1D (k, in, out), Conv2D (kh, kw, in, out)

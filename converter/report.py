@@ -106,6 +106,9 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
         "ratio_wire": size.get("ratio_wire"),
         "sparsity": report.get("sparsity"),
         "prune_target": pruning.get("target"),
+        "prune_channels": (report.get("structured_pruning") or {}).get("fraction"),
+        "params": (report.get("compute") or {}).get("params"),
+        "macs": (report.get("compute") or {}).get("macs"),
         "sparse_encoding": (report.get("encoding") or {}).get("chosen") == "sparse",
         "accuracy": val.get("accuracy"),
         "float_accuracy": val.get("float_accuracy"),
@@ -218,11 +221,21 @@ def render(report: dict[str, Any], console: Console) -> None:
         structure = f", {pruning['structure']} structure" if pruning.get("structure") else ""
         summary.add_row("pruning", f"target {fmt_pct(pruning['target'])}{structure}, reached "
                                    f"{fmt_pct(pruning['overall'])} ({pruning['method']}, {pruning['steps']} steps)")
+    channels = report.get("structured_pruning")
+    if channels:
+        cut = [f"{c['layer']} {c['before']}->{c['after']}" for c in channels["layers"] if not c.get("skipped")]
+        summary.add_row("structured pruning", f"{fmt_pct(channels['fraction'])} of filters/units removed "
+                                              f"({channels['method']}, {channels['steps']} steps): " + ", ".join(cut))
     enc = report.get("encoding")
     if enc:
         summary.add_row("encoding", f"{enc['chosen']}: {enc['reason']}")
     summary.add_row("bytes on disk", fmt_bytes(size.get("bytes")))
     summary.add_row("bytes on the wire", f"{fmt_bytes(size.get('wire_bytes'))} in {size.get('chunks')} chunk(s)")
+    compute = report.get("compute")
+    if compute:
+        summary.add_row("parameters, MACs", f"{compute['params']:,} params, {compute['macs']:,} MACs per invoke "
+                                            f"(float32 original: {compute['float32_params']:,}, "
+                                            f"{compute['float32_macs']:,})")
     if size.get("float32_tflite_bytes"):
         summary.add_row("float32 TFLite", fmt_bytes(size["float32_tflite_bytes"]))
         summary.add_row("ratio (float32 / wire)", f"{size.get('ratio_wire')}x  (disk: {size.get('ratio_disk')}x)")

@@ -184,13 +184,15 @@ def _guess_mode(model: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[Tenso
 def read_model(data: bytes, *, chunk_size: int | None = None) -> ModelInfo:
     """Summarise a .tflite file; raise UsageError when the bytes are not a TFLite flatbuffer."""
     schema = _schema()
-    if len(data) < 8 or data[4:8] != b"TFL3":
+    if len(data) >= 8 and data[4:8] != b"TFL3":
         raise UsageError("not a TFLite model (the file identifier is not TFL3)")
     try:
+        if len(data) < 8:
+            raise ValueError("shorter than a flatbuffer header")
         model = schema.ModelT.InitFromPackedBuf(data, 0)
         graph = model.subgraphs[0]
-    except Exception as err:  # a corrupt flatbuffer fails deep in the generated code with any error
-        raise UsageError(f"corrupt TFLite model ({type(err).__name__}: {err})") from err
+    except Exception as err:  # a cut-off or corrupt flatbuffer fails deep in the generated code with any error
+        raise UsageError(f"truncated or not a TFLite flatbuffer ({len(data)} bytes)") from err
     names = _op_names()
     ops: Counter[tuple[str, int]] = Counter()
     for graph_ in model.subgraphs:
@@ -317,3 +319,61 @@ def _float_ops(model: Any, names: dict[int, str], constant: set[int]) -> tuple[s
         if any(tensors[i].type in (0, 1, 10) for i in used):
             found.append(name)
     return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True)
+class OutputSource:
+    """Where a model output's values come from, for golden tolerances (converter/golden.py).
+
+    `quantized` is the last quantized tensor on the way to the output: the output itself when it is
+    quantized, or the input of the DEQUANTIZE that produces a float output. `op` is the operator that
+    writes `quantized` and `op_input` that operator's first input, when it is quantized too.
+    """
+
+    output: TensorSpec
+    quantized: TensorSpec | None = None
+    op: str | None = None
+    op_input: TensorSpec | None = None
+
+
+def output_sources(data: bytes) -> tuple[OutputSource, ...]:
+    """For each output of the main subgraph, the quantized tensor behind it and the op that writes it."""
+    schema = _schema()
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)
+        graph = model.subgraphs[0]
+    except Exception as err:  # a corrupt flatbuffer fails deep in the generated code with any error
+        raise UsageError(f"corrupt TFLite model ({type(err).__name__}: {err})") from err
+    names = _op_names()
+    tensors = graph.tensors or []
+    writer: dict[int, Any] = {}
+    for op in graph.operators or []:
+        for i in op.outputs if op.outputs is not None else []:
+            writer[int(i)] = op
+
+    def op_name(op: Any) -> str:
+        code = model.operatorCodes[op.opcodeIndex]
+        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+
+    def first_input(op: Any) -> int | None:
+        ins = [int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0]
+        return ins[0] if ins else None
+
+    sources = []
+    for out in graph.outputs if graph.outputs is not None else []:
+        spec = _spec(tensors[out])
+        index: int | None = int(out)
+        if spec.quantization is None and index in writer and op_name(writer[index]) == "DEQUANTIZE":
+            index = first_input(writer[index])
+        quantized = _spec(tensors[index]) if index is not None else None
+        if quantized is None or quantized.quantization is None:
+            sources.append(OutputSource(output=spec))
+            continue
+        op = writer.get(index)  # type: ignore[arg-type]
+        op_input = None
+        if op is not None and (i := first_input(op)) is not None:
+            candidate = _spec(tensors[i])
+            op_input = candidate if candidate.quantization is not None else None
+        sources.append(OutputSource(output=spec, quantized=quantized, op=op_name(op) if op is not None else None,
+                                    op_input=op_input))
+    return tuple(sources)

@@ -501,13 +501,15 @@ def test_string_inputs_as_bytes(tcp_server: Any, zoo: Any, tmp_path: Path) -> No
     client.close()
 
 
-def test_the_previous_version_is_addressable_while_it_is_the_rollback_target(tmp_path: Path) -> None:
+def test_the_previous_version_is_addressable_while_it_is_the_rollback_target() -> None:
     root = fast_tmp("edgefleet-v2v-")
     port = free_port()
-    proc = AgentProcess(root / "a", api={"port": port}, health={"probation_s": 60, "min_requests": 1000})
+    proc = AgentProcess(root / "a", api={"port": port}, health={"probation_s": 0.5, "min_requests": 1000})
     try:
         assert proc.cli("install", str(build_bundle(root / "v1", "dense_f32", version=1))).returncode == 0
         proc.start()
+        # v1 must pass its probation to become the last-known-good that v2 can be rolled back to
+        wait_for(lambda: proc.status()["state"]["models"]["m"]["phase"] == "COMMITTED", timeout=30, what="v1 commit")
         res = proc.cli("install", str(build_bundle(root / "v2", "dense_f32_v2", version=2)))
         assert res.returncode == 0, res.stdout + res.stderr
         wait_for(lambda: proc.client.health()["models"]["m"]["version"] == 2, timeout=30, what="v2 active")

@@ -157,6 +157,10 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     tolerance: Tolerance = field(default_factory=Tolerance)
+    tolerances: tuple[Tolerance, ...] | None = None
+    """One tolerance per output, in the order of `outputs`, for models whose outputs need different ones
+    (their quantization steps differ). Absent (documents older than this field, and models whose
+    outputs share one tolerance): `tolerance` applies to every output."""
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
     metrics: dict[str, float | int | str | bool | None] = field(default_factory=dict)
@@ -166,6 +170,13 @@ class ModelSpec:
             raise ProtocolError("inputs: a model needs at least one input")
         if not self.outputs:
             raise ProtocolError("outputs: a model needs at least one output")
+        if self.tolerances is not None and len(self.tolerances) != len(self.outputs):
+            raise ProtocolError(f"tolerances: {len(self.tolerances)} given for {len(self.outputs)} outputs "
+                                "(one per output)")
+
+    def output_tolerance(self, index: int) -> Tolerance:
+        """The tolerance of output `index`: its own from `tolerances`, else the model's `tolerance`."""
+        return self.tolerances[index] if self.tolerances is not None else self.tolerance
 
 
 _S = TypeVar("_S", bound="_Signed")
