@@ -128,7 +128,9 @@ def test_accuracy_gate_trips_and_writes_nothing(capsys, tmp_path) -> None:  # ty
     assert result["report"]["validation"]["accuracy_drop_pt"] > 0.5
     assert result["report"]["gate"]["passed"] is False
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("edgectl: error: accuracy_drop_pt is") and "no bundle written" in lines[-1]
+    assert lines[-1].startswith("edgectl: error: accuracy_drop_pt") and "no bundle written" in lines[-1]
+    assert "lies wholly above --max-accuracy-drop 0.5" in lines[-1]
+    assert result["report"]["gate"]["decision"] == "refuse" and result["report"]["gate"]["interval"][0] > 0.5
     assert bundle_files_absent(out)
 
 

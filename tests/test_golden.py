@@ -189,6 +189,11 @@ def test_an_interpreter_that_cannot_run_the_model_refuses_the_bundle(capsys: pyt
     report = Bundle.load(out).report
     assert report is not None
     assert [i["name"] for i in report["golden_check"]["interpreters"]] == ["litert", "litert-no-xnnpack"]
+    # dynamic-range kernels with and without XNNPACK differ by far more than float rounding: the
+    # measurement, not the floor, sets this float output's tolerance
+    measured = report["golden_check"]["interpreters"][1]["max_abs_error"][0]
+    tol = Bundle.load(out).deployment.model.tolerance
+    assert measured > 1e-4 and tol.atol == pytest.approx(4 * measured, rel=1e-5)
     rc, _, err = run(capsys, "package", model, "-o", tmp_path / "c", "--name", "m", "--version", "1",
                      "--interpreters", "litert,gpu")
     assert rc == 2 and "unknown interpreter 'gpu'" in err and not (tmp_path / "c").exists()
@@ -205,7 +210,7 @@ def test_float_tolerance_comes_from_the_cross_interpreter_measurement(capsys: py
     x, _ = digits()
     gaps = disagreement(model.read_bytes(), x[:check["candidates"]], bundle.deployment.model)
     measured = max(i["max_abs_error"][0] for i in check["interpreters"])
-    assert measured >= gaps.max() > 0
+    assert measured >= gaps.max() * (1 - 1e-5) and gaps.max() > 0
     tol = bundle.deployment.model.tolerance
     assert tol.atol == pytest.approx(max(4 * measured, 1e-4), rel=1e-5) and tol.rtol == 1e-3
     assert check["tolerances"][0]["scale"] is None
@@ -253,7 +258,7 @@ def test_agent_applies_each_outputs_own_tolerance(make_bundle: Callable[..., Pat
                                           deployment=doc, latency_runs=2))
     assert result["ok"] is passes, result
     if not passes:
-        assert "output 0 differs by 0.01" in result["reason"] and "tolerance 0.0001" in result["reason"]
+        assert "output 0 differs by 0.0099" in result["reason"] and "tolerance 0.0001" in result["reason"]
 
 
 def test_tolerances_field_is_optional_and_checked(make_bundle: Callable[..., Path]) -> None:
