@@ -40,7 +40,8 @@ exit codes:
   1  failure (conversion, runtime or I/O error)
   2  bad input: missing or corrupt file, data that does not fit the model, bad option,
      tampered bundle; nothing is written
-  3  the converted model lost more accuracy than --max-accuracy-drop; no bundle is written
+  3  the accuracy gate refused the conversion: the drop's confidence interval lies above
+     --max-accuracy-drop, or an agreement check failed; no bundle is written
 
 Run 'edgectl COMMAND --help' for a command's options and examples.
 """

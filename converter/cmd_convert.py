@@ -152,6 +152,8 @@ def add_parser(subparsers: Any) -> None:
     v.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="largest accepted accuracy drop in percentage points (default 1.0); refused when "
                         "the 95 %% confidence interval of the drop lies wholly above it")
+    v.add_argument("--refuse-uncertain", action="store_true",
+                   help="refuse (exit 3) also when a check's interval straddles its limit, instead of warning")
     v.add_argument("--min-top1-agreement", type=float, default=None, metavar="PERCENT",
                    help="smallest accepted top-1 agreement with the float model, per vector output, in percent")
     v.add_argument("--min-sqnr-db", type=float, default=None, metavar="DB",
@@ -275,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         prune_epochs=args.prune_epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         sparse_encoding=not args.no_sparse_encoding, max_accuracy_drop=args.max_accuracy_drop,
         min_top1_agreement=args.min_top1_agreement, min_sqnr_db=args.min_sqnr_db,
+        refuse_uncertain=args.refuse_uncertain,
         calibration_samples=args.calibration_samples, golden_samples=args.golden_samples,
         latency_runs=args.latency_runs, seed=args.seed,
     )

@@ -49,6 +49,11 @@ def _interval(metrics: dict[str, Any]) -> str | None:
     return None if low is None or high is None else f"{low:.2f} to {high:.2f} points"
 
 
+def _discordant(metrics: dict[str, Any]) -> str | None:
+    b, c = metrics.get("float_only_correct"), metrics.get("converted_only_correct")
+    return None if b is None or c is None else f"{int(b)} / {int(c)}"
+
+
 def _gate(side: dict[str, Any]) -> str | None:
     """The gate's decision and deciding figure, from the report (or the manifest's metrics)."""
     gate = (side.get("report") or {}).get("gate") or {}
@@ -95,6 +100,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         row(key.replace("_", " "), fa.get(key), fb.get(key))
     row("accuracy drop 95 % CI", _interval(fa), _interval(fb))
     row("gate", _gate(a), _gate(b))
+    row("gate method", ((a.get("report") or {}).get("gate") or {}).get("method"),
+        ((b.get("report") or {}).get("gate") or {}).get("method"))
+    row("right only in float / only converted", _discordant(fa), _discordant(fb))
     row("evaluation samples", fa.get("validation_samples"), fb.get("validation_samples"))
     row("evaluation held out", fa.get("eval_held_out"), fb.get("eval_held_out"))
     for key in ("top1_agreement", "sqnr_db", "cosine_min", "latency_p50_ms", "latency_p95_ms"):

@@ -165,9 +165,9 @@ def render(result: dict[str, Any]) -> None:
         if metrics.get("accuracy_drop_low_pt") is not None:
             table.add_row("paired drop", f"95 % CI {metrics['accuracy_drop_low_pt']:.2f} to "
                                          f"{metrics['accuracy_drop_high_pt']:.2f} points on "
-                                         f"{metrics.get('validation_samples')} samples "
-                                         f"({metrics.get('float_only_correct')} right only in float, "
-                                         f"{metrics.get('converted_only_correct')} right only converted)")
+                                         f"{int(metrics.get('validation_samples') or 0)} samples "
+                                         f"({int(metrics.get('float_only_correct') or 0)} right only in float, "
+                                         f"{int(metrics.get('converted_only_correct') or 0)} right only converted)")
         if metrics.get("sqnr_db") is not None or metrics.get("cosine_min") is not None:
             table.add_row("agreement", f"SQNR {metrics.get('sqnr_db', '-')} dB, "
                                        f"min cosine {metrics.get('cosine_min', '-')}")
@@ -177,7 +177,8 @@ def render(result: dict[str, Any]) -> None:
             seen = "held out" if evaluation.get("held_out") else "[yellow]not held out[/yellow]"
             table.add_row("evaluation data", f"{evaluation['source']}, {evaluation['samples']} samples, {seen}")
         if report.get("gate"):
-            table.add_row("accuracy gate", gate_line(report["gate"]))
+            method = report["gate"].get("method")
+            table.add_row("accuracy gate", gate_line(report["gate"]) + (f" [{method}]" if method else ""))
         for warning in report.get("warnings") or []:
             table.add_row("[yellow]warning[/yellow]", warning)
         if metrics.get("latency_p50_ms") is not None:

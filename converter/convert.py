@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.runtime import load_model
 from converter import report as reporting
@@ -76,6 +77,7 @@ class ConvertOptions:
     max_accuracy_drop: float = 1.0
     min_top1_agreement: float | None = None  # percent, per vector output; None: not checked
     min_sqnr_db: float | None = None  # per output; None: not checked
+    refuse_uncertain: bool = False  # a straddling interval refuses instead of warning
     calibration_samples: int = 200
     golden_samples: int = 8
     latency_warmup: int = 10
@@ -117,7 +119,7 @@ class Conversion:
     """The result: model bytes, golden inputs, the report, and the gate's verdict."""
 
     model: bytes
-    golden_inputs: list[np.ndarray]
+    golden_inputs: list[NDArray[Any]]
     report: dict[str, Any]
     gate: Gate
     validation: Validation | None
@@ -140,7 +142,7 @@ def check_data(source: SourceModel, splits: Splits) -> Splits:
     if len(source.inputs) != 1:
         raise UsageError(f"--data: the model has {len(source.inputs)} inputs; data files support one-input models")
     classes = classes_of(source.outputs[0])
-    checked = []
+    checked: list[Dataset | None] = []
     for ds in (splits.fine_tune, splits.calibration, splits.validation):
         if ds is None:
             checked.append(None)
@@ -148,7 +150,7 @@ def check_data(source: SourceModel, splits: Splits) -> Splits:
         ds = check_inputs(ds, source.inputs[0])
         check_labels(ds, classes)
         checked.append(ds)
-    return Splits(*checked, held_out=splits.held_out)
+    return Splits(fine_tune=checked[0], calibration=checked[1], validation=checked[2], held_out=splits.held_out)
 
 
 @dataclass
@@ -156,9 +158,9 @@ class Prepared:
     """What every conversion of one float model shares: checked data, float reference, float32 baseline."""
 
     splits: Splits
-    reference: np.ndarray | None
+    reference: NDArray[Any] | None
     baseline: bytes
-    calibration: np.ndarray | None
+    calibration: NDArray[Any] | None
     seconds: float
     evaluation: dict[str, Any] = field(default_factory=dict)
     """Where the evaluation samples come from and whether the conversion has seen them."""
@@ -180,7 +182,7 @@ def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks:
     return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started, evaluation)
 
 
-def describe_evaluation(splits: Splits, reference: np.ndarray | None) -> dict[str, Any]:
+def describe_evaluation(splits: Splits, reference: NDArray[Any] | None) -> dict[str, Any]:
     """Provenance of the evaluation set and the signs that it is not held out, with a warning for each."""
     val = splits.validation
     if val is None:
@@ -296,7 +298,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
         result = compare(prepared.reference, run_samples(served, validation.x), validation.y,
                          served.outputs[0].name)
     verdict = gate(result, options.max_accuracy_drop, min_top1_agreement=options.min_top1_agreement,
-                   min_sqnr_db=options.min_sqnr_db)
+                   min_sqnr_db=options.min_sqnr_db, refuse_uncertain=options.refuse_uncertain)
     timings["validate_s"] = time.perf_counter() - t
     latency = measure_latency(served, first_sample(served, val_x), warmup=options.latency_warmup,
                               runs=options.latency_runs)
@@ -321,7 +323,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
                       encoding=encoding, pruning=pruning, timings=timings, structured=structured)
 
 
-def golden_inputs(specs: Any, x: np.ndarray | None, samples: int, seed: int = 0) -> list[np.ndarray]:
+def golden_inputs(specs: Any, x: NDArray[Any] | None, samples: int, seed: int = 0) -> list[NDArray[Any]]:
     """Golden inputs stacked over samples, each one invoke's tensor (batch of one), in the input's dtype."""
     if x is not None and len(specs) == 1:
         chosen = quantize_input(x[:samples], specs[0])
@@ -329,7 +331,7 @@ def golden_inputs(specs: Any, x: np.ndarray | None, samples: int, seed: int = 0)
     return random_inputs(specs, samples, seed)
 
 
-def _check_samples(model: Any, x: np.ndarray | None, count: int = 8) -> list[list[np.ndarray]]:
+def _check_samples(model: Any, x: NDArray[Any] | None, count: int = 8) -> list[list[NDArray[Any]]]:
     if x is not None and len(model.inputs) == 1:
         xq = quantize_input(x[:count], model.inputs[0])
         return [[xq[i:i + 1]] for i in range(len(xq))]

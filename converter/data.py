@@ -13,8 +13,10 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.protocol import TensorSpec
 from converter.errors import UsageError
@@ -24,8 +26,8 @@ from converter.errors import UsageError
 class Dataset:
     """Samples `x` and optional integer labels `y`, with where they came from (for messages)."""
 
-    x: np.ndarray
-    y: np.ndarray | None
+    x: NDArray[Any]
+    y: NDArray[Any] | None
     source: str
 
     def __len__(self) -> int:
@@ -120,7 +122,7 @@ def split(ds: Dataset, *, seed: int = 0, validation: float = 0.2, calibration: f
         raise UsageError(f"{ds.source}: {len(ds)} samples are too few to split; need at least 3")
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(ds.y == c) for c in np.unique(ds.y)] if ds.y is not None else [np.arange(len(ds))]
-    parts: dict[str, list[np.ndarray]] = {"val": [], "cal": [], "fit": []}
+    parts: dict[str, list[NDArray[Any]]] = {"val": [], "cal": [], "fit": []}
     for idx in groups:
         idx = rng.permutation(idx)
         n_val = int(round(len(idx) * validation))
@@ -139,7 +141,7 @@ def split(ds: Dataset, *, seed: int = 0, validation: float = 0.2, calibration: f
                   validation=subset("val", "validation"), held_out=False)
 
 
-def row_digests(x: np.ndarray) -> set[bytes]:
+def row_digests(x: NDArray[Any]) -> set[bytes]:
     """A digest of every sample's bytes (dtype, shape and values), to find exact duplicates across sets."""
     x = np.ascontiguousarray(x)
     head = f"{x.dtype.str}{x.shape[1:]}".encode()
@@ -163,7 +165,7 @@ def overlap(evaluation: Dataset, others: Sequence[Dataset | None]) -> int:
     return sum(hashlib.blake2b(head + x[i].tobytes(), digest_size=16).digest() in seen for i in range(len(x)))
 
 
-def quantize_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def quantize_input(x: NDArray[Any], spec: TensorSpec) -> NDArray[Any]:
     """Samples as the model input takes them: float cast, or quantized with the input's scale/zero point."""
     dtype = np.dtype(spec.dtype)
     if dtype.kind == "f":
@@ -175,17 +177,18 @@ def quantize_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
                          "give integer samples")
     info = np.iinfo(dtype)
     q = np.round(x / spec.quantization.scale + spec.quantization.zero_point)
-    return np.clip(q, info.min, info.max).astype(dtype)
+    out: NDArray[Any] = np.clip(q, info.min, info.max).astype(dtype)
+    return out
 
 
-def dequantize_output(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def dequantize_output(y: NDArray[Any], spec: TensorSpec) -> NDArray[Any]:
     """Real values of an output tensor (integer outputs mapped back with their scale/zero point)."""
     if spec.quantization is not None and np.dtype(spec.dtype).kind in "iu":
         return (y.astype(np.float32) - spec.quantization.zero_point) * spec.quantization.scale
     return y.astype(np.float32, copy=False)
 
 
-def random_inputs(specs: Sequence[TensorSpec], samples: int, seed: int = 0) -> list[np.ndarray]:
+def random_inputs(specs: Sequence[TensorSpec], samples: int, seed: int = 0) -> list[NDArray[Any]]:
     """Random golden inputs, one invoke's tensor per sample: uniform over each integer dtype, normal for floats."""
     rng = np.random.default_rng(seed)
     out = []

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.protocol import split
 from agent.runtime import load_model
@@ -50,7 +51,7 @@ def choose_encoding(dense: bytes, sparse: bytes | None, check: RunCheck,
     sparse_wire = wire_size(sparse)
 
     def decide(chosen: str, reason: str) -> EncodingDecision:
-        return EncodingDecision(chosen, reason, len(dense), dense_wire, len(sparse), sparse_wire)  # type: ignore[arg-type]
+        return EncodingDecision(chosen, reason, len(dense), dense_wire, len(sparse), sparse_wire)
 
     if len(sparse) >= len(dense) or sparse_wire > dense_wire:
         return dense, decide("dense", f"sparse encoding is not smaller ({len(sparse)} vs {len(dense)} bytes on disk, "
@@ -62,7 +63,7 @@ def choose_encoding(dense: bytes, sparse: bytes | None, check: RunCheck,
                                     f"{dense_wire - sparse_wire} on the wire, and gives the same outputs")
 
 
-def runs_like(dense: bytes, samples: Sequence[list[np.ndarray]], *, use_xnnpack: bool = True) -> RunCheck:
+def runs_like(dense: bytes, samples: Sequence[list[NDArray[Any]]], *, use_xnnpack: bool = True) -> RunCheck:
     """A check that a candidate loads, invokes on `samples` and matches `dense` within the golden tolerance."""
     from converter.bundle import tolerance_for
 

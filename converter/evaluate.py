@@ -9,10 +9,11 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.runtime import LoadedModel
 from converter.data import dequantize_output, quantize_input
@@ -126,7 +127,7 @@ class Latency:
         return asdict(self)
 
 
-def run_samples(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+def run_samples(model: LoadedModel, x: NDArray[Any]) -> NDArray[Any]:
     """The model's first output (real values, batch axis dropped) for every sample of `x`, one invoke each."""
     spec_in, spec_out = model.inputs[0], model.outputs[0]
     xq = quantize_input(x, spec_in)
@@ -134,7 +135,7 @@ def run_samples(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def output_agreement(name: str, reference: np.ndarray, converted: np.ndarray) -> dict[str, Any]:
+def output_agreement(name: str, reference: NDArray[Any], converted: NDArray[Any]) -> dict[str, Any]:
     """How one converted output agrees with the float model's: top-1 (vector outputs), SQNR, cosine, abs error.
 
     SQNR is 10·log10(Σ ref² / Σ (ref − converted)²) over every value; None when the outputs are identical.
@@ -168,7 +169,7 @@ def output_agreement(name: str, reference: np.ndarray, converted: np.ndarray) ->
     return out
 
 
-def compare(reference: np.ndarray, converted: np.ndarray, y: np.ndarray | None,
+def compare(reference: NDArray[Any], converted: NDArray[Any], y: NDArray[Any] | None,
             output_name: str = "output 0") -> Validation:
     """Accuracy of both (with labels), the paired drop with its interval, agreement and output error."""
     err = np.abs(reference.astype(np.float64) - converted.astype(np.float64))
@@ -258,10 +259,11 @@ _SEVERITY = {"pass": 0, "warn": 1, "refuse": 2}
 
 
 def gate(validation: Validation | None, limit: float, *, min_top1_agreement: float | None = None,
-         min_sqnr_db: float | None = None) -> Gate:
+         min_sqnr_db: float | None = None, refuse_uncertain: bool = False) -> Gate:
     """Judge the evaluation: the paired accuracy drop against `limit` points (or, without labels,
     top-1 disagreement with the float model), and the agreement flags on every output they apply to.
-    The verdict is the worst of the checks; the deciding check is reported at the top level."""
+    The verdict is the worst of the checks; the deciding check is reported at the top level.
+    With `refuse_uncertain`, a check whose interval straddles its limit refuses instead of warning."""
     if validation is None:
         return Gate("none", None, limit, True)
     checks: list[Check] = []
@@ -288,6 +290,9 @@ def gate(validation: Validation | None, limit: float, *, min_top1_agreement: flo
             checks.append(_agreement_check(out, min_top1_agreement))
         if min_sqnr_db is not None:
             checks.append(_sqnr_check(out, min_sqnr_db))
+    if refuse_uncertain:
+        checks = [replace(ch, decision="refuse", reason=f"{ch.reason} (--refuse-uncertain)")
+                  if ch.decision == "warn" else ch for ch in checks]
     if not checks:
         return Gate("none", None, limit, True, samples=validation.samples,
                     reason="nothing to check: no labels, no classifier output and no agreement limits")
@@ -305,7 +310,7 @@ def gate(validation: Validation | None, limit: float, *, min_top1_agreement: flo
     )
 
 
-def measure_latency(model: LoadedModel, sample: list[np.ndarray], *, warmup: int = 10, runs: int = 100,
+def measure_latency(model: LoadedModel, sample: list[NDArray[Any]], *, warmup: int = 10, runs: int = 100,
                     xnnpack: bool = True) -> Latency:
     """Median and 95th percentile of `runs` invokes after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -320,7 +325,7 @@ def measure_latency(model: LoadedModel, sample: list[np.ndarray], *, warmup: int
                    mean_ms=round(float(times.mean()), 4))
 
 
-def first_sample(model: LoadedModel, x: np.ndarray | None, seed: int = 0) -> list[np.ndarray]:
+def first_sample(model: LoadedModel, x: NDArray[Any] | None, seed: int = 0) -> list[NDArray[Any]]:
     """One invoke's inputs: the first data sample when there is data, else random values."""
     from converter.data import random_inputs
 
@@ -350,7 +355,7 @@ def invoke_failure(err: BaseException, *, sparse_encoded: bool) -> str:
     return f"the model fails at invoke: {text[:300]}"
 
 
-def check_invokes(model: LoadedModel, sample: list[np.ndarray], *, sparse_encoded: bool) -> None:
+def check_invokes(model: LoadedModel, sample: list[NDArray[Any]], *, sparse_encoded: bool) -> None:
     """Invoke once on `sample`; raise UsageError with `invoke_failure`'s line when the interpreter fails."""
     try:
         model.run(sample)

@@ -63,7 +63,7 @@ def convert_report(*, source: SourceModel, options: ConvertOptions, info: ModelI
             "prune_epochs": options.prune_epochs, "batch_size": options.batch_size,
             "learning_rate": options.learning_rate, "sparse_encoding": options.sparse_encoding,
             "max_accuracy_drop": options.max_accuracy_drop, "min_top1_agreement": options.min_top1_agreement,
-            "min_sqnr_db": options.min_sqnr_db,
+            "min_sqnr_db": options.min_sqnr_db, "refuse_uncertain": options.refuse_uncertain,
         },
     }
 

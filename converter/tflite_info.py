@@ -343,7 +343,7 @@ def output_sources(data: bytes) -> tuple[OutputSource, ...]:
         model = schema.ModelT.InitFromPackedBuf(data, 0)
         graph = model.subgraphs[0]
     except Exception as err:  # a corrupt flatbuffer fails deep in the generated code with any error
-        raise UsageError(f"corrupt TFLite model ({type(err).__name__}: {err})") from err
+        raise UsageError(f"truncated or not a TFLite flatbuffer ({len(data)} bytes)") from err
     names = _op_names()
     tensors = graph.tensors or []
     writer: dict[int, Any] = {}

@@ -188,6 +188,10 @@ def test_gate_rule_refuse_warn_pass() -> None:
     assert straddling.settle_samples is not None and straddling.settle_samples > 269
     assert f"about {straddling.settle_samples} evaluation samples" in straddling.reason
 
+    strict = gate(_validation(6, 0, 269), 1.0, refuse_uncertain=True)
+    assert strict.decision == "refuse" and not strict.passed and strict.reason.endswith("(--refuse-uncertain)")
+    assert gate(_validation(1, 1, 540), 1.0, refuse_uncertain=True).decision == "pass"
+
     passed = gate(_validation(1, 1, 540), 1.0)
     assert passed.decision == "pass" and passed.interval is not None and passed.interval[1] <= 1.0
     assert passed.mcnemar_p == 1.0 and passed.method is not None and "McNemar" in passed.method
@@ -267,7 +271,9 @@ def test_inspect_and_diff_show_the_gate(capsys: pytest.CaptureFixture[str], held
     rows = {r["field"]: r for r in json.loads(out)["rows"]}
     assert rows["accuracy drop 95 % CI"]["a"].endswith("points")
     assert rows["gate"]["a"].startswith(("pass:", "warn:")) and "accuracy_drop_pt" in rows["gate"]["a"]
-    assert rows["evaluation held out"]["a"] is True
+    assert rows["evaluation held out"]["a"] is True and "Tango" in rows["gate method"]["a"]
+    assert rows["right only in float / only converted"]["a"] == "{} / {}".format(
+        int(metrics["float_only_correct"]), int(metrics["converted_only_correct"]))
 
 
 def test_damaged_calibration_is_refused_with_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
