@@ -55,6 +55,8 @@ class Expected:
 # The report's areas, in order, and the benchmarks that feed them (others found in bench/ go to "other").
 EXPECTED = (
     Expected("convert_digits", "converter", 1200),
+    Expected("convert_structured", "converter", 1200),
+    Expected("convert_gate", "converter", 1800),
     Expected("agent_overhead", "overhead", 1800),
     Expected("push", "delivery", 1200),
     Expected("delivery", "delivery", 1800),

@@ -289,6 +289,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     with captured_native_output():  # LiteRT announces its XNNPACK delegate on stderr
         dense_model = load_model(dense, "auto", use_xnnpack=True)
     absent = ("sparse encoding switched off (--no-sparse-encoding)" if pruning is not None
+              else "channel pruning leaves dense kernels, so no sparse candidate" if structured is not None
               else "no pruning, so no sparse candidate")
     model_bytes, encoding = choose_encoding(dense, sparse, runs_like(dense, _check_samples(dense_model, val_x)),
                                             absent)
