@@ -594,7 +594,7 @@ def _parse_head(head: bytes) -> Request:
         key = name.lower()
         value = value.strip()
         if key == "content-length":
-            if not value.isdigit() or (length is not None and int(value) != length):
+            if not (value.isascii() and value.isdigit()) or (length is not None and int(value) != length):
                 raise _BadRequest(400, f"bad Content-Length {value[:40]!r}")
             length = int(value)
         elif key == "transfer-encoding":
@@ -617,7 +617,7 @@ def _parse_head(head: bytes) -> Request:
                 raise _BadRequest(417, f"cannot meet Expect: {value[:40]}")
             expect = True
         elif key == "inference-header-content-length":
-            if not value.isdigit() or len(value) > 15:
+            if not (value.isascii() and value.isdigit()) or len(value) > 15:
                 raise _BadRequest(400, f"bad Inference-Header-Content-Length {value[:40]!r}")
             inference_header = int(value)
         elif key == "origin":

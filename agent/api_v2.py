@@ -403,7 +403,7 @@ def _model_route(path: str) -> tuple[str, int | None, str]:
     if len(parts) == 1 and parts[0]:
         return parts[0], None, action
     if len(parts) == 3 and parts[0] and parts[1] == "versions":
-        if not parts[2].isdigit() or len(parts[2]) > 18:
+        if not (parts[2].isascii() and parts[2].isdigit()) or len(parts[2]) > 18:
             raise RequestError(f"version {parts[2][:40]!r}: the agent's versions are positive integers", 400)
         return parts[0], int(parts[2]), action
     raise RequestError(f"unknown route {path!r}: the agent serves /v2/models/NAME[/versions/N][/ready|/infer] "

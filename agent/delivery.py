@@ -466,6 +466,16 @@ class Downloads:
             return [job for job in self.jobs.values()
                     if not job.ended and job.missing and now - job.last_progress > timeout_s]
 
+    def cancel_if_stalled(self, job: Job, timeout_s: float) -> bool:
+        """Cancel `job` if it is still the live download of its model and still stalled (a worker may have
+        stored its last chunk since `stalled` looked); True when it was cancelled."""
+        with self._lock:
+            if self.jobs.get(job.name) is not job or job.ended or not job.missing \
+                    or time.monotonic() - job.last_progress <= timeout_s:
+                return False
+        self.cancel(job.name)
+        return True
+
     def names(self) -> Iterable[str]:
         """Models being downloaded."""
         return list(self.jobs)

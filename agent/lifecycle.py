@@ -328,6 +328,23 @@ class Lifecycle:
                 raise DocumentRefused(f"{label} artifact lists no chunks", step="VERIFYING")
         return doc
 
+    def note_source(self, name: str, source: str, issued_at: int) -> None:
+        """A verified document of `source` for a known model: remember the newest `issued_at` (an unknown
+        model gets no record from a document until its deployment starts)."""
+        rec = self.state.models.get(name)
+        if rec is None or rec.sources.get(source, -1) >= issued_at:
+            return
+        self._save(self.state.with_record(name, replace(rec, sources={**rec.sources, source: issued_at})))
+
+    def abandon(self, name: str, raw: dict[str, Any], err: DeploymentRejected) -> None:
+        """A started download failed (a stall, a chunk that does not verify, a full disk): back to where the
+        model was, reported, and nothing learnt about the model, so neither its outcome nor its floor."""
+        rec = self.state.record(name)
+        self.progress.pop(name, None)
+        if rec.pending is not None and rec.pending.get("deployment_id") == raw.get("deployment_id"):
+            self._set_phase(name, _resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
+        self.emit(name, "REJECTED", False, raw, err.reason, failed_step=err.step, **_scalars(err.details))
+
     def mark_withdrawn(self, name: str, source: str, issued_at: int) -> None:
         """A signed withdrawal of `source`'s document for a known model: documents of that source issued
         no later are not taken up again (an unknown model gets no record from a withdrawal)."""
@@ -549,6 +566,10 @@ class Lifecycle:
         previous = rec.previous if rec.probation is not None or rec.active is None else rec.active
         new = replace(rec, phase="PROBATION", active=installed, previous=previous, pending=None, activation=None,
                       probation=Probation(started_at=started, baseline_p95_ms=baseline))
+        if rec.active is not None and doc.model.version < rec.active.version:
+            # a signed downgrade: the version left behind must not come back through a replay of its
+            # document, only through a document issued after this one
+            new = _raise_floor(new, rec.active.version, doc.issued_at)
         try:
             self._save(self.state.with_record(name, new))  # the atomic switch
         except StoreError:

@@ -98,6 +98,8 @@ class FleetLink:
         """Per model: the deployment whose download failed, when to try it again, the current delay."""
         self.timestamp: Timestamp | None = None
         self._withdrawn: dict[tuple[str, str], int] = {}
+        self._newest: dict[tuple[str, str], int] = {}
+        """The newest `issued_at` taken up per (model, source) this run; known models keep it in state.json."""
         """Signed withdrawals seen this run, per (model, source); known models also keep them in state.json."""
         self._state_dirty = True
         self._state_sent = 0.0
@@ -260,11 +262,23 @@ class FleetLink:
             if doc.issued_at <= withdrawn:
                 raise DocumentRefused(f"the {source} document was withdrawn by a signed withdrawal issued at "
                                       f"{withdrawn}; this one was issued at {doc.issued_at}", step="VERIFYING")
+            newest = self._newest_at(name, source)
+            if doc.issued_at < newest:
+                # an older genuine document re-posted by someone without the key must not replace a newer one
+                raise DocumentRefused(f"document issued at {doc.issued_at} is older than the newest {source} "
+                                      f"document this device took up (issued at {newest})", step="VERIFYING")
         except DocumentRefused as err:
             self._refuse(name, raw, err, digest)
             return
         self.docs.setdefault(name, {})[source] = (doc, raw)
+        self._newest[(name, source)] = max(doc.issued_at, self._newest.get((name, source), -1))
+        self.lifecycle.note_source(name, source, doc.issued_at)
         self.reconcile(name)
+
+    def _newest_at(self, name: str, source: str) -> int:
+        """`issued_at` of the newest document of `source` for `name` taken up so far (-1: none)."""
+        rec = self.lifecycle.state.models.get(name)
+        return max(self._newest.get((name, source), -1), rec.sources.get(source, -1) if rec else -1)
 
     def _withdrawn_at(self, name: str, source: str) -> int:
         """`issued_at` of the newest signed withdrawal of `source`'s document for `name` (-1: none)."""
@@ -368,7 +382,9 @@ class FleetLink:
     def effective(self, name: str) -> tuple[str, Deployment, dict[str, Any]] | None:
         """The verified document that applies, with its source: the device's own, else the newest of
         its groups' (ranked by signed fields only)."""
-        docs = self.docs.get(name, {})
+        now = self.lifecycle.clock()
+        # an expired document orders nothing: it must not hide the documents that still apply
+        docs = {s: d for s, d in self.docs.get(name, {}).items() if d[0].expires_at >= now}
         own = f"device:{self.device_id}"
         if own in docs:
             return own, *docs[own]
@@ -398,10 +414,13 @@ class FleetLink:
             self._refuse(name, raw, err, digest)
             return
         self._retrying.pop(name, None)
+        backoff = self._backoff.get(name)
+        if backoff is not None and (checked is None or backoff[0] != doc.deployment_id):
+            del self._backoff[name]  # superseded, or nothing left to do: no more retries
+            backoff = None
         if checked is None:
             return
-        backoff = self._backoff.get(name)
-        if backoff is not None and backoff[0] == doc.deployment_id and time.monotonic() < backoff[1]:
+        if backoff is not None and time.monotonic() < backoff[1]:
             return  # a failed download of this document is tried again later (periodic)
         self.downloads.cancel(name)
         self.lifecycle.begin(checked, raw, "DOWNLOADING")
@@ -416,16 +435,17 @@ class FleetLink:
             self._complete(job)
 
     def _download_failed(self, name: str, raw: dict[str, Any], err: DeploymentRejected) -> None:
-        """A download ended without the artifacts: REJECTED for now, tried again with a growing delay.
+        """A download ended without the artifacts: reported REJECTED, tried again with a growing delay.
 
-        A failed download says nothing about the model (a withheld or overwritten chunk, a full disk),
-        so it raises no version floor; the chunks already in partial/ are kept for the next try.
+        A failed download says nothing about the model (a withheld or overwritten chunk, a full disk): the
+        model goes back to where it was, with no outcome or version floor saved; the chunks already in
+        partial/ are kept for the next try.
         """
         dep_id = str(raw.get("deployment_id"))
         previous = self._backoff.get(name)
         delay = min(RETRY_MAX_S, previous[2] * 2) if previous and previous[0] == dep_id else RETRY_INTERVAL_S
         self._backoff[name] = (dep_id, time.monotonic() + delay, delay)
-        self.lifecycle.reject(name, raw, DeploymentRejected(
+        self.lifecycle.abandon(name, raw, DeploymentRejected(
             f"{err.reason}; trying again in {delay:.0f} s", step=err.step, details=err.details))
 
     def _on_stored(self, msg: ChunkStored) -> None:
@@ -503,19 +523,23 @@ class FleetLink:
         now = time.monotonic()
         if self._state_dirty and now - self._state_sent >= STATE_INTERVAL_S:
             self.publish_state(force=True)
-        if self._retrying and now >= self._next_retry:
+        due = list(self._retrying) if self._retrying and now >= self._next_retry else []
+        if due:
             self._next_retry = now + RETRY_INTERVAL_S
-            for name in list(self._retrying):
-                self.reconcile(name)
         for job in self.downloads.stalled(self.config.security.download_stall_s):
-            self.downloads.cancel(job.name)
+            if not self.downloads.cancel_if_stalled(job, self.config.security.download_stall_s):
+                continue  # its last chunk arrived meanwhile
             self._download_failed(job.name, job.raw, DeploymentRejected(
                 f"download stalled: no chunk arrived for {self.config.security.download_stall_s:g} s "
                 f"({len(job.missing)} of {job.total} chunks missing)", step="DOWNLOADING",
                 details={"chunks_missing": len(job.missing), "chunks_total": job.total}))
-        for name, (_dep, when, _delay) in list(self._backoff.items()):
-            if now >= when and name not in self.downloads.jobs:
+        due += [name for name, (_dep, when, _delay) in self._backoff.items()
+                if now >= when and name not in self.downloads.jobs]
+        for name in dict.fromkeys(due):
+            try:
                 self.reconcile(name)
+            except Exception:  # like a message: a retry that fails must never stop the agent's loop
+                log.exception("model %s: retrying its deployment failed", name)
 
 
 def _digest(source: str, payload: bytes) -> bytes:

@@ -115,6 +115,8 @@ class ModelRecord:
     allows the downgrade explicitly."""
     floor_at: int = 0
     """`issued_at` (Unix seconds, the signer's clock) of the newest signed document that set the floor."""
+    sources: dict[str, int] = field(default_factory=dict)
+    """Per source: `issued_at` of the newest document taken up, so an older one re-posted is refused."""
     withdrawn: dict[str, int] = field(default_factory=dict)
     """Per source (``device:{id}``, ``group:{name}``): `issued_at` of the newest signed withdrawal, so a
     withdrawn document re-posted on its topic is not taken up again."""

@@ -66,6 +66,14 @@ def _gate(side: dict[str, Any]) -> str | None:
     return f"{decision}:{shown}" if shown else str(decision)
 
 
+def _outputs(side: dict[str, Any]) -> dict[str, str]:
+    """Each output's agreement with its float model, one short line per output name, from the report."""
+    from converter.report import agreement_line
+
+    outputs = ((side.get("report") or {}).get("validation") or {}).get("outputs") or []
+    return {str(o["name"]): agreement_line(o) for o in outputs}
+
+
 def _tensor(t: dict[str, Any] | None) -> str | None:
     if t is None:
         return None
@@ -107,6 +115,10 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     row("evaluation held out", fa.get("eval_held_out"), fb.get("eval_held_out"))
     for key in ("top1_agreement", "sqnr_db", "cosine_min", "latency_p50_ms", "latency_p95_ms"):
         row(key.replace("_", " "), fa.get(key), fb.get(key))
+    oa, ob = _outputs(a), _outputs(b)
+    if len(oa) > 1 or len(ob) > 1:
+        for name in dict.fromkeys([*oa, *ob]):
+            row(f"agreement {name}", oa.get(name), ob.get(name))
     row("signed by", (a.get("signature") or {}).get("key_id"), (b.get("signature") or {}).get("key_id"))
     pa, pb = mfa.get("preprocessing") or {}, mfb.get("preprocessing") or {}
     row("input mean", pa.get("mean"), pb.get("mean"))

@@ -127,7 +127,14 @@ def render(result: dict[str, Any]) -> None:
     """Print an inspect result as tables."""
     from rich.table import Table
 
-    from converter.report import fmt_bytes, fmt_pct, gate_line, operator_table, signature_table
+    from converter.report import (
+        agreement_line,
+        fmt_bytes,
+        fmt_pct,
+        gate_line,
+        operator_table,
+        signature_table,
+    )
 
     console = stdout_console()
     model = result["model"]
@@ -168,10 +175,14 @@ def render(result: dict[str, Any]) -> None:
                                          f"{int(metrics.get('validation_samples') or 0)} samples "
                                          f"({int(metrics.get('float_only_correct') or 0)} right only in float, "
                                          f"{int(metrics.get('converted_only_correct') or 0)} right only converted)")
-        if metrics.get("sqnr_db") is not None or metrics.get("cosine_min") is not None:
+        report = result.get("report") or {}
+        per_output = ((report.get("validation") or {}).get("outputs")) or []
+        if len(per_output) > 1:
+            for o in per_output:
+                table.add_row(f"agreement {o['name']}", agreement_line(o))
+        elif metrics.get("sqnr_db") is not None or metrics.get("cosine_min") is not None:
             table.add_row("agreement", f"SQNR {metrics.get('sqnr_db', '-')} dB, "
                                        f"min cosine {metrics.get('cosine_min', '-')}")
-        report = result.get("report") or {}
         evaluation = report.get("evaluation") or {}
         if evaluation.get("source"):
             seen = "held out" if evaluation.get("held_out") else "[yellow]not held out[/yellow]"

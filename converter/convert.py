@@ -31,7 +31,16 @@ from converter.data import (
 )
 from converter.encoding import EncodingDecision, choose_encoding, runs_like
 from converter.errors import UsageError
-from converter.evaluate import Gate, Validation, compare, first_sample, gate, measure_latency, run_samples
+from converter.evaluate import (
+    Gate,
+    Validation,
+    compare_outputs,
+    first_sample,
+    gate,
+    match_outputs,
+    measure_latency,
+    run_all_outputs,
+)
 from converter.golden import POOL_SAMPLES
 from converter.load import SourceModel
 from converter.native import captured_native_output
@@ -159,11 +168,16 @@ class Prepared:
 
     splits: Splits
     reference: NDArray[Any] | None
+    """The float model's first output on the evaluation samples (its labelled accuracy is judged on it)."""
     baseline: bytes
     calibration: NDArray[Any] | None
     seconds: float
     evaluation: dict[str, Any] = field(default_factory=dict)
     """Where the evaluation samples come from and whether the conversion has seen them."""
+    references: list[NDArray[Any]] | None = None
+    """Every output of the float model on the evaluation samples, in the float model's output order."""
+    output_names: tuple[tuple[str, ...], ...] = ()
+    """The names each float output may carry in the converted model's signature (SourceModel.output_aliases)."""
 
 
 def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks: Hooks | None = None) -> Prepared:
@@ -175,11 +189,13 @@ def prepare(source: SourceModel, splits: Splits, options: ConvertOptions, hooks:
     calibration = splits.calibration.x[:options.calibration_samples] if splits.calibration is not None else None
     if qmode.needs_calibration and calibration is None:
         raise UsageError(f"--quantize {qmode.name} needs calibration samples: pass --data or --calibration")
-    reference = source.predict(splits.validation.x) if splits.validation is not None else None
+    references = source.predict_all(splits.validation.x) if splits.validation is not None else None
+    reference = references[0] if references else None
     evaluation = describe_evaluation(splits, reference)
     hooks.stage("converting the float32 baseline")
     baseline = convert_tflite(source, "none")
-    return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started, evaluation)
+    return Prepared(splits, reference, baseline, calibration, time.perf_counter() - started, evaluation,
+                    references, source.output_aliases())
 
 
 def describe_evaluation(splits: Splits, reference: NDArray[Any] | None) -> dict[str, Any]:
@@ -296,8 +312,11 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     served = load_model(model_bytes, "auto", use_xnnpack=True)
     result = None
     if validation is not None and prepared.reference is not None:
-        result = compare(prepared.reference, run_samples(served, validation.x), validation.y,
-                         served.outputs[0].name)
+        references = prepared.references or [prepared.reference]
+        converted = run_all_outputs(served, validation.x)
+        matches = match_outputs(prepared.output_names or [(f"output {i}",) for i in range(len(references))],
+                                references, served_output_names(served), converted)
+        result = compare_outputs(references, converted, validation.y, matches)
     verdict = gate(result, options.max_accuracy_drop, min_top1_agreement=options.min_top1_agreement,
                    min_sqnr_db=options.min_sqnr_db, refuse_uncertain=options.refuse_uncertain)
     timings["validate_s"] = time.perf_counter() - t
@@ -322,6 +341,16 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
                       "float32_macs": baseline_info.macs}
     return Conversion(model=model_bytes, golden_inputs=golden, report=rep, gate=verdict, validation=result,
                       encoding=encoding, pruning=pruning, timings=timings, structured=structured)
+
+
+def served_output_names(model: Any) -> list[tuple[str, ...]]:
+    """Each converted output's names: the agent's name for it first, then its signature name and tensor name."""
+    from agent.tensors import distinct_names, signature_names
+
+    signature = signature_names(model.interpreter, "outputs")
+    served = distinct_names(model.outputs, signature)
+    return [tuple(dict.fromkeys(n for n in (served[j], signature[j] if signature else None, spec.name) if n))
+            for j, spec in enumerate(model.outputs)]
 
 
 def golden_inputs(specs: Any, x: NDArray[Any] | None, samples: int, seed: int = 0) -> list[NDArray[Any]]:

@@ -5,10 +5,11 @@ The converted model runs through `agent.runtime` with XNNPACK on, exactly as the
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -135,6 +136,92 @@ def run_samples(model: LoadedModel, x: NDArray[Any]) -> NDArray[Any]:
     return np.stack(out)
 
 
+def run_all_outputs(model: LoadedModel, x: NDArray[Any]) -> list[NDArray[Any]]:
+    """Every output of the model (real values, batch axis dropped) for every sample of `x`, one invoke each."""
+    xq = quantize_input(x, model.inputs[0])
+    results: list[list[NDArray[Any]]] = [[] for _ in model.outputs]
+    for i in range(len(xq)):
+        for j, (y, spec) in enumerate(zip(model.run([xq[i:i + 1]]), model.outputs, strict=True)):
+            results[j].append(dequantize_output(y, spec)[0])
+    return [np.stack(r) for r in results]
+
+
+MAX_PERMUTED_OUTPUTS = 6
+
+
+@dataclass(frozen=True)
+class OutputMatch:
+    """Which converted output stands for one float output, and how that was decided."""
+
+    float_index: int
+    name: str  # the float model's name for it
+    tflite_index: int
+    tflite_name: str  # the name the agent serves it under
+    matched_by: str  # "name", "shape", "error" (the least-error assignment among same-shape outputs) or "only"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON value."""
+        return asdict(self)
+
+
+def _relative_error(reference: NDArray[Any], converted: NDArray[Any]) -> float:
+    """Σ (ref − converted)² / Σ ref²: scale-free, so outputs of different ranges weigh alike in a sum."""
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - converted.astype(np.float64)) ** 2))
+    return noise / max(float(np.sum(ref ** 2)), 1e-30)
+
+
+def match_outputs(float_names: Sequence[Sequence[str]], references: Sequence[NDArray[Any]],
+                  tflite_names: Sequence[Sequence[str]], converted: Sequence[NDArray[Any]]) -> list[OutputMatch]:
+    """Pair each float output with the converted output that computes it; one entry per float output.
+
+    The converter may reorder outputs (a Keras model's TFLite outputs come out in tensor order, not
+    the model's), so position says nothing. Names decide where the TFLite signature's names are the
+    float model's; the rest are paired by per-sample shape, and outputs sharing a shape by the
+    assignment with the least total relative error (every permutation, up to MAX_PERMUTED_OUTPUTS;
+    beyond that, in order). `float_names[i]` lists every name float output i may carry, the first
+    being the one reported; `tflite_names[j]` likewise, the first being the agent's name for it.
+    """
+    if len(references) != len(converted):
+        raise UsageError(f"the converted model has {len(converted)} outputs and the float model {len(references)}: "
+                         "their agreement cannot be measured")
+    shape_f = [tuple(r.shape[1:]) for r in references]
+    shape_t = [tuple(c.shape[1:]) for c in converted]
+    pairs: dict[int, tuple[int, str]] = {}
+    for i, names in enumerate(float_names):
+        hits = [j for j, theirs in enumerate(tflite_names) if set(names) & set(theirs) and shape_t[j] == shape_f[i]]
+        if len(hits) == 1 and hits[0] not in {j for j, _ in pairs.values()}:
+            pairs[i] = (hits[0], "name")
+    free_f = [i for i in range(len(references)) if i not in pairs]
+    free_t = [j for j in range(len(converted)) if j not in {j for j, _ in pairs.values()}]
+    if len(free_f) == 1:  # nothing to choose between: pair them whatever their shapes (as one output always was)
+        pairs[free_f[0]] = (free_t[0], "shape" if len(references) > 1 and shape_f[free_f[0]] == shape_t[free_t[0]]
+                            else "only")
+        free_f, free_t = [], []
+    # Counts are equal overall, so a shape with too few converted outputs exists whenever any count differs.
+    for shape in dict.fromkeys(shape_f[i] for i in free_f):
+        group_f = [i for i in free_f if shape_f[i] == shape]
+        if len(group_f) > sum(shape_t[j] == shape for j in free_t):
+            theirs = ", ".join(str(list(shape_t[j])) for j in free_t)
+            raise UsageError(f"the float model's output {float_names[group_f[0]][0]} (per-sample shape {list(shape)}) "
+                             f"has no counterpart among the converted model's outputs ({theirs})")
+    for shape in dict.fromkeys(shape_f[i] for i in free_f):
+        group_f = [i for i in free_f if shape_f[i] == shape]
+        group_t = [j for j in free_t if shape_t[j] == shape]
+        if len(group_f) == 1:
+            pairs[group_f[0]] = (group_t[0], "shape")
+            continue
+        if len(group_f) > MAX_PERMUTED_OUTPUTS:
+            best: tuple[int, ...] = tuple(group_t)
+        else:
+            cost = {(i, j): _relative_error(references[i], converted[j]) for i in group_f for j in group_t}
+            best = min(itertools.permutations(group_t),
+                       key=lambda order: sum(cost[i, j] for i, j in zip(group_f, order, strict=True)))
+        for i, j in zip(group_f, best, strict=True):
+            pairs[i] = (j, "error")
+    return [OutputMatch(i, float_names[i][0], j, tflite_names[j][0], how) for i, (j, how) in sorted(pairs.items())]
+
+
 def output_agreement(name: str, reference: NDArray[Any], converted: NDArray[Any]) -> dict[str, Any]:
     """How one converted output agrees with the float model's: top-1 (vector outputs), SQNR, cosine, abs error.
 
@@ -198,6 +285,18 @@ def compare(reference: NDArray[Any], converted: NDArray[Any], y: NDArray[Any] | 
         method=DROP_METHOD if interval is not None else None,
         outputs=(output_agreement(output_name, reference, converted),),
     )
+
+
+def compare_outputs(references: Sequence[NDArray[Any]], converted: Sequence[NDArray[Any]], y: NDArray[Any] | None,
+                    matches: Sequence[OutputMatch]) -> Validation:
+    """`compare` on the float model's first output and its converted counterpart (the labelled
+    figures are the first output's), with agreement figures for every output and the pairing used."""
+    first = matches[0]
+    validation = compare(references[first.float_index], converted[first.tflite_index], y, first.name)
+    outputs = tuple({**output_agreement(m.name, references[m.float_index], converted[m.tflite_index]),
+                     "float_index": m.float_index, "tflite_index": m.tflite_index, "tflite_name": m.tflite_name,
+                     "matched_by": m.matched_by} for m in matches)
+    return replace(validation, outputs=outputs)
 
 
 def _against_max(metric: str, value: float, interval: tuple[float, float], limit: float, unit: str,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from agent.protocol import TensorSpec
 from converter.errors import UsageError
@@ -40,20 +41,48 @@ class SourceModel:
         """Pruning works on Keras layers only."""
         return self.keras_model is not None
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The float model's name for each output, in `outputs` order: the Keras output layer's name
+        (its tensor names, `keras_tensor_N`, say nothing), or the SavedModel signature's key."""
+        names = getattr(self.keras_model, "output_names", None) if self.keras_model is not None else None
+        if names and len(names) == len(self.outputs):
+            return tuple(str(n) for n in names)
+        return tuple(o.name for o in self.outputs)
+
+    def output_aliases(self) -> tuple[tuple[str, ...], ...]:
+        """Every name each output may carry in a TFLite signature converted from this model.
+
+        TFLiteConverter.from_keras_model names a Keras model's outputs `output_0`, `output_1`, ... in
+        the model's output order, whatever the layers are called; a SavedModel keeps its signature keys.
+        """
+        if self.keras_model is None:
+            return tuple((n,) for n in self.output_names)
+        return tuple((n, f"output_{i}") for i, n in enumerate(self.output_names))
+
+    def predict(self, x: NDArray[Any], batch_size: int = 256) -> NDArray[np.float32]:
         """The float model's first output for a batch of samples."""
+        return self.predict_all(x, batch_size)[0]
+
+    def predict_all(self, x: NDArray[Any], batch_size: int = 256) -> list[NDArray[np.float32]]:
+        """Every output of the float model for a batch of samples, in `outputs` order."""
         if self.keras_model is not None:
             out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
-            return np.asarray(out[0] if isinstance(out, (list, tuple)) else out, dtype=np.float32)
+            if isinstance(out, dict):  # a model built with a dict of outputs predicts a dict keyed by name
+                out = [out[n] for n in self.output_names] if set(self.output_names) <= set(out) else list(out.values())
+            elif not isinstance(out, (list, tuple)):
+                out = [out]
+            return [np.asarray(o, dtype=np.float32) for o in out]
         import tensorflow as tf
 
         fn = _signature(self.saved_model_dir)  # type: ignore[arg-type]
         name = self.inputs[0].name
-        results = []
+        results: list[list[NDArray[np.float32]]] = [[] for _ in self.outputs]
         for start in range(0, len(x), batch_size):
             out = fn(**{name: tf.constant(x[start:start + batch_size])})
-            results.append(np.asarray(out[self.outputs[0].name], dtype=np.float32))
-        return np.concatenate(results)
+            for j, spec in enumerate(self.outputs):
+                results[j].append(np.asarray(out[spec.name], dtype=np.float32))
+        return [np.concatenate(r) for r in results]
 
     def tflite_converter(self) -> Any:
         """A fresh `tf.lite.TFLiteConverter` for this model."""

@@ -96,8 +96,7 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
     gate = report.get("gate") or {}
     interval = val.get("accuracy_drop_interval_pt") or [None, None]
     outputs = val.get("outputs") or []
-    sqnrs = [o["sqnr_db"] for o in outputs if o.get("sqnr_db") is not None]
-    cosines = [o["cosine_min"] for o in outputs if o.get("cosine_min") is not None]
+    first = outputs[0] if outputs else {}
     out: dict[str, Any] = {
         "quantization": (report.get("quantization") or {}).get("mode"),
         "bytes": size.get("bytes"),
@@ -121,8 +120,8 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
         "float_only_correct": val.get("float_only_correct"),
         "converted_only_correct": val.get("converted_only_correct"),
         "mcnemar_p": val.get("mcnemar_p"),
-        "sqnr_db": min(sqnrs) if sqnrs else None,
-        "cosine_min": min(cosines) if cosines else None,
+        "sqnr_db": first.get("sqnr_db"),  # the first output's, as before outputs were judged one by one
+        "cosine_min": first.get("cosine_min"),
         "gate_decision": gate.get("decision") if gate.get("metric") not in (None, "none") else None,
         "gate_metric": gate.get("metric") if gate.get("metric") not in (None, "none") else None,
         "eval_held_out": (report.get("evaluation") or {}).get("held_out"),
@@ -131,7 +130,38 @@ def metrics(report: dict[str, Any]) -> dict[str, float | int | str | bool | None
         "conversion_s": report.get("conversion_s"),
         "tensorflow": report.get("tensorflow"),
     }
+    out.update(output_metrics(outputs))
     return {k: v for k, v in out.items() if v is not None}
+
+
+OUTPUT_FIGURES = ("top1_agreement", "sqnr_db", "cosine_min", "max_abs_error", "mean_abs_error")
+
+
+def output_metrics(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every output's agreement figures as flat scalars: `output.<name>.<figure>` (manifest metrics are flat)."""
+    flat: dict[str, Any] = {}
+    for o in outputs:
+        for fig in OUTPUT_FIGURES:
+            flat[f"output.{o['name']}.{fig}"] = o.get(fig)
+        if o.get("tflite_name") is not None:
+            flat[f"output.{o['name']}.served_as"] = o["tflite_name"]
+    return flat
+
+
+def agreement_line(o: dict[str, Any]) -> str:
+    """One output's agreement with the float model in one line."""
+    parts = ["identical" if o.get("identical") else
+             "SQNR -" if o.get("sqnr_db") is None else f"SQNR {o['sqnr_db']:.1f} dB"]
+    if o.get("cosine_min") is not None:
+        parts.append(f"min cosine {o['cosine_min']:.4f}")
+    if o.get("top1_agreement") is not None:
+        parts.append(f"top-1 {o['top1_agreement'] * 100:.2f} %")
+    if o.get("max_abs_error") is not None:
+        parts.append(f"max abs error {o['max_abs_error']:.3g}")
+    line = ", ".join(parts)
+    if o.get("tflite_name") is not None:
+        line += f" (served as {o['tflite_name']}, matched by {o.get('matched_by')})"
+    return line
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -191,7 +221,8 @@ def gate_line(gate: dict[str, Any]) -> str:
 def agreement_table(outputs: list[dict[str, Any]]) -> Table:
     """Agreement of each converted output with the float model's."""
     table = Table(title="Agreement with the float model")
-    for col in ("output", "top-1 agreement", "SQNR dB", "cosine mean / min", "max abs error", "mean abs error"):
+    for col in ("output", "converted output", "top-1 agreement", "SQNR dB", "cosine mean / min", "max abs error",
+                "mean abs error"):
         table.add_column(col)
     for o in outputs:
         top1 = "-" if o.get("top1_agreement") is None else fmt_pct(o["top1_agreement"])
@@ -200,7 +231,9 @@ def agreement_table(outputs: list[dict[str, Any]]) -> Table:
             top1 += f" (CI {low * 100:.2f}-{high * 100:.2f})"
         sqnr = "identical" if o.get("identical") else ("-" if o.get("sqnr_db") is None else f"{o['sqnr_db']:.1f}")
         cosine = "-" if o.get("cosine_mean") is None else f"{o['cosine_mean']:.6f} / {o['cosine_min']:.6f}"
-        table.add_row(str(o["name"]), top1, sqnr, cosine, f"{o['max_abs_error']:.6g}", f"{o['mean_abs_error']:.6g}")
+        served = "-" if o.get("tflite_name") is None else f"{o['tflite_name']} (by {o.get('matched_by')})"
+        table.add_row(str(o["name"]), served, top1, sqnr, cosine, f"{o['max_abs_error']:.6g}",
+                      f"{o['mean_abs_error']:.6g}")
     return table
 
 

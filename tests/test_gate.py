@@ -385,6 +385,115 @@ def test_regressor_is_judged_by_sqnr(capsys: pytest.CaptureFixture[str]) -> None
     assert rc == 3 and "is below --min-sqnr-db 80" in err.strip().splitlines()[-1]
 
 
+# --- several outputs: each one judged against its float counterpart -----------------------------------
+
+
+@functools.cache
+def two_output_file(same_shape: bool) -> Path:
+    """Untrained (a seed is enough for agreement) two-output model: softmax classes, and an exponential
+    head whose heavy-tailed values int8 keeps about 10 dB worse than the softmax's."""
+    from converter.native import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(inp))
+    classes = keras.layers.Dense(10, activation="softmax", name="classes")(h)
+    head = keras.layers.Dense(10 if same_shape else 3, activation="exponential", name="size")
+    size = head(h)
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 3.0, bias])
+    model = keras.Model(inp, [classes, size])
+    GATE.mkdir(parents=True, exist_ok=True)
+    path = GATE / f"two-outputs-{'same' if same_shape else 'different'}.keras"
+    model.save(path)
+    return path
+
+
+def _converted_against_float(bundle_dir: Path, model_file: Path, x: np.ndarray) -> np.ndarray:
+    """Relative squared error of every converted output (columns) against every float output (rows)."""
+    import keras
+
+    float_outs = keras.models.load_model(model_file).predict(x, verbose=0)
+    served = load_model(Bundle.load(bundle_dir).model, "auto", use_xnnpack=True)
+    converted = [np.stack(ys) for ys in zip(*(served.run([x[i:i + 1]]) for i in range(len(x))), strict=True)]
+    errors = np.full((len(float_outs), len(converted)), np.inf)
+    for i, f in enumerate(float_outs):
+        for j, c in enumerate(converted):
+            if c.shape[1:] == (1, *f.shape[1:]):
+                errors[i, j] = float(np.sum((c[:, 0] - f) ** 2) / np.sum(f ** 2))
+    return errors
+
+
+@pytest.mark.parametrize("same_shape", [False, True], ids=["different-shapes", "same-shape"])
+def test_every_output_is_judged(capsys: pytest.CaptureFixture[str], same_shape: bool) -> None:
+    d = split_digits()
+    path = two_output_file(same_shape)
+    common = ["convert", path, "--data", npz("multi-x.npz", x=d["x_train"][:400]), "--quantize", "int8",
+              "--max-accuracy-drop", "50", "--latency-runs", "2", "--interpreters", "none", "--json"]
+    out = GATE / f"two-outputs-{same_shape}"
+    rc, stdout, err = run(capsys, *common, "-o", out)
+    assert rc == 0, err
+    report = json.loads(stdout)["report"]
+    outputs = report["validation"]["outputs"]
+    assert [o["name"] for o in outputs] == ["classes", "size"] and [o["float_index"] for o in outputs] == [0, 1]
+    assert {o["tflite_index"] for o in outputs} == {0, 1} and all(o["matched_by"] == "name" for o in outputs)
+    # The pairing is the one the converted model computes: each float output is closest to its partner.
+    errors = _converted_against_float(out, path, d["x_train"][:40])
+    for o in outputs:
+        assert int(np.argmin(errors[o["float_index"]])) == o["tflite_index"], errors
+    classes, size = outputs
+    assert classes["top1_agreement"] is not None and classes["cosine_min"] > 0.99
+    assert size["sqnr_db"] < classes["sqnr_db"] - 3  # the heavy-tailed head is the worse one
+    assert report["validation"]["top1_agreement"] == classes["top1_agreement"]  # the first output's, as before
+    metrics = Bundle.load(out).deployment.model.metrics
+    assert metrics["sqnr_db"] == classes["sqnr_db"] and metrics["output.size.sqnr_db"] == size["sqnr_db"]
+    assert metrics["output.classes.served_as"] == classes["tflite_name"]
+
+    rc, shown, err = run(capsys, "inspect", out)
+    assert rc == 0, err
+    assert "agreement classes" in shown and "agreement size" in shown and "served as output_1" in shown
+    rc, shown, err = run(capsys, "diff", out, out, "--latency-runs", "0", "--json")
+    assert rc == 0, err
+    rows = {r["field"]: r for r in json.loads(shown)["rows"]}
+    assert rows["agreement size"]["a"].startswith(f"SQNR {size['sqnr_db']:.1f} dB")
+
+    limit = round((size["sqnr_db"] + classes["sqnr_db"]) / 2, 1)  # above the head, below the softmax
+    rc, stdout, err = run(capsys, *common, "-o", GATE / f"two-outputs-strict-{same_shape}", "--min-sqnr-db", limit)
+    assert rc == 3, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("edgectl: error: size: SQNR ") and f"is below --min-sqnr-db {limit:g}" in last
+    checks = json.loads(stdout)["report"]["gate"]["checks"]
+    assert [(c["output"], c["decision"]) for c in checks if c["metric"] == "sqnr_db"] == [
+        ("classes", "pass"), ("size", "refuse")]
+    assert bundle_files_absent(GATE / f"two-outputs-strict-{same_shape}")
+
+
+def test_outputs_are_matched_by_name_shape_then_least_error() -> None:
+    from converter.errors import UsageError
+    from converter.evaluate import match_outputs
+
+    rng = np.random.default_rng(0)
+    refs = [rng.normal(size=(50, 4)).astype(np.float32) for _ in range(3)] + [rng.normal(size=(50, 7))]
+    noisy = [r + rng.normal(scale=0.01, size=r.shape) for r in refs]
+    order = [3, 2, 0, 1]  # the converted model lists them in another order, names unrelated
+    converted = [noisy[i] for i in order]
+    unnamed = [(f"t{j}",) for j in range(4)]
+    matches = match_outputs([("a",), ("b",), ("c",), ("d",)], refs, unnamed, converted)
+    assert [(m.name, m.tflite_index, m.matched_by) for m in matches] == [
+        ("a", 2, "error"), ("b", 3, "error"), ("c", 1, "error"), ("d", 0, "shape")]
+    named = match_outputs([("a", "output_0"), ("b", "output_1"), ("c", "output_2"), ("d", "output_3")], refs,
+                          [("output_3",), ("output_2",), ("output_0",), ("output_1",)], converted)
+    assert [(m.tflite_index, m.tflite_name, m.matched_by) for m in named] == [
+        (2, "output_0", "name"), (3, "output_1", "name"), (1, "output_2", "name"), (0, "output_3", "name")]
+    with pytest.raises(UsageError, match="output d .*has no counterpart"):
+        match_outputs([("a",), ("b",), ("c",), ("d",)], refs, unnamed, [*converted[1:], converted[1]])
+    with pytest.raises(UsageError, match="has 3 outputs and the float model 4"):
+        match_outputs([("a",), ("b",), ("c",), ("d",)], refs, unnamed[:3], converted[:3])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--min-top1-agreement", "101"], "--min-top1-agreement: expected a percentage between 0 and 100"),
     (["--min-sqnr-db", "nan"], "--min-sqnr-db: expected a finite number"),

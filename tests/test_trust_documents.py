@@ -334,3 +334,27 @@ def _metric(a: AgentWith, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_an_older_genuine_document_cannot_replace_a_newer_one(fleet: Fleet, attacker: Operator,
+                                                              tmp_path: Path) -> None:
+    a = fleet.start(_agent(fleet))
+    mark = fleet.op.mark()
+    fleet.op.push(build_bundle(tmp_path / "v1", "cnn_v1", version=1, chunk_size=16384))
+    fleet.op.after(mark, lambda e: e["step"] == "COMMITTED" and e.get("version") == 1)
+    older = fleet.op.prepare(build_bundle(tmp_path / "v2", "cnn_v2", version=2, chunk_size=16384),
+                             now=int(time.time()) - 60)  # genuine, unexpired, issued a minute ago
+    fleet.op.chunks(older.chunks)
+    mark = fleet.op.mark()
+    newer = fleet.op.push(build_bundle(tmp_path / "v3", "cnn_v1", version=3, chunk_size=8192), withhold=2)
+    fleet.op.after(mark, lambda e: e["step"] == "DOWNLOADING" and e["ok"] and e.get("version") == 3)
+    mark = fleet.op.mark()
+    attacker.document(older.document, device="dev-1")  # replayed by someone without the key
+    _refusal(fleet, mark, "is older than the newest device:dev-1 document")
+    assert _model(a)["phase"] == "DOWNLOADING"  # the newer download goes on
+    fleet.op.chunks(newer.chunks)
+    fleet.op.after(mark, lambda e: e["step"] == "COMMITTED" and e.get("version") == 3)
+    assert a.stop() == 0
+    fleet.start(a)  # the retained topic now holds the older document: still refused after a restart
+    _report(fleet)
+    assert _active(a) == 3 and _model(a)["phase"] == "COMMITTED"

@@ -8,6 +8,7 @@ in the error; `dump` produces the JSON value, leaving out fields that are ``None
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -181,10 +182,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _to_float(value: Any) -> float:
+    # an integer of hundreds of digits is valid JSON but no double: refused like any other bad value
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise ProtocolError(f"number {str(value)[:24]}... is out of range")
+    return result
+
+
 _SCALARS: dict[Any, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
     bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
     int: (_is_int, "an integer", lambda v: v),
-    float: (_is_number, "a number", float),
+    float: (_is_number, "a number", _to_float),
     str: (lambda v: isinstance(v, str), "a string", lambda v: v),
 }
 
