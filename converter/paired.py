@@ -20,6 +20,7 @@ right and the converted one wrong, `c` the other way round, out of `n`. The accu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from scipy import optimize, stats
 
@@ -101,17 +102,7 @@ def samples_to_settle(b: int, c: int, n: int, limit: float, confidence: float = 
         low, high = drop_interval(b * f, c * f, size, confidence)
         return low > limit or high <= limit
 
-    if settled(n):
-        return n
-    low_n, high_n = float(n), float(n)
-    while not settled(high_n):
-        low_n, high_n = high_n, high_n * 2
-        if high_n > MAX_SETTLE_SAMPLES:
-            return None
-    while high_n - low_n > 1:
-        mid = (low_n + high_n) / 2
-        low_n, high_n = (low_n, mid) if settled(mid) else (mid, high_n)
-    return int(math.ceil(high_n))
+    return _smallest_settling(n, settled)
 
 
 def agreement_to_settle(k: int, n: int, limit: float, confidence: float = CONFIDENCE) -> int | None:
@@ -123,6 +114,12 @@ def agreement_to_settle(k: int, n: int, limit: float, confidence: float = CONFID
         low, high = clopper_pearson(k * size / n, size, confidence)
         return high < limit or low >= limit
 
+    return _smallest_settling(n, settled)
+
+
+def _smallest_settling(n: int, settled: Callable[[float], bool]) -> int | None:
+    """The smallest sample count (at least `n`) at which `settled` holds, with the same observed rates:
+    doubling until it does, then bisecting; None beyond MAX_SETTLE_SAMPLES."""
     if settled(n):
         return n
     low_n, high_n = float(n), float(n)
