@@ -98,6 +98,8 @@ class FleetLink:
         """Per model: the deployment whose download failed, when to try it again, the current delay."""
         self.timestamp: Timestamp | None = None
         self._withdrawn: dict[tuple[str, str], int] = {}
+        self._withdrawn_ids: dict[tuple[str, str], set[str]] = {}
+        """Deployment ids withdrawn this run per (model, source): the same-second case of `_withdrawn`."""
         self._newest: dict[tuple[str, str], int] = {}
         """The newest `issued_at` taken up per (model, source) this run; known models keep it in state.json."""
         """Signed withdrawals seen this run, per (model, source); known models also keep them in state.json."""
@@ -258,8 +260,14 @@ class FleetLink:
             return
         try:
             doc = self.lifecycle.authenticate(raw, source)
+            now = self.lifecycle.clock()
+            if now > doc.expires_at:
+                raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
             withdrawn = self._withdrawn_at(name, source)
-            if doc.issued_at <= withdrawn:
+            # a document of the same second as the withdrawal is a new order (a canary pushed again right
+            # after one was withdrawn), unless it is the very document that was withdrawn
+            if doc.issued_at < withdrawn or (doc.issued_at == withdrawn and doc.deployment_id
+                                             in self._withdrawn_ids.get((name, source), ())):
                 raise DocumentRefused(f"the {source} document was withdrawn by a signed withdrawal issued at "
                                       f"{withdrawn}; this one was issued at {doc.issued_at}", step="VERIFYING")
             newest = self._newest_at(name, source)
@@ -312,6 +320,7 @@ class FleetLink:
         self.lifecycle.mark_withdrawn(name, source, wd.issued_at)
         if current is None:
             return
+        self._withdrawn_ids.setdefault((name, source), set()).add(current[0].deployment_id)
         del docs[source]
         log.info("model %s: the %s document was withdrawn", name, source)
         job = self.downloads.jobs.get(name)

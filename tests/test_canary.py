@@ -205,7 +205,7 @@ def test_failed_canary_is_rolled_back_and_the_group_never_sees_the_model(
                            "--broker", broker.url)
     assert code == 1
     text = flat(out)
-    assert "canary failed: dev-1: rejected: golden sample 0: output 0 differs" in text
+    assert "canary failed: dev-1: rejected: golden sample 0: output 0 differs" in text, text
     assert "dev-1: nothing to undo: it did not keep the deployment (v1)" in text
     assert [version(a) for a in (one, two, three)] == [1, 1, 1]
     assert not [e for e in fleet.recorder.events() if e.get("version") == 3 and e["device_id"] != "dev-1"

@@ -48,7 +48,7 @@ def test_replayed_deployments_are_refused_after_a_newer_one_and_after_a_restart(
     # the genuine, still unexpired v1 document, byte for byte, replayed on the group's topic ...
     mark = fleet.op.mark()
     fleet.op.document(old.document, group="lab")
-    _refused(fleet, mark, "not above the active version 2")
+    _refused(fleet, mark, "is older than the newest group:lab document")
     # ... and on the device's own topic, which would override the group's: its signed target says group:lab
     mark = fleet.op.mark()
     fleet.op.document(old.document, device="dev-1")

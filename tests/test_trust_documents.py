@@ -152,7 +152,8 @@ def test_a_signed_rollback_cannot_be_undone_without_the_key(fleet: Fleet, attack
 
     # the operator lifts the floor on purpose: a newer signed document that allows the downgrade
     mark = fleet.op.mark()
-    fleet.op.push(v2_bundle, policy={"allow_downgrade": True})
+    # (issued a second on: a permission from the same second as the failed document would not lift it)
+    fleet.op.push(v2_bundle, policy={"allow_downgrade": True}, now=int(time.time()) + 1)
     fleet.op.after(mark, lambda e: e["step"] == "COMMITTED" and e.get("version") == 2)
     assert _served(a) == 2
 
