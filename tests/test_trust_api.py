@@ -26,7 +26,7 @@ from agent.client import ApiClient
 from agent.errors import RequestError
 from agent.protocol import SigningKey
 from tests.agentproc import AgentProcess
-from tests.helpers import wait_for
+from tests.helpers import read_http_response, wait_for
 from tests.reliability import X, build_bundle, fast_tmp
 
 TOKEN = "t0ken-for-the-trust-tests"
@@ -101,22 +101,8 @@ def _head(path: str, length: int, *, ctype: str = NPY, host: str = "localhost", 
 
 
 def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise ConnectionError(f"closed after {data!r}")
-        data += more
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        more = sock.recv(65536)
-        if not more:
-            break
-        rest += more
-    return int(lines[0].split()[1]), headers, json.loads(rest[:length])
+    status, headers, body = read_http_response(sock)
+    return status, headers, json.loads(body)
 
 
 def _still_serving(a: Agent) -> None:

@@ -28,7 +28,7 @@ from agent.errors import RequestError
 from agent.serving import Serving
 from tests.agentproc import AgentProcess
 from tests.broker import free_port
-from tests.helpers import wait_for
+from tests.helpers import read_http_response, wait_for
 from tests.reliability import build_bundle, fast_tmp
 
 LABELS = ["a", "b", "c", "d"]
@@ -45,18 +45,7 @@ class Agent:
         """Send raw bytes over TCP; the one response (the agent closes after it when asked)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
             s.sendall(raw)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = s.recv(65536)
-                if not more:
-                    raise ConnectionError(f"closed after {data!r}")
-                data += more
-            head, _, rest = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-            while len(rest) < int(headers["content-length"]):
-                rest += s.recv(65536)
-            return int(lines[0].split()[1]), headers, rest
+            return read_http_response(s)
 
 
 @pytest.fixture(scope="module")
