@@ -54,19 +54,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP/1.1 response from `sock`: status, lower-cased headers and the body (Content-Length)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise ConnectionError(f"closed after {data!r}")
-        data += more
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        more = sock.recv(65536)
-        if not more:
-            break
-        rest += more
-    return int(lines[0].split()[1]), headers, rest[:length]
+    return read_http_responses(sock, 1)[0]
+
+
+def read_http_responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read `n` responses, keeping bytes of one response that arrived with the previous one."""
+    buf = b""
+    out = []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"closed after {buf!r}")
+            buf += more
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"closed {length - len(rest)} bytes before the end of the body")
+            rest += more
+        out.append((int(lines[0].split()[1]), headers, rest[:length]))
+        buf = rest[length:]
+    return out

@@ -23,6 +23,7 @@ from agent.bundle import MODEL_FILE, Bundle
 from agent.client import ApiClient
 from agent.errors import ConfigError, EdgefleetError, RequestError
 from agent.serving import Serving
+from tests.helpers import read_http_response, read_http_responses
 
 LABELS = ("a", "b", "c", "d")
 
@@ -68,32 +69,7 @@ def _client(server: ApiServer) -> ApiClient:
 def _exchange(sock: socket.socket, data: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes, read one response."""
     sock.sendall(data)
-    return _read(sock)
-
-
-def _read(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    return _read_many(sock, 1)[0]
-
-
-def _read_many(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], bytes]]:
-    """Read `n` responses, keeping bytes of one response that arrived with the previous one."""
-    buf = b""
-    out = []
-    while len(out) < n:
-        while b"\r\n\r\n" not in buf:
-            more = sock.recv(65536)
-            if not more:
-                raise ConnectionError(f"closed after {buf!r}")
-            buf += more
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        length = int(headers["content-length"])
-        while len(rest) < length:
-            rest += sock.recv(65536)
-        out.append((int(lines[0].split()[1]), headers, rest[:length]))
-        buf = rest[length:]
-    return out
+    return read_http_response(sock)
 
 
 def _unix(server: ApiServer, timeout: float = 5.0) -> socket.socket:
@@ -289,7 +265,7 @@ def test_keep_alive_pipelining_and_expect_continue(api: Factory) -> None:
     sock = _unix(server)
     one = _post("/v1/models/m:predict", b'{"instances": [[1,1,1,1,1,1,1,1]]}')
     sock.sendall(one + b"GET /v1/models/m HTTP/1.1\r\n\r\n" + one)  # three requests in one send
-    answers = _read_many(sock, 3)
+    answers = read_http_responses(sock, 3)
     assert [a[0] for a in answers] == [200, 200, 200]
     assert "predictions" in json.loads(answers[0][2]) and "model_version_status" in json.loads(answers[1][2])
     assert answers[0][2] == answers[2][2]
@@ -298,7 +274,7 @@ def test_keep_alive_pipelining_and_expect_continue(api: Factory) -> None:
         b"Content-Length: 0", f"Content-Length: {len(body)}".encode()))
     assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     sock.sendall(body)
-    assert _read(sock)[0] == 200
+    assert read_http_response(sock)[0] == 200
 
 
 def test_admin_actions_are_forwarded_on_the_admin_socket_only(api: Factory) -> None:
@@ -348,7 +324,7 @@ def test_connections_are_capped_and_idle_ones_time_out(api: Factory) -> None:
     server, _ = api(max_connections=2, idle_timeout_s=0.5)
     first, second = _unix(server), _unix(server)
     third = _unix(server)
-    code, _, answer = _read(third)
+    code, _, answer = read_http_response(third)
     assert code == 503 and "too many connections" in json.loads(answer)["error"]
     assert third.recv(10) == b""
     # idle connections are closed by the server after the timeout, which frees the slots
@@ -479,7 +455,7 @@ def test_chunked_bodies_are_read_incrementally(api: Factory) -> None:
     sock = _unix(server)
     body = json.dumps({"instances": x.tolist()}).encode()
     sock.sendall(_chunked("/v1/models/m:predict", body) + _chunked("/v1/models/m:predict", _npy(x), "application/x-npy"))
-    (code, _, answer), (code2, _, answer2) = _read_many(sock, 2)
+    (code, _, answer), (code2, _, answer2) = read_http_responses(sock, 2)
     assert code == 200 and code2 == 200
     np.testing.assert_allclose(json.loads(answer)["predictions"], expected, rtol=1e-6)
     np.testing.assert_array_equal(np.load(io.BytesIO(answer2)), expected)
@@ -514,11 +490,11 @@ def test_slow_heads_and_bodies_get_408(api: Factory) -> None:
     server, _ = api(header_timeout_s=0.3, body_timeout_s=0.3)
     slow_head = _unix(server)
     slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
-    code, _, answer = _read(slow_head)
+    code, _, answer = read_http_response(slow_head)
     assert code == 408 and "head" in json.loads(answer)["error"]
     slow_body = _unix(server)
     slow_body.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
-    code, _, answer = _read(slow_body)
+    code, _, answer = read_http_response(slow_body)
     assert code == 408 and "body" in json.loads(answer)["error"]
     assert server.budget.used == 0
     assert _client(server).health()["http_status"] == 200
@@ -570,11 +546,11 @@ def test_tcp_checks_host_content_type_and_token(api: Factory) -> None:
 def test_tcp_clients_cannot_lock_out_the_unix_socket(api: Factory) -> None:
     server, _ = api(max_connections=4, max_connections_per_peer=3)
     held = [_tcp(server) for _ in range(3)]
-    code, _, answer = _read(_tcp(server))
+    code, _, answer = read_http_response(_tcp(server))
     assert code == 503 and "from 127.0.0.1" in json.loads(answer)["error"]
     assert _client(server).health()["http_status"] == 200  # the Unix socket has its own cap
     held += [_unix(server) for _ in range(4)]
-    code, _, answer = _read(_unix(server))
+    code, _, answer = read_http_response(_unix(server))
     assert code == 503 and "too many connections (limit 4)" in json.loads(answer)["error"]
     # ...and so does the admin socket
     admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -589,7 +565,7 @@ def test_admin_socket_refuses_other_uids(api: Factory) -> None:
     server, _ = api(admin=lambda action, body: (200, {}), admin_uids={os.getuid() + 4242})
     admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     admin.connect(str(server.admin_path))
-    code, _, answer = _read(admin)
+    code, _, answer = read_http_response(admin)
     assert code == 403 and "not uid" in json.loads(answer)["error"]
 
 
@@ -630,7 +606,7 @@ def test_install_reads_passed_file_descriptors(api: Factory, make_bundle: Callab
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         raw.connect(str(server.socket_path))
         socket.send_fds(raw, [_post("/v1/admin/install", b'{"files": {}}')], [f.fileno()])
-        assert _read(raw)[0] == 403
+        assert read_http_response(raw)[0] == 403
         raw.close()
     os.close(r)
     os.close(w)
