@@ -1,3 +1,1 @@
-"""edgefleet device agent and the wire contract shared with the host tools."""
-
-__version__ = "0.1.0"
+"""The edgefleet device agent (``edge-agent``): receive, verify, validate, serve, roll back."""

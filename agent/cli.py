@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefleet.agent.config import (
+    DEFAULT_PATH,
+    AgentConfig,
+    describe,
+    insecure_warning,
+    load_config,
+    security_problems,
+)
 
-from agent import __version__
-from agent.config import DEFAULT_PATH, AgentConfig, describe, insecure_warning, load_config, security_problems
-from agent.errors import EdgefleetError, RequestError
+from edgefleet import __version__
+from edgefleet.errors import EdgefleetError, RequestError
 
 log = logging.getLogger("edge-agent")
 
@@ -39,7 +46,7 @@ def setup_logging(level: str) -> None:
 
 
 def _client(config: AgentConfig) -> Any:
-    from agent.client import ApiClient
+    from edgefleet.agent.api.client import ApiClient
 
     if config.api.socket is None:
         raise EdgefleetError("the agent is running but api.socket is disabled, so it cannot be reached")
@@ -48,7 +55,7 @@ def _client(config: AgentConfig) -> Any:
 
 def _admin_client(config: AgentConfig) -> Any:
     """A client whose admin actions go to the admin socket (root and the agent's user only)."""
-    from agent.client import ApiClient
+    from edgefleet.agent.api.client import ApiClient
 
     path = config.api.admin_socket_path()
     if path is None:
@@ -66,7 +73,7 @@ def _admin_error(err: RequestError) -> str:
 
 
 def _daemon_running(config: AgentConfig) -> bool:
-    from agent.store import Store
+    from edgefleet.agent.lifecycle.store import Store
 
     store = Store.from_config(config)
     if store.try_lock():
@@ -85,7 +92,7 @@ def cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     """Run the daemon in the foreground (systemd runs it this way)."""
     import faulthandler
 
-    from agent.daemon import run_daemon
+    from edgefleet.agent.daemon import run_daemon
 
     faulthandler.enable()  # a watchdog abort (SIGABRT) then leaves every thread's stack in the journal
     # The same checks as check-config, before anything listens: a board that cannot verify what it
@@ -135,11 +142,12 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
-    from agent.bundle import read_bundle_files
-    from agent.errors import ProtocolError
-    from agent.lifecycle import Lifecycle
-    from agent.protocol.signing import Keyring
-    from agent.store import Store
+    from edgefleet.agent.lifecycle.machine import Lifecycle
+    from edgefleet.agent.lifecycle.store import Store
+
+    from edgefleet.bundle import read_bundle_files
+    from edgefleet.errors import ProtocolError
+    from edgefleet.protocol.signing import Keyring
 
     store = Store.from_config(config)
     if not store.try_lock():
@@ -172,8 +180,8 @@ def cmd_rollback(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _rollback_offline(config: AgentConfig, name: str | None) -> dict[str, Any]:
-    from agent.lifecycle import Lifecycle
-    from agent.store import Store
+    from edgefleet.agent.lifecycle.machine import Lifecycle
+    from edgefleet.agent.lifecycle.store import Store
 
     store = Store.from_config(config)
     if not store.try_lock():
@@ -246,8 +254,8 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _state_offline(config: AgentConfig) -> dict[str, Any]:
-    from agent.lifecycle import Lifecycle
-    from agent.store import Store
+    from edgefleet.agent.lifecycle.machine import Lifecycle
+    from edgefleet.agent.lifecycle.store import Store
 
     if not config.state_dir.exists():
         return {"models": {}}
@@ -278,10 +286,10 @@ def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
-    from agent.api_routes import row_answer, rows_to_columns
-    from agent.lifecycle import Lifecycle
-    from agent.serving import Serving
-    from agent.store import Store
+    from edgefleet.agent.api.routes import row_answer, rows_to_columns
+    from edgefleet.agent.lifecycle.machine import Lifecycle
+    from edgefleet.agent.lifecycle.store import Store
+    from edgefleet.agent.serving.models import Serving
 
     store = Store.from_config(config)
     rec = Lifecycle(config, store).state.record(name)

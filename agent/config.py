@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.errors import ConfigError, EdgefleetError
+from edgefleet.errors import ConfigError, EdgefleetError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -302,7 +302,7 @@ def _check_value(key: str, value: Any) -> None:
         if m is None or int(m[1] or 1) > 65535:
             raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
     if key in ("mqtt.prefix", "homeassistant.prefix"):
-        from agent.protocol.topics import Topics  # the one rule for topic prefixes
+        from edgefleet.protocol.topics import Topics  # the one rule for topic prefixes
 
         try:
             Topics(value)
@@ -478,7 +478,7 @@ def _check_trusted_key(key: str, path: Path, problems: list[str]) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from agent.protocol.signing import PUBLIC_KEY_FILE
+    from edgefleet.protocol.signing import PUBLIC_KEY_FILE
 
     p = path / PUBLIC_KEY_FILE if path.is_dir() else path  # as Keyring.from_files reads it
     data = _read_file(key, p, problems)

@@ -17,23 +17,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, faults
-from agent.api import ApiServer
-from agent.api_routes import serving_metrics
-from agent.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files
-from agent.config import AgentConfig, insecure_warning, security_problems
-from agent.delivery import ChunkStored
-from agent.errors import ConfigError, EdgefleetError, ProtocolError, StoreError
-from agent.lifecycle import Lifecycle
-from agent.link import Connection, FleetLink
-from agent.protocol.canonical import parse_json
-from agent.protocol.documents import Event, Telemetry
-from agent.protocol.signing import Keyring
-from agent.serving import Roles, Serving
-from agent.store import STABLE_PHASES, Store
-from agent.systemd import Notifier
-from agent.telemetry import PromText, Sampler, model_figures, prometheus
-from agent.transport import Message
+from edgefleet.agent import faults
+from edgefleet.agent.api.routes import serving_metrics
+from edgefleet.agent.api.server import ApiServer
+from edgefleet.agent.config import AgentConfig, insecure_warning, security_problems
+from edgefleet.agent.fleet.delivery import ChunkStored
+from edgefleet.agent.fleet.link import Connection, FleetLink
+from edgefleet.agent.lifecycle.machine import Lifecycle
+from edgefleet.agent.lifecycle.store import STABLE_PHASES, Store
+from edgefleet.agent.serving.models import Roles, Serving
+from edgefleet.agent.systemd import Notifier
+from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
+
+from edgefleet import __version__
+from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files
+from edgefleet.errors import ConfigError, EdgefleetError, ProtocolError, StoreError
+from edgefleet.protocol.canonical import parse_json
+from edgefleet.protocol.documents import Event, Telemetry
+from edgefleet.protocol.signing import Keyring
+from edgefleet.transport import Message
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.api import ApiServer  # noqa: E402
-from agent.bundle import MODEL_FILE, Bundle  # noqa: E402
-from agent.client import ApiClient  # noqa: E402
-from agent.runtime import load_model, resolve_backend  # noqa: E402
-from agent.serving import Serving  # noqa: E402
+from edgefleet.agent.api.client import ApiClient  # noqa: E402
+from edgefleet.agent.api.server import ApiServer  # noqa: E402
+from edgefleet.agent.serving.models import Serving  # noqa: E402
+
+from edgefleet.bundle import MODEL_FILE, Bundle  # noqa: E402
+from edgefleet.runtime import load_model, resolve_backend  # noqa: E402
 
 THREADS = 1
 GOALS = {"ratio": 1.05, "added_us": 5.0, "socket_us": 200.0, "v2_us": 200.0, "rollback_s": 0.5, "rss_mb": 25.0,
@@ -207,7 +208,7 @@ def rollback_times(work: Path, model: Path, repeats: int = 5) -> tuple[list[floa
     operator's rollback (the admin API, as `edge-agent rollback` sends it) until the previous version
     answers a request sent after the trigger. Returns the times and the pids of the agent and its
     validation fork server (for the idle footprint, measured afterwards)."""
-    from tests.agentproc import AgentProcess
+    from tests.support.agentproc import AgentProcess
 
     work = work / "agent-rollback"
     agent = AgentProcess(work / "agent", health={"probation_s": 0, "min_requests": 1})
@@ -247,7 +248,10 @@ def idle_usage(pids: dict[str, int], seconds: float) -> dict[str, tuple[float, f
 
 
 def _bundle(work: Path, model: Path, name: str, version: int) -> Path:
-    from converter.bundle import BundleSpec, write_bundle  # writes bundles; imports no TensorFlow
+    from edgefleet.converter.bundle.writer import (  # writes bundles; imports no TensorFlow
+        BundleSpec,
+        write_bundle,
+    )
 
     loaded = load_model(model)
     spec = loaded.inputs[0]

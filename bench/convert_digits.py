@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converter.native import import_tensorflow  # noqa: E402
+from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
 
 SEED = 0
 # Shares of the four disjoint parts (see the module docstring).
@@ -64,10 +64,10 @@ def held_out(model: bytes, x: Any, y: Any, float_accuracy: float) -> tuple[float
     """Accuracy of a converted model on samples nothing in the conversion saw (LiteRT, XNNPACK, as the
     agent serves it), and its drop in points against the float model's accuracy on the same samples."""
     import numpy as np
+    from edgefleet.converter.convert.evaluate import run_samples
+    from edgefleet.converter.tflite.native import captured_native_output
 
-    from agent.runtime import load_model
-    from converter.evaluate import run_samples
-    from converter.native import captured_native_output
+    from edgefleet.runtime import load_model
 
     with captured_native_output():
         served = load_model(model, "auto", use_xnnpack=True)
@@ -120,10 +120,10 @@ def main() -> int:
     started = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import_tensorflow()
-    from converter.convert import ConvertOptions, finish, prepare, prune_source
-    from converter.data import Dataset, Splits
-    from converter.load import clone, from_keras
-    from converter.quantize import MODES
+    from edgefleet.converter.convert.data import Dataset, Splits
+    from edgefleet.converter.convert.load import clone, from_keras
+    from edgefleet.converter.convert.pipeline import ConvertOptions, finish, prepare, prune_source
+    from edgefleet.converter.convert.quantize import MODES
 
     parts = digits_parts(SEED)
     (x_train, y_train), (x_cal, y_cal) = parts["train"], parts["calibration"]

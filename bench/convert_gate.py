@@ -33,8 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
+
 from bench.convert_digits import held_out  # noqa: E402
-from converter.native import import_tensorflow  # noqa: E402
 
 GOOD = 20
 """Good conversions (held-out drop under GOOD_DROP_PT) the figure is counted over."""
@@ -82,7 +83,7 @@ def train(x: Any, y: Any, seed: int) -> Any:
 
 def edgectl(*args: object) -> tuple[int, str, str]:
     """`edgectl ARGS` in this process (TensorFlow stays loaded); exit code, stdout, stderr."""
-    from converter.cli import main
+    from edgefleet.converter.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

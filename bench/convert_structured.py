@@ -11,7 +11,7 @@ converter's fine-tuning), calibration (the converter's calibration samples), eva
 converter's gate judges on, like ``--eval-data``) and test (held out from everything; the accuracy
 columns are measured there). Every configuration is converted by the converter's pipeline and run
 with LiteRT. Latency is the bare interpreter (inputs set once, ``invoke()`` timed; XNNPACK, one
-thread) measured in turns for all models in this run (``converter/latency.py``).
+thread) measured in turns for all models in this run (``converter/tflite/latency.py``).
 
 The last lines are ``STRUCTURED_SPEEDUP=<x>``: bare p50 of the int8 model without structured pruning
 divided by the bare p50 of the fastest structured-pruned int8 model whose held-out accuracy is at
@@ -34,8 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
+
 from bench.convert_digits import digits_parts, gate_text, held_out  # noqa: E402
-from converter.native import import_tensorflow  # noqa: E402
 
 SEED = 0
 SIZE = 64
@@ -95,11 +96,17 @@ def main() -> int:
     started = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import_tensorflow()
-    from converter.convert import ConvertOptions, finish, prepare, prune_channels_source, prune_source
-    from converter.data import Dataset, Splits
-    from converter.latency import compare_latency
-    from converter.load import clone, from_keras
-    from converter.tflite_info import read_model
+    from edgefleet.converter.convert.data import Dataset, Splits
+    from edgefleet.converter.convert.load import clone, from_keras
+    from edgefleet.converter.convert.pipeline import (
+        ConvertOptions,
+        finish,
+        prepare,
+        prune_channels_source,
+        prune_source,
+    )
+    from edgefleet.converter.tflite.info import read_model
+    from edgefleet.converter.tflite.latency import compare_latency
 
     parts = {k: (upsample(x), y) for k, (x, y) in digits_parts(SEED).items()}
     (x_train, y_train), (x_cal, y_cal) = parts["train"], parts["calibration"]

@@ -42,15 +42,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
+from edgefleet.converter.bundle.writer import BundleSpec, write_bundle  # noqa: E402
+from edgefleet.converter.fleet.publish import prepare, publish_chunks, publish_document  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.bundle import Bundle  # noqa: E402
-from agent.protocol import Topics, parse_json  # noqa: E402
-from agent.transport import MqttSettings, Transport  # noqa: E402
-from converter.bundle import BundleSpec, write_bundle  # noqa: E402
-from converter.publish import prepare, publish_chunks, publish_document  # noqa: E402
-from tests.agentproc import AgentProcess  # noqa: E402
-from tests.broker import Mosquitto  # noqa: E402
+from edgefleet.bundle import Bundle  # noqa: E402
+from edgefleet.protocol import Topics, parse_json  # noqa: E402
+from edgefleet.transport import MqttSettings, Transport  # noqa: E402
+from tests.support.agentproc import AgentProcess  # noqa: E402
+from tests.support.broker import Mosquitto  # noqa: E402
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 CHUNK = DEFAULT_CHUNK_SIZE

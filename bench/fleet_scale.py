@@ -1,6 +1,6 @@
 """Issue 5's benchmark: a fleet of real agents on one Mosquitto, a collector's ingest rate, an idle agent's CPU.
 
-1. Fleet rollout. N agents run the real agent code (`agent.daemon.Daemon`: store, lifecycle with its
+1. Fleet rollout. N agents run the real agent code (`edgefleet.agent.daemon.Daemon`: store, lifecycle with its
    validation fork server, serving, API on a Unix socket, MQTT link, telemetry every second), several per
    worker process, each in its own thread with its own state directory and MQTT client. A tiny dense
    model (built once in a TensorFlow subprocess; no process that runs agents imports TensorFlow) is
@@ -58,7 +58,7 @@ open(sys.argv[1], "wb").write(tf.lite.TFLiteConverter.from_keras_model(m).conver
 
 def agent_config(root: Path, device: str, groups: list[str], url: str, pub: Path, telemetry_s: float) -> str:
     """TOML of one agent: own state dir and API socket, short probation, telemetry every `telemetry_s`."""
-    from tests.agentproc import toml
+    from tests.support.agentproc import toml
 
     return toml({
         "device_id": device, "groups": groups, "state_dir": str(root / device / "state"), "log_level": "warning",
@@ -79,8 +79,8 @@ def worker_main(spec: dict[str, Any]) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format=f"worker {spec['index']}: %(levelname)s %(name)s: %(message)s")
-    from agent.config import parse_config
-    from agent.daemon import Daemon
+    from edgefleet.agent.config import parse_config
+    from edgefleet.agent.daemon import Daemon
 
     root = Path(spec["root"])
     daemons = []
@@ -223,8 +223,9 @@ def wait_online(observer: Any, devices: list[str], timeout: float) -> float:
 def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: list[str],
             timeout: float) -> dict[str, Any]:
     """Publish the group document and follow the retained states until every device committed it."""
-    from agent.protocol import Topics
-    from converter.publish import publish_document
+    from edgefleet.converter.fleet.publish import publish_document
+
+    from edgefleet.protocol import Topics
 
     dep_id = prepared.deployment.deployment_id
     name = prepared.deployment.model.name
@@ -259,7 +260,7 @@ def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: l
 
 def collect(url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
     """Start `edgectl fleet collect` and return once it is subscribed."""
-    proc = subprocess.Popen([sys.executable, "-m", "converter.cli", "fleet", "collect", "--out", str(out), "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.converter.cli", "fleet", "collect", "--out", str(out), "--json",
                              "--only", "telemetry", "--report-every", "3600", "--broker", url, *extra],
                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
@@ -306,8 +307,8 @@ def idle_cpu(work: Path, url: str, bundle: Path, telemetry_s: float, window: flo
     """Percent of one core an idle agent process with one committed model uses over `window` s."""
     import psutil
 
-    from tests.agentproc import AgentProcess
-    from tests.helpers import wait_for
+    from tests.support.agentproc import AgentProcess
+    from tests.support.helpers import wait_for
 
     a = AgentProcess(work / "cpu-agent", device_id="cpu-agent", groups=["cpu"],
                      mqtt={"url": url}, health={"probation_s": 1, "min_requests": 1},
@@ -360,14 +361,14 @@ def main() -> None:
     share_s = 8.0 if args.quick else 25.0
 
     import numpy as np
+    from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
+    from edgefleet.converter.fleet.observer import FleetObserver
+    from edgefleet.converter.fleet.publish import prepare, publish_chunks
 
-    from agent.bundle import Bundle
-    from agent.protocol import SigningKey, Telemetry, Topics, canonical_json
-    from agent.transport import MqttSettings, Transport
-    from converter.bundle import BundleSpec, write_bundle
-    from converter.fleet import FleetObserver
-    from converter.publish import prepare, publish_chunks
-    from tests.broker import Mosquitto
+    from edgefleet.bundle import Bundle
+    from edgefleet.protocol import SigningKey, Telemetry, Topics, canonical_json
+    from edgefleet.transport import MqttSettings, Transport
+    from tests.support.broker import Mosquitto
 
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         work = Path(tmp)

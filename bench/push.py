@@ -6,7 +6,7 @@ them, so every chunk goes out raw. For each chunk size:
 
 - baseline: raw paho publishes the chunk payloads retained at QoS 1 and waits for every PUBACK
   (no edgefleet code; its default window of 20 unacknowledged messages);
-- push: `converter.publish.publish_chunks` through `agent.transport` to an empty broker;
+- push: `edgefleet.converter.fleet.publish.publish_chunks` through `edgefleet.transport` to an empty broker;
 - republish: the same when the broker already holds every chunk (what a second push costs);
 - probe: the alternative to republishing, asking the broker which chunks it holds by subscribing
   to them (the only way MQTT offers), which transfers every held chunk back to the host; it is also
@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
+from edgefleet.converter.fleet.publish import publish_chunks, split_parallel  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.protocol import Topics, split  # noqa: E402
-from agent.transport import MqttSettings, Transport  # noqa: E402
-from converter.publish import publish_chunks, split_parallel  # noqa: E402
-from tests.broker import Mosquitto  # noqa: E402
+from edgefleet.protocol import Topics, split  # noqa: E402
+from edgefleet.transport import MqttSettings, Transport  # noqa: E402
+from tests.support.broker import Mosquitto  # noqa: E402
 
 SIZE = 20 * 1000 * 1000
 CHUNK_SIZES = (64 * 1024, 256 * 1024)

@@ -1,18 +1,18 @@
 """Reliability figures: SIGKILLs over many update cycles, hostile models, broker faults and a soak.
 
 Everything runs against real `edge-agent run` processes (and a real Mosquitto for the broker faults):
-- kill loop (tests/killing.py): one agent on one state directory is killed with SIGKILL at random
+- kill loop (tests/support/killing.py): one agent on one state directory is killed with SIGKILL at random
   EDGEFLEET_FAULT crash points and random moments, cycle after cycle of install, probation, commit and
   rollback; after every restart state.json must parse, the active model must be a version that was
   installed with an intact blob, and the API must answer with it. Baseline: the time of a clean
   start on the same state directory, beside the time to come back from a kill.
-- hostile models (tests/hostile.py): bit flips (header and vtables first), truncations, every edited
+- hostile models (tests/support/hostile.py): bit flips (header and vtables first), truncations, every edited
   flatbuffer (absurd shapes, buffers and offsets out of range, unknown ops), huge arenas, a memory hog
   and a hang, each installed through the admin API of an agent serving a committed v1. Baseline: the
   install of a good model, beside the cost of refusing a hostile one.
-- broker faults: the scenarios of tests/test_faults.py (broker killed during a download and during
+- broker faults: the scenarios of tests/e2e/test_faults.py (broker killed during a download and during
   probation, frozen with SIGSTOP), run as they are, a few rounds each.
-- soak (tests/soak.py): 50 requests/s from five clients over two updates and a rollback. Baseline:
+- soak (tests/support/soak.py): 50 requests/s from five clients over two updates and a rollback. Baseline:
   p99 latency outside the switch windows, beside the p99 inside them.
 - trust attacks (tests/test_trust_*.py): client-id takeover, forged inventories and group claims,
   replays and re-posted manifests after a signed rollback, forged copies, floods of unsigned documents,
@@ -57,8 +57,8 @@ def say(text: str) -> None:
 
 def kill_part(work: Path, kills: int, seed: int) -> dict[str, Any]:
     """The kill loop, plus a clean restart of the same state directory as the baseline."""
-    from tests.killing import KillLoop
-    from tests.reliability import build_bundle
+    from tests.support.killing import KillLoop
+    from tests.support.reliability import build_bundle
 
     bundles = [build_bundle(work / "a", "dense_f32", version=1), build_bundle(work / "b", "dense_f32_v2", version=1)]
     loop = KillLoop(work / "loop", bundles, seed=seed)
@@ -85,10 +85,10 @@ def kill_part(work: Path, kills: int, seed: int) -> dict[str, Any]:
 
 def hostile_part(work: Path, flips: int, cuts: int) -> dict[str, Any]:
     """Every hostile file through a real agent's admin API; a good install first as the baseline."""
-    from agent.protocol import SigningKey
-    from tests.helpers import wait_for
-    from tests.hostile import Hostile, bit_flips, flatbuffer_edits, huge_arenas, truncations
-    from tests.reliability import AgentWith, build_bundle, run_hostile_through_agent, zoo_model
+    from edgefleet.protocol import SigningKey
+    from tests.support.helpers import wait_for
+    from tests.support.hostile import Hostile, bit_flips, flatbuffer_edits, huge_arenas, truncations
+    from tests.support.reliability import AgentWith, build_bundle, run_hostile_through_agent, zoo_model
 
     key = SigningKey.generate()
     key.write(work / "keys")
@@ -130,9 +130,9 @@ def hostile_part(work: Path, flips: int, cuts: int) -> dict[str, Any]:
 
 
 def fault_part(work: Path, rounds: int) -> dict[str, Any]:
-    """The broker-fault scenarios of tests/test_faults.py, run as they are, `rounds` times each."""
-    from tests import test_faults
-    from tests.reliability import running_fleet
+    """The broker-fault scenarios of tests/e2e/test_faults.py, run as they are, `rounds` times each."""
+    from tests.e2e import test_faults
+    from tests.support.reliability import running_fleet
 
     scenarios = [test_faults.test_broker_killed_and_restarted_during_a_download,
                  test_faults.test_broker_killed_during_probation,
@@ -159,7 +159,7 @@ def fault_part(work: Path, rounds: int) -> dict[str, Any]:
 
 def soak_part(work: Path, seconds: float) -> dict[str, Any]:
     """The soak on a real agent serving a committed v1."""
-    from tests.soak import SWITCH_TAIL_S, soak_fresh_agent
+    from tests.support.soak import SWITCH_TAIL_S, soak_fresh_agent
 
     report, alive = soak_fresh_agent(work, seconds=seconds, progress=say)
     for line in report.summary().splitlines():

@@ -17,21 +17,29 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent.errors import ConfigError, EdgefleetError, ProtocolError
-from converter.errors import EXIT_FAILURE, EXIT_GATE, EXIT_OK, EXIT_USAGE, AccuracyGateError, UsageError
+from edgefleet.converter.errors import (
+    EXIT_FAILURE,
+    EXIT_GATE,
+    EXIT_OK,
+    EXIT_USAGE,
+    AccuracyGateError,
+    UsageError,
+)
+
+from edgefleet.errors import ConfigError, EdgefleetError, ProtocolError
 
 log = logging.getLogger(__name__)
 
 PROG = "edgectl"
 # Command modules, in the order `edgectl --help` lists them.
 COMMAND_MODULES: list[str] = [
-    "converter.cmd_convert",
-    "converter.cmd_package",
-    "converter.cmd_inspect",
-    "converter.cmd_diff",
-    "converter.cmd_keygen",
-    "converter.cmd_mqtt",
-    "converter.cmd_trust",
+    "edgefleet.converter.commands.convert",
+    "edgefleet.converter.commands.package",
+    "edgefleet.converter.commands.inspect",
+    "edgefleet.converter.commands.diff",
+    "edgefleet.converter.commands.keygen",
+    "edgefleet.converter.commands.mqtt",
+    "edgefleet.converter.commands.trust",
 ]
 
 EPILOG = """\

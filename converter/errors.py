@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

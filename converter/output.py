@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefleet.converter.errors import UsageError
 from rich.console import Console
 
-from agent.protocol import SigningKey, check_name
-from converter.errors import UsageError
+from edgefleet.protocol import SigningKey, check_name
 
 
 def stdout_console() -> Console:

@@ -134,7 +134,7 @@ class Demo:
         np.savez(OUT / "digits-train.npz", x=x_train, y=y_train)
         np.savez(OUT / "digits-test.npz", x=x_test, y=y_test)
         (OUT / "labels.txt").write_text("\n".join(str(d) for d in range(10)) + "\n")
-        from converter.native import captured_native_output, import_tensorflow
+        from edgefleet.converter.tflite.native import captured_native_output, import_tensorflow
 
         tf = import_tensorflow()
         tf.keras.utils.set_random_seed(0)
@@ -181,7 +181,7 @@ class Demo:
         _show_report("v2", report)
 
     def start_agent(self) -> Any:
-        from agent.client import ApiClient
+        from edgefleet.agent.api.client import ApiClient
 
         state = OUT / "agent"
         state.mkdir()
@@ -243,7 +243,7 @@ class Demo:
         served: dict[int, int] = {}
 
         def traffic() -> None:
-            from agent.client import ApiClient
+            from edgefleet.agent.api.client import ApiClient
 
             c = ApiClient(socket_path=self.socket)
             i = 0

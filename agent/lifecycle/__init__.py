@@ -1,0 +1,1 @@
+"""A model's life on the device: the state machine, validation, the durable store."""

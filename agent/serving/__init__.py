@@ -1,0 +1,1 @@
+"""Local inference: the live models, their figures, tensor I/O."""

@@ -1,0 +1,1 @@
+"""Telemetry: the sampler, Prometheus text, Home Assistant discovery."""

@@ -1,0 +1,1 @@
+"""Writing bundles: golden vectors, chunked artifacts, the signed manifest."""

@@ -1,0 +1,1 @@
+"""The edgectl subcommands: argument parsing and glue, no logic of their own."""

@@ -1,0 +1,1 @@
+"""Keras / SavedModel to TFLite: loading, pruning, quantization, evaluation, the report."""

@@ -1,0 +1,96 @@
+"""Broker options shared by every `edgectl` command that talks to MQTT, and the connection they open."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from edgefleet.agent.config import read_secret
+from edgefleet.converter.errors import UsageError
+
+from edgefleet.errors import ConfigError, ProtocolError
+from edgefleet.protocol import DEFAULT_PREFIX, Topics
+from edgefleet.transport import Message, MqttSettings, Transport
+
+ENV_BROKER = "EDGEFLEET_BROKER"
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+
+def add_broker_args(parser: argparse.ArgumentParser) -> None:
+    """Add --broker, TLS and credential options, --prefix and --connect-timeout to a command."""
+    g = parser.add_argument_group("broker")
+    g.add_argument("--broker", metavar="URL", default=os.environ.get(ENV_BROKER, DEFAULT_BROKER),
+                   help=f"mqtt://host[:port] or mqtts://host[:port] (default: ${ENV_BROKER} or {DEFAULT_BROKER})")
+    g.add_argument("--ca", metavar="FILE", help="CA certificate(s) that verify the broker (mqtts://; default: system CAs)")
+    g.add_argument("--cert", metavar="FILE", help="client certificate for mutual TLS")
+    g.add_argument("--key-file", metavar="FILE", help="private key of --cert")
+    g.add_argument("--username", metavar="NAME", help="broker user name (the shipped ACL: edgefleet-operator)")
+    g.add_argument("--password-file", metavar="FILE",
+                   help="file holding the broker password (relative names: $CREDENTIALS_DIRECTORY first)")
+    g.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
+    g.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"],
+                   default=os.environ.get("EDGEFLEET_MQTT_PROTOCOL", "auto"),
+                   help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5; "
+                        "env EDGEFLEET_MQTT_PROTOCOL)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up when the broker does not accept us within S seconds (default 10)")
+
+
+def _existing(option: str, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value)
+    if not p.is_file():
+        raise UsageError(f"{option} {p}: no such file")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, client_id: str = "") -> MqttSettings:
+    """MqttSettings from the broker options; UsageError naming the option that is wrong."""
+    password = None
+    if args.password_file is not None:
+        try:
+            password = read_secret(Path(args.password_file))
+        except ConfigError as err:
+            raise UsageError(f"--password-file: {err}") from err
+        if args.username is None:
+            raise UsageError("--password-file needs --username")
+    if args.key_file is not None and args.cert is None:
+        raise UsageError("--key-file needs --cert")
+    try:
+        return MqttSettings(
+            url=args.broker, username=args.username, password=password,
+            ca_file=_existing("--ca", args.ca), cert_file=_existing("--cert", args.cert),
+            key_file=_existing("--key-file", args.key_file), client_id=client_id,
+            reconnect_min_s=0.5, reconnect_max_s=5.0, protocol=getattr(args, "mqtt_protocol", "auto"),
+        )
+    except ConfigError as err:
+        raise UsageError(f"--broker: {err}") from err
+
+
+def topics_from_args(args: argparse.Namespace) -> Topics:
+    """The Topics for --prefix."""
+    try:
+        return Topics(args.prefix)
+    except ProtocolError as err:
+        raise UsageError(f"--prefix: {err}") from err
+
+
+def connect(args: argparse.Namespace, client_id_prefix: str = "edgectl",
+            on_message: Callable[[Message], None] | None = None) -> Transport:
+    """A connected Transport for the broker options; UsageError (exit 2) when unreachable or refused."""
+    client_id = f"{client_id_prefix}-{uuid.uuid4().hex[:10]}"
+    settings = settings_from_args(args, client_id)
+    try:
+        transport = Transport(settings, on_message=on_message or (lambda m: None))
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
+    transport.start()
+    if not transport.wait_connected(args.connect_timeout):
+        why = transport.last_error or f"cannot connect to {settings.url}: no answer within {args.connect_timeout:g} s"
+        transport.stop(timeout=2)
+        raise UsageError(why)
+    return transport

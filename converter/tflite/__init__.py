@@ -1,0 +1,1 @@
+"""Reading and running .tflite files on the host: structure, metadata, interpreters, latency."""

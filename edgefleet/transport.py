@@ -1,0 +1,602 @@
+"""The one module that talks to paho-mqtt: settings in, typed messages out.
+
+A `Transport` owns one paho client and its network thread. Paho callbacks do no work: an incoming
+message becomes a frozen `Message` handed to the owner's `on_message` (a `queue.put`), and any
+exception raised there is logged with its traceback and counted in `callback_errors`, never allowed
+to stop the network loop. Subscriptions are remembered and sent again after every reconnect; the
+owner hears `on_connection(True)` only once the broker has acknowledged them.
+
+MQTT 5 by default (reason codes make refused publishes and subscriptions visible); MQTT 3.1.1 is
+available through `MqttSettings.protocol` for brokers that lack 5. Nothing here needs MQTT 5.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgefleet.agent.config import MqttConfig, credential_path, read_secret
+from edgefleet.errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+DEFAULT_PUBLISH_TIMEOUT_S = 30.0
+# Remembered SUBACKs, so a subscribe(wait=...) that loses the race against its own SUBACK still finds it.
+_MAX_SUBACKS = 256
+
+__all__ = [
+    "DEFAULT_PORTS", "Message", "MqttSettings", "Transport", "parse_url", "read_secret", "settings_from_config",
+]
+
+
+def parse_url(url: str) -> tuple[bool, str, int]:
+    """Split `mqtt://host[:port]` or `mqtts://host[:port]` into (tls, host, port); ConfigError otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise ConfigError(f"broker url {url!r}: {err}") from err
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"broker url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+    if not parts.hostname or parts.username or parts.password:
+        raise ConfigError(f"broker url {url!r}: expected a host name and no user info (use --username)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"broker url {url!r}: a broker url has no path, query or fragment")
+    return parts.scheme == "mqtts", parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Everything needed to reach a broker; secrets are values here, read from files by the caller."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    """`mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, default port 8883)."""
+    username: str | None = None
+    """Broker user name (the shipped ACL expects the device id for devices)."""
+    password: str | None = field(default=None, repr=False)
+    """The password itself (see `read_secret`)."""
+    ca_file: Path | None = None
+    """CA bundle that verifies the broker; the system CAs when unset."""
+    cert_file: Path | None = None
+    """Client certificate (mutual TLS)."""
+    key_file: Path | None = None
+    """Private key of the client certificate."""
+    keepalive: int = 30
+    """Seconds between pings; a silent broker is detected within 1.5x this."""
+    reconnect_min_s: float = 1.0
+    """First reconnect delay; doubles on every failed attempt."""
+    reconnect_max_s: float = 60.0
+    """Cap of the reconnect delay."""
+    client_id: str = ""
+    """MQTT client id; empty means a random `edgefleet-...` id."""
+    max_inflight: int = 20
+    """QoS 1 messages sent and not yet acknowledged; Mosquitto's receive maximum is 20 by default."""
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT protocol version; auto speaks 5 and falls back to 3.1.1 when the broker refuses 5."""
+
+    def __post_init__(self) -> None:
+        parse_url(self.url)
+        if self.keepalive <= 0:
+            raise ConfigError(f"keepalive: expected seconds > 0, got {self.keepalive}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect_min_s: expected 0 < reconnect_min_s <= reconnect_max_s")
+        if self.max_inflight <= 0:
+            raise ConfigError(f"max_inflight: expected > 0, got {self.max_inflight}")
+        if (self.cert_file is None) != (self.key_file is None) and self.key_file is not None:
+            raise ConfigError("key_file: given without cert_file")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"protocol: expected 'auto', '5' or '3.1.1', got {self.protocol!r}")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the url asks for TLS."""
+        return parse_url(self.url)[0]
+
+    @property
+    def host(self) -> str:
+        """Broker host."""
+        return parse_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        """Broker port."""
+        return parse_url(self.url)[2]
+
+
+def settings_from_config(config: MqttConfig, device_id: str) -> MqttSettings:
+    """Settings from the agent's `[mqtt]` table; reads the password file (ConfigError when unreadable).
+
+    The user name and client id default to the device id: the shipped broker config knows a device by
+    that one name (ACL patterns on the user name, client id bound to the user name)."""
+    if config.url is None:
+        raise ConfigError("mqtt.url: not set")
+    return MqttSettings(
+        url=config.url,
+        username=config.username if config.username is not None else device_id,
+        password=read_secret(config.password_file) if config.password_file else None,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=credential_path(config.key_file) if config.key_file else None,
+        keepalive=config.keepalive_s,
+        reconnect_min_s=config.reconnect_min_s,
+        reconnect_max_s=config.reconnect_max_s,
+        client_id=config.client_id or device_id,
+        protocol=config.protocol,
+    )
+
+
+@dataclass(frozen=True)
+class Message:
+    """One incoming message; `retain` is true when the broker sent it from its retained store."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 0
+
+
+# paho's own log lines go here at DEBUG: the transport reports failures itself, once, with their reason.
+_paho_log = logging.getLogger(f"{__name__}.paho")
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho drops the exception)."""
+
+    last_exception: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as err:
+            self.last_exception = err
+            raise
+
+
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log lines: errors are kept as the cause of the next failure, the rest go out at DEBUG.
+
+    paho formats a line for every packet when an `on_log` callback is set; through a logger, a line
+    costs nothing unless DEBUG is on."""
+
+    def __init__(self, transport: Transport):
+        super().__init__(_paho_log, {})
+        self._transport = transport
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        # called inside paho's network loop, which must not see an exception from here
+        try:
+            if level >= logging.ERROR:
+                self._transport._paho_logged_error(str(msg) % args if args else str(msg))
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(msg, *args)
+        except Exception:  # noqa: S110 - a malformed log line is not worth a failure
+            pass
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Send small packets at once: without TCP_NODELAY a SUBSCRIBE or PUBACK can wait for the peer's
+    delayed ACK (40 ms on Linux), which stalls a download between windows of chunks."""
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as err:
+        _paho_log.debug("cannot set TCP_NODELAY: %s", err)
+
+
+def _describe_os_error(err: OSError) -> str:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS error: {err.reason or err}"
+    return err.strerror or str(err) or type(err).__name__
+
+
+class Transport:
+    """One MQTT connection: reconnects by itself, resubscribes, and hands messages to its owner.
+
+    Started once and stopped once; to connect again after `stop`, make a new Transport.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        on_message: Callable[[Message], None],
+        will: tuple[str, bytes, bool] | None = None,
+        on_connection: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_message = on_message
+        self._on_connection = on_connection
+        self._v5 = settings.protocol != "3.1.1"
+        client_id = settings.client_id or f"edgefleet-{uuid.uuid4().hex[:12]}"
+        self.client_id = client_id
+        if self._v5:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                             clean_session=True)
+        self._client = client
+        # A raising callback of ours is already caught below; this keeps paho's own loop alive regardless.
+        client.suppress_exceptions = True
+        client.enable_logger(cast(logging.Logger, _PahoLog(self)))
+        client.on_socket_open = _no_delay
+        client.max_inflight_messages_set(settings.max_inflight)
+        # paho annotates these as int but computes with them as float seconds.
+        client.reconnect_delay_set(cast(int, settings.reconnect_min_s), cast(int, settings.reconnect_max_s))
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            try:
+                client.tls_set(
+                    ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                    certfile=str(settings.cert_file) if settings.cert_file else None,
+                    keyfile=str(settings.key_file) if settings.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"cannot load TLS files: {err}") from err
+        elif settings.ca_file or settings.cert_file:
+            raise ConfigError(f"TLS files given but {settings.url} is not mqtts://")
+        if will is not None:
+            topic, payload, retain = will
+            client.will_set(topic, payload, qos=1, retain=retain)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+
+        self._lock = threading.Condition()
+        self._subscriptions: dict[str, int] = {}
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._resubscribe_mid: int | None = None
+        self._ready = threading.Event()
+        self._started = False
+        self._stopping = False
+        self._loop_thread: threading.Thread | None = None
+        self._paho_error: str | None = None
+        self._pending: deque[mqtt.MQTTMessageInfo] = deque()
+        self._refused: dict[int, str] = {}
+        self.last_error: str | None = None
+        """Why the transport is not connected (refused credentials, TLS, unreachable), or None."""
+        self.connects = 0
+        self.reconnects = 0
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.messages_out = 0
+        self.bytes_out = 0
+        self.dropped_out = 0
+        self.refused_out = 0
+        self.callback_errors = 0
+        self._closed_unanswered = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start connecting in the background; returns at once, whether or not the broker is up."""
+        if self._started:
+            raise TransportError("transport already started")
+        self._started = True
+        s = self.settings
+        if self._v5:
+            self._client.connect_async(s.host, s.port, s.keepalive, clean_start=True)
+        else:
+            self._client.connect_async(s.host, s.port, s.keepalive)
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until connected with subscriptions restored; False on timeout (see `last_error`)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and subscribed."""
+        return self._ready.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no will is sent) and join the network thread, waiting at most `timeout`."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        self._client.disconnect()
+        stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            log.warning("MQTT network thread did not stop within %.1f s", timeout)
+        self._ready.clear()
+
+    def __enter__(self) -> Transport:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                wait: bool | float = False) -> None:
+        """Queue a message; QoS 1 survives reconnects. With `wait`, block until acknowledged or raise.
+
+        `wait=True` waits up to DEFAULT_PUBLISH_TIMEOUT_S, a number waits that many seconds. QoS 0
+        while disconnected is dropped (counted in `dropped_out`). A PUBACK with a failure reason
+        (MQTT 5, e.g. "Not authorized") raises TransportError when waiting and is logged otherwise.
+        """
+        if wait is not False and threading.current_thread() is self._loop_thread:
+            raise TransportError("publish(wait=...) from an MQTT callback would block the network thread")
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as err:
+            raise TransportError(f"cannot publish to {topic}: {err}") from err
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos == 0:
+                self.dropped_out += 1
+                log.debug("not connected: QoS 0 message to %s dropped", topic)
+                return
+            # paho keeps QoS > 0 messages and sends them after the reconnect: not an error.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+        with self._lock:
+            self.messages_out += 1
+            self.bytes_out += len(payload)
+            if qos > 0:
+                self._pending.append(info)
+                self._prune()
+        if wait is False:
+            return
+        timeout = DEFAULT_PUBLISH_TIMEOUT_S if wait is True else float(wait)
+        deadline = time.monotonic() + timeout
+        try:
+            while not info.is_published():
+                if self._stopping:
+                    raise TransportError(f"publish to {topic}: the transport was stopped before the broker acknowledged")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    why = f" ({self.last_error})" if self.last_error else ""
+                    raise TransportError(f"publish to {topic}: not acknowledged within {timeout:g} s{why}")
+                info.wait_for_publish(min(remaining, 0.1))
+        except (RuntimeError, ValueError) as err:
+            raise TransportError(f"publish to {topic} failed: {err}") from err
+        refused = self._refused.pop(info.mid, None)
+        if refused is not None:
+            raise TransportError(f"broker refused the message to {topic}: {refused}")
+
+    def _prune(self) -> None:
+        while self._pending and self._pending[0].is_published():
+            self._pending.popleft()
+
+    @property
+    def unacked(self) -> int:
+        """QoS > 0 messages handed to the broker and not yet acknowledged (or not yet sent)."""
+        with self._lock:
+            self._prune()
+            return sum(1 for i in self._pending if not i.is_published())
+
+    def drain(self, max_unacked: int = 0, timeout: float | None = None) -> bool:
+        """Block until at most `max_unacked` QoS > 0 messages await acknowledgement; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._prune()
+                head = self._pending[0] if len(self._pending) > max_unacked else None
+            if head is None:
+                return True
+            if self._stopping:
+                return False
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            head.wait_for_publish(min(remaining, 0.1))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every QoS > 0 message is acknowledged; False on timeout."""
+        return self.drain(0, timeout)
+
+    # ------------------------------------------------------------------ subscribe
+
+    def subscribe(self, topics: str | Iterable[str], qos: int = 1, wait: bool | float = False) -> None:
+        """Subscribe now (or at the next connect) and again after every reconnect.
+
+        With `wait`, block until the broker acknowledged (connecting first if needed) and raise
+        TransportError when it refused a topic.
+        """
+        names = [topics] if isinstance(topics, str) else list(topics)
+        if not names:
+            return
+        if wait is not False and threading.current_thread() is self._loop_thread:
+            raise TransportError("subscribe(wait=...) from an MQTT callback would block the network thread")
+        with self._lock:
+            for name in names:
+                self._subscriptions[name] = qos
+        try:
+            rc, mid = self._client.subscribe([(n, qos) for n in names])
+        except ValueError as err:
+            with self._lock:
+                for name in names:
+                    self._subscriptions.pop(name, None)
+            raise TransportError(f"cannot subscribe to {names}: {err}") from err
+        if wait is False:
+            return
+        timeout = DEFAULT_PUBLISH_TIMEOUT_S if wait is True else float(wait)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            # Not connected: the subscription goes out with the others when the connection is made.
+            if not self._ready.wait(timeout):
+                raise TransportError(f"subscribe {names}: not connected within {timeout:g} s ({self.last_error})")
+            return
+        with self._lock:
+            if not self._lock.wait_for(lambda: mid in self._subacks, timeout):
+                raise TransportError(f"subscribe {names}: not acknowledged within {timeout:g} s")
+            codes = self._subacks.pop(mid)
+        refused = [f"{n}: {c}" for n, c in zip(names, codes, strict=False) if c.is_failure]
+        if refused:
+            raise TransportError(f"broker refused the subscription {'; '.join(refused)}")
+
+    def unsubscribe(self, topics: str | Iterable[str]) -> None:
+        """Stop receiving these topics (and do not subscribe them again on reconnect)."""
+        names = [topics] if isinstance(topics, str) else list(topics)
+        with self._lock:
+            for name in names:
+                self._subscriptions.pop(name, None)
+        if names and self.connected:
+            self._client.unsubscribe(names)
+
+    @property
+    def subscriptions(self) -> dict[str, int]:
+        """The topics (and QoS) subscribed again after every reconnect."""
+        with self._lock:
+            return dict(self._subscriptions)
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+
+    def _callback_failed(self, where: str) -> None:
+        self.callback_errors += 1
+        log.exception("error in MQTT %s callback (the network loop continues)", where)
+
+    def _set_error(self, text: str) -> None:
+        if text != self.last_error:
+            log.error("%s", text)
+        else:
+            log.debug("%s", text)
+        self.last_error = text
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                        reason_code: ReasonCode, properties: Properties | None) -> None:
+        try:
+            self._loop_thread = threading.current_thread()
+            if reason_code.is_failure and "protocol version" in str(reason_code).lower() and self._downgrade():
+                return
+            if reason_code.is_failure:
+                hint = " (check user name, password and certificate)" if reason_code.value in (134, 135) else ""
+                self._set_error(f"broker {self.settings.url} refused the connection: {reason_code}{hint}")
+                return
+            self._paho_error = None
+            self.connects += 1
+            if self.connects > 1:
+                self.reconnects += 1
+            self.last_error = None
+            limit = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+            if limit is not None and limit < self.settings.max_inflight:
+                log.warning("broker receive maximum %s is below max_inflight %s", limit, self.settings.max_inflight)
+            log.info("connected to %s as %s", self.settings.url, self.client_id)
+            with self._lock:
+                subs = list(self._subscriptions.items())
+            if subs:
+                rc, mid = client.subscribe(subs)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._resubscribe_mid = mid
+                    return  # ready once the SUBACK arrives
+            self._became_ready()
+        except Exception:
+            self._callback_failed("connect")
+
+    def _downgrade(self) -> bool:
+        """Speak MQTT 3.1.1 from the next attempt on (paho retries by itself); False unless protocol is auto."""
+        if not self._v5 or self.settings.protocol != "auto":
+            return False
+        # An MQTT 3.1.1 broker (the embedded demo broker, older brokers): nothing here needs MQTT 5.
+        log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.settings.url)
+        self._v5 = False
+        self._client._protocol = mqtt.MQTTv311  # paho has no public switch between attempts
+        self._client._clean_session = True
+        return True
+
+    def _became_ready(self) -> None:
+        self._ready.set()
+        if self._on_connection is not None:
+            self._on_connection(True)
+
+    def _paho_logged_error(self, text: str) -> None:
+        # paho 2.2 logs "Client is not connected" at ERROR after every disconnect: not a cause.
+        if not text.startswith("Client is not connected"):
+            self._paho_error = text
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        try:
+            err = self._client.last_exception
+            why = _describe_os_error(err) if err is not None else "connection failed"
+            self._set_error(f"cannot connect to {self.settings.url}: {why}")
+        except Exception:
+            self._callback_failed("connect_fail")
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                           reason_code: ReasonCode, properties: Properties | None) -> None:
+        try:
+            was_ready = self._ready.is_set()
+            self._ready.clear()
+            if not was_ready and self.connects == 0 and not self._stopping:
+                # Some 3.1.1 brokers drop an MQTT 5 CONNECT they cannot parse without any CONNACK.
+                self._closed_unanswered += 1
+                if self._closed_unanswered >= 2 and self._downgrade():
+                    return
+            if self._stopping:
+                log.info("disconnected from %s", self.settings.url)
+            elif was_ready:
+                self._set_error(f"connection to {self.settings.url} lost: {self._paho_error or reason_code}")
+            elif self.last_error is None or self._paho_error:
+                why = self._paho_error or reason_code
+                self._set_error(f"connection to {self.settings.url} closed before it was ready: {why}")
+            if was_ready and self._on_connection is not None:
+                self._on_connection(False)
+        except Exception:
+            self._callback_failed("disconnect")
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+            self.messages_in += 1
+            self.bytes_in += len(payload)
+            self._on_message(Message(topic=msg.topic, payload=payload, retain=bool(msg.retain), qos=msg.qos))
+        except Exception:
+            self._callback_failed("message")
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                        properties: Properties | None) -> None:
+        try:
+            # Runs before paho marks the message published, so a waiting publish() sees the refusal.
+            if reason_code.is_failure:
+                self.refused_out += 1
+                self._refused[mid] = str(reason_code)
+                log.warning("broker refused message %d: %s", mid, reason_code)
+            else:
+                self._refused.pop(mid, None)  # a stale refusal of an earlier message with this mid
+        except Exception:
+            self._callback_failed("publish")
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                          reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        try:
+            failed = [str(c) for c in reason_codes if c.is_failure]
+            if failed:
+                log.error("broker refused %d subscription(s): %s", len(failed), ", ".join(sorted(set(failed))))
+            if mid == self._resubscribe_mid:
+                self._resubscribe_mid = None
+                self._became_ready()
+                return
+            with self._lock:
+                self._subacks[mid] = reason_codes
+                while len(self._subacks) > _MAX_SUBACKS:
+                    del self._subacks[next(iter(self._subacks))]
+                self._lock.notify_all()
+        except Exception:
+            self._callback_failed("subscribe")

@@ -1,0 +1,1 @@
+"""End-to-end tests: real edge-agent and edgectl processes, crashes, installs, systemd."""

@@ -1,0 +1,1 @@
+"""Integration tests: real Mosquitto brokers (TLS, ACL) with in-process agents and host tools."""

@@ -1,0 +1,395 @@
+"""edgefleet.transport against real Mosquitto brokers: plain, TLS, mutual TLS, passwords, restarts, wills."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgefleet.errors import ConfigError, TransportError
+from edgefleet.transport import Message, MqttSettings, Transport, parse_url, read_secret
+from tests.support.broker import OPERATOR, ROOT, AclBroker, Inbox, Mosquitto, Pki, client
+
+# ---------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("mqtt://broker.local", (False, "broker.local", 1883)),
+    ("mqtts://broker.local", (True, "broker.local", 8883)),
+    ("mqtt://10.0.0.5:11883/", (False, "10.0.0.5", 11883)),
+    ("mqtts://[::1]:8884", (True, "::1", 8884)),
+])
+def test_url_defaults_and_ports(url: str, expected: tuple[bool, str, int]) -> None:
+    assert parse_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://broker:1883", "expected mqtt://host[:port] or mqtts://host[:port]"),
+    ("broker:1883", "expected mqtt://host[:port]"),
+    ("mqtt://", "expected a host name"),
+    ("mqtt://user:pw@broker", "no user info"),
+    ("mqtt://broker/topic", "no path"),
+    ("mqtt://broker:99999", "out of range"),
+])
+def test_bad_urls_are_refused_with_the_reason(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match="broker url") as err:
+        MqttSettings(url=url)
+    assert fragment in str(err.value)
+
+
+def test_settings_keep_the_password_out_of_repr() -> None:
+    s = MqttSettings(url="mqtt://h", username="u", password="hunter2")
+    assert "hunter2" not in repr(s)
+
+
+def test_read_secret_uses_the_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret(Path("mqtt-password")) == "s3cret"
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        read_secret(Path("missing"))
+
+
+def test_paho_errors_are_kept_as_the_cause_and_its_debug_lines_cost_nothing() -> None:
+    import paho.mqtt.client as mqtt
+
+    formatted = []
+
+    class Counted:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "payload"
+
+    t = Transport(MqttSettings(url="mqtt://127.0.0.1:9"), on_message=lambda m: None)
+    paho_log = logging.getLogger("edgefleet.transport.paho")
+    level = paho_log.level
+    paho_log.setLevel(logging.INFO)
+    try:
+        for _ in range(100):  # what paho does for every packet
+            t._client._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH %s", Counted())
+        assert not formatted, "debug lines must not be built when nobody shows them"
+        t._client._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", "reset")
+        assert t._paho_error == "failed to receive on socket: reset"
+        t._client._easy_log(mqtt.MQTT_LOG_ERR, "Client is not connected")  # paho's noise after a disconnect
+        assert t._paho_error == "failed to receive on socket: reset"
+        paho_log.setLevel(logging.DEBUG)
+        t._client._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH %s", Counted())
+        assert formatted, "shown when DEBUG is on"
+    finally:
+        paho_log.setLevel(level)
+
+
+# ---------------------------------------------------------------------- plain broker
+
+
+def test_publish_subscribe_and_retained_flag(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    sub = client(broker.url, inbox)
+    pub = client(broker.url)
+    try:
+        # small packets (SUBSCRIBE, PUBACK) must not wait for the broker's delayed ACK
+        assert pub._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sub.subscribe("t/#", wait=5)
+        pub.publish("t/live", b"\x00live", wait=True)
+        pub.publish("t/kept", b"kept", retain=True, wait=True)
+        live = inbox.topic("t/live")
+        assert live == Message("t/live", b"\x00live", retain=False, qos=1)
+        assert inbox.topic("t/kept").retain is False  # delivered live, not from the store
+
+        late = Inbox()
+        sub2 = client(broker.url, late)
+        sub2.subscribe("t/#", wait=5)
+        stored = late.topic("t/kept")
+        assert stored.retain is True and stored.payload == b"kept"
+        sub2.stop()
+        assert pub.messages_out == 2 and pub.bytes_out == len(b"\x00live") + len(b"kept")
+        assert sub.messages_in >= 2 and pub.unacked == 0
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_start_does_not_block_when_the_broker_is_down(tmp_path: Path) -> None:
+    down = Mosquitto(tmp_path / "down")  # configured, never started: nothing listens on its port
+    t = Transport(MqttSettings(url=down.url, reconnect_min_s=0.1, reconnect_max_s=0.2), on_message=lambda m: None)
+    t.start()
+    try:
+        assert t.wait_connected(0.5) is False
+        assert t.last_error is not None and "cannot connect to" in t.last_error
+        assert "refused" in t.last_error.lower()
+        # QoS 1 is kept for later; the broker comes up and the message is delivered, retained.
+        t.publish("k/v", b"queued", retain=True)
+        down.start()
+        assert t.wait_connected(5)
+        assert t.flush(5)
+        inbox = Inbox()
+        reader = client(down.url, inbox)
+        reader.subscribe("k/v", wait=5)
+        assert inbox.topic("k/v").payload == b"queued"
+        reader.stop()
+    finally:
+        t.stop()
+        down.kill()
+
+
+def test_resubscribes_after_a_broker_restart(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    events: list[bool] = []
+    sub = Transport(MqttSettings(url=broker.url, reconnect_min_s=0.1, reconnect_max_s=0.5),
+                    on_message=inbox, on_connection=events.append)
+    sub.subscribe("r/#")
+    sub.start()
+    try:
+        assert sub.wait_connected(5)
+        broker.restart()
+        pub = client(broker.url)
+        # on_connection(True) comes after the SUBACK, so a message sent from here on must arrive.
+        assert _wait(lambda: sub.reconnects == 1 and sub.connected, 10), sub.last_error
+        pub.publish("r/after", b"1", wait=True)
+        assert inbox.topic("r/after").payload == b"1"
+        assert events == [True, False, True]
+        pub.stop()
+    finally:
+        sub.stop()
+
+
+def test_retained_messages_survive_a_broker_restart(broker: Mosquitto) -> None:
+    pub = client(broker.url)
+    pub.publish("p/kept", b"v1", retain=True, wait=True)
+    pub.stop()
+    broker.restart()
+    inbox = Inbox()
+    sub = client(broker.url, inbox)
+    sub.subscribe("p/#", wait=5)
+    assert inbox.topic("p/kept").payload == b"v1"
+    sub.stop()
+
+
+def test_publish_wait_raises_when_the_broker_does_not_answer(broker: Mosquitto) -> None:
+    pub = client(broker.url)
+    try:
+        broker.pause()
+        with pytest.raises(TransportError, match="not acknowledged within 0.3 s"):
+            pub.publish("x/y", b"z", wait=0.3)
+        assert pub.unacked == 1
+        broker.resume()
+        assert pub.flush(5) and pub.unacked == 0
+    finally:
+        broker.resume()
+        pub.stop()
+
+
+def test_a_raising_callback_is_logged_and_the_loop_goes_on(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    inbox = Inbox()
+
+    def handler(m: Message) -> None:
+        if m.payload == b"boom":
+            raise ValueError("handler bug")
+        inbox(m)
+
+    sub = client(broker.url, handler)
+    pub = client(broker.url)
+    try:
+        sub.subscribe("c/#", wait=5)
+        with caplog.at_level(logging.ERROR, logger="edgefleet.transport"):
+            pub.publish("c/1", b"boom", wait=True)
+            pub.publish("c/2", b"fine", wait=True)
+            assert inbox.topic("c/2").payload == b"fine"
+        assert sub.callback_errors == 1
+        records = [r for r in caplog.records if "message callback" in r.getMessage()]
+        assert len(records) == 1 and records[0].exc_info is not None
+        assert "handler bug" in str(records[0].exc_info[1])
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_blocking_publish_from_a_callback_is_refused(broker: Mosquitto) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+    holder: list[Transport] = []
+
+    def handler(m: Message) -> None:
+        try:
+            holder[0].publish("d/echo", m.payload, wait=True)
+        except TransportError as err:
+            errors.append(err)
+        finally:
+            done.set()
+
+    t = client(broker.url, handler)
+    holder.append(t)
+    try:
+        t.subscribe("d/in", wait=5)
+        t.publish("d/in", b"x", wait=True)
+        assert done.wait(5)
+        assert errors and "would block the network thread" in str(errors[0])
+    finally:
+        t.stop()
+
+
+def test_will_is_published_retained_when_the_client_dies(broker: Mosquitto) -> None:
+    script = textwrap.dedent("""
+        import sys, threading
+        from edgefleet.transport import MqttSettings, Transport
+        t = Transport(MqttSettings(url=sys.argv[1], client_id="dev-w"), on_message=lambda m: None,
+                      will=("edgefleet/devices/dev-w/status", b"offline", True))
+        t.start()
+        assert t.wait_connected(10), t.last_error
+        t.publish("edgefleet/devices/dev-w/status", b"online", retain=True, wait=True)
+        print("ready", flush=True)
+        threading.Event().wait(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, broker.url], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        inbox = Inbox()
+        watcher = client(broker.url, inbox)
+        watcher.subscribe("edgefleet/devices/+/status", wait=5)
+        first = inbox.topic("edgefleet/devices/dev-w/status")
+        assert (first.payload, first.retain) == (b"online", True)
+        proc.kill()
+        proc.wait(5)
+        gone = inbox.wait_for(lambda m: m.payload == b"offline")
+        assert gone.topic == "edgefleet/devices/dev-w/status"
+        watcher.stop()
+        # The will replaced the retained "online": a newcomer sees the device offline.
+        late = Inbox()
+        newcomer = client(broker.url, late)
+        newcomer.subscribe("edgefleet/devices/dev-w/status", wait=5)
+        assert late.topic("edgefleet/devices/dev-w/status").payload == b"offline"
+        newcomer.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_clean_stop_does_not_send_the_will(broker: Mosquitto) -> None:
+    inbox = Inbox()
+    watcher = client(broker.url, inbox)
+    watcher.subscribe("w/#", wait=5)
+    t = Transport(MqttSettings(url=broker.url), on_message=lambda m: None, will=("w/status", b"offline", True))
+    t.start()
+    assert t.wait_connected(5)
+    t.stop(timeout=2)
+    assert not t.connected
+    assert inbox.quiet(0.3) == []
+    watcher.stop()
+
+
+# ---------------------------------------------------------------------- TLS and credentials
+
+
+def test_tls_with_the_broker_ca(tls_broker: Mosquitto, pki: Pki) -> None:
+    inbox = Inbox()
+    t = client(tls_broker.url, inbox, ca_file=pki.ca_file)
+    t.subscribe("s/#", wait=5)
+    t.publish("s/1", b"over tls", wait=True)
+    assert inbox.topic("s/1").payload == b"over tls"
+    t.stop()
+
+
+def test_tls_with_an_unknown_ca_says_why(tls_broker: Mosquitto, tmp_path: Path) -> None:
+    other = Pki.create(tmp_path / "other", name="some other CA")
+    t = Transport(MqttSettings(url=tls_broker.url, ca_file=other.ca_file, reconnect_min_s=0.2, reconnect_max_s=0.4),
+                  on_message=lambda m: None)
+    t.start()
+    try:
+        assert _wait(lambda: t.last_error is not None, 5) and not t.connected
+        assert t.last_error is not None and "certificate verif" in t.last_error
+    finally:
+        t.stop()
+
+
+def test_mutual_tls(mtls_broker: Mosquitto, pki: Pki) -> None:
+    cert, key = pki.issue("dev-tls", server=False)
+    t = client(mtls_broker.url, ca_file=pki.ca_file, cert_file=cert, key_file=key)
+    t.publish("m/1", b"x", wait=True)
+    t.stop()
+    anonymous = Transport(MqttSettings(url=mtls_broker.url, ca_file=pki.ca_file, reconnect_min_s=0.2, reconnect_max_s=0.4),
+                          on_message=lambda m: None)
+    anonymous.start()
+    try:
+        assert _wait(lambda: anonymous.last_error is not None, 5) and not anonymous.connected
+        assert anonymous.last_error is not None and "certificate required" in anonymous.last_error
+    finally:
+        anonymous.stop()
+
+
+def test_tls_files_need_an_mqtts_url(pki: Pki) -> None:
+    with pytest.raises(ConfigError, match="not mqtts://"):
+        Transport(MqttSettings(url="mqtt://127.0.0.1", ca_file=pki.ca_file), on_message=lambda m: None)
+    with pytest.raises(ConfigError, match="cannot load TLS files"):
+        Transport(MqttSettings(url="mqtts://127.0.0.1", ca_file=Path("/nonexistent/ca.pem")),
+                  on_message=lambda m: None)
+
+
+def test_password_login(acl_broker: AclBroker) -> None:
+    t = client(acl_broker.operator_url, username=OPERATOR, password=acl_broker.passwords[OPERATOR])
+    t.publish("edgefleet/devices/dev-a/cmd", b"{}", wait=True)
+    t.stop()
+
+
+def test_bad_password_is_a_clear_error(acl_broker: AclBroker, caplog: pytest.LogCaptureFixture) -> None:
+    t = Transport(MqttSettings(url=acl_broker.url, username="dev-a", password="wrong", reconnect_min_s=0.1,
+                               reconnect_max_s=0.2), on_message=lambda m: None)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "edgefleet.transport" and "refused the connection" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.transport"):
+        t.start()
+        try:
+            assert _wait(lambda: len(refusals()) >= 3, 5), "the client should keep retrying"
+            assert not t.connected
+        finally:
+            t.stop()
+    assert t.last_error is not None
+    assert "refused the connection" in t.last_error
+    assert "Bad user name or password" in t.last_error or "Not authorized" in t.last_error
+    errors = [r.getMessage() for r in refusals() if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]  # one line, and retries do not repeat it at ERROR
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.02)
+    return True
+
+
+def test_stop_interrupts_a_waiting_publish_and_returns_in_time(broker: Mosquitto) -> None:
+    pub = client(broker.url)
+    errors: list[BaseException] = []
+
+    def waiting_publish() -> None:
+        try:
+            pub.publish("s/t", b"x", wait=30)
+        except TransportError as err:
+            errors.append(err)
+
+    broker.pause()  # nothing will be acknowledged
+    try:
+        worker = threading.Thread(target=waiting_publish)
+        worker.start()
+        threading.Event().wait(0.2)
+        started = time.monotonic()
+        pub.stop(timeout=1.0)
+        worker.join(2)
+        assert time.monotonic() - started < 2.5
+        assert not worker.is_alive()
+        assert errors and "stopped before the broker acknowledged" in str(errors[0])
+    finally:
+        broker.resume()

@@ -1,0 +1,81 @@
+"""Small helpers the tests share: altering bundles the way an attacker or a broken pipeline would."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from edgefleet.protocol import SigningKey, canonical_json, dump, parse_json, split
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """The raw manifest of a bundle."""
+    return parse_json((bundle / MANIFEST_FILE).read_bytes())  # type: ignore[no-any-return]
+
+
+def rewrite_manifest(bundle: Path, mutate: Callable[[dict[str, Any]], None], key: SigningKey | None = None) -> None:
+    """Change the manifest in place; re-sign it with `key`, or drop the signature when no key is given."""
+    raw = read_manifest(bundle)
+    mutate(raw)
+    raw.pop("signature", None)
+    raw.pop("key_id", None)
+    if key is not None:
+        raw = key.sign(raw)
+    (bundle / MANIFEST_FILE).write_bytes(canonical_json(raw))
+
+
+def swap_file(bundle: Path, filename: str, data: bytes, key: SigningKey | None = None) -> None:
+    """Replace model.tflite or golden.npz and make the manifest describe the new bytes (a consistent lie)."""
+    (bundle / filename).write_bytes(data)
+    field = {MODEL_FILE: "artifact", GOLDEN_FILE: "golden"}[filename]
+
+    def mutate(raw: dict[str, Any]) -> None:
+        artifact, _ = split(data, raw["model"][field]["chunk_size"])
+        raw["model"][field] = dump(artifact)
+
+    rewrite_manifest(bundle, mutate, key)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until `predicate()` is truthy and return its value; AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 response from `sock`: status, lower-cased headers and the body (Content-Length)."""
+    return read_http_responses(sock, 1)[0]
+
+
+def read_http_responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read `n` responses, keeping bytes of one response that arrived with the previous one."""
+    buf = b""
+    out = []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"closed after {buf!r}")
+            buf += more
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"closed {length - len(rest)} bytes before the end of the body")
+            rest += more
+        out.append((int(lines[0].split()[1]), headers, rest[:length]))
+        buf = rest[length:]
+    return out

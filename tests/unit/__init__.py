@@ -1,0 +1,1 @@
+"""Unit tests: one process, no broker; fakes only where a peer would be."""
