@@ -2,8 +2,8 @@
 
 Commands that change state (`install`, `rollback`) go through the running daemon when there is one
 (it holds the state directory's lock and owns state.json) and work on the state directory directly
-when there is none. Exit codes: 0 done, 1 the operation failed (a rejected model, an unreachable
-daemon), 2 bad input or configuration.
+when there is none. Exit codes (``ExitCode`` in edgefleet/errors.py, the same as edgectl's): 0 done,
+1 the operation failed (a rejected model, an unreachable daemon), 2 bad input or configuration.
 """
 
 from __future__ import annotations
@@ -26,16 +26,10 @@ from edgefleet.agent.config import (
 )
 
 from edgefleet import __version__
-from edgefleet.errors import EdgefleetError, RequestError
+from edgefleet.errors import EdgefleetError, ExitCode, RequestError, UsageError, exit_code
+from edgefleet.protocol.phases import Phase
 
 log = logging.getLogger("edge-agent")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(EdgefleetError):
-    """Bad command-line input; exit code 2."""
-
 
 def setup_logging(level: str) -> None:
     """One line per record on stderr (journald adds its own timestamps; a terminal gets ours)."""
@@ -102,7 +96,7 @@ def cmd_run(args: argparse.Namespace, config: AgentConfig) -> int:
     if problems:
         for problem in problems:
             print(f"edge-agent: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return run_daemon(config)
 
 
@@ -112,13 +106,13 @@ def cmd_check_config(args: argparse.Namespace, config: AgentConfig) -> int:
     for problem in problems:
         print(f"edge-agent: error: {problem}", file=sys.stderr)
     if problems:
-        return EXIT_USAGE
+        return ExitCode.USAGE
     warning = insecure_warning(config)
     if warning:
         print(f"edge-agent: warning: {warning}", file=sys.stderr)
     _print(describe(config), args.json, f"{args.config or DEFAULT_PATH}: ok (device {config.device_id})"
            + (", INSECURE" if warning else ""))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
@@ -133,33 +127,29 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
             raise (UsageError if err.status in (400, 413) else EdgefleetError)(_admin_error(err)) from err
     else:
         body = _install_offline(config, path)
-    ok = body.get("phase") not in ("REJECTED", "ROLLED_BACK")
+    ok = not Phase(body["phase"]).failed
     text = f"{body.get('model')}: {body.get('phase')}" + (f" (v{body['version']})" if body.get("version") else "")
     if not ok:
         text += f": {body.get('reason')}"
     _print(body, args.json, text)
-    return EXIT_OK if ok else EXIT_FAILED
+    return ExitCode.OK if ok else ExitCode.FAILURE
 
 
 def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
+    from edgefleet.agent import actions
     from edgefleet.agent.lifecycle.machine import Lifecycle
     from edgefleet.agent.lifecycle.store import Store
 
-    from edgefleet.bundle import read_bundle_files
-    from edgefleet.errors import ProtocolError
     from edgefleet.protocol.signing import Keyring
 
     store = Store.from_config(config)
     if not store.try_lock():
         raise EdgefleetError("the agent started while installing; try again")
     try:
-        try:
-            raw, model, golden = read_bundle_files(path)
-        except ProtocolError as err:
-            raise UsageError(str(err)) from err
         lifecycle = Lifecycle(config, store, keyring=Keyring.from_files(config.security.trusted_keys))
-        body = lifecycle.install_outcome(raw, model, golden)
-        if body["phase"] == "PROBATION":
+        result = actions.install_path(lifecycle, path)
+        body = result.to_dict()
+        if result.phase is Phase.PROBATION:
             body["note"] = "probation starts when the agent runs"
         return body
     finally:
@@ -176,10 +166,11 @@ def cmd_rollback(args: argparse.Namespace, config: AgentConfig) -> int:
     else:
         body = _rollback_offline(config, args.model)
     _print(body, args.json, f"{body['model']}: {body['phase']} (now v{body['version']})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _rollback_offline(config: AgentConfig, name: str | None) -> dict[str, Any]:
+    from edgefleet.agent import actions
     from edgefleet.agent.lifecycle.machine import Lifecycle
     from edgefleet.agent.lifecycle.store import Store
 
@@ -187,17 +178,7 @@ def _rollback_offline(config: AgentConfig, name: str | None) -> dict[str, Any]:
     if not store.try_lock():
         raise EdgefleetError("the agent started meanwhile; try again")
     try:
-        lifecycle = Lifecycle(config, store)
-        names = list(lifecycle.state.models)
-        if name is None:
-            if len(names) != 1:
-                raise UsageError(f"name the model with --model (models: {', '.join(names) or 'none'})")
-            name = names[0]
-        if name not in names:
-            raise UsageError(f"unknown model {name!r}")
-        lifecycle.rollback(name, "rollback requested by the operator", manual=True)
-        rec = lifecycle.state.record(name)
-        return {"model": name, "phase": rec.phase, "version": rec.active.version if rec.active else None}
+        return actions.rollback(Lifecycle(config, store), name).to_dict()
     finally:
         store.unlock()
 
@@ -222,7 +203,7 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
            "health": health}
     if args.json:
         _print(out, True, "")
-        return EXIT_OK
+        return ExitCode.OK
     lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}"]
     if insecure:
         lines.append("  INSECURE: security.insecure = true, unsigned documents are accepted")
@@ -250,16 +231,17 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
     if not state.get("models"):
         lines.append("  no model installed")
     print("\n".join(lines))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _state_offline(config: AgentConfig) -> dict[str, Any]:
+    from edgefleet.agent import actions
     from edgefleet.agent.lifecycle.machine import Lifecycle
     from edgefleet.agent.lifecycle.store import Store
 
     if not config.state_dir.exists():
         return {"models": {}}
-    return Lifecycle(config, Store.from_config(config)).document().to_dict()
+    return actions.status(Lifecycle(config, Store.from_config(config))).to_dict()
 
 
 def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
@@ -282,24 +264,24 @@ def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
     else:
         result = _predict_offline(config, args.model, x)
     print(json.dumps(result, sort_keys=True))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
-    from edgefleet.agent.api.routes import row_answer, rows_to_columns
+    from edgefleet.agent import actions
     from edgefleet.agent.lifecycle.machine import Lifecycle
     from edgefleet.agent.lifecycle.store import Store
     from edgefleet.agent.serving.models import Serving
+    from edgefleet.agent.serving.rows import row_answer
 
-    store = Store.from_config(config)
-    rec = Lifecycle(config, store).state.record(name)
-    if rec.active is None:
-        raise UsageError(f"no active model named {name!r}")
     serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack)
-    serving.activate(name, store.blob_path(rec.active.sha256), rec.active.doc)
+    lifecycle = Lifecycle(config, Store.from_config(config), serving=serving)
+    active = lifecycle.state.record(name).active
+    if active is None:
+        raise UsageError(f"no active model named {name!r}")
+    lifecycle.serve(name, active)
     try:
-        columns = rows_to_columns(x.tolist() if isinstance(x, np.ndarray) else x)
-        return row_answer(serving.predict(name, columns, batch_dim=True))
+        return row_answer(actions.predict(serving, name, x.tolist() if isinstance(x, np.ndarray) else x))
     except RequestError as err:
         raise UsageError(str(err)) from err
 
@@ -357,18 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except EdgefleetError as err:
         print(f"edge-agent: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     setup_logging(args.log_level or config.log_level)
     try:
         return int(args.func(args, config))
-    except UsageError as err:
+    except EdgefleetError as err:  # each kind carries its exit code (edgefleet/errors.py), as in edgectl
         print(f"edge-agent: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except EdgefleetError as err:
-        print(f"edge-agent: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+        return exit_code(err)
+    except KeyboardInterrupt as err:
+        return exit_code(err)
 
 
 if __name__ == "__main__":

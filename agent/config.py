@@ -1,8 +1,10 @@
 """Agent configuration: TOML in, frozen dataclasses out, every key optional and every mistake named.
 
 `/etc/edge-agent/agent.toml` by default. Unknown keys and values of the wrong type or range are
-rejected with the key's dotted name and what was expected. Secrets are never in this file: the MQTT
-password and TLS key are files (a relative name is looked up in systemd's $CREDENTIALS_DIRECTORY).
+rejected with the key's dotted name and what was expected. Each key's rule is declared on its field
+with the wire contract's schema machinery (`checked(positive, default=...)`), the rules that relate two
+keys in the `__post_init__` of their table. Secrets are never in this file: the MQTT password and TLS
+key are files (a relative name is looked up in systemd's $CREDENTIALS_DIRECTORY).
 """
 
 from __future__ import annotations
@@ -18,7 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgefleet.errors import ConfigError, EdgefleetError
+from edgefleet.credentials import credential_path, read_secret
+from edgefleet.errors import ConfigError
+from edgefleet.protocol.schema import (
+    all_of,
+    at_most,
+    check_name,
+    checked,
+    each,
+    field_check,
+    fraction,
+    non_negative,
+    positive,
+)
+from edgefleet.protocol.topics import DEFAULT_PREFIX, check_prefix
+from edgefleet.transport import MqttSettings, check_broker_url, parse_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,7 +42,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _default_device_id() -> str:
@@ -34,13 +49,35 @@ def _default_device_id() -> str:
     return host[:64]
 
 
+def _name(value: str) -> str | None:
+    """A device or group name: the wire contract's rule (it is a topic level and a path component)."""
+    return f"{value!r} must be 1-64 letters, digits, '_', '.', '-'" if check_name(value) else None
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"expected 1-65535, got {value}"
+
+
+def _host(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", value):
+        return None
+    return f"{value!r} is not a host name, IPv4 address or [IPv6] address"
+
+
+# Hard limits of what consumes a value: MQTT's keep alive is 16 bits, and the validation child's
+# address-space limit (bytes, a signed 64-bit value) and the interpreter's thread count must fit.
+_KEEPALIVE = all_of(positive, at_most(65535))
+_MEMORY_MB = all_of(positive, at_most(1 << 20))
+_THREADS = all_of(positive, at_most(1024))
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """How the agent reaches its broker; no url means the agent runs without one."""
 
-    url: str | None = None
+    url: str | None = checked(check_broker_url, default=None)
     """`mqtt://host[:port]` or `mqtts://host[:port]`; unset runs the agent from local installs only."""
-    prefix: str = "edgefleet"
+    prefix: str = checked(check_prefix, default=DEFAULT_PREFIX)
     """Topic prefix shared with the host tools."""
     client_id: str | None = None
     """MQTT client id; defaults to the device id. The shipped broker config forces every device's client id
@@ -58,14 +95,39 @@ class MqttConfig:
     """Client certificate for mutual TLS."""
     key_file: Path | None = None
     """Client private key for mutual TLS; relative names are looked up in $CREDENTIALS_DIRECTORY."""
-    keepalive_s: int = 30
+    keepalive_s: int = checked(_KEEPALIVE, default=30)
     """MQTT keepalive: a broker that stops answering is detected within 1.5x this."""
-    reconnect_min_s: float = 1.0
+    reconnect_min_s: float = checked(positive, default=1.0)
     """First reconnect delay."""
-    reconnect_max_s: float = 60.0
+    reconnect_max_s: float = checked(positive, default=60.0)
     """Cap of the exponential reconnect backoff."""
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     """MQTT version: auto speaks 5 and falls back to 3.1.1 when the broker refuses it."""
+
+    def __post_init__(self) -> None:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+
+    def settings(self, device_id: str) -> MqttSettings:
+        """The transport's settings from this table; reads the password file (ConfigError when unreadable).
+
+        The user name and client id default to the device id: the shipped broker config knows a device by
+        that one name (ACL patterns on the user name, client id bound to the user name)."""
+        if self.url is None:
+            raise ConfigError("mqtt.url: not set")
+        return MqttSettings(
+            url=self.url,
+            username=self.username if self.username is not None else device_id,
+            password=read_secret(self.password_file) if self.password_file else None,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=credential_path(self.key_file) if self.key_file else None,
+            keepalive=self.keepalive_s,
+            reconnect_min_s=self.reconnect_min_s,
+            reconnect_max_s=self.reconnect_max_s,
+            client_id=self.client_id or device_id,
+            protocol=self.protocol,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,17 +142,17 @@ class SecurityConfig:
     """Accept what cannot be verified (unsigned or untargeted documents, no trusted key, plain MQTT,
     a network API without a token). Off: the agent refuses to start without a trusted key when MQTT
     or the API is enabled. On: said at start, in status, telemetry and /metrics (`edgefleet_insecure`)."""
-    max_artifact_bytes: int = 256 << 20
+    max_artifact_bytes: int = checked(positive, default=256 << 20)
     """Largest model or golden artifact accepted."""
-    max_chunks: int = 8192
+    max_chunks: int = checked(positive, default=8192)
     """Most chunks per artifact."""
-    max_clock_skew_s: int = 300
+    max_clock_skew_s: int = checked(non_negative, default=300)
     """How far in the future a document's issued_at may be before it is refused as not yet valid."""
-    max_disk_fraction: float = 0.9
+    max_disk_fraction: float = checked(fraction, default=0.9)
     """Refuse a download that would fill the state filesystem beyond this fraction."""
-    download_stall_s: float = 120.0
+    download_stall_s: float = checked(positive, default=120.0)
     """A download that receives no chunk for this long fails (it resumes later from what it has)."""
-    max_timestamp_age_s: float | None = None
+    max_timestamp_age_s: float | None = checked(positive, default=None)
     """Unset: a valid signed timestamp is fresh until its own expiry. Set: also stale once its
     issued_at is older than this (tighter than what the operator signed)."""
 
@@ -110,14 +172,14 @@ class RuntimeConfig:
 
     backend: Literal["auto", "litert", "tflite", "tensorflow"] = "auto"
     """auto: LiteRT, then tflite-runtime, then TensorFlow's interpreter."""
-    num_threads: int | None = None
+    num_threads: int | None = checked(_THREADS, default=None)
     """Interpreter threads; unset lets the backend decide."""
     use_xnnpack: bool = True
     """Apply the default XNNPACK delegate (validation uses the same setting as serving)."""
     keep_previous_loaded: bool = True
     """Keep the version a new one replaced loaded while it is the rollback target: it answers by version
     and by label (`stable` during probation) and a rollback swaps it back without loading."""
-    keep_previous_max_mb: float = 256.0
+    keep_previous_max_mb: float = checked(positive, default=256.0)
     """Largest model file kept loaded beside the active one; a bigger previous version is not kept."""
 
 
@@ -125,13 +187,13 @@ class RuntimeConfig:
 class ValidationConfig:
     """The child process that tries a model before it is activated."""
 
-    timeout_s: float = 60.0
+    timeout_s: float = checked(positive, default=60.0)
     """Kill the validation child after this long."""
-    memory_mb: int = 1024
+    memory_mb: int = checked(_MEMORY_MB, default=1024)
     """Address-space limit of the validation child."""
-    latency_runs: int = 50
+    latency_runs: int = checked(positive, default=50)
     """Invocations timed to measure the new model's latency."""
-    max_latency_ms: float | None = None
+    max_latency_ms: float | None = checked(positive, default=None)
     """Reject a model whose validation p95 latency is above this."""
 
 
@@ -139,21 +201,21 @@ class ValidationConfig:
 class HealthConfig:
     """Probation: how long a new model is watched and what makes it roll back."""
 
-    probation_s: float = 60.0
+    probation_s: float = checked(non_negative, default=60.0)
     """How long a newly activated model is watched before it is committed."""
-    min_requests: int = 20
+    min_requests: int = checked(non_negative, default=20)
     """Requests needed before error rate and latency are judged (fewer: judged on what there is)."""
-    max_error_rate: float = 0.05
+    max_error_rate: float = checked(fraction, default=0.05)
     """Roll back when more than this fraction of requests fail."""
-    max_latency_ratio: float = 1.5
+    max_latency_ratio: float = checked(positive, default=1.5)
     """Roll back when p95 latency exceeds this times the previous model's p95."""
-    latency_slack_ms: float = 1.0
+    latency_slack_ms: float = checked(non_negative, default=1.0)
     """...and exceeds it by more than this many ms too (microsecond-scale models are all noise)."""
-    hang_timeout_s: float = 10.0
+    hang_timeout_s: float = checked(positive, default=10.0)
     """An invocation running longer than this is hung."""
-    max_boot_failures: int = 2
+    max_boot_failures: int = checked(positive, default=2)
     """Restarts of the agent during probation after which the new model is rolled back."""
-    max_updates_per_hour: int = 12
+    max_updates_per_hour: int = checked(positive, default=12)
     """Update attempts per model per hour; more are put off (not refused), so a stream of bad
     deployments cannot keep the board downloading and validating."""
 
@@ -162,9 +224,9 @@ class HealthConfig:
 class StoreConfig:
     """On-disk model store."""
 
-    keep_blobs: int = 4
+    keep_blobs: int = checked(non_negative, default=4)
     """Artifacts kept per model beyond the active and previous ones (older ones are pruned)."""
-    max_models: int = 64
+    max_models: int = checked(positive, default=64)
     """Model names this agent keeps a record of; a signed document for one more is refused."""
 
 
@@ -172,9 +234,9 @@ class StoreConfig:
 class TelemetryConfig:
     """Periodic metrics on MQTT and /metrics."""
 
-    interval_s: float = 10.0
+    interval_s: float = checked(positive, default=10.0)
     """Seconds between telemetry messages."""
-    window_s: float = 60.0
+    window_s: float = checked(positive, default=60.0)
     """Latency percentiles cover this many recent seconds."""
 
 
@@ -184,7 +246,7 @@ class HomeAssistantConfig:
 
     discovery: bool = False
     """Publish retained discovery messages (the device, its figures and one set per model) on connect."""
-    prefix: str = "homeassistant"
+    prefix: str = checked(check_prefix, default="homeassistant")
     """Home Assistant's discovery prefix (its MQTT integration's setting); the broker's ACL must let the
     device write `PREFIX/+/DEVICE_ID/#`."""
 
@@ -195,35 +257,39 @@ class ApiConfig:
 
     socket: Path | None = Path("/run/edge-agent/api.sock")
     """Unix socket path; unset disables it."""
-    port: int | None = None
+    port: int | None = checked(_port, default=None)
     """TCP port on `host` (8501 is TensorFlow Serving's); unset disables it."""
     host: str = "127.0.0.1"
     """Address of the TCP listener."""
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int = checked(positive, default=16 << 20)
     """Largest request body accepted."""
     admin_socket: Path | None = Path("admin.sock")
     """Unix socket of the admin actions (install, rollback, status), mode 0600: only the agent's own
     user and root may use it. A relative name is taken beside `socket` (and disables it when `socket`
     is disabled); "" disables admin actions over the API."""
-    max_inflight_bytes: int = 64 << 20
+    max_inflight_bytes: int = checked(positive, default=64 << 20)
     """Request bodies of all connections together may hold at most this many bytes; a request that
     would go above it is answered 503 before its body is read. TCP requests get at most half."""
-    max_connections: int = 64
+    max_connections: int = checked(positive, default=64)
     """Open connections per listener (the Unix socket and TCP each have their own)."""
-    max_connections_per_peer: int = 16
+    max_connections_per_peer: int = checked(positive, default=16)
     """Open TCP connections from one client address."""
-    idle_timeout_s: float = 60.0
+    idle_timeout_s: float = checked(positive, default=60.0)
     """A connection that starts no request for this long is closed."""
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = checked(positive, default=10.0)
     """A request head must arrive whole within this many seconds of its first byte."""
-    body_timeout_s: float = 60.0
+    body_timeout_s: float = checked(positive, default=60.0)
     """A request body must arrive whole within this many seconds of its head."""
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = checked(each(_host), default=())
     """Host header values (without port) the TCP listener accepts besides localhost, 127.0.0.1, [::1]
     and `host`; any other Host is refused, so a web page cannot reach the API by DNS rebinding."""
     token_file: Path | None = None
     """File holding a bearer token every TCP request must send (`Authorization: Bearer ...`); a
     relative name is looked up in $CREDENTIALS_DIRECTORY. The Unix sockets are guarded by their modes."""
+
+    def __post_init__(self) -> None:
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ConfigError("api.max_inflight_bytes: must be at least api.max_body_bytes")
 
     def admin_socket_path(self) -> Path | None:
         """Where the admin socket is, with a relative name resolved beside `socket`; None when disabled."""
@@ -238,9 +304,9 @@ class ApiConfig:
 class AgentConfig:
     """The whole agent configuration."""
 
-    device_id: str = field(default_factory=_default_device_id)
+    device_id: str = checked(_name, default_factory=_default_device_id)
     """This device's id (topic level and default MQTT client id); defaults to the host name."""
-    groups: tuple[str, ...] = ()
+    groups: tuple[str, ...] = checked(each(_name), default=())
     """Groups whose deployments this device follows."""
     state_dir: Path = Path("/var/lib/edge-agent")
     """Models, partial downloads and state.json."""
@@ -256,58 +322,12 @@ class AgentConfig:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
 
-
-_POSITIVE = {
-    "mqtt.keepalive_s", "mqtt.reconnect_min_s", "mqtt.reconnect_max_s", "security.max_artifact_bytes",
-    "security.max_chunks", "security.download_stall_s", "security.max_timestamp_age_s", "validation.timeout_s", "validation.memory_mb", "validation.latency_runs",
-    "validation.max_latency_ms", "health.max_latency_ratio", "health.hang_timeout_s",
-    "health.max_boot_failures", "health.max_updates_per_hour", "telemetry.interval_s",
-    "telemetry.window_s", "api.max_body_bytes", "api.max_inflight_bytes", "api.max_connections",
-    "api.max_connections_per_peer", "api.idle_timeout_s", "api.header_timeout_s", "api.body_timeout_s", "store.max_models", "runtime.num_threads",
-    "runtime.keep_previous_max_mb",
-}
-_NON_NEGATIVE = {"health.probation_s", "health.latency_slack_ms", "health.min_requests", "store.keep_blobs", "security.max_clock_skew_s"}
-_FRACTION = {"health.max_error_rate", "security.max_disk_fraction"}
-# Hard limits of what consumes the value: MQTT's keep alive is 16 bits, and the validation child's
-# address-space limit (bytes, a signed 64-bit value) and the interpreter's thread count must fit.
-_AT_MOST = {"mqtt.keepalive_s": 65535, "validation.memory_mb": 1 << 20, "runtime.num_threads": 1024}
-
-
-def _check_value(key: str, value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value}")
-    if key in _AT_MOST and value is not None and value > _AT_MOST[key]:
-        raise ConfigError(f"{key}: expected at most {_AT_MOST[key]}, got {value}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if key in _POSITIVE and value <= 0:
-            raise ConfigError(f"{key}: expected a value > 0, got {value}")
-        if key in _NON_NEGATIVE and value < 0:
-            raise ConfigError(f"{key}: expected a value >= 0, got {value}")
-        if key in _FRACTION and not 0 <= value <= 1:
-            raise ConfigError(f"{key}: expected a value between 0 and 1, got {value}")
-    if key == "api.port" and value is not None and not 1 <= value <= 65535:
-        raise ConfigError(f"api.port: expected 1-65535, got {value}")
-    if key == "api.allowed_hosts":
-        for h in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", h):
-                raise ConfigError(f"api.allowed_hosts: {h!r} is not a host name, IPv4 address or [IPv6] address")
-    if key == "device_id" and (not _NAME_RE.match(value) or ".." in value):
-        raise ConfigError(f"device_id: {value!r} must be 1-64 letters, digits, '_', '.', '-'")
-    if key == "groups":
-        for g in value:
-            if not _NAME_RE.match(g) or ".." in g:
-                raise ConfigError(f"groups: {g!r} must be 1-64 letters, digits, '_', '.', '-'")
-    if key == "mqtt.url" and value is not None:
-        m = re.match(r"^mqtts?://[^/\s:]+(?::(\d{1,5}))?/?$", value)
-        if m is None or int(m[1] or 1) > 65535:
-            raise ConfigError(f"mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
-    if key in ("mqtt.prefix", "homeassistant.prefix"):
-        from edgefleet.protocol.topics import Topics  # the one rule for topic prefixes
-
-        try:
-            Topics(value)
-        except EdgefleetError as err:
-            raise ConfigError(f"{key.partition('.')[0]}.{err}") from err
+    def __post_init__(self) -> None:
+        if self.homeassistant.discovery and not re.fullmatch(r"[A-Za-z0-9_-]+", self.device_id):
+            # the device id is the node id of every discovery topic, which Home Assistant matches as
+            # [a-zA-Z0-9_-]+, and the broker's ACL pins it to the device's user name, so it cannot be rewritten
+            raise ConfigError(f"homeassistant.discovery: device_id {self.device_id!r} contains '.'; Home Assistant "
+                              "discovery needs a device id of letters, digits, '_' and '-'")
 
 
 def _convert(key: str, tp: Any, value: Any) -> Any:
@@ -345,6 +365,8 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -355,16 +377,19 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
+        if key not in fields:
             full = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"{full}: unknown key")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         converted = _convert(key, hints[name], value)
-        _check_value(key, converted)
+        check = field_check(fields[name])
+        problem = check(converted) if check is not None and converted is not None else None
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
         kwargs[name] = converted
     return cls(**kwargs)
 
@@ -376,15 +401,6 @@ def parse_config(text: str, *, source: str = "config") -> AgentConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}") from err
     config: AgentConfig = _build(AgentConfig, data)
-    if config.mqtt.reconnect_min_s > config.mqtt.reconnect_max_s:
-        raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
-    if config.api.max_inflight_bytes < config.api.max_body_bytes:
-        raise ConfigError("api.max_inflight_bytes: must be at least api.max_body_bytes")
-    if config.homeassistant.discovery and not re.fullmatch(r"[A-Za-z0-9_-]+", config.device_id):
-        # the device id is the node id of every discovery topic, which Home Assistant matches as
-        # [a-zA-Z0-9_-]+, and the broker's ACL pins it to the device's user name, so it cannot be rewritten
-        raise ConfigError(f"homeassistant.discovery: device_id {config.device_id!r} contains '.'; Home Assistant "
-                          "discovery needs a device id of letters, digits, '_' and '-'")
     return config
 
 
@@ -400,23 +416,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> AgentConfig:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: cannot read: {err}") from err
     return parse_config(text, source=str(p))
-
-
-def credential_path(path: Path) -> Path:
-    """Resolve a secret file name: relative names come from systemd's $CREDENTIALS_DIRECTORY when set."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and creds:
-        return Path(creds) / path
-    return path
-
-
-def read_secret(path: Path) -> str:
-    """The content of a secret file without its trailing newline; ConfigError when unreadable."""
-    p = credential_path(path)
-    try:
-        return p.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as err:
-        raise ConfigError(f"cannot read secret file {p}: {err.strerror}") from err
 
 
 def describe(config: AgentConfig) -> dict[str, Any]:
@@ -546,8 +545,6 @@ def security_problems(config: AgentConfig) -> list[str]:
     or certificate is found before the service starts rather than by a restart loop. Combinations
     that expose the board are refused unless `security.insecure = true` says they are meant.
     """
-    from urllib.parse import urlsplit
-
     problems: list[str] = []
     sec, mqtt, api = config.security, config.mqtt, config.api
     insecure = sec.insecure
@@ -564,9 +561,8 @@ def security_problems(config: AgentConfig) -> list[str]:
                         f"{fix}")
 
     if mqtt.url is not None:
-        parts = urlsplit(mqtt.url)
-        host = parts.hostname or ""
-        if parts.scheme == "mqtt":
+        tls, host, _ = parse_url(mqtt.url)
+        if not tls:
             if mqtt.ca_file is not None or mqtt.cert_file is not None or mqtt.key_file is not None:
                 problems.append(f"mqtt.url: {mqtt.url} is plain TCP but TLS files are set (mqtt.ca_file, cert_file, "
                                 "key_file); use mqtts://")

@@ -17,23 +17,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent import faults
+from edgefleet.agent import actions, faults
 from edgefleet.agent.api.routes import serving_metrics
 from edgefleet.agent.api.server import ApiServer
 from edgefleet.agent.config import AgentConfig, insecure_warning, security_problems
 from edgefleet.agent.fleet.delivery import ChunkStored
 from edgefleet.agent.fleet.link import Connection, FleetLink
 from edgefleet.agent.lifecycle.machine import Lifecycle
-from edgefleet.agent.lifecycle.store import STABLE_PHASES, Store
+from edgefleet.agent.lifecycle.store import Store
 from edgefleet.agent.serving.models import Roles, Serving
 from edgefleet.agent.systemd import Notifier
 from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
 
 from edgefleet import __version__
-from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files
-from edgefleet.errors import ConfigError, EdgefleetError, ProtocolError, StoreError
-from edgefleet.protocol.canonical import parse_json
+from edgefleet.errors import ActionError, ConfigError, EdgefleetError, InvalidInput, NotFound, Unavailable
 from edgefleet.protocol.documents import Event, Telemetry
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.signing import Keyring
 from edgefleet.transport import Message
 
@@ -49,7 +48,8 @@ class Request:
 
     action: str
     body: dict[str, Any]
-    reply: queue.Queue[tuple[int, dict[str, Any]]] = field(default_factory=lambda: queue.Queue(maxsize=1))
+    reply: queue.Queue[dict[str, Any] | Exception] = field(default_factory=lambda: queue.Queue(maxsize=1))
+    """The answer, or the exception the action raised (re-raised in the thread that asked)."""
 
 
 class Daemon:
@@ -98,16 +98,22 @@ class Daemon:
 
     # --- outside world -> loop -----------------------------------------------------------------
 
-    def admin(self, action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """Called from API threads: run an admin action on the loop thread and wait for its answer."""
+    def admin(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Called from API threads: run an admin action on the loop thread and wait for its answer.
+
+        Raises what the action raised (ActionError and its kinds for a request that cannot be done),
+        NotFound for an unknown action, Unavailable when the loop does not answer in time."""
         if action not in ("install", "rollback", "status"):
-            return 404, {"error": f"unknown admin action {action!r}; expected install, rollback or status"}
+            raise NotFound(f"unknown admin action {action!r}; expected install, rollback or status")
         req = Request(action, body)
         self.queue.put(req)
         try:
-            return req.reply.get(timeout=ADMIN_TIMEOUT_S)
+            answer = req.reply.get(timeout=ADMIN_TIMEOUT_S)
         except queue.Empty:
-            return 504, {"error": f"the agent did not finish {action} within {ADMIN_TIMEOUT_S:g}s"}
+            raise Unavailable(f"the agent did not finish {action} within {ADMIN_TIMEOUT_S:g}s") from None
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def request_stop(self, *_: Any) -> None:
         """Ask the loop to stop (signal handler)."""
@@ -143,7 +149,7 @@ class Daemon:
             target = (prev.version, self.store.blob_path(prev.sha256), prev.doc) if prev is not None else None
         except (KeyError, TypeError, ValueError, EdgefleetError):  # a record that does not parse is no target
             target = None
-        return Roles(on_probation=rec.phase == "PROBATION", previous=target)
+        return Roles(on_probation=rec.phase is Phase.PROBATION, previous=target)
 
     def health(self) -> dict[str, Any]:
         """Live summary for /healthz and `edge-agent status`."""
@@ -181,7 +187,7 @@ class Daemon:
         if silent <= self.config.health.hang_timeout_s:
             return None
         busy = [f"{name} {rec.phase}" for name, rec in sorted(self.lifecycle.state.models.items())
-                if rec.phase not in STABLE_PHASES and rec.phase != "PROBATION"]
+                if rec.phase.in_progress]
         return (f"the agent's loop has not run for {silent:.1f}s (limit {self.config.health.hang_timeout_s:g}s)"
                 + (f" while {', '.join(busy)}" if busy else ""))
 
@@ -292,64 +298,37 @@ class Daemon:
                 except Exception:  # a bad message must never stop the agent
                     log.exception("failed to handle %s", getattr(req, "topic", "connection change"))
             return
+        answer: dict[str, Any] | Exception
         try:
-            status, body = self._dispatch(req)
+            answer = self._dispatch(req)
+        except ActionError as err:  # a request that cannot be done: the caller is told why
+            answer = err
         except Exception as err:  # the loop must survive any single bad request
             log.exception("admin %s failed", req.action)
-            status, body = 500, {"error": f"{type(err).__name__}: {err}"}
+            answer = err
         try:
-            req.reply.put_nowait((status, body))
+            req.reply.put_nowait(answer)
         except queue.Full:
             pass
 
-    def _dispatch(self, req: Request) -> tuple[int, dict[str, Any]]:
+    def _dispatch(self, req: Request) -> dict[str, Any]:
+        """Run one admin action (agent/actions.py) and give its JSON answer."""
+        lc = self.lifecycle
         if req.action == "install":
             if "bundle_files" in req.body:  # read by the API from descriptors `edge-agent install` passed
-                files = req.body["bundle_files"]
-                try:
-                    raw = parse_json(files[MANIFEST_FILE])
-                except ProtocolError as err:
-                    return 400, {"error": f"{MANIFEST_FILE}: {err}"}
-                return self.install_files(raw, files[MODEL_FILE], files[GOLDEN_FILE])
+                return actions.install_files(lc, req.body["bundle_files"]).to_dict()
             path = req.body.get("path")
             if not isinstance(path, str):
-                return 400, {"error": "install needs passed bundle files or {\"path\": \"/path/to/bundle\"}"}
-            return self.install_path(Path(path))
+                raise InvalidInput("install needs passed bundle files or {\"path\": \"/path/to/bundle\"}")
+            # the request worked: the outcome, even a rejection, is in the answer
+            return actions.install_path(lc, Path(path)).to_dict()
         if req.action == "rollback":
-            return self.rollback(req.body.get("model"))
-        state = self.lifecycle.document()
-        if self.link is not None:
-            state = replace(state, channel=self.link.channel())
-        return 200, {"state": state.to_dict(), "health": self.health()}
-
-    def install_path(self, path: Path) -> tuple[int, dict[str, Any]]:
-        """Install a bundle directory through the full lifecycle."""
-        try:
-            raw, model, golden = read_bundle_files(path)
-        except ProtocolError as err:
-            return 400, {"error": str(err)}
-        return self.install_files(raw, model, golden)
-
-    def install_files(self, raw: Any, model: bytes, golden: bytes) -> tuple[int, dict[str, Any]]:
-        """Install a bundle's manifest, model and golden vectors through the full lifecycle."""
-        # the request worked: the outcome, even a rejection, is in the body
-        return 200, self.lifecycle.install_outcome(raw, model, golden)
-
-    def rollback(self, name: Any) -> tuple[int, dict[str, Any]]:
-        """Manual rollback of one model (the only one when `name` is None)."""
-        names = list(self.lifecycle.state.models)
-        if name is None:
-            if len(names) != 1:
-                return 400, {"error": f"name the model to roll back (models: {', '.join(names) or 'none'})"}
-            name = names[0]
-        if not isinstance(name, str) or name not in self.lifecycle.state.models:
-            return 404, {"error": f"unknown model {name!r}"}
-        try:
-            self.lifecycle.rollback(name, "rollback requested by the operator", manual=True)
-        except StoreError as err:
-            return 409, {"error": str(err)}
-        rec = self.lifecycle.state.record(name)
-        return 200, {"model": name, "phase": rec.phase, "version": rec.active.version if rec.active else None}
+            name = req.body.get("model")
+            if name is not None and not isinstance(name, str):
+                raise InvalidInput(f"rollback: \"model\" must be a model name, not {name!r}")
+            return actions.rollback(lc, name).to_dict()
+        state = actions.status(lc, self.link.channel() if self.link is not None else None)
+        return {"state": state.to_dict(), "health": self.health()}
 
     def _check_hangs(self) -> None:
         """An invoke stuck past the limit: report it, serve a fresh interpreter, and let systemd restart us."""
@@ -364,14 +343,14 @@ class Daemon:
                     continue
                 self._hung_reported.add((name, started))
                 rec = self.lifecycle.state.record(name)
-                if rec.phase == "PROBATION":
+                if rec.phase is Phase.PROBATION:
                     continue  # the lifecycle's probation check rolls it back
                 reason = f"an invocation of {name} hung for {now - started:.1f}s (limit {limit:g}s)"
                 self.lifecycle.emit(name, rec.phase, False, rec.active.deployment if rec.active else None,
                                     reason, hung_s=round(now - started, 3))
                 if rec.active is not None:
                     try:
-                        self.serving.activate(name, self.store.blob_path(rec.active.sha256), rec.active.doc)
+                        self.lifecycle.serve(name, rec.active)
                     except EdgefleetError as err:
                         log.error("model %s: cannot reload after a hang: %s", name, err)
                 self.mark_unhealthy(reason)

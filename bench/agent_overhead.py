@@ -34,17 +34,14 @@ from typing import Any
 
 import numpy as np
 import psutil
+from edgefleet.agent.api.client import ApiClient
+from edgefleet.agent.api.server import ApiServer
+from edgefleet.agent.serving.models import Serving
+
+from edgefleet.bundle import MODEL_FILE, Bundle
+from edgefleet.runtime import load_model, resolve_backend
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from edgefleet.agent.api.client import ApiClient  # noqa: E402
-from edgefleet.agent.api.server import ApiServer  # noqa: E402
-from edgefleet.agent.serving.models import Serving  # noqa: E402
-
-from edgefleet.bundle import MODEL_FILE, Bundle  # noqa: E402
-from edgefleet.runtime import load_model, resolve_backend  # noqa: E402
-
 THREADS = 1
 GOALS = {"ratio": 1.05, "added_us": 5.0, "socket_us": 200.0, "v2_us": 200.0, "rollback_s": 0.5, "rss_mb": 25.0,
          "cpu_pct": 1.0}
@@ -208,7 +205,7 @@ def rollback_times(work: Path, model: Path, repeats: int = 5) -> tuple[list[floa
     operator's rollback (the admin API, as `edge-agent rollback` sends it) until the previous version
     answers a request sent after the trigger. Returns the times and the pids of the agent and its
     validation fork server (for the idle footprint, measured afterwards)."""
-    from tests.support.agentproc import AgentProcess
+    from edgefleet.testing.agentproc import AgentProcess
 
     work = work / "agent-rollback"
     agent = AgentProcess(work / "agent", health={"probation_s": 0, "min_requests": 1})

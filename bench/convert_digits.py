@@ -28,9 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
+from edgefleet.converter.tflite.native import import_tensorflow
 
 SEED = 0
 # Shares of the four disjoint parts (see the module docstring).

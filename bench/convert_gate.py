@@ -31,11 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
-
-from bench.convert_digits import held_out  # noqa: E402
+from convert_digits import held_out  # bench/convert_digits.py, beside this program
+from edgefleet.converter.tflite.native import import_tensorflow
 
 GOOD = 20
 """Good conversions (held-out drop under GOOD_DROP_PT) the figure is counted over."""

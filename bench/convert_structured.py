@@ -32,11 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgefleet.converter.tflite.native import import_tensorflow  # noqa: E402
-
-from bench.convert_digits import digits_parts, gate_text, held_out  # noqa: E402
+from convert_digits import digits_parts, gate_text, held_out  # bench/convert_digits.py, beside this program
+from edgefleet.converter.tflite.native import import_tensorflow
 
 SEED = 0
 SIZE = 64

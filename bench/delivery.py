@@ -37,20 +37,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import paho.mqtt.client as mqtt
+from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
+from edgefleet.converter.fleet.publish import prepare, publish_chunks, publish_document
+from paho.mqtt.enums import CallbackAPIVersion
 
-import numpy as np  # noqa: E402
-import paho.mqtt.client as mqtt  # noqa: E402
-from edgefleet.converter.bundle.writer import BundleSpec, write_bundle  # noqa: E402
-from edgefleet.converter.fleet.publish import prepare, publish_chunks, publish_document  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from edgefleet.bundle import Bundle  # noqa: E402
-from edgefleet.protocol import Topics, parse_json  # noqa: E402
-from edgefleet.transport import MqttSettings, Transport  # noqa: E402
-from tests.support.agentproc import AgentProcess  # noqa: E402
-from tests.support.broker import Mosquitto  # noqa: E402
+from edgefleet.bundle import Bundle
+from edgefleet.protocol import Topics, parse_json
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Mosquitto
+from edgefleet.transport import MqttSettings, Transport
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 CHUNK = DEFAULT_CHUNK_SIZE

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 GOALS = {"committed_s": 60.0, "collector": 5000.0, "cpu_pct": 2.0}
 GROUP = "fleet"
@@ -58,7 +57,7 @@ open(sys.argv[1], "wb").write(tf.lite.TFLiteConverter.from_keras_model(m).conver
 
 def agent_config(root: Path, device: str, groups: list[str], url: str, pub: Path, telemetry_s: float) -> str:
     """TOML of one agent: own state dir and API socket, short probation, telemetry every `telemetry_s`."""
-    from tests.support.agentproc import toml
+    from edgefleet.testing.agentproc import toml
 
     return toml({
         "device_id": device, "groups": groups, "state_dir": str(root / device / "state"), "log_level": "warning",
@@ -307,8 +306,8 @@ def idle_cpu(work: Path, url: str, bundle: Path, telemetry_s: float, window: flo
     """Percent of one core an idle agent process with one committed model uses over `window` s."""
     import psutil
 
-    from tests.support.agentproc import AgentProcess
-    from tests.support.helpers import wait_for
+    from edgefleet.testing.agentproc import AgentProcess
+    from edgefleet.testing.waiting import wait_for
 
     a = AgentProcess(work / "cpu-agent", device_id="cpu-agent", groups=["cpu"],
                      mqtt={"url": url}, health={"probation_s": 1, "min_requests": 1},
@@ -367,8 +366,8 @@ def main() -> None:
 
     from edgefleet.bundle import Bundle
     from edgefleet.protocol import SigningKey, Telemetry, Topics, canonical_json
+    from edgefleet.testing.broker import Mosquitto
     from edgefleet.transport import MqttSettings, Transport
-    from tests.support.broker import Mosquitto
 
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         work = Path(tmp)

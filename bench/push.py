@@ -21,22 +21,19 @@ Run: ``.venv/bin/python bench/push.py``
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import paho.mqtt.client as mqtt
+from edgefleet.converter.fleet.publish import publish_chunks, split_parallel
+from paho.mqtt.enums import CallbackAPIVersion
 
-import numpy as np  # noqa: E402
-import paho.mqtt.client as mqtt  # noqa: E402
-from edgefleet.converter.fleet.publish import publish_chunks, split_parallel  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from edgefleet.protocol import Topics, split  # noqa: E402
-from edgefleet.transport import MqttSettings, Transport  # noqa: E402
-from tests.support.broker import Mosquitto  # noqa: E402
+from edgefleet.protocol import Topics, split
+from edgefleet.testing.broker import Mosquitto
+from edgefleet.transport import MqttSettings, Transport
 
 SIZE = 20 * 1000 * 1000
 CHUNK_SIZES = (64 * 1024, 256 * 1024)

@@ -1,20 +1,20 @@
 """Reliability figures: SIGKILLs over many update cycles, hostile models, broker faults and a soak.
 
 Everything runs against real `edge-agent run` processes (and a real Mosquitto for the broker faults):
-- kill loop (tests/support/killing.py): one agent on one state directory is killed with SIGKILL at random
+- kill loop (edgefleet.testing.killing): one agent on one state directory is killed with SIGKILL at random
   EDGEFLEET_FAULT crash points and random moments, cycle after cycle of install, probation, commit and
   rollback; after every restart state.json must parse, the active model must be a version that was
   installed with an intact blob, and the API must answer with it. Baseline: the time of a clean
   start on the same state directory, beside the time to come back from a kill.
-- hostile models (tests/support/hostile.py): bit flips (header and vtables first), truncations, every edited
+- hostile models (edgefleet.testing.hostile): bit flips (header and vtables first), truncations, every edited
   flatbuffer (absurd shapes, buffers and offsets out of range, unknown ops), huge arenas, a memory hog
   and a hang, each installed through the admin API of an agent serving a committed v1. Baseline: the
   install of a good model, beside the cost of refusing a hostile one.
-- broker faults: the scenarios of tests/e2e/test_faults.py (broker killed during a download and during
-  probation, frozen with SIGSTOP), run as they are, a few rounds each.
-- soak (tests/support/soak.py): 50 requests/s from five clients over two updates and a rollback. Baseline:
+- broker and disk faults (edgefleet.testing.faults, the scenarios tests/e2e/test_faults.py runs): the
+  broker killed during a download and during probation, frozen with SIGSTOP, a full disk; a few rounds each.
+- soak (edgefleet.testing.soak): 50 requests/s from five clients over two updates and a rollback. Baseline:
   p99 latency outside the switch windows, beside the p99 inside them.
-- trust attacks (tests/test_trust_*.py): client-id takeover, forged inventories and group claims,
+- trust attacks (tests/*/test_trust_*.py): client-id takeover, forged inventories and group claims,
   replays and re-posted manifests after a signed rollback, forged copies, floods of unsigned documents,
   withheld chunks, a frozen channel, a hanging warm-up, fail-open configurations, oversized and
   cross-origin API requests; `TRUST_ATTACKS=<scenarios> TRUST_BREACHES=<not refused>` (goal: 0 breaches).
@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PROFILES = {
     "quick": {"kills": 30, "flips": 30, "cuts": 20, "soak_s": 20.0, "fault_rounds": 1},
@@ -57,8 +56,8 @@ def say(text: str) -> None:
 
 def kill_part(work: Path, kills: int, seed: int) -> dict[str, Any]:
     """The kill loop, plus a clean restart of the same state directory as the baseline."""
-    from tests.support.killing import KillLoop
-    from tests.support.reliability import build_bundle
+    from edgefleet.testing.killing import KillLoop
+    from edgefleet.testing.reliability import build_bundle
 
     bundles = [build_bundle(work / "a", "dense_f32", version=1), build_bundle(work / "b", "dense_f32_v2", version=1)]
     loop = KillLoop(work / "loop", bundles, seed=seed)
@@ -86,9 +85,9 @@ def kill_part(work: Path, kills: int, seed: int) -> dict[str, Any]:
 def hostile_part(work: Path, flips: int, cuts: int) -> dict[str, Any]:
     """Every hostile file through a real agent's admin API; a good install first as the baseline."""
     from edgefleet.protocol import SigningKey
-    from tests.support.helpers import wait_for
-    from tests.support.hostile import Hostile, bit_flips, flatbuffer_edits, huge_arenas, truncations
-    from tests.support.reliability import AgentWith, build_bundle, run_hostile_through_agent, zoo_model
+    from edgefleet.testing.hostile import Hostile, bit_flips, flatbuffer_edits, huge_arenas, truncations
+    from edgefleet.testing.reliability import AgentWith, build_bundle, run_hostile_through_agent, zoo_model
+    from edgefleet.testing.waiting import wait_for
 
     key = SigningKey.generate()
     key.write(work / "keys")
@@ -130,23 +129,19 @@ def hostile_part(work: Path, flips: int, cuts: int) -> dict[str, Any]:
 
 
 def fault_part(work: Path, rounds: int) -> dict[str, Any]:
-    """The broker-fault scenarios of tests/e2e/test_faults.py, run as they are, `rounds` times each."""
-    from tests.e2e import test_faults
-    from tests.support.reliability import running_fleet
+    """The broker and disk fault scenarios (the ones tests/e2e/test_faults.py runs), `rounds` times each."""
+    from edgefleet.testing.faults import SCENARIOS
+    from edgefleet.testing.reliability import running_fleet
 
-    scenarios = [test_faults.test_broker_killed_and_restarted_during_a_download,
-                 test_faults.test_broker_killed_during_probation,
-                 test_faults.test_broker_frozen_with_sigstop_is_detected_by_keepalive,
-                 test_faults.test_disk_filling_up_during_a_download]
     passed, failures, crashes = 0, [], 0
     for r in range(rounds):
-        for i, scenario in enumerate(scenarios):
+        for i, scenario in enumerate(SCENARIOS):
             root = work / f"{r}{i}"  # short: the agent's API socket path must fit AF_UNIX's 108 bytes
             root.mkdir(parents=True)
             t0 = time.monotonic()
             try:
                 with running_fleet(root) as fleet:
-                    scenario(fleet, root)  # type: ignore[operator]
+                    scenario(fleet, root)
                     crashes += sum(1 for a in fleet.agents if a.proc is not None and a.proc.poll() is not None)
                 passed += 1
                 say(f"faults: {scenario.__name__}: ok in {time.monotonic() - t0:.1f} s")
@@ -154,12 +149,12 @@ def fault_part(work: Path, rounds: int) -> dict[str, Any]:
                 failures.append(f"{scenario.__name__}: {type(err).__name__}: {str(err)[:300]}")
                 say(f"faults: {scenario.__name__}: FAILED {failures[-1]}")
                 traceback.print_exc(file=sys.stderr)
-    return {"run": rounds * len(scenarios), "passed": passed, "failures": failures, "agent_crashes": crashes}
+    return {"run": rounds * len(SCENARIOS), "passed": passed, "failures": failures, "agent_crashes": crashes}
 
 
 def soak_part(work: Path, seconds: float) -> dict[str, Any]:
     """The soak on a real agent serving a committed v1."""
-    from tests.support.soak import SWITCH_TAIL_S, soak_fresh_agent
+    from edgefleet.testing.soak import SWITCH_TAIL_S, soak_fresh_agent
 
     report, alive = soak_fresh_agent(work, seconds=seconds, progress=say)
     for line in report.summary().splitlines():
@@ -176,7 +171,7 @@ def soak_part(work: Path, seconds: float) -> dict[str, Any]:
 
 
 def trust_part(work: Path) -> dict[str, Any]:
-    """Issue 12's attacks: the tests/test_trust_*.py modules, run as they are by pytest.
+    """Issue 12's attacks: the tests/*/test_trust_*.py modules, run as they are by pytest.
 
     Each test case performs one attack scenario (several attempts each) against real agents, a real
     Mosquitto with the shipped config and the real API; a breach is a case whose attack was not refused.
@@ -184,7 +179,7 @@ def trust_part(work: Path) -> dict[str, Any]:
     import subprocess
     import xml.etree.ElementTree as ET
 
-    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_trust_*.py"))
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("*/test_trust_*.py"))
     report = work / "trust.xml"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -215,6 +210,9 @@ def main() -> int:
     args = parser.parse_args()
     profile = PROFILES["quick" if args.quick else args.profile]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from edgefleet.testing.reliability import CACHE_ENV
+
+    os.environ.setdefault(CACHE_ENV, str(ROOT / ".cache"))  # the model zoo the test suite builds there
     work = Path(tempfile.mkdtemp(prefix="edgefleet-reliability-"))
     started = time.monotonic()
     figures: dict[str, Any] = {"profile": "quick" if args.quick else args.profile}

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import reporting  # bench/reporting.py: a program's own folder is the first place Python looks
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-sys.path.insert(0, str(ROOT))
-
-from bench import reporting  # noqa: E402
 
 PACKAGES = ("tensorflow", "ai-edge-litert", "tflite-runtime", "numpy", "paho-mqtt", "cryptography", "psutil")
 KEY_VALUE = re.compile(r"(?<![\w.])([A-Z][A-Z0-9_.]*[A-Z0-9])=(\S+)")

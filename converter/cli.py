@@ -1,10 +1,15 @@
-"""`edgectl`, the host command line: convert, package, inspect, diff and keygen (more plug in).
+"""`edgectl`, the host command line: model commands (convert, package, inspect, diff) and fleet commands.
 
 Each command lives in its own module exposing ``add_parser(subparsers)``, which registers the
 subcommand and sets ``func`` (``args -> int``). Command modules import nothing heavy at module level:
 TensorFlow is loaded inside ``convert`` only, so the other commands start fast.
 
-Exit codes: 0 success; 1 failure (conversion, runtime, I/O); 2 bad input (files, options, data, a
+The base install (a board's) has none of the host libraries, so each module names the extra it needs.
+A command whose extra is not installed is still listed by ``--help``; running it prints one line naming
+the extra and exits 2, before its module is imported.
+
+Exit codes (``ExitCode`` in edgefleet/errors.py, shared with `edge-agent`; each error class carries
+its own): 0 success; 1 failure (conversion, runtime, I/O); 2 bad input (files, options, data, a
 tampered bundle; nothing is written); 3 the accuracy gate tripped (no bundle written); 130 interrupted.
 """
 
@@ -13,34 +18,48 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
 from typing import NoReturn
 
-from edgefleet.converter.errors import (
-    EXIT_FAILURE,
-    EXIT_GATE,
-    EXIT_OK,
-    EXIT_USAGE,
-    AccuracyGateError,
-    UsageError,
-)
-
-from edgefleet.errors import ConfigError, EdgefleetError, ProtocolError
+from edgefleet import __version__
+from edgefleet.errors import EdgefleetError, ExitCode, UsageError, exit_code
 
 log = logging.getLogger(__name__)
 
 PROG = "edgectl"
-# Command modules, in the order `edgectl --help` lists them.
-COMMAND_MODULES: list[str] = [
-    "edgefleet.converter.commands.convert",
-    "edgefleet.converter.commands.package",
-    "edgefleet.converter.commands.inspect",
-    "edgefleet.converter.commands.diff",
-    "edgefleet.converter.commands.keygen",
-    "edgefleet.converter.commands.mqtt",
-    "edgefleet.converter.commands.trust",
-]
+DISTRIBUTION = "edgefleet"
+
+
+@dataclass(frozen=True)
+class CommandModule:
+    """A command module, the extra (pyproject.toml) it needs, and the commands it registers.
+
+    The commands are listed here too because a module whose extra is missing cannot be imported to ask;
+    tests/unit/test_edgectl_extras.py keeps the list equal to what ``add_parser`` registers.
+    """
+
+    module: str
+    extra: str
+    commands: tuple[str, ...]
+
+
+# In the order `edgectl --help` lists them.
+COMMAND_MODULES: tuple[CommandModule, ...] = (
+    CommandModule("edgefleet.converter.commands.convert", "converter", ("convert",)),
+    CommandModule("edgefleet.converter.commands.package", "converter", ("package",)),
+    CommandModule("edgefleet.converter.commands.inspect", "converter", ("inspect",)),
+    CommandModule("edgefleet.converter.commands.diff", "converter", ("diff",)),
+    CommandModule("edgefleet.converter.commands.keygen", "fleet", ("keygen",)),
+    CommandModule("edgefleet.converter.commands.push", "fleet", ("push",)),
+    CommandModule("edgefleet.converter.commands.rollback", "fleet", ("rollback",)),
+    CommandModule("edgefleet.converter.commands.fleet", "fleet", ("fleet",)),
+    CommandModule("edgefleet.converter.commands.gc", "fleet", ("gc",)),
+    CommandModule("edgefleet.converter.commands.trust", "fleet", ("inventory", "timestamp", "withdraw")),
+)
 
 EPILOG = """\
 exit codes:
@@ -63,24 +82,60 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> ArgumentParser:
-    """The top-level parser with every command module's subcommand registered."""
-    from importlib.metadata import PackageNotFoundError, version
+def missing_requirements(extra: str) -> list[str]:
+    """The distributions of ``extra`` that are not installed (none when edgefleet itself is not installed).
 
+    Read from the installed metadata, so pyproject.toml stays the one place an extra is defined.
+    """
     try:
-        own_version = version("edgefleet")
-    except PackageNotFoundError:
-        own_version = "unknown"
+        requirements = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # a source tree on sys.path: nothing to compare against
+        return []
+    in_extra = re.compile(rf"""\bextra\s*==\s*["']{re.escape(extra)}["']""")
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+        if not in_extra.search(marker) or name is None:
+            continue
+        try:
+            metadata.distribution(name.group(0))
+        except metadata.PackageNotFoundError:
+            missing.append(name.group(0))
+    return missing
+
+
+def needs_extra_line(command: str, extra: str) -> str:
+    """The one line a command prints when its extra is not installed."""
+    return f"{PROG} {command}: needs the '{extra}' extra: pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def unavailable(argv: Sequence[str]) -> tuple[str, str] | None:
+    """(command, extra) when the command in ``argv`` needs an extra that is not installed."""
+    # The top-level options take no value, so the first word that is not an option is the command.
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    for entry in COMMAND_MODULES:
+        if command in entry.commands and missing_requirements(entry.extra):
+            return command, entry.extra
+    return None
+
+
+def build_parser(modules: Sequence[CommandModule] = COMMAND_MODULES) -> ArgumentParser:
+    """The top-level parser: each module's commands, or a stub naming the extra when it is missing."""
     parser = ArgumentParser(
         prog=PROG,
         description="Turn trained models into small, validated, signed bundles and manage them on a fleet.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {own_version}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in modules:
-        importlib.import_module(name).add_parser(subparsers)
+    for entry in modules:
+        if missing_requirements(entry.extra):
+            for command in entry.commands:
+                subparsers.add_parser(command, help=f"(not installed: needs the '{entry.extra}' extra)")
+        else:
+            importlib.import_module(entry.module).add_parser(subparsers)
     return parser
 
 
@@ -93,6 +148,11 @@ def error_line(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgectl` console script; returns the exit code."""
     verbose = 0
+    argv = sys.argv[1:] if argv is None else argv
+    blocked = unavailable(argv)
+    if blocked:
+        print(needs_extra_line(*blocked), file=sys.stderr)
+        return ExitCode.USAGE
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -101,29 +161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         if getattr(args, "func", None) is None:
             parser.print_help()
-            return EXIT_USAGE
-        return int(args.func(args) or EXIT_OK)
+            return ExitCode.USAGE
+        return int(args.func(args) or ExitCode.OK)
     except SystemExit as exc:  # --help and --version
-        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_FAILURE)
-    except AccuracyGateError as exc:
+        return exc.code if isinstance(exc.code, int) else (ExitCode.OK if exc.code is None else ExitCode.FAILURE)
+    except EdgefleetError as exc:  # each kind carries its exit code (edgefleet/errors.py)
         error_line(str(exc))
-        return EXIT_GATE
-    except (UsageError, ProtocolError, ConfigError) as exc:
-        error_line(str(exc))
-        return EXIT_USAGE
-    except EdgefleetError as exc:
-        error_line(str(exc))
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
+        return exit_code(exc)
+    except KeyboardInterrupt as exc:
         error_line("interrupted; nothing was written")
-        return 130
+        return exit_code(exc)
     except Exception as exc:  # the last line of defence: one line, the traceback with -v
         error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
         if verbose:  # the hint names -v, so -v alone must be enough to get the traceback
             import traceback
 
             traceback.print_exc()
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.errors import UsageError
 from rich.console import Console
 
+from edgefleet.errors import UsageError
 from edgefleet.protocol import SigningKey, check_name
 
 
@@ -40,6 +42,30 @@ def print_json(value: Any) -> None:
 def add_json(parser: argparse.ArgumentParser) -> None:
     """The `--json` flag."""
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of tables")
+
+
+def size_text(n: int) -> str:
+    """A byte count in the largest binary unit it reaches: `1.50 MiB`."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def stop_on_signals(stop: Callable[[], None], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+                    ) -> Callable[[], None]:
+    """Call `stop` on these signals instead of dying, so a long-running command ends cleanly and still
+    prints its summary (systemd stops a service with SIGTERM); returns a function restoring the handlers.
+    Handlers can only be set from the main thread: elsewhere nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, lambda signum, frame: stop()) for s in signals}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
 
 
 def model_name(text: str) -> str:

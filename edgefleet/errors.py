@@ -1,13 +1,59 @@
-"""The exception family of edgefleet: every message says what is wrong and, where it helps, what to do."""
+"""The exception family of edgefleet, and the exit codes both command lines give it.
+
+Every message says what is wrong and, where it helps, what to do. Each class carries the exit code
+`edgectl` and `edge-agent` end with when it reaches them (`exit_code`): the two command lines print
+the message as one line and map it the same way.
+"""
 
 from __future__ import annotations
 
+from enum import IntEnum
+from typing import Any, ClassVar
+
+
+class ExitCode(IntEnum):
+    """The exit codes of `edgectl` and `edge-agent`."""
+
+    OK = 0
+    FAILURE = 1
+    """The operation failed: conversion, runtime, I/O, a rejected model, an unreachable broker or daemon."""
+    USAGE = 2
+    """Bad input: a missing or corrupt file, a bad option, data or configuration, a tampered bundle or
+    document. Nothing was written or changed."""
+    GATE = 3
+    """`edgectl convert`: the accuracy gate refused the converted model; no bundle was written."""
+    INTERRUPTED = 130
+    """Ctrl-C (128 + SIGINT, as shells report it)."""
+
 
 class EdgefleetError(Exception):
-    """Base class of every error edgefleet raises on purpose."""
+    """Base class of every error edgefleet raises on purpose.
+
+    A subclass names its exit code in its class line (`class E(EdgefleetError, exit_code=...)`); one
+    that does not keeps its base's."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
+
+    def __init_subclass__(cls, exit_code: ExitCode | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
 
-class ProtocolError(EdgefleetError):
+def exit_code(err: BaseException) -> ExitCode:
+    """The exit code a command line ends with when `err` reaches it."""
+    if isinstance(err, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if isinstance(err, EdgefleetError):
+        return err.exit_code
+    return ExitCode.FAILURE
+
+
+class UsageError(EdgefleetError, exit_code=ExitCode.USAGE):
+    """Bad input from the user (file, option, data); the command changes nothing."""
+
+
+class ProtocolError(EdgefleetError, exit_code=ExitCode.USAGE):
     """A document, chunk or topic does not follow the wire contract."""
 
 
@@ -19,7 +65,7 @@ class ChunkError(ProtocolError):
     """A chunk payload does not match its reference (hash, size or encoding)."""
 
 
-class ConfigError(EdgefleetError):
+class ConfigError(EdgefleetError, exit_code=ExitCode.USAGE):
     """The agent configuration is invalid; the message names the key."""
 
 
@@ -48,6 +94,30 @@ class DocumentRefused(DeploymentRejected):
     """A deployment document was not taken up: malformed, unauthenticated, for another target, or a
     replay (expired, not above the active version or the version floor). Nothing is started, so
     nothing in the saved state changes: the refusal is reported as an event at most."""
+
+
+class ActionError(EdgefleetError):
+    """An agent action (install, rollback, status, predict) that cannot be done as asked; nothing changed.
+
+    Raised the same whichever way the action was asked for (the admin API, `edge-agent` on the state
+    directory, a signed command): only the API turns the kind into an HTTP status, and the CLI into
+    an exit code."""
+
+
+class InvalidInput(ActionError, exit_code=ExitCode.USAGE):
+    """The request itself is wrong: an unreadable bundle, a missing or mistyped field."""
+
+
+class NotFound(ActionError, exit_code=ExitCode.USAGE):
+    """The request names something the agent does not have: a model, an action."""
+
+
+class Conflict(ActionError):
+    """The model's state does not allow the action now (there is nothing to roll back to)."""
+
+
+class Unavailable(ActionError):
+    """The agent did not finish the action in time (its loop thread is busy or stuck)."""
 
 
 class RequestError(EdgefleetError):

@@ -292,6 +292,18 @@ def dequantize(y: NDArray[Any], quant: tuple[float, int] | None) -> NDArray[Any]
     return (y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
 
 
+def beyond_tolerance(a: NDArray[Any], b: NDArray[Any], atol: float, rtol: float) -> NDArray[Any]:
+    """Where `a` (the device's output) is farther from `b` (the golden one) than `atol + rtol * |b|`; both
+    dequantized to real values. Tolerances are whole quantization steps, and a difference of exactly
+    that many steps comes out of a float32 dequantization a rounding error above or below the bound:
+    the comparison is made in float64 with a slack of a few float32 epsilons of the values compared
+    (for int8 values, about 1e-4 of one step) and a relative 1e-9 of the bound."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    bound = atol + rtol * np.abs(b64)
+    rounding = 4 * float(np.finfo(np.float32).eps) * (np.abs(a64) + np.abs(b64))
+    return np.abs(a64 - b64) > bound * (1 + 1e-9) + rounding  # type: ignore[no-any-return]
+
+
 def top_k(scores: NDArray[Any], labels: tuple[str, ...], k: int) -> list[list[dict[str, Any]]]:
     """The k best classes per instance (axis 0), as {label, index, score}; ties keep class order."""
     rows = scores.reshape(scores.shape[0], -1) if scores.ndim else scores.reshape(1, 1)

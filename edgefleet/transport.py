@@ -12,7 +12,9 @@ available through `MqttSettings.protocol` for brokers that lack 5. Nothing here 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -23,14 +25,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.agent.config import MqttConfig, credential_path, read_secret
 from edgefleet.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -40,25 +40,55 @@ DEFAULT_PUBLISH_TIMEOUT_S = 30.0
 # Remembered SUBACKs, so a subscribe(wait=...) that loses the race against its own SUBACK still finds it.
 _MAX_SUBACKS = 256
 
-__all__ = [
-    "DEFAULT_PORTS", "Message", "MqttSettings", "Transport", "parse_url", "read_secret", "settings_from_config",
-]
+__all__ = ["DEFAULT_PORTS", "Message", "MqttSettings", "Transport", "check_broker_url", "parse_url"]
+
+_URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
+# A host is a bracketed IPv6 address or a name without the characters that end a url's host part;
+# whitespace and control characters never reach a resolver.
+_BROKER_URL = re.compile(r"(mqtts?)://(\[[0-9A-Fa-f:.]+\]|[^\s\x00-\x1f\x7f/?#@\[\]:]+)(?::([0-9]{1,5}))?/?")
+
+
+def _split_url(url: object) -> tuple[bool, str, int] | str:
+    """(tls, host, port) of a broker url, or what is wrong with it."""
+    if not isinstance(url, str):
+        return f"{_URL_FORM}, got {url!r}"
+    m = _BROKER_URL.fullmatch(url)
+    if m is None:
+        scheme, sep, rest = url.partition("://")
+        authority, _, path = rest.partition("/")
+        if sep and scheme in DEFAULT_PORTS and not any(c.isspace() or not c.isprintable() for c in url):
+            if "@" in authority or not authority or authority.startswith(":"):
+                return f"expected a host name and no user info, got {url!r}"
+            if path or any(c in authority for c in "?#"):
+                return f"expected no path, query or fragment, got {url!r}"
+        return f"{_URL_FORM}, got {url!r}"
+    scheme, host, port_text = m.groups()
+    if host.startswith("["):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{_URL_FORM}, got {url!r}"
+    port = int(port_text) if port_text else DEFAULT_PORTS[scheme]
+    if not 0 < port <= 65535:
+        return f"port out of range 1-65535, got {url!r}"
+    return scheme == "mqtts", host, port
+
+
+def check_broker_url(url: object) -> str | None:
+    """What is wrong with a broker url (`mqtt://host[:port]`, `mqtts://host[:port]`), None when nothing.
+
+    The one rule for both halves: the agent's `mqtt.url` and edgectl's `--broker`."""
+    split = _split_url(url)
+    return split if isinstance(split, str) else None
 
 
 def parse_url(url: str) -> tuple[bool, str, int]:
     """Split `mqtt://host[:port]` or `mqtts://host[:port]` into (tls, host, port); ConfigError otherwise."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as err:
-        raise ConfigError(f"broker url {url!r}: {err}") from err
-    if parts.scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"broker url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    if not parts.hostname or parts.username or parts.password:
-        raise ConfigError(f"broker url {url!r}: expected a host name and no user info (use --username)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"broker url {url!r}: a broker url has no path, query or fragment")
-    return parts.scheme == "mqtts", parts.hostname, port or DEFAULT_PORTS[parts.scheme]
+    split = _split_url(url)
+    if isinstance(split, str):
+        raise ConfigError(f"broker url: {split}")
+    return split
 
 
 @dataclass(frozen=True)
@@ -70,7 +100,7 @@ class MqttSettings:
     username: str | None = None
     """Broker user name (the shipped ACL expects the device id for devices)."""
     password: str | None = field(default=None, repr=False)
-    """The password itself (see `read_secret`)."""
+    """The password itself (see `edgefleet.credentials.read_secret`)."""
     ca_file: Path | None = None
     """CA bundle that verifies the broker; the system CAs when unset."""
     cert_file: Path | None = None
@@ -117,28 +147,6 @@ class MqttSettings:
     def port(self) -> int:
         """Broker port."""
         return parse_url(self.url)[2]
-
-
-def settings_from_config(config: MqttConfig, device_id: str) -> MqttSettings:
-    """Settings from the agent's `[mqtt]` table; reads the password file (ConfigError when unreadable).
-
-    The user name and client id default to the device id: the shipped broker config knows a device by
-    that one name (ACL patterns on the user name, client id bound to the user name)."""
-    if config.url is None:
-        raise ConfigError("mqtt.url: not set")
-    return MqttSettings(
-        url=config.url,
-        username=config.username if config.username is not None else device_id,
-        password=read_secret(config.password_file) if config.password_file else None,
-        ca_file=config.ca_file,
-        cert_file=config.cert_file,
-        key_file=credential_path(config.key_file) if config.key_file else None,
-        keepalive=config.keepalive_s,
-        reconnect_min_s=config.reconnect_min_s,
-        reconnect_max_s=config.reconnect_max_s,
-        client_id=config.client_id or device_id,
-        protocol=config.protocol,
-    )
 
 
 @dataclass(frozen=True)

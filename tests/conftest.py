@@ -1,4 +1,36 @@
 """The suite's fixtures live in tests/support/ and are loaded here as plugins:
-`fixtures` (the model zoo, bundles, per-test host state) and `broker` (Mosquitto brokers of every kind)."""
+`fixtures` (the model zoo, bundles, per-test host state) and `broker` (Mosquitto brokers of every kind).
+
+The launchers, the fault and soak runs they wrap are the package's test kit (`edgefleet.testing`,
+shared with bench/); its asserts are rewritten as a test's are, so a failing scenario says why.
+Every test is marked by its folder: `pytest -m unit` runs the fast ones (one process, no broker),
+`-m integration` the ones against a real Mosquitto, `-m e2e` the ones with real agent processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("edgefleet.testing")
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.broker"]
+
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the zoo and other built models are cached in the checkout (.cache/, ignored by git) for the suite
+    from edgefleet.testing.reliability import CACHE_ENV
+
+    os.environ.setdefault(CACHE_ENV, str(TESTS.parent / ".cache"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+        if folder in LAYERS:
+            item.add_marker(getattr(pytest.mark, folder))

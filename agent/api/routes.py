@@ -6,36 +6,45 @@ byte mover and every route can be read in one place.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.agent import actions
 from edgefleet.agent.api.guard import read_passed_files
+from edgefleet.agent.api.messages import (
+    JSON,
+    MethodNotAllowed,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    require_method,
+)
+from edgefleet.agent.api.v2 import V2Routes
 from edgefleet.agent.serving import npy
-from edgefleet.agent.serving.models import Prediction, ServedModel, Serving
+from edgefleet.agent.serving.models import ServedModel, Serving
+from edgefleet.agent.serving.rows import columnar_answer, decode_binary, row_answer, rows_to_columns
 from edgefleet.agent.serving.stats import LATENCY_BUCKETS_S
 from edgefleet.agent.telemetry.sampler import PromText
 
-from edgefleet.errors import EdgefleetError, RequestError, RuntimeBackendError
+from edgefleet.errors import (
+    ActionError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RequestError,
+    RuntimeBackendError,
+    Unavailable,
+)
 from edgefleet.protocol.schema import dump
 from edgefleet.tensors import short_name
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
-_REASONS = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
-    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    411: "Length Required", 413: "Payload Too Large", 415: "Unsupported Media Type", 417: "Expectation Failed",
-    422: "Unprocessable Entity", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    503: "Service Unavailable", 505: "HTTP Version Not Supported",
-}
 _TF_DTYPES = {
     "float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8", "int16": "DT_INT16",
     "int32": "DT_INT32", "int64": "DT_INT64", "bool": "DT_BOOL", "string": "DT_STRING",
@@ -46,59 +55,6 @@ _EXAMPLE_KEYS = frozenset({"examples", "context", "signature_name"})
 _VERBS = ("predict", "classify", "regress")
 SIGNATURE = "serving_default"
 """The only signature a TFLite model is served under (TensorFlow Serving's default key)."""
-
-
-@dataclass
-class Request:
-    """A parsed HTTP request (path already percent-decoded, query string kept raw)."""
-
-    method: str
-    path: str
-    query: str = ""
-    content_type: str = ""
-    content_length: int = 0
-    close: bool = False
-    expect_continue: bool = False
-    body: bytes | bytearray = b""
-    host: str | None = None
-    authorization: str | None = None
-    chunked: bool = False
-    fds: list[int] = field(default_factory=list)
-    """File descriptors the client passed with this request (admin socket only); closed after it."""
-    inference_header: int | None = None
-    """Inference-Header-Content-Length (the v2 binary tensor extension): the JSON part of the body."""
-    origin: str | None = None
-    """The Origin header, which browsers send with every POST (TCP uses it to tell a web page)."""
-
-
-@dataclass
-class Response:
-    """An HTTP response; `encode` gives the bytes sent in one call."""
-
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-    def encode(self, *, close: bool = False) -> bytes:
-        """The whole response: status line, headers and body."""
-        extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers)
-        if close:
-            extra += "Connection: close\r\n"
-        head = (f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}\r\n"
-                f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n{extra}\r\n")
-        return head.encode("latin-1") + self.body
-
-
-def json_response(status: int, value: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    """A JSON response (NaN allowed in outputs, as TensorFlow Serving writes them)."""
-    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return Response(status, body, JSON, headers or [])
-
-
-def error_response(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    """`{"error": message}` with a 4xx/5xx status."""
-    return json_response(status, {"error": message}, headers)
 
 
 def serving_metrics(serving: Serving, requests: dict[int, int] | None = None, out: PromText | None = None) -> str:
@@ -136,13 +92,24 @@ def serving_metrics(serving: Serving, requests: dict[int, int] | None = None, ou
     return w.text() if own else ""
 
 
+Admin = Callable[[str, dict[str, Any]], dict[str, Any]]
+"""Runs an admin action (install, rollback, status) with its JSON body: the answer, or an ActionError."""
+
+# The one place the action errors (edgefleet.errors, raised by agent/actions.py) become HTTP statuses.
+_ACTION_STATUS: dict[type[ActionError], int] = {InvalidInput: 400, NotFound: 404, Conflict: 409, Unavailable: 504}
+
+
+def action_status(err: ActionError) -> int:
+    """The HTTP status of an action error (400 for a kind without its own)."""
+    return next((_ACTION_STATUS[kind] for kind in type(err).__mro__ if kind in _ACTION_STATUS), 400)
+
+
 class Router:
     """Dispatches requests to the routes; never raises: every failure becomes an error response."""
 
     def __init__(self, serving: Serving, *, status: Callable[[], dict[str, Any]] | None = None,
                  metrics: Callable[[], str] | None = None,
-                 admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
-                 max_file_bytes: int = 256 << 20) -> None:
+                 admin: Admin | None = None, max_file_bytes: int = 256 << 20) -> None:
         self.serving = serving
         self.status = status
         self.metrics = metrics
@@ -153,10 +120,6 @@ class Router:
         self._count_lock = threading.Lock()
         # one bundle read into memory at a time, however many admin connections ask
         self._install_lock = threading.Lock()
-        from edgefleet.agent.api.v2 import (
-            V2Routes,  # here, not at the top: edgefleet.agent.api.v2 builds on this module
-        )
-
         self.v2 = V2Routes(serving, status)
 
     def count(self, status: int) -> None:
@@ -173,7 +136,7 @@ class Router:
                 response = self._predict_npy(request, path[11:-8])  # the binary fast path, no routing
             else:
                 response = self._route(request, unix, admin)
-        except _NotAllowed as err:
+        except MethodNotAllowed as err:
             response = error_response(405, str(err), [("Allow", err.allowed)])
         except RequestError as err:
             response = error_response(err.status, str(err))
@@ -195,16 +158,16 @@ class Router:
             if colon:
                 if verb not in _VERBS:
                     raise RequestError(f"unknown route {path!r} (served: :predict, :classify, :regress)", 404)
-                _method(req, "POST")
+                require_method(req, "POST")
                 name, version, label = _model_path(rest, path)
                 if verb == "predict":
                     return self._predict(req, name, version, label)
                 return self._classify_or_regress(req, verb, name, version, label)
             if rest.endswith("/metadata"):
-                _method(req, "GET")
+                require_method(req, "GET")
                 name, version, label = _model_path(rest[:-len("/metadata")], path)
                 return json_response(200, _metadata(self.serving.resolve(name, version, label)))
-            _method(req, "GET")
+            require_method(req, "GET")
             name, version, label = _model_path(rest, path)
             if version is None and label is None:
                 return json_response(200, _model_status(*self.serving.versions(name)))
@@ -212,14 +175,14 @@ class Router:
         if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
             return self.v2.handle(req)  # the Open Inference Protocol (agent/api/v2.py)
         if path == "/healthz":
-            _method(req, "GET")
+            require_method(req, "GET")
             return self._health()
         if path == "/metrics":
-            _method(req, "GET")
+            require_method(req, "GET")
             text = self.metrics() if self.metrics else serving_metrics(self.serving, dict(self.requests))
             return Response(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
         if path.startswith("/v1/admin/"):
-            _method(req, "POST")
+            require_method(req, "POST")
             return self._admin(req, path[len("/v1/admin/"):], admin)
         raise RequestError(f"unknown route {path!r}", 404)
 
@@ -268,10 +231,12 @@ class Router:
     def _call_admin(self, action: str, body: dict[str, Any]) -> Response:
         assert self.admin is not None
         try:
-            status, result = self.admin(action, body)
-        except EdgefleetError as err:
-            raise RequestError(str(err), getattr(err, "status", 400)) from err
-        return json_response(status, result)
+            result = self.admin(action, body)
+        except ActionError as err:
+            raise RequestError(str(err), action_status(err)) from err
+        except Exception as err:  # logged where it failed (the daemon's loop): the caller learns what it was
+            return error_response(500, f"{type(err).__name__}: {err}")
+        return json_response(200, result)
 
     # -- predict -------------------------------------------------------------------------------
 
@@ -281,16 +246,16 @@ class Router:
         body = self._json_request(req, _PREDICT_KEYS)
         if ("instances" in body) == ("inputs" in body):
             raise RequestError('send exactly one of "instances" (row format) or "inputs" (columnar format)')
-        served = self.serving.resolve(name, version, label) if b'"b64"' in req.body else None
+        binary = b'"b64"' in req.body
         if "instances" in body:
-            columns = rows_to_columns(body["instances"])
-            prediction = self.serving.predict(name, _binary(columns, served), batch_dim=True, version=version,
-                                              label=label)
+            prediction = actions.predict(self.serving, name, body["instances"], version=version, label=label,
+                                         binary=binary)
             return json_response(200, row_answer(prediction), [("X-Model-Version", str(prediction.version))])
+        served = self.serving.resolve(name, version, label) if binary else None
         inputs = body["inputs"]
-        inputs = _binary(inputs if isinstance(inputs, dict) else [inputs], served)
+        inputs = decode_binary(inputs if isinstance(inputs, dict) else [inputs], served)
         prediction = self.serving.predict(name, inputs, batch_dim=True, version=version, label=label)
-        return json_response(200, _columnar_answer(prediction), [("X-Model-Version", str(prediction.version))])
+        return json_response(200, columnar_answer(prediction), [("X-Model-Version", str(prediction.version))])
 
     def _json_request(self, req: Request, keys: frozenset[str]) -> dict[str, Any]:
         """The JSON object of a TensorFlow Serving request, its signature_name checked."""
@@ -334,7 +299,7 @@ class Router:
             if both:
                 raise RequestError(f'"examples"[{n}]: {", ".join(sorted(both))} also in "context"')
             rows.append({**context, **example})
-        columns = _binary(rows_to_columns(rows), served if b'"b64"' in req.body else None)
+        columns = decode_binary(rows_to_columns(rows), served if b'"b64"' in req.body else None)
         prediction = self.serving.predict(name, columns, batch_dim=True, top_k=False, version=version, label=label)
         scores = prediction.outputs[index]
         extra = {"model_version": prediction.version}
@@ -356,17 +321,6 @@ class Router:
         prediction = self.serving.predict(name, [arr], top_k=False, version=version, label=label)
         return Response(200, npy.dumps(prediction.outputs[0]), npy.CONTENT_TYPE,
                         [("X-Model-Version", str(prediction.version))])
-
-
-def _method(req: Request, allowed: str) -> None:
-    if req.method != allowed:
-        raise _NotAllowed(allowed, req)
-
-
-class _NotAllowed(RequestError):
-    def __init__(self, allowed: str, req: Request) -> None:
-        super().__init__(f"{req.method} is not allowed on {req.path} (use {allowed})", 405)
-        self.allowed = allowed
 
 
 def _model_path(rest: str, path: str) -> tuple[str, int | None, str | None]:
@@ -393,101 +347,6 @@ def _json_body(req: Request) -> Any:
         raise RequestError("malformed JSON: nested too deeply") from err
     except json.JSONDecodeError as err:
         raise RequestError(f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
-
-
-def rows_to_columns(instances: Any) -> list[Any] | dict[str, Any]:
-    """Row format to columns: a list of values (one input) or of {input: value} objects."""
-    if not isinstance(instances, list) or not instances:
-        raise RequestError('"instances": expected a non-empty list')
-    dicts = [isinstance(i, dict) and set(i) != {"b64"} for i in instances]  # {"b64": ...} is one value
-    if not any(dicts):
-        return [instances]
-    if not all(dicts):
-        raise RequestError('"instances": mixes objects and plain values')
-    keys = set(instances[0])
-    for n, inst in enumerate(instances):
-        if set(inst) != keys:
-            raise RequestError(f'"instances"[{n}]: has inputs {sorted(inst)}, the first has {sorted(keys)}')
-    return {k: [inst[k] for inst in instances] for k in keys}
-
-
-def row_answer(p: Prediction) -> dict[str, Any]:
-    """TensorFlow Serving's row-format answer; edgefleet's own fields under "edgefleet"."""
-    if len(p.outputs) == 1:
-        predictions: list[Any] = _values(p.outputs[0])
-    else:
-        cols = [_values(y) for y in p.outputs]
-        predictions = [{k: c[i] for k, c in zip(p.output_names, cols, strict=True)} for i in range(len(cols[0]))]
-    return {"predictions": predictions, "edgefleet": _extras(p)}
-
-
-def _columnar_answer(p: Prediction) -> dict[str, Any]:
-    outputs: Any = _values(p.outputs[0]) if len(p.outputs) == 1 else {
-        k: _values(y) for k, y in zip(p.output_names, p.outputs, strict=True)}
-    return {"outputs": outputs, "edgefleet": _extras(p)}
-
-
-def _extras(p: Prediction) -> dict[str, Any]:
-    """What edgefleet adds to TensorFlow Serving's answers: the version that answered, and the
-    labelled top-k when the deployment has labels."""
-    extras: dict[str, Any] = {"model_version": p.version}
-    if p.top_k is not None:
-        extras["top_k"] = p.top_k
-    return extras
-
-
-def _values(y: Any) -> Any:
-    """An output as JSON values; string tensors as text, or {"b64": ...} when not UTF-8 (as TensorFlow
-    Serving writes binary values)."""
-    if y.dtype.kind not in "SO":
-        return y.tolist()
-    return _strings(y.tolist())
-
-
-def _strings(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_strings(x) for x in v]
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            return {"b64": base64.b64encode(v).decode("ascii")}
-    return v
-
-
-def _binary(values: Any, served: ServedModel | None) -> Any:
-    """The caller's values with every {"b64": "..."} decoded to bytes, for the model's string inputs.
-
-    `served` is None when the body holds no "b64" at all (the common case pays for one substring
-    search of the body). A b64 value for a numeric input is refused: TensorFlow Serving would decode
-    it into a string tensor, which such an input cannot take.
-    """
-    if served is None:
-        return values
-    dtypes = {}
-    for i, spec in enumerate(served.inputs):
-        dtypes[spec.name] = dtypes[served.input_names[i]] = spec.dtype
-    if isinstance(values, dict):
-        return {k: _decode_b64(v, dtypes.get(k, ""), str(k)) for k, v in values.items()}
-    names = served.input_names
-    return [_decode_b64(v, served.inputs[i].dtype if i < len(names) else "", names[i] if i < len(names) else str(i))
-            for i, v in enumerate(values)]
-
-
-def _decode_b64(value: Any, dtype: str, name: str) -> Any:
-    if isinstance(value, list):
-        return [_decode_b64(v, dtype, name) for v in value]
-    if isinstance(value, dict):
-        if set(value) != {"b64"} or not isinstance(value["b64"], str):
-            raise RequestError(f'input {name}: an object value must be {{"b64": "<base64 text>"}}')
-        if dtype != "string":
-            raise RequestError(f'input {name}: {{"b64": ...}} values are for string inputs; {name} takes '
-                               f"{dtype or 'no such input'} (send numbers)")
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise RequestError(f"input {name}: b64 value is not valid base64 ({err})") from err
-    return value
 
 
 def _classify_output(m: ServedModel) -> int:

@@ -30,7 +30,8 @@ from edgefleet.agent.api.guard import (
     recv_with_fds,
     token_matches,
 )
-from edgefleet.agent.api.routes import JSON, Request, Router, error_response
+from edgefleet.agent.api.messages import JSON, Request, error_response
+from edgefleet.agent.api.routes import Admin, Router
 from edgefleet.agent.api.v2 import OCTET
 from edgefleet.agent.serving import npy
 from edgefleet.agent.serving.models import Serving
@@ -104,7 +105,7 @@ class ApiServer:
                  host: str = "127.0.0.1", max_body_bytes: int = 16 << 20,
                  status: Callable[[], dict[str, Any]] | None = None,
                  metrics: Callable[[], str] | None = None,
-                 admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
+                 admin: Admin | None = None,
                  admin_socket: Path | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_connections_per_peer: int = DEFAULT_PEER_CONNECTIONS,
@@ -150,10 +151,10 @@ class ApiServer:
     @classmethod
     def from_config(cls, serving: Serving, api: ApiConfig, *, status: Callable[[], dict[str, Any]] | None = None,
                     metrics: Callable[[], str] | None = None,
-                    admin: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
+                    admin: Admin | None = None,
                     max_file_bytes: int = 256 << 20) -> ApiServer:
         """The server the [api] section describes; the token file is read here (ConfigError if unusable)."""
-        from edgefleet.agent.config import read_secret
+        from edgefleet.credentials import read_secret
 
         token = None
         if api.token_file is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgefleet.agent.api.routes import JSON, Request, Response, _method, json_response
+from edgefleet.agent.api.messages import JSON, Request, Response, json_response, require_method
 from edgefleet.agent.serving.models import Prediction, ServedModel, Serving
 from numpy.typing import NDArray
 
@@ -102,23 +102,23 @@ class V2Routes:
         if path.startswith("/v2/models/"):
             name, version, action = _model_route(path)
             if action == "infer":
-                _method(req, "POST")
+                require_method(req, "POST")
                 return self._infer(req, name, version)
-            _method(req, "GET")
+            require_method(req, "GET")
             info = self._model(name, version)
             if action == "ready":
                 return json_response(200, {"name": name, "ready": True})
             versions = ",".join(f'"{m.version}"' for m in self.serving.versions(name))
             return Response(200, info.metadata.replace(b'"versions":[]', b'"versions":[' + versions.encode() + b"]"))
         if path in ("/v2", "/v2/"):
-            _method(req, "GET")
+            require_method(req, "GET")
             return Response(200, self._server_metadata)
         if path == "/v2/health/live":
-            _method(req, "GET")
+            require_method(req, "GET")
             live = self._agent_state() != "unhealthy"
             return json_response(200 if live else 503, {"live": live})
         if path == "/v2/health/ready":
-            _method(req, "GET")
+            require_method(req, "GET")
             ready = bool(self.serving.names()) and self._agent_state() != "unhealthy"
             return json_response(200 if ready else 503, {"ready": ready})
         raise RequestError(f"unknown route {path!r}: the agent serves /v2, /v2/health/live|ready and "

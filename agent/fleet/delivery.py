@@ -39,7 +39,7 @@ from edgefleet.agent.lifecycle.store import Store, fsync_dir
 
 from edgefleet.errors import ChunkError, DeploymentRejected, StoreError
 from edgefleet.protocol.chunks import decode_chunk
-from edgefleet.protocol.documents import Artifact, ChunkRef, Deployment
+from edgefleet.protocol.documents import Artifact, ChunkRef, Deployment, Signed
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ class Assembly:
 class Job:
     """One deployment being downloaded."""
 
-    doc: Deployment
-    raw: dict[str, object]
+    signed: Signed[Deployment]
     refs: dict[str, ChunkRef]
     places: dict[str, list[Place]]
     where: dict[str, list[tuple[Assembly, int]]]
@@ -125,10 +124,13 @@ class Job:
     """Complete or failed: reported to the loop thread, nothing more is asked for."""
     hashing: threading.Lock = field(default_factory=threading.Lock)
     """Held while an artifact's running hash advances."""
-    source: str | None = None
-    """The target of the topic its document came on (``device:{id}`` or ``group:{name}``)."""
     last_progress: float = field(default_factory=time.monotonic)
     """Monotonic time the download started or last stored a chunk: a stall is measured from here."""
+
+    @property
+    def doc(self) -> Deployment:
+        """The deployment document."""
+        return self.signed.doc
 
     @property
     def name(self) -> str:
@@ -201,16 +203,17 @@ class Downloads:
 
     # --- starting ------------------------------------------------------------------------------
 
-    def start(self, doc: Deployment, raw: dict[str, object]) -> Job:
+    def start(self, signed: Signed[Deployment]) -> Job:
         """Begin (or resume) a download; the job may have nothing missing (all chunks local)."""
-        self.cancel(doc.model.name)
-        job = self._prepare(doc, raw)  # not under the lock: it may read and hash a lot from disk
+        self.cancel(signed.doc.model.name)
+        job = self._prepare(signed)  # not under the lock: it may read and hash a lot from disk
         with self._lock:
             self.jobs[job.name] = job
         self._send(job)
         return job
 
-    def _prepare(self, doc: Deployment, raw: dict[str, object]) -> Job:
+    def _prepare(self, signed: Signed[Deployment]) -> Job:
+        doc = signed.doc
         self._check_disk(doc)
         artifacts = [art for art in (doc.model.artifact, doc.model.golden) if not self.store.has_blob(art.sha256)]
         self._drop_stale_parts({self.part_path(a) for a in artifacts})
@@ -235,7 +238,7 @@ class Downloads:
                 refs.setdefault(ref.sha256, ref)
                 places.setdefault(ref.sha256, []).append((part, offsets[index]))
                 where.setdefault(ref.sha256, []).append((assembly, index))
-        job = Job(doc=doc, raw=raw, refs=refs, places=places, where=where, missing={}, assemblies=assemblies)
+        job = Job(signed=signed, refs=refs, places=places, where=where, missing={}, assemblies=assemblies)
         local = self._local_chunks(doc.model.artifact.chunk_size, doc.model.golden.chunk_size) if refs else {}
         for sha, ref in refs.items():
             if all(p in resumed_parts for p, _ in places[sha]) and _in_place(places[sha], ref, sha):

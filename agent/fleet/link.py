@@ -11,9 +11,9 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
+from edgefleet.agent import actions
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fleet.delivery import ChunkStored, Downloads, Job
 from edgefleet.agent.lifecycle.machine import Lifecycle, raw_model_name
@@ -36,14 +36,15 @@ from edgefleet.protocol.documents import (
     Command,
     Deployment,
     Event,
+    Signed,
     Status,
     Telemetry,
     Timestamp,
     Withdrawal,
 )
-from edgefleet.protocol.schema import SHA256_RE
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.topics import Route, Topics
-from edgefleet.transport import Message, Transport, settings_from_config
+from edgefleet.transport import Message, Transport
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,8 @@ class FleetLink:
         self.lifecycle = lifecycle
         self.device_id = config.device_id
         self.topics = Topics(config.mqtt.prefix)
-        self._chunk_head = f"{self.topics.prefix}/chunks/"
         self.transport = transport_factory(
-            settings_from_config(config.mqtt, config.device_id),
+            config.mqtt.settings(config.device_id),
             on_message=self._on_message,
             # MQTT allows one will per connection: the JSON status holds it (edgectl and other hosts
             # read it); it carries no `ts`, since the broker sends it long after it was made
@@ -89,8 +89,8 @@ class FleetLink:
             post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
         self._inbox = inbox
-        self.docs: dict[str, dict[str, tuple[Deployment, dict[str, Any]]]] = {}
-        """Per model, per source (``device:{id}``, ``group:{name}``): the verified document and its raw form."""
+        self.docs: dict[str, dict[str, Signed[Deployment]]] = {}
+        """Per model, per source (``device:{id}``, ``group:{name}``): the verified document."""
         self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._refusal_times: deque[float] = deque()
         self.refusals_suppressed = 0
@@ -118,8 +118,8 @@ class FleetLink:
 
     def start(self) -> None:
         """Subscribe to this device's topics and start connecting (returns at once)."""
-        topics = [f"{self.topics.prefix}/devices/{self.device_id}/models/+", self.topics.cmd(self.device_id)]
-        topics += [f"{self.topics.prefix}/groups/{g}/models/+" for g in self.config.groups]
+        topics = [self.topics.device_models(self.device_id), self.topics.cmd(self.device_id)]
+        topics += [self.topics.group_models(g) for g in self.config.groups]
         topics.append(self.topics.timestamp())
         self.transport.subscribe(topics)
         self.transport.start()
@@ -171,7 +171,7 @@ class FleetLink:
             return
         if not force and now - self._state_sent < STATE_INTERVAL_S and not self._state_dirty:
             return
-        doc = replace(self.lifecycle.document(), channel=self.channel())
+        doc = actions.status(self.lifecycle, self.channel())
         self._publish(self.topics.state(self.device_id), canonical_json(doc.to_dict()), retain=True)
         self._state_dirty = False
         self._state_sent = now
@@ -192,14 +192,11 @@ class FleetLink:
     def _on_message(self, item: Message) -> None:
         """MQTT network thread: chunks are verified and written right here, without waiting for the
         loop thread; everything else goes to the loop thread's queue."""
-        if item.topic.startswith(self._chunk_head):
-            sha = item.topic[len(self._chunk_head):]
-            if SHA256_RE.match(sha):
-                self.downloads.on_chunk(sha, item.payload)
-            else:
-                log.warning("ignoring message on %r: not a chunk topic", item.topic[:200])
+        sha = self.topics.chunk_id(item.topic)
+        if sha is not None:
+            self.downloads.on_chunk(sha, item.payload)
         else:
-            self._inbox(item)
+            self._inbox(item)  # a malformed chunk topic too: the loop thread's parse refuses it
 
     def handle(self, item: Message | Connection | ChunkStored) -> None:
         """Process one item from the queue (on the loop thread)."""
@@ -248,8 +245,8 @@ class FleetLink:
             if not isinstance(raw, dict):
                 raise ProtocolError(f"document: expected an object, got {type(raw).__name__}")
         except ProtocolError as err:
-            self._refuse(name, None, DocumentRefused(f"malformed document on {source}: {err}", step="VERIFYING"),
-                         digest)
+            self._refuse(name, None, DocumentRefused(f"malformed document on {source}: {err}",
+                                                     step=Phase.VERIFYING), digest)
             return
         if raw.get("schema") == WITHDRAWAL_SCHEMA:
             self._on_withdrawal(name, source, raw, digest)
@@ -257,29 +254,30 @@ class FleetLink:
         if raw_model_name(raw) != name:
             self._refuse(name, raw, DocumentRefused(
                 f"document for model {raw_model_name(raw)!r} published on the topic of model {name!r}",
-                step="VERIFYING"), digest)
+                step=Phase.VERIFYING), digest)
             return
         try:
-            doc = self.lifecycle.authenticate(raw, source)
+            signed = self.lifecycle.authenticate(raw, source)
+            doc = signed.doc
             now = self.lifecycle.clock()
             if now > doc.expires_at:
-                raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
+                raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step=Phase.VERIFYING)
             withdrawn = self._withdrawn_at(name, source)
             # a document of the same second as the withdrawal is a new order (a canary pushed again right
             # after one was withdrawn), unless it is the very document that was withdrawn
             if doc.issued_at < withdrawn or (doc.issued_at == withdrawn and doc.deployment_id
                                              in self._withdrawn_ids.get((name, source), ())):
                 raise DocumentRefused(f"the {source} document was withdrawn by a signed withdrawal issued at "
-                                      f"{withdrawn}; this one was issued at {doc.issued_at}", step="VERIFYING")
+                                      f"{withdrawn}; this one was issued at {doc.issued_at}", step=Phase.VERIFYING)
             newest = self._newest_at(name, source)
             if doc.issued_at < newest:
                 # an older genuine document re-posted by someone without the key must not replace a newer one
                 raise DocumentRefused(f"document issued at {doc.issued_at} is older than the newest {source} "
-                                      f"document this device took up (issued at {newest})", step="VERIFYING")
+                                      f"document this device took up (issued at {newest})", step=Phase.VERIFYING)
         except DocumentRefused as err:
             self._refuse(name, raw, err, digest)
             return
-        self.docs.setdefault(name, {})[source] = (doc, raw)
+        self.docs.setdefault(name, {})[source] = signed
         self._newest[(name, source)] = max(doc.issued_at, self._newest.get((name, source), -1))
         self.lifecycle.note_source(name, source, doc.issued_at)
         self.reconcile(name)
@@ -297,9 +295,7 @@ class FleetLink:
     def _on_withdrawal(self, name: str, source: str, raw: dict[str, Any], digest: bytes) -> None:
         """A signed order to forget `source`'s document for `name`; a download it started stops."""
         try:
-            wd = Withdrawal.from_dict(raw)
-            if self.lifecycle.enforcing:
-                self.lifecycle.keyring.verify(raw)
+            wd = self.lifecycle.verified(Withdrawal, raw).doc
             self.lifecycle.check_target(wd.target, source)
             if wd.model != name:
                 raise DocumentRefused(f"withdrawal of model {wd.model!r} published on the topic of model {name!r}")
@@ -308,24 +304,24 @@ class FleetLink:
                 raise DocumentRefused(f"withdrawal expired at {wd.expires_at} (now {int(now)})")
         except (ProtocolError, SignatureError, DocumentRefused) as err:
             reason = err.reason if isinstance(err, DocumentRefused) else str(err)
-            self._refuse(name, raw, DocumentRefused(f"withdrawal refused: {reason}", step="VERIFYING"), digest)
+            self._refuse(name, raw, DocumentRefused(f"withdrawal refused: {reason}", step=Phase.VERIFYING), digest)
             return
         docs = self.docs.get(name, {})
         current = docs.get(source)
-        if current is not None and wd.issued_at < current[0].issued_at:  # the same second counts: a canary is undone at once
+        if current is not None and wd.issued_at < current.doc.issued_at:  # the same second counts: a canary is undone at once
             self._refuse(name, raw, DocumentRefused(
                 f"withdrawal issued at {wd.issued_at} is older than the document it would withdraw "
-                f"(issued at {current[0].issued_at})", step="VERIFYING"), digest)
+                f"(issued at {current.doc.issued_at})", step=Phase.VERIFYING), digest)
             return
         self._withdrawn[(name, source)] = max(wd.issued_at, self._withdrawn.get((name, source), -1))
         self.lifecycle.mark_withdrawn(name, source, wd.issued_at)
         if current is None:
             return
-        self._withdrawn_ids.setdefault((name, source), set()).add(current[0].deployment_id)
+        self._withdrawn_ids.setdefault((name, source), set()).add(current.doc.deployment_id)
         del docs[source]
         log.info("model %s: the %s document was withdrawn", name, source)
         job = self.downloads.jobs.get(name)
-        if job is not None and job.doc.deployment_id == current[0].deployment_id:
+        if job is not None and job.doc.deployment_id == current.doc.deployment_id:
             self.downloads.cancel(name)
             self.lifecycle.withdraw(name, job.doc, "its deployment document was withdrawn")
         self._backoff.pop(name, None)
@@ -360,11 +356,8 @@ class FleetLink:
         if not payload:
             return
         try:
-            raw = parse_json(payload)
-            ts = Timestamp.from_dict(raw)
-            if self.lifecycle.enforcing:
-                self.lifecycle.keyring.verify(raw)
-        except (ProtocolError, SignatureError) as err:
+            ts = self.lifecycle.verified(Timestamp, parse_json(payload)).doc
+        except ProtocolError as err:
             log.warning("timestamp refused: %s", str(err)[:200])
             return
         if ts.issued_at > time.time() + self.config.security.max_clock_skew_s:
@@ -389,39 +382,40 @@ class FleetLink:
         return ChannelState(issued_at=ts.issued_at, expires_at=ts.expires_at, fresh=fresh,
                             age_s=round(max(0.0, now - ts.issued_at), 1))
 
-    def effective(self, name: str) -> tuple[str, Deployment, dict[str, Any]] | None:
+    def effective(self, name: str) -> tuple[str, Signed[Deployment]] | None:
         """The verified document that applies, with its source: the device's own, else the newest of
         its groups' (ranked by signed fields only)."""
         now = self.lifecycle.clock()
         # an expired document orders nothing: it must not hide the documents that still apply
-        docs = {s: d for s, d in self.docs.get(name, {}).items() if d[0].expires_at >= now}
+        docs = {s: d for s, d in self.docs.get(name, {}).items() if d.doc.expires_at >= now}
         own = f"device:{self.device_id}"
         if own in docs:
-            return own, *docs[own]
-        groups = [(s, *d) for s, d in docs.items() if s.startswith("group:")]
+            return own, docs[own]
+        groups = [(s, d) for s, d in docs.items() if s.startswith("group:")]
         if not groups:
             return None
-        return max(groups, key=lambda d: (d[1].model.version, d[1].issued_at))
+        return max(groups, key=lambda g: (g[1].doc.model.version, g[1].doc.issued_at))
 
     def reconcile(self, name: str) -> None:
         """Start, keep or replace the download of `name` so it follows the effective document."""
         chosen = self.effective(name)
         if chosen is None:
             return
-        source, doc, raw = chosen
+        source, signed = chosen
+        doc = signed.doc
         job = self.downloads.jobs.get(name)
         if job is not None and job.doc.deployment_id == doc.deployment_id:
             return
-        digest: bytes | None = _digest(source, canonical_json(raw))
+        digest: bytes | None = _digest(source, canonical_json(signed.raw))
         try:
-            checked = self.lifecycle.precheck(raw, source)
+            checked = self.lifecycle.precheck(signed)
         except DocumentRefused as err:
             if err.retry:
                 if doc.deployment_id == self._retrying.get(name):
                     return  # reported once; tried again quietly until it passes
                 self._retrying[name] = doc.deployment_id
                 digest = None
-            self._refuse(name, raw, err, digest)
+            self._refuse(name, signed.raw, err, digest)
             return
         self._retrying.pop(name, None)
         backoff = self._backoff.get(name)
@@ -433,38 +427,38 @@ class FleetLink:
         if backoff is not None and time.monotonic() < backoff[1]:
             return  # a failed download of this document is tried again later (periodic)
         self.downloads.cancel(name)
-        self.lifecycle.begin(checked, raw, "DOWNLOADING")
+        self.lifecycle.begin(checked, Phase.DOWNLOADING)
         try:
-            job = self.downloads.start(checked, raw)
+            job = self.downloads.start(checked)
         except (DeploymentRejected, StoreError, OSError) as err:
-            self._download_failed(name, raw, _as_rejection(err))
+            self._download_failed(name, doc, _as_rejection(err))
             return
-        job.source = source
         self.lifecycle.progress[name] = job.progress() if job else 1.0
         if job is not None and not job.missing:
             self._complete(job)
 
-    def _download_failed(self, name: str, raw: dict[str, Any], err: DeploymentRejected) -> None:
+    def _download_failed(self, name: str, doc: Deployment, err: DeploymentRejected) -> None:
         """A download ended without the artifacts: reported REJECTED, tried again with a growing delay.
 
         A failed download says nothing about the model (a withheld or overwritten chunk, a full disk): the
         model goes back to where it was, with no outcome or version floor saved; the chunks already in
         partial/ are kept for the next try.
         """
-        dep_id = str(raw.get("deployment_id"))
+        dep_id = doc.deployment_id
         previous = self._backoff.get(name)
         delay = min(RETRY_MAX_S, previous[2] * 2) if previous and previous[0] == dep_id else RETRY_INTERVAL_S
         self._backoff[name] = (dep_id, time.monotonic() + delay, delay)
-        self.lifecycle.abandon(name, raw, DeploymentRejected(
+        self.lifecycle.abandon(name, doc, DeploymentRejected(
             f"{err.reason}; trying again in {delay:.0f} s", step=err.step, details=err.details))
 
     def _on_stored(self, msg: ChunkStored) -> None:
-        jobs = {name: job.raw for name, job in self.downloads.jobs.items()}
+        jobs = {name: job.doc for name, job in self.downloads.jobs.items()}
         try:
             done = self.downloads.on_stored(msg)
         except DeploymentRejected as err:
             name = str(err.details.get("model"))
-            self._download_failed(name, jobs.get(name, {}), err)
+            if name in jobs:  # on_stored names the job that failed, which was running just before
+                self._download_failed(name, jobs[name], err)
             return
         job = self.downloads.jobs.get(msg.model)
         if job is not None:
@@ -479,15 +473,15 @@ class FleetLink:
             self.downloads.finish(job)
         except (StoreError, OSError) as err:
             self.downloads.cancel(name)
-            self._download_failed(name, job.raw, _as_rejection(err))
+            self._download_failed(name, job.doc, _as_rejection(err))
             return
         self._backoff.pop(name, None)
         self.lifecycle.progress.pop(name, None)
-        self.lifecycle.emit(name, "DOWNLOADING", True, job.doc, None, fetched_bytes=job.fetched_bytes,
+        self.lifecycle.emit(name, Phase.DOWNLOADING, True, job.doc, None, fetched_bytes=job.fetched_bytes,
                             local_bytes=job.local_bytes, chunks_fetched=job.fetched_chunks, chunks_resumed=job.resumed_chunks,
                             chunks_total=job.total,
                             artifact_bytes=job.doc.model.artifact.size + job.doc.model.golden.size, done=True)
-        self.lifecycle.install_stored(job.raw, job.source)
+        self.lifecycle.install(job.signed, None, None)
         self.publish_state(force=True)
 
     def _on_command(self, payload: bytes) -> None:
@@ -506,13 +500,12 @@ class FleetLink:
             return
         assert cmd.model is not None
         try:
-            self.lifecycle.rollback(cmd.model, f"rollback ordered by command {cmd.command_id}", manual=True,
-                                    ordered_at=cmd.issued_at)
-        except (StoreError, EdgefleetError) as err:
+            result = actions.rollback(self.lifecycle, cmd.model, reason=f"rollback ordered by command {cmd.command_id}",
+                                      ordered_at=cmd.issued_at)
+        except EdgefleetError as err:
             self._command_event(cmd, False, f"command {cmd.command_id} failed: {err}")
             return
-        active = self.lifecycle.state.record(cmd.model).active
-        self._command_event(cmd, True, None, restored_version=active.version if active else None)
+        self._command_event(cmd, True, None, restored_version=result.version)
 
     def _command_event(self, cmd: Command | dict[str, Any] | None, ok: bool, reason: str | None,
                        **extra: Any) -> None:
@@ -521,7 +514,7 @@ class FleetLink:
         details = {k: v for k in ("command_id", "action") if isinstance(v := fields.get(k), str) and len(v) <= 128}
         model = fields.get("model")
         name = model if isinstance(model, str) and raw_model_name({"model": {"name": model}}) else "-"
-        phase = self.lifecycle.state.record(name).phase if name != "-" else "IDLE"
+        phase = self.lifecycle.state.record(name).phase if name != "-" else Phase.IDLE
         self.lifecycle.emit(name, phase, ok, None, reason, **details, **extra)
 
     def periodic(self) -> None:
@@ -539,9 +532,9 @@ class FleetLink:
         for job in self.downloads.stalled(self.config.security.download_stall_s):
             if not self.downloads.cancel_if_stalled(job, self.config.security.download_stall_s):
                 continue  # its last chunk arrived meanwhile
-            self._download_failed(job.name, job.raw, DeploymentRejected(
+            self._download_failed(job.name, job.doc, DeploymentRejected(
                 f"download stalled: no chunk arrived for {self.config.security.download_stall_s:g} s "
-                f"({len(job.missing)} of {job.total} chunks missing)", step="DOWNLOADING",
+                f"({len(job.missing)} of {job.total} chunks missing)", step=Phase.DOWNLOADING,
                 details={"chunks_missing": len(job.missing), "chunks_total": job.total}))
         due += [name for name, (_dep, when, _delay) in self._backoff.items()
                 if now >= when and name not in self.downloads.jobs]
@@ -562,5 +555,5 @@ def _as_rejection(err: BaseException) -> DeploymentRejected:
     if isinstance(err, DeploymentRejected):
         return err
     if isinstance(err, OSError):
-        return DeploymentRejected(f"download failed: {err.strerror or err}", step="DOWNLOADING")
-    return DeploymentRejected(f"download failed: {err}", step="DOWNLOADING")
+        return DeploymentRejected(f"download failed: {err.strerror or err}", step=Phase.DOWNLOADING)
+    return DeploymentRejected(f"download failed: {err}", step=Phase.DOWNLOADING)

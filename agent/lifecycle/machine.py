@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from edgefleet.agent import faults
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.lifecycle.probation import Decision, Limits, ServedLike, judge
 from edgefleet.agent.lifecycle.store import (
-    STABLE_PHASES,
     Activation,
     AgentState,
     Installed,
@@ -30,6 +30,7 @@ from edgefleet.agent.lifecycle.validate import ValidationRequest, validate
 
 from edgefleet import __version__
 from edgefleet.errors import (
+    Conflict,
     DeploymentRejected,
     DocumentRefused,
     EdgefleetError,
@@ -37,7 +38,18 @@ from edgefleet.errors import (
     SignatureError,
     StoreError,
 )
-from edgefleet.protocol.documents import Command, Deployment, DeviceState, Event, ModelState, Outcome, Phase
+from edgefleet.protocol.documents import (
+    Command,
+    Deployment,
+    DeviceState,
+    Event,
+    ModelState,
+    Outcome,
+    Signed,
+    Timestamp,
+    Withdrawal,
+)
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.signing import Keyring
 
 log = logging.getLogger(__name__)
@@ -52,25 +64,9 @@ MAX_COMMANDS_KEPT = 4096
 # Reasons travel in every event and in the retained state document.
 MAX_REASON = 500
 # Failures that say the model itself is unfit: they raise the version floor.
-FLOOR_STEPS = ("VALIDATING", "ACTIVATING")
+FLOOR_STEPS = frozenset({Phase.VALIDATING, Phase.ACTIVATING})
 
-
-class StatsLike(Protocol):
-    """What probation reads from the serving path."""
-
-    @property
-    def count(self) -> int: ...  # noqa: D102
-    @property
-    def errors(self) -> int: ...  # noqa: D102
-    def snapshot(self, window_s: float | None = None) -> Any: ...  # noqa: D102
-    def in_flight(self) -> list[float]: ...  # noqa: D102
-
-
-class ServedLike(Protocol):
-    """A model the serving path holds."""
-
-    @property
-    def stats(self) -> StatsLike: ...  # noqa: D102
+_D = TypeVar("_D", Deployment, Command, Withdrawal, Timestamp)
 
 
 class ServingLike(Protocol):
@@ -79,29 +75,6 @@ class ServingLike(Protocol):
     def activate(self, name: str, model_path: Path, deployment: Deployment) -> None: ...  # noqa: D102
     def deactivate(self, name: str) -> None: ...  # noqa: D102
     def served(self, name: str) -> ServedLike | None: ...  # noqa: D102
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Probation limits after a deployment's signed policy has tightened the config's."""
-
-    probation_s: float
-    max_error_rate: float
-    max_latency_ratio: float
-    hang_timeout_s: float
-    min_requests: int
-
-    @classmethod
-    def effective(cls, config: AgentConfig, doc: Deployment) -> Limits:
-        """Config limits, tightened (never loosened) by the policy."""
-        h, p = config.health, doc.policy
-        return cls(
-            probation_s=max(h.probation_s, p.probation_s or 0.0),
-            max_error_rate=min(h.max_error_rate, p.max_error_rate if p.max_error_rate is not None else 1.0),
-            max_latency_ratio=min(h.max_latency_ratio, p.max_latency_ratio or float("inf")),
-            hang_timeout_s=min(h.hang_timeout_s, p.hang_timeout_s or float("inf")),
-            min_requests=h.min_requests,
-        )
 
 
 class Lifecycle:
@@ -184,8 +157,8 @@ class Lifecycle:
         to_reject = []
         for name, rec in state.models.items():
             act = rec.activation
-            if died and rec.phase == "ACTIVATING" and rec.pending is not None and act is not None \
-                    and act.deployment_id == rec.pending.get("deployment_id"):
+            if died and rec.phase is Phase.ACTIVATING and rec.pending is not None and act is not None \
+                    and act.deployment_id == rec.pending_id:
                 # killed (or hung until the watchdog killed it) while the serving path loaded the new
                 # model: counted like a death on probation, so a retained document cannot restart it forever
                 act = replace(act, deaths=act.deaths + 1)
@@ -194,10 +167,10 @@ class Lifecycle:
                 rec = replace(rec, activation=act)
                 if act.deaths >= self.config.health.max_boot_failures:
                     to_reject.append((name, rec.pending, act.deaths))
-            if rec.phase in ("DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING"):
+            if rec.phase.in_progress:
                 # the step was interrupted before the atomic switch: the active model is still the old one
-                rec = replace(rec, phase=_resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
-            if rec.phase == "PROBATION" and rec.probation is not None:
+                rec = replace(rec, phase=_resting_phase(rec), pending=None)
+            if rec.phase is Phase.PROBATION and rec.probation is not None:
                 prob = rec.probation
                 if died and prob.started_at is not None:
                     prob = replace(prob, boot_failures=prob.boot_failures + 1)
@@ -212,14 +185,14 @@ class Lifecycle:
         for name, raw, deaths in to_reject:
             self.reject(name, raw, DeploymentRejected(
                 f"the agent died {deaths} time(s) while activating this model (loading or warming it up in the "
-                "serving path kills or hangs the agent)", step="ACTIVATING", details={"activation_deaths": deaths}))
+                "serving path kills or hangs the agent)", step=Phase.ACTIVATING, details={"activation_deaths": deaths}))
         for name, failures in to_roll_back:
             self.rollback(name, f"agent died {failures} time(s) during probation", figures={"boot_failures": failures})
         if self.serving is not None:
             for name, rec in self.state.models.items():
                 if rec.active is not None:
                     try:
-                        self.serving.activate(name, self.store.blob_path(rec.active.sha256), rec.active.doc)
+                        self.serve(name, rec.active)
                     except EdgefleetError as err:
                         log.error("model %s: cannot serve v%s: %s", name, rec.active.version, err)
                         self.rollback(name, f"active model does not load at start: {err}")
@@ -236,7 +209,17 @@ class Lifecycle:
         (with no trusted key configured, none verifies, so the agent fails closed)."""
         return not self.config.security.insecure
 
-    def authenticate(self, raw: Any, source: str | None) -> Deployment:
+    def verified(self, kind: type[_D], raw: Any) -> Signed[_D]:
+        """Parse a signed document of `kind` and, unless the agent runs insecure, check its signature.
+
+        ProtocolError when it is no such document, SignatureError (a ProtocolError) when the signature
+        is missing, forged or made with a key this agent does not trust."""
+        signed = Signed.parse(kind, raw)
+        if self.enforcing:
+            self.keyring.verify(signed.raw)
+        return signed
+
+    def authenticate(self, raw: Any, source: str | None) -> Signed[Deployment]:
         """Parse a deployment document, verify its signature and that it is meant for this device.
 
         `source` is the target its topic stands for (``device:{id}`` or ``group:{name}``), or None
@@ -244,16 +227,13 @@ class Lifecycle:
         the saved state.
         """
         try:
-            doc = Deployment.from_dict(raw)
+            signed = self.verified(Deployment, raw)
+        except SignatureError as err:
+            raise DocumentRefused(f"signature: {err}", step=Phase.VERIFYING) from err
         except ProtocolError as err:
-            raise DocumentRefused(f"malformed deployment: {err}", step="VERIFYING") from err
-        if self.enforcing:
-            try:
-                self.keyring.verify(raw)
-            except SignatureError as err:
-                raise DocumentRefused(f"signature: {err}", step="VERIFYING") from err
-        self.check_target(doc.target, source)
-        return doc
+            raise DocumentRefused(f"malformed deployment: {err}", step=Phase.VERIFYING) from err
+        self.check_target(signed.doc.target, source)
+        return signed
 
     def check_target(self, target: str | None, source: str | None) -> None:
         """A signed target must name the topic the document came on (or, from disk, this device)."""
@@ -262,81 +242,82 @@ class Lifecycle:
                 if self.enforcing:
                     raise DocumentRefused(f"document names no target; a signed document for {source} must "
                                           "say so inside its signature (re-issue it with edgectl push --key)",
-                                          step="VERIFYING")
+                                          step=Phase.VERIFYING)
             elif target != source:
-                raise DocumentRefused(f"document is for {target} but was published for {source}", step="VERIFYING")
+                raise DocumentRefused(f"document is for {target} but was published for {source}", step=Phase.VERIFYING)
             return
         if target is None:
             return
         kind, _, who = target.partition(":")
         if (kind == "device" and who != self.config.device_id) or (kind == "group" and who not in self.config.groups):
             raise DocumentRefused(f"document is for {target}, not this device ({self.config.device_id}, groups: "
-                                  f"{', '.join(self.config.groups) or 'none'})", step="VERIFYING")
+                                  f"{', '.join(self.config.groups) or 'none'})", step=Phase.VERIFYING)
 
-    def precheck(self, raw: Any, source: str | None = None, *, continuing: bool = False) -> Deployment | None:
-        """Checks that need only the document; None when there is nothing to do (already active or pending).
+    def precheck(self, signed: Signed[Deployment], *, continuing: bool = False) -> Signed[Deployment] | None:
+        """Checks of an authenticated document against the saved state; None when there is nothing to do
+        (already active or pending).
 
-        Raises DocumentRefused when the document is not taken up (see `authenticate`, expiry, versions,
-        limits) and leaves the saved state as it was. `continuing` is for the deployment that is itself
-        pending (its download just finished).
+        Raises DocumentRefused when the document is not taken up (expiry, versions, limits) and leaves
+        the saved state as it was. `continuing` is for the deployment that is itself pending (its
+        download just finished).
         """
-        doc = self.authenticate(raw, source)
+        doc = signed.doc
         name = doc.model.name
         if name not in self.state.models and len(self.state.models) >= self.config.store.max_models:
             raise DocumentRefused(f"model {name}: this agent already keeps {len(self.state.models)} models "
-                                  f"(store.max_models)", step="VERIFYING")
+                                  f"(store.max_models)", step=Phase.VERIFYING)
         rec = self.state.record(name)
         if rec.active is not None and rec.active.deployment_id == doc.deployment_id:
             return None
-        if not continuing and rec.pending is not None and rec.pending.get("deployment_id") == doc.deployment_id:
+        if not continuing and rec.pending_id == doc.deployment_id:
             return None
         now = self.clock()
         if now > doc.expires_at:
-            raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step="VERIFYING")
+            raise DocumentRefused(f"document expired at {doc.expires_at} (now {int(now)})", step=Phase.VERIFYING)
         if doc.issued_at > now + self.config.security.max_clock_skew_s:
             raise DocumentRefused(f"document not yet valid: issued_at {doc.issued_at} is in the future "
-                                  f"(now {int(now)}; is the clock synchronised?)", step="VERIFYING", retry=True)
+                                  f"(now {int(now)}; is the clock synchronised?)", step=Phase.VERIFYING, retry=True)
         active_issued = int(rec.active.deployment.get("issued_at", 0)) if rec.active is not None else 0
         if rec.active is not None and rec.active.sha256 == doc.model.artifact.sha256 \
                 and rec.active.version == doc.model.version:
             if doc.issued_at > active_issued:  # a re-issue of what runs (new expiry, policy or target)
-                self._adopt(doc, raw)
+                self._adopt(signed)
             return None
         if doc.model.version <= rec.floor and not (doc.policy.allow_downgrade and doc.issued_at > rec.floor_at):
             raise DocumentRefused(
                 f"version {doc.model.version} is at or below the version floor {rec.floor} (a version that failed "
-                f"here); only a document issued after {rec.floor_at} with allow_downgrade lifts it", step="VERIFYING")
+                f"here); only a document issued after {rec.floor_at} with allow_downgrade lifts it", step=Phase.VERIFYING)
         if rec.active is not None and doc.model.version <= rec.active.version:
             if not doc.policy.allow_downgrade:
                 raise DocumentRefused(
                     f"version {doc.model.version} is not above the active version {rec.active.version} "
-                    "and the document does not allow a downgrade", step="VERIFYING")
+                    "and the document does not allow a downgrade", step=Phase.VERIFYING)
             if doc.issued_at <= active_issued:
                 raise DocumentRefused(
                     f"a downgrade to version {doc.model.version} must be issued after the active version's "
                     f"document (issued_at {active_issued}); this one was issued at {doc.issued_at}",
-                    step="VERIFYING")
+                    step=Phase.VERIFYING)
         recent = [t for t in rec.attempts if now - t < ACTION_WINDOW_S]
         if not continuing and len(recent) >= self.config.health.max_updates_per_hour:
             wait = ACTION_WINDOW_S - (now - min(recent))
             raise DocumentRefused(
                 f"{len(recent)} updates of {doc.model.name} in the last hour (limit "
                 f"{self.config.health.max_updates_per_hour}); trying again in {wait / 60:.0f} min",
-                step="VERIFYING", retry=True)
+                step=Phase.VERIFYING, retry=True)
         sec = self.config.security
         for label, art in (("model", doc.model.artifact), ("golden", doc.model.golden)):
             if art.size > sec.max_artifact_bytes:
                 raise DocumentRefused(f"{label} artifact is {art.size} bytes, above the limit of "
-                                      f"{sec.max_artifact_bytes}", step="VERIFYING")
+                                      f"{sec.max_artifact_bytes}", step=Phase.VERIFYING)
             if len(art.chunks) > sec.max_chunks:
                 raise DocumentRefused(f"{label} artifact has {len(art.chunks)} chunks, above the limit of "
-                                      f"{sec.max_chunks}", step="VERIFYING")
+                                      f"{sec.max_chunks}", step=Phase.VERIFYING)
             if art.chunk_size > MAX_CHUNK_SIZE:
                 raise DocumentRefused(f"{label} chunk size {art.chunk_size} is above {MAX_CHUNK_SIZE}",
-                                      step="VERIFYING")
+                                      step=Phase.VERIFYING)
             if not art.chunks:
-                raise DocumentRefused(f"{label} artifact lists no chunks", step="VERIFYING")
-        return doc
+                raise DocumentRefused(f"{label} artifact lists no chunks", step=Phase.VERIFYING)
+        return signed
 
     def note_source(self, name: str, source: str, issued_at: int) -> None:
         """A verified document of `source` for a known model: remember the newest `issued_at` (an unknown
@@ -346,14 +327,14 @@ class Lifecycle:
             return
         self._save(self.state.with_record(name, replace(rec, sources={**rec.sources, source: issued_at})))
 
-    def abandon(self, name: str, raw: dict[str, Any], err: DeploymentRejected) -> None:
+    def abandon(self, name: str, doc: Deployment, err: DeploymentRejected) -> None:
         """A started download failed (a stall, a chunk that does not verify, a full disk): back to where the
         model was, reported, and nothing learnt about the model, so neither its outcome nor its floor."""
         rec = self.state.record(name)
         self.progress.pop(name, None)
-        if rec.pending is not None and rec.pending.get("deployment_id") == raw.get("deployment_id"):
-            self._set_phase(name, _resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
-        self.emit(name, "REJECTED", False, raw, err.reason, failed_step=err.step, **_scalars(err.details))
+        if rec.pending is not None and rec.pending_id == doc.deployment_id:
+            self._set_phase(name, _resting_phase(rec), pending=None)
+        self.emit(name, Phase.REJECTED, False, doc, err.reason, failed_step=err.step, **_scalars(err.details))
 
     def mark_withdrawn(self, name: str, source: str, issued_at: int) -> None:
         """A signed withdrawal of `source`'s document for a known model: documents of that source issued
@@ -366,25 +347,26 @@ class Lifecycle:
     def refused(self, name: str, raw: Any, err: DeploymentRejected) -> None:
         """Report a document that was not taken up: one event, and nothing saved."""
         self.last_refusal = _clip(err.reason)
-        self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
+        self.emit(name, Phase.REJECTED, False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, refused=True, **_scalars(err.details))
 
     def withdraw(self, name: str, doc: Deployment, reason: str) -> None:
         """A pending deployment was called off before it was installed: back to where the model was."""
         rec = self.state.record(name)
-        if rec.pending is None or rec.pending.get("deployment_id") != doc.deployment_id:
+        if rec.pending is None or rec.pending_id != doc.deployment_id:
             return
         self.progress.pop(name, None)
-        self._set_phase(name, _resting_phase(rec, "COMMITTED" if rec.active else "IDLE"), pending=None)
-        self.emit(name, "DOWNLOADING", False, doc, reason)
+        self._set_phase(name, _resting_phase(rec), pending=None)
+        self.emit(name, Phase.DOWNLOADING, False, doc, reason)
 
-    def _adopt(self, doc: Deployment, raw: dict[str, Any]) -> None:
+    def _adopt(self, signed: Signed[Deployment]) -> None:
         """A new document (a re-issue: new id, expiry or policy) for the model already running: take it over."""
-        name = doc.model.name
+        name = signed.doc.model.name
         rec = self.state.record(name)
         assert rec.active is not None
-        self._save(self.state.with_record(name, replace(rec, active=replace(rec.active, deployment=raw))))
-        self.emit(name, rec.phase, True, doc, None, adopted=True)
+        active = Installed.of(signed, installed_at=rec.active.installed_at, validation=rec.active.validation)
+        self._save(self.state.with_record(name, replace(rec, active=active)))
+        self.emit(name, rec.phase, True, signed.doc, None, adopted=True)
 
     def reject(self, name: str, raw: Any, err: DeploymentRejected) -> None:
         """End a started deployment as REJECTED: the active model is untouched.
@@ -395,9 +377,8 @@ class Lifecycle:
         """
         dep_id = raw.get("deployment_id") if isinstance(raw, dict) else None
         dep_id = dep_id if isinstance(dep_id, str) and len(dep_id) <= 128 else None
-        pending = self.state.record(name).pending if name in self.state.models else None
-        if isinstance(err, DocumentRefused) and (pending is None or dep_id is None
-                                                 or pending.get("deployment_id") != dep_id):
+        pending = self.state.record(name).pending_id if name in self.state.models else None
+        if isinstance(err, DocumentRefused) and (pending is None or dep_id is None or pending != dep_id):
             self.refused(name, raw, err)
             return
         version = raw.get("model", {}).get("version") if isinstance(raw, dict) and isinstance(
@@ -410,11 +391,11 @@ class Lifecycle:
             rec = self.state.record(name)
             outcome = Outcome(deployment_id=dep_id or "?", version=version, result="rejected",
                               reason=_clip(err.reason), ts=self.clock(), figures=_scalars(err.details))
-            rec = replace(rec, phase=_resting_phase(rec, "REJECTED"), pending=None, last_outcome=outcome)
+            rec = replace(rec, phase=_resting_phase(rec, Phase.REJECTED), pending=None, last_outcome=outcome)
             if err.step in FLOOR_STEPS and not err.retry:
                 rec = _raise_floor(rec, version, issued)
             self._save(self.state.with_record(name, rec))
-        self.emit(name, "REJECTED", False, raw if isinstance(raw, dict) else None, err.reason,
+        self.emit(name, Phase.REJECTED, False, raw if isinstance(raw, dict) else None, err.reason,
                   failed_step=err.step, **_scalars(err.details))
         self.store.prune(self.state)  # a refused model's artifacts are stored before validation
 
@@ -423,14 +404,11 @@ class Lifecycle:
     def check_command(self, raw: Any) -> Command:
         """Verify a command (schema, signature, addressee, validity window, replay) and remember its id."""
         try:
-            cmd = Command.from_dict(raw)
+            cmd = self.verified(Command, raw).doc
+        except SignatureError as err:
+            raise DeploymentRejected(f"command signature: {err}", step=Phase.VERIFYING) from err
         except ProtocolError as err:
-            raise DeploymentRejected(f"malformed command: {err}", step="VERIFYING") from err
-        if self.enforcing:
-            try:
-                self.keyring.verify(raw)
-            except SignatureError as err:
-                raise DeploymentRejected(f"command signature: {err}", step="VERIFYING") from err
+            raise DeploymentRejected(f"malformed command: {err}", step=Phase.VERIFYING) from err
         now = self.clock()
         if cmd.device_id != self.config.device_id:
             raise DeploymentRejected(f"command is addressed to {cmd.device_id}, not {self.config.device_id}")
@@ -452,34 +430,44 @@ class Lifecycle:
 
     # --- the update path -----------------------------------------------------------------------
 
-    def begin(self, doc: Deployment, raw: dict[str, Any], phase: Phase = "DOWNLOADING") -> None:
+    def begin(self, signed: Signed[Deployment], phase: Phase = Phase.DOWNLOADING) -> None:
         """Record a deployment as pending (before its download or install), counting the attempt."""
+        name = signed.doc.model.name
         now = self.clock()
-        attempts = tuple(t for t in (*self.state.record(doc.model.name).attempts, now) if now - t < ACTION_WINDOW_S)
-        self.progress[doc.model.name] = 0.0
-        self._set_phase(doc.model.name, phase, pending=raw, attempts=attempts)
-        self.emit(doc.model.name, phase, True, doc)
+        attempts = tuple(t for t in (*self.state.record(name).attempts, now) if now - t < ACTION_WINDOW_S)
+        self.progress[name] = 0.0
+        self._set_phase(name, phase, pending=signed.raw, attempts=attempts)
+        self.emit(name, phase, True, signed.doc)
 
-    def install(self, raw: dict[str, Any], model: bytes | None, golden: bytes | None, *,
-                source: str | None = None) -> Phase:
-        """Run a deployment whose artifacts are in hand (or, given as None, verified in the blob store).
-
-        `source` is the target of the topic a downloaded document came on (None: a bundle from disk).
-        Returns REJECTED if this deployment was refused, else the phase the model is in afterwards.
-        """
-        name = raw_model_name(raw) or "?"
+    def install_bundle(self, raw: Any, model: bytes, golden: bytes) -> Phase:
+        """Run a bundle from disk: its manifest is authenticated here (it came on no topic, so a target it
+        names must be this device or one of its groups), then installed."""
         self.last_refusal = None
         try:
-            doc = self.precheck(raw, source, continuing=True)
-            if doc is None:
-                log.info("model %s: deployment %s needs no action", name, raw.get("deployment_id"))
+            signed = self.authenticate(raw, None)
+        except DocumentRefused as err:
+            self.reject(raw_model_name(raw) or "?", raw, err)
+            return Phase.REJECTED
+        return self.install(signed, model, golden)
+
+    def install(self, signed: Signed[Deployment], model: bytes | None, golden: bytes | None) -> Phase:
+        """Run an authenticated deployment whose artifacts are in hand (or, given as None, verified in the
+        blob store by a download).
+
+        Returns REJECTED if this deployment was refused, else the phase the model is in afterwards.
+        """
+        doc = signed.doc
+        name = doc.model.name
+        self.last_refusal = None
+        try:
+            if self.precheck(signed, continuing=True) is None:
+                log.info("model %s: deployment %s needs no action", name, doc.deployment_id)
                 return self.state.record(name).phase
-            if self.state.record(name).pending is None or \
-                    self.state.record(name).pending.get("deployment_id") != doc.deployment_id:  # type: ignore[union-attr]
-                self.begin(doc, raw, "VERIFYING")
+            if self.state.record(name).pending_id != doc.deployment_id:
+                self.begin(signed, Phase.VERIFYING)
             else:
-                self._set_phase(name, "VERIFYING")
-                self.emit(name, "VERIFYING", True, doc)
+                self._set_phase(name, Phase.VERIFYING)
+                self.emit(name, Phase.VERIFYING, True, doc)
             faults.point("install:begun")
             if model is not None and golden is not None:
                 self._store_artifacts(doc, model, golden)
@@ -487,38 +475,18 @@ class Lifecycle:
                 for label, art in (("model", doc.model.artifact), ("golden vectors", doc.model.golden)):
                     if not self.store.has_blob(art.sha256):
                         raise DeploymentRejected(f"{label} artifact {art.sha256[:12]} is not in the store",
-                                                 step="VERIFYING")
+                                                 step=Phase.VERIFYING)
             faults.point("install:stored")
             figures = self._validate(doc)
             faults.point("install:validated")
-            self._activate(doc, raw, figures)
+            self._activate(signed, figures)
         except DeploymentRejected as err:
-            self.reject(name, raw, err)
-            return "REJECTED"
+            self.reject(name, signed.raw, err)
+            return Phase.REJECTED
         except StoreError as err:
-            self.reject(name, raw, DeploymentRejected(f"store: {err}", step="VERIFYING"))
-            return "REJECTED"
+            self.reject(name, signed.raw, DeploymentRejected(f"store: {err}", step=Phase.VERIFYING))
+            return Phase.REJECTED
         return self.state.record(name).phase
-
-    def install_outcome(self, raw: Any, model: bytes | None, golden: bytes | None) -> dict[str, Any]:
-        """Install, and describe the outcome for a person or a script: model, phase, version, reason."""
-        name = raw_model_name(raw)
-        if name is None:
-            reason = "manifest has no valid model name"
-            self.emit("?", "REJECTED", False, raw if isinstance(raw, dict) else None, reason)
-            return {"model": None, "phase": "REJECTED", "version": None, "reason": reason}
-        phase = self.install(raw, model, golden)
-        rec = self.state.record(name)
-        body: dict[str, Any] = {"model": name, "phase": phase, "version": rec.active.version if rec.active else None}
-        if self.last_refusal is not None:
-            body["reason"] = self.last_refusal
-        elif phase in ("REJECTED", "ROLLED_BACK") and rec.last_outcome is not None:
-            body["reason"] = rec.last_outcome.reason
-        return body
-
-    def install_stored(self, raw: dict[str, Any], source: str | None) -> Phase:
-        """Continue a deployment whose artifacts were downloaded and verified into the blob store."""
-        return self.install(raw, None, None, source=source)
 
     def _store_artifacts(self, doc: Deployment, model: bytes, golden: bytes) -> None:
         from edgefleet.bundle import check_artifact
@@ -527,14 +495,14 @@ class Lifecycle:
             check_artifact("model", model, doc.model.artifact)
             check_artifact("golden vectors", golden, doc.model.golden)
         except ProtocolError as err:
-            raise DeploymentRejected(str(err), step="VERIFYING") from err
+            raise DeploymentRejected(str(err), step=Phase.VERIFYING) from err
         self.store.put_blob(model, doc.model.artifact.sha256)
         self.store.put_blob(golden, doc.model.golden.sha256)
 
     def _validate(self, doc: Deployment) -> dict[str, Any]:
         name = doc.model.name
-        self._set_phase(name, "VALIDATING")
-        self.emit(name, "VALIDATING", True, doc)
+        self._set_phase(name, Phase.VALIDATING)
+        self.emit(name, Phase.VALIDATING, True, doc)
         rec = self.state.record(name)
         rt, val = self.config.runtime, self.config.validation
         req = ValidationRequest(
@@ -550,31 +518,32 @@ class Lifecycle:
         if limits and figures["p95_ms"] > min(limits):
             raise DeploymentRejected(
                 f"too slow: p95 latency {figures['p95_ms']:.3f} ms is above the limit of {min(limits):g} ms",
-                step="VALIDATING", details={"p95_ms": figures["p95_ms"], "limit_ms": min(limits)})
+                step=Phase.VALIDATING, details={"p95_ms": figures["p95_ms"], "limit_ms": min(limits)})
         return figures
 
-    def _activate(self, doc: Deployment, raw: dict[str, Any], figures: dict[str, Any]) -> None:
+    def _activate(self, signed: Signed[Deployment], figures: dict[str, Any]) -> None:
+        doc = signed.doc
         name = doc.model.name
         rec = self.state.record(name)
         # saved before the serving path loads the model: if the agent dies in there, the next start
         # counts it against this deployment (see boot)
         prior = rec.activation
         deaths = prior.deaths if prior is not None and prior.deployment_id == doc.deployment_id else 0
-        self._set_phase(name, "ACTIVATING", activation=Activation(deployment_id=doc.deployment_id, deaths=deaths))
-        self.emit(name, "ACTIVATING", True, doc)
+        self._set_phase(name, Phase.ACTIVATING, activation=Activation(deployment_id=doc.deployment_id, deaths=deaths))
+        self.emit(name, Phase.ACTIVATING, True, doc)
         baseline = self._baseline_p95(name, rec, figures)
         faults.point("stall:activate")
         if self.serving is not None:
             try:
                 self.serving.activate(name, self.store.blob_path(doc.model.artifact.sha256), doc)
             except EdgefleetError as err:
-                raise DeploymentRejected(f"activation failed: {err}", step="ACTIVATING") from err
+                raise DeploymentRejected(f"activation failed: {err}", step=Phase.ACTIVATING) from err
         faults.point("activate:served")
-        installed = Installed(deployment=raw, installed_at=self.clock(), validation=_scalars(figures))
+        installed = Installed.of(signed, installed_at=self.clock(), validation=_scalars(figures))
         started = self.clock() if self.serving is not None else None
         # last-known-good is the last model that passed probation, never one still on trial
         previous = rec.previous if rec.probation is not None or rec.active is None else rec.active
-        new = replace(rec, phase="PROBATION", active=installed, previous=previous, pending=None, activation=None,
+        new = replace(rec, phase=Phase.PROBATION, active=installed, previous=previous, pending=None, activation=None,
                       probation=Probation(started_at=started, baseline_p95_ms=baseline))
         if rec.active is not None and doc.model.version < rec.active.version:
             # a signed downgrade: the version left behind must not come back through a replay of its
@@ -584,11 +553,11 @@ class Lifecycle:
             self._save(self.state.with_record(name, new))  # the atomic switch
         except StoreError:
             if self.serving is not None:
-                self._serve(name, rec.active)
+                self.serve(name, rec.active)
             raise
         faults.point("activate:saved")
         self.progress.pop(name, None)
-        self.emit(name, "PROBATION", True, doc, None, p50_ms=figures.get("p50_ms"), p95_ms=figures.get("p95_ms"),
+        self.emit(name, Phase.PROBATION, True, doc, None, p50_ms=figures.get("p50_ms"), p95_ms=figures.get("p95_ms"),
                   baseline_p95_ms=baseline)
 
     def _baseline_p95(self, name: str, rec: ModelRecord, figures: dict[str, Any]) -> float | None:
@@ -601,7 +570,8 @@ class Lifecycle:
         base = figures.get("baseline_p95_ms")
         return float(base) if base is not None else None
 
-    def _serve(self, name: str, inst: Installed | None) -> None:
+    def serve(self, name: str, inst: Installed | None) -> None:
+        """Have the serving path serve `inst` under `name` (nothing: stop serving it)."""
         if self.serving is None:
             return
         if inst is None:
@@ -614,61 +584,21 @@ class Lifecycle:
     def tick(self) -> None:
         """Judge every model on probation: roll back on live evidence, commit when the window passes."""
         for name, rec in list(self.state.models.items()):
-            if rec.phase != "PROBATION" or rec.active is None or rec.probation is None:
+            if rec.phase is not Phase.PROBATION or rec.active is None or rec.probation is None:
                 continue
             if rec.probation.started_at is None:
                 continue
-            verdict = self.judge(name, rec)
+            served = self.serving.served(name) if self.serving is not None else None
+            verdict = judge(Limits.effective(self.config, rec.active.doc), rec.probation, served, self.clock())
             if verdict is None:
                 continue
-            result, reason, figures = verdict
-            if result == "rollback":
-                if "hung_s" in figures:
+            if verdict.decision is Decision.ROLLBACK:
+                if verdict.hung:
                     # the stuck thread keeps the old interpreter; only a restart of the agent frees it
-                    self.unhealthy = reason
-                self.rollback(name, reason, figures=figures)
+                    self.unhealthy = verdict.reason
+                self.rollback(name, verdict.reason, figures=verdict.figures)
             else:
-                self.commit(name, figures)
-
-    def judge(self, name: str, rec: ModelRecord) -> tuple[str, str, dict[str, Any]] | None:
-        """("rollback", reason, figures), ("commit", "", figures), or None to keep watching."""
-        assert rec.active is not None and rec.probation is not None and rec.probation.started_at is not None
-        limits = Limits.effective(self.config, rec.active.doc)
-        served = self.serving.served(name) if self.serving is not None else None
-        elapsed = self.clock() - rec.probation.started_at
-        figures: dict[str, Any] = {"elapsed_s": round(elapsed, 3)}
-        if served is not None:
-            stats = served.stats
-            now = time.monotonic()
-            hung = [now - t for t in stats.in_flight() if now - t > limits.hang_timeout_s]
-            if hung:
-                figures["hung_s"] = round(max(hung), 3)
-                return "rollback", f"an invocation hung for {max(hung):.1f}s (limit {limits.hang_timeout_s:g}s)", figures
-            count, errors = stats.count, stats.errors
-            figures.update(requests=count, errors=errors)
-            judged = count >= limits.min_requests or (elapsed >= limits.probation_s and count > 0)
-            if judged:
-                rate = errors / count
-                figures["error_rate"] = round(rate, 4)
-                if rate > limits.max_error_rate:
-                    return "rollback", (f"error rate {rate:.1%} over {count} requests is above the limit of "
-                                        f"{limits.max_error_rate:.1%}"), figures
-            snap = stats.snapshot(None)
-            p95 = getattr(snap, "p95_ms", None)
-            base = rec.probation.baseline_p95_ms
-            if p95 is not None:
-                figures["p95_ms"] = round(float(p95), 4)
-            if base is not None:
-                figures["baseline_p95_ms"] = round(base, 4)
-            if count >= limits.min_requests and p95 is not None and base is not None and base > 0:
-                ratio = float(p95) / base
-                figures["latency_ratio"] = round(ratio, 3)
-                if ratio > limits.max_latency_ratio and float(p95) - base > self.config.health.latency_slack_ms:
-                    return "rollback", (f"p95 latency {float(p95):.3f} ms is {ratio:.2f}x the previous model's "
-                                        f"{base:.3f} ms (limit {limits.max_latency_ratio:g}x)"), figures
-        if elapsed >= limits.probation_s:
-            return "commit", "", figures
-        return None
+                self.commit(name, verdict.figures)
 
     def commit(self, name: str, figures: dict[str, Any] | None = None) -> None:
         """Probation passed: the active model becomes the committed one."""
@@ -677,57 +607,56 @@ class Lifecycle:
         outcome = Outcome(deployment_id=rec.active.deployment_id, version=rec.active.version, result="committed",
                           ts=self.clock(), figures=_scalars(figures or {}))
         faults.point("commit:before")
-        self._save(self.state.with_record(name, replace(rec, phase="COMMITTED", probation=None,
+        self._save(self.state.with_record(name, replace(rec, phase=Phase.COMMITTED, probation=None,
                                                         last_outcome=outcome)))
         faults.point("commit:saved")
-        self.emit(name, "COMMITTED", True, rec.active.deployment, None, **_scalars(figures or {}))
+        self.emit(name, Phase.COMMITTED, True, rec.active.deployment, None, **_scalars(figures or {}))
         self.store.prune(self.state)
 
     def rollback(self, name: str, reason: str, *, figures: dict[str, Any] | None = None, manual: bool = False,
                  ordered_at: int = 0) -> None:
         """Restore the last-known-good model (no download) and raise the version floor above the failed one.
 
-        `ordered_at` is the signed `issued_at` of the command that ordered it, if any.
+        `manual` (an operator's or a command's order, not probation's): refused with Conflict when no
+        previous version is kept. `ordered_at` is the signed `issued_at` of the command that ordered
+        it, if any.
         """
         rec = self.state.record(name)
         failed = rec.active
         if failed is None:
-            raise StoreError(f"model {name}: nothing to roll back")
+            raise Conflict(f"model {name}: nothing to roll back")
         if manual and rec.previous is None:
-            raise StoreError(f"model {name}: no previous version to roll back to")
+            raise Conflict(f"model {name}: no previous version to roll back to")
         restored = rec.previous
         faults.point("rollback:before")
         try:
-            self._serve(name, restored)
+            self.serve(name, restored)
         except EdgefleetError as err:
             log.error("model %s: previous model does not load either: %s", name, err)
-            self._serve(name, None)
+            self.serve(name, None)
             restored = None
         now = self.clock()
         outcome = Outcome(deployment_id=failed.deployment_id, version=failed.version, result="rolled_back",
                           reason=reason, ts=now, figures=_scalars(figures or {}))
-        new = _raise_floor(replace(rec, phase="ROLLED_BACK", active=restored, previous=None, probation=None,
+        new = _raise_floor(replace(rec, phase=Phase.ROLLED_BACK, active=restored, previous=None, probation=None,
                                    last_outcome=outcome),
                            failed.version, max(ordered_at, int(failed.deployment.get("issued_at", 0))))
         faults.point("rollback:served")
         self._save(self.state.with_record(name, new))
         faults.point("rollback:saved")
-        self.emit(name, "ROLLED_BACK", False, failed.deployment, reason,
+        self.emit(name, Phase.ROLLED_BACK, False, failed.deployment, reason,
                   restored_version=restored.version if restored else None, **_scalars(figures or {}))
         self.store.prune(self.state)
 
-    def in_probation(self) -> list[str]:
-        """Names of the models on probation."""
-        return [n for n, r in self.state.models.items() if r.phase == "PROBATION"]
 
-    def stable(self, name: str) -> bool:
-        """True when the model is not in the middle of an update."""
-        return self.state.record(name).phase in STABLE_PHASES
-
-
-def _resting_phase(rec: ModelRecord, otherwise: Phase) -> Phase:
-    """Where a model rests after an update attempt ends: back on probation if its active model still is."""
-    return "PROBATION" if rec.probation is not None and rec.active is not None else otherwise
+def _resting_phase(rec: ModelRecord, otherwise: Phase | None = None) -> Phase:
+    """Where a model rests after an update attempt ends: back on probation if its active model still is,
+    else `otherwise`, by default COMMITTED with an active model and IDLE without."""
+    if rec.probation is not None and rec.active is not None:
+        return Phase.PROBATION
+    if otherwise is not None:
+        return otherwise
+    return Phase.COMMITTED if rec.active is not None else Phase.IDLE
 
 
 def raw_model_name(raw: Any) -> str | None:

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,14 +30,14 @@ from edgefleet.agent.config import AgentConfig
 
 from edgefleet.errors import ProtocolError, StoreError
 from edgefleet.protocol.canonical import canonical_json, parse_json
-from edgefleet.protocol.documents import Deployment, Outcome, Phase, Slot
+from edgefleet.protocol.documents import Deployment, Outcome, Signed, Slot
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.schema import SHA256_RE, check_name, dump, parse
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
-STABLE_PHASES = ("IDLE", "COMMITTED", "REJECTED", "ROLLED_BACK")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,13 +45,29 @@ class Installed:
     """A model version on disk: its signed document and what validation measured."""
 
     deployment: dict[str, Any]
+    """The signed deployment document as it arrived (what its signature covers)."""
     installed_at: float
     validation: dict[str, float | int | str | bool | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, signed: Signed[Deployment], *, installed_at: float,
+           validation: dict[str, float | int | str | bool | None] | None = None) -> Installed:
+        """The record of a document already parsed: `signed` is kept, not parsed again."""
+        installed = cls(deployment=signed.raw, installed_at=installed_at, validation=validation or {})
+        installed.__dict__["signed"] = signed  # what cached_property would store
+        return installed
+
+    @cached_property
+    def signed(self) -> Signed[Deployment]:
+        """The document parsed, once per record: probation reads it on every tick. A record read from
+        state.json is parsed on first use, so a document a later agent no longer reads costs that
+        model (rolled back at start), not the whole state."""
+        return Signed.parse(Deployment, self.deployment)
 
     @property
     def doc(self) -> Deployment:
         """The parsed deployment document."""
-        return Deployment.from_dict(self.deployment)
+        return self.signed.doc
 
     @property
     def sha256(self) -> str:
@@ -102,10 +119,11 @@ class Activation:
 class ModelRecord:
     """Everything the agent keeps about one model name."""
 
-    phase: Phase = "IDLE"
+    phase: Phase = Phase.IDLE
     active: Installed | None = None
     previous: Installed | None = None
     pending: dict[str, Any] | None = None
+    """The signed document of the deployment under way (as it arrived), until it ends."""
     probation: Probation | None = None
     last_outcome: Outcome | None = None
     attempts: tuple[float, ...] = ()
@@ -123,6 +141,12 @@ class ModelRecord:
     withdrawn document re-posted on its topic is not taken up again."""
     activation: Activation | None = None
     """The last activation started and not yet switched over (absent in older state files)."""
+
+    @property
+    def pending_id(self) -> str | None:
+        """The deployment id of the pending document, None when nothing is pending."""
+        dep_id = self.pending.get("deployment_id") if self.pending is not None else None
+        return dep_id if isinstance(dep_id, str) else None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.errors import DeploymentRejected
+from edgefleet.tensors import beyond_tolerance
 
 
 @dataclass(frozen=True)
@@ -53,18 +54,6 @@ def _dequantize(y: np.ndarray[Any, Any], spec: dict[str, Any]) -> np.ndarray[Any
     if q and y.dtype.kind in "iu":
         out = (out - q["zero_point"]) * q["scale"]
     return out
-
-
-def beyond_tolerance(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], atol: float, rtol: float) -> np.ndarray[Any, Any]:
-    """Where `a` (the device's output) is farther from `b` (the golden one) than `atol + rtol * |b|`; both
-    dequantized to real values. Tolerances are whole quantization steps, and a difference of exactly
-    that many steps comes out of a float32 dequantization a rounding error above or below the bound:
-    the comparison is made in float64 with a slack of a few float32 epsilons of the values compared
-    (for int8 values, about 1e-4 of one step) and a relative 1e-9 of the bound."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    bound = atol + rtol * np.abs(b64)
-    rounding = 4 * float(np.finfo(np.float32).eps) * (np.abs(a64) + np.abs(b64))
-    return np.abs(a64 - b64) > bound * (1 + 1e-9) + rounding  # type: ignore[no-any-return]
 
 
 def _signature_problem(kind: str, actual: Sequence[Any], expected: Sequence[dict[str, Any]]) -> str | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 
 from edgefleet import __version__
-from edgefleet.protocol.documents import PHASES, ModelTelemetry, Phase, Telemetry
+from edgefleet.protocol.documents import ModelTelemetry, Telemetry
+from edgefleet.protocol.phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def prometheus(t: Telemetry, out: PromText | None = None, *, mqtt_connected: boo
         w.family("edgefleet_model_phase", "gauge", "Lifecycle phase of each model: 1 for the current phase, "
                  "0 for the others.")
         for m in t.models:
-            for phase in PHASES:
+            for phase in Phase:
                 w.sample("edgefleet_model_phase", int(phase == m.phase), model=m.name, phase=phase)
     return w.text() if own else ""
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgefleet.agent.lifecycle.validate import beyond_tolerance
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.tflite.info import OutputSource, output_sources
 from edgefleet.converter.tflite.interpreters import Interpreter, Run, run_all
 from numpy.typing import NDArray
 
+from edgefleet.errors import UsageError
 from edgefleet.protocol import TensorSpec, Tolerance
+from edgefleet.tensors import beyond_tolerance
 
 POOL_SAMPLES = 128
 """Candidate samples run on every interpreter; the golden ones are chosen among them."""

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 from edgefleet.converter.bundle import golden
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.tflite.interpreters import Interpreter
+from numpy.typing import NDArray
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, dump_golden
-from edgefleet.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.protocol import (
     DEFAULT_CHUNK_SIZE,
     DEPLOYMENT_SCHEMA,
@@ -37,6 +37,7 @@ from edgefleet.protocol import (
     canonical_json,
     split,
 )
+from edgefleet.protocol.documents import new_deployment_id
 from edgefleet.runtime import LoadedModel, load_model
 from edgefleet.tensors import distinct_names, label_binding_problem, signature_names
 
@@ -53,7 +54,7 @@ class BundleSpec:
 
     name: str
     version: int
-    golden_inputs: list[np.ndarray]
+    golden_inputs: list[NDArray[Any]]
     """Candidate golden inputs, stacked over samples (axis 0 of each input)."""
     golden_samples: int | None = None
     """How many of the candidates to keep as golden vectors (converter/bundle/golden.py chooses them); None: all."""
@@ -84,10 +85,10 @@ def label_problem(model: LoadedModel, labels: Sequence[str], output: str | None)
     return label_binding_problem(model.outputs, names, labels, output)
 
 
-def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def run_samples(model: LoadedModel, inputs: list[NDArray[Any]]) -> list[NDArray[Any]]:
     """Run the model once per sample (axis 0 of every input) and stack the outputs the same way."""
     n = len(inputs[0])
-    results: list[list[np.ndarray]] = [[] for _ in model.outputs]
+    results: list[list[NDArray[Any]]] = [[] for _ in model.outputs]
     for s in range(n):
         outs = model.run([x[s] for x in inputs])
         for j, y in enumerate(outs):
@@ -95,7 +96,7 @@ def run_samples(model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray
     return [np.stack(r) for r in results]
 
 
-def tolerance_for(outputs: Sequence[TensorSpec], golden: Sequence[np.ndarray]) -> Tolerance:
+def tolerance_for(outputs: Sequence[TensorSpec], golden: Sequence[NDArray[Any]]) -> Tolerance:
     """How far another runtime's outputs may drift from the host's: two quantization steps, or 1e-4 of range."""
     atol = 0.0
     for spec, y in zip(outputs, golden, strict=True):
@@ -108,11 +109,6 @@ def tolerance_for(outputs: Sequence[TensorSpec], golden: Sequence[np.ndarray]) -
     return Tolerance(atol=float(f"{atol:.6g}"), rtol=1e-3)
 
 
-def deployment_id(name: str, version: int) -> str:
-    """A fresh deployment id: readable prefix, unique suffix."""
-    return f"{name}-v{version}-{uuid.uuid4().hex[:12]}"
-
-
 def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, inputs: Sequence[TensorSpec],
                      outputs: Sequence[TensorSpec], tolerance: Tolerance, *, now: int | None = None,
                      tolerances: Sequence[Tolerance] | None = None) -> Deployment:
@@ -123,7 +119,7 @@ def build_deployment(model_bytes: bytes, golden_bytes: bytes, spec: BundleSpec, 
     labels = tuple(spec.labels) if spec.labels is not None else None
     return Deployment(
         schema=DEPLOYMENT_SCHEMA,
-        deployment_id=deployment_id(spec.name, spec.version),
+        deployment_id=new_deployment_id(spec.name, spec.version),
         issued_at=issued,
         expires_at=issued + spec.expires_in_s,
         model=ModelSpec(

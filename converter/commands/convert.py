@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from edgefleet.converter.errors import AccuracyGateError, UsageError
+from edgefleet.converter.errors import AccuracyGateError
 from edgefleet.converter.output import (
     add_json,
     check_output,
@@ -25,6 +25,8 @@ from edgefleet.converter.output import (
 )
 from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
 from edgefleet.converter.tflite.interpreters import option as interpreter_option
+
+from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,24 @@
-"""`edgectl fleet watch` (the live table) and `edgectl fleet collect` (telemetry/event collectors)."""
+"""`edgectl fleet status` (retained status and state), `fleet watch` (the live table) and `fleet collect`
+(telemetry and event collectors)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import sys
 import threading
 from typing import Any, BinaryIO
 
-from edgefleet.converter.errors import EXIT_OK, UsageError
-from edgefleet.converter.fleet.collect import LEAVES, Collector, CollectStats, install_stop, subscriptions
+from edgefleet.converter.fleet.collect import LEAVES, Collector, CollectStats, subscriptions
 from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.inventory import (
+    InventoryCache,
+    InventoryTracker,
+    add_trust_args,
+    keyring_from_args,
+)
 from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.status import status_json, status_summary, status_table, with_inventory
 from edgefleet.converter.fleet.watch import (
     SORT_KEYS,
     plain_table,
@@ -28,10 +34,13 @@ from edgefleet.converter.output import (
     print_json,
     stderr_console,
     stdout_console,
+    stop_on_signals,
 )
 from rich.console import Group
 from rich.live import Live
 from rich.text import Text
+
+from edgefleet.errors import ExitCode, UsageError
 
 WATCH_EPILOG = """\
 Columns: online (retained status), each model's version and phase (retained state), p50/p95 latency
@@ -84,8 +93,28 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def add_fleet_commands(fleet_commands: Any) -> None:
-    """Register `fleet watch` and `fleet collect` under the `fleet` command."""
+def add_parser(subparsers: Any) -> None:
+    """Register `fleet` with its commands: status, watch, collect."""
+    f = subparsers.add_parser("fleet", help="see the fleet (status, watch, collect)", description="Look at the fleet.")
+    fleet_commands = f.add_subparsers(title="fleet commands", metavar="COMMAND")
+
+    def fleet_help(args: argparse.Namespace) -> int:
+        f.print_help()
+        return ExitCode.USAGE
+
+    f.set_defaults(func=fleet_help)
+    s = fleet_commands.add_parser("status", help="one line per device from the retained status and state",
+                                  description="Print every device's presence, groups and models.")
+    s.add_argument("--group", type=name_type("group"), help="only the devices of this group")
+    add_trust_args(s)
+    s.add_argument("--telemetry-wait", type=float, default=0.0, metavar="S",
+                   help="also wait up to S s for telemetry from every online device (telemetry is not "
+                        "retained; the agent sends it every telemetry.interval_s, 10 s by default); "
+                        "--json then carries the figures")
+    add_json(s)
+    add_broker_args(s)
+    s.set_defaults(func=run_fleet_status)
+
     w = fleet_commands.add_parser("watch", help="live table of devices, models, latency, CPU, memory, events",
                                   description="Watch the fleet: one row per device, refreshed live.",
                                   epilog=WATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +147,37 @@ def add_fleet_commands(fleet_commands: Any) -> None:
     c.set_defaults(func=run_fleet_collect)
 
 
+# ---------------------------------------------------------------------- status
+
+
+def run_fleet_status(args: argparse.Namespace) -> int:
+    """edgectl fleet status."""
+    topics = topics_from_args(args)
+    keyring = keyring_from_args(args)
+    tracker = InventoryTracker(topics, keyring, InventoryCache.for_broker(args.broker, topics.prefix)) \
+        if keyring else None
+    observer = FleetObserver(topics, leaves=("status", "state", "telemetry"), inventory=tracker)
+    transport = connect(args, "edgectl-fleet", on_message=observer.handle)
+    try:
+        observer.attach(transport, timeout=args.connect_timeout)
+        if args.telemetry_wait > 0:
+            wait_for_telemetry(observer, args.telemetry_wait, args.group)
+    finally:
+        transport.stop()
+    inventory = tracker.current() if tracker is not None else None
+    views = with_inventory(observer.devices(), inventory, args.group)
+    if args.json:
+        print_json(status_json(views, inventory))
+        return ExitCode.OK
+    out = stdout_console()
+    if not views:
+        out.print("no devices" + (f" in group {args.group}" if args.group else ""))
+        return ExitCode.OK
+    out.print(status_table(views, inventory))
+    out.print(status_summary(views, inventory))
+    return ExitCode.OK
+
+
 # ---------------------------------------------------------------------- watch
 
 
@@ -134,7 +194,7 @@ def run_fleet_watch(args: argparse.Namespace) -> int:
         if args.once:
             wait_for_telemetry(observer, args.telemetry_wait, args.group)
             _print_once(args, observer, console)
-            return EXIT_OK
+            return ExitCode.OK
         return _live(args, observer, console)
     finally:
         transport.stop()
@@ -175,7 +235,7 @@ def _live(args: argparse.Namespace, observer: FleetObserver, console: Any) -> in
                     break
     except KeyboardInterrupt:
         pass
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------- collect
@@ -208,7 +268,7 @@ def run_fleet_collect(args: argparse.Namespace) -> int:
     err = stderr_console()
     with contextlib.ExitStack() as stack:
         collector = Collector(topics, _open_out(args.out, stack))
-        stack.callback(install_stop(collector, (signal.SIGINT, signal.SIGTERM)))
+        stack.callback(stop_on_signals(collector.stop))
         transport = connect(args, "edgectl-collect", on_message=collector.handle)
         stack.callback(transport.stop)
         for topic, qos in subs:
@@ -231,4 +291,4 @@ def run_fleet_collect(args: argparse.Namespace) -> int:
         err.print(_summary_text(stats, collector.dropped))
     else:
         stdout_console().print(_summary_text(stats, collector.dropped))
-    return EXIT_OK
+    return ExitCode.OK

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.output import add_json, print_json, stdout_console
+
+from edgefleet.errors import UsageError
 
 
 def add_parser(subparsers: Any) -> None:

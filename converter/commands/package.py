@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.output import (
     add_json,
     check_output,
@@ -20,6 +18,8 @@ from edgefleet.converter.output import (
 )
 from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
 from edgefleet.converter.tflite.interpreters import option as interpreter_option
+
+from edgefleet.errors import UsageError
 
 EPILOG = """\
 The model's signature is read from the file. Golden vectors come from --data (array 'x', model-ready
@@ -76,77 +76,20 @@ def read_tflite(path: str) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     """Package, report, write."""
-    import numpy as np
-    from edgefleet.converter.bundle.golden import POOL_SAMPLES
     from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
-    from edgefleet.converter.convert.data import (
-        check_inputs,
-        check_labels,
-        check_normalisation,
-        classes_of,
-        load_labels,
-        load_npz,
-        parse_floats,
-        quantize_input,
-        random_inputs,
-    )
-    from edgefleet.converter.convert.evaluate import check_invokes, first_sample, measure_latency, run_samples
-    from edgefleet.converter.convert.report import metrics, package_report, render
-    from edgefleet.converter.tflite.info import read_model
-    from edgefleet.converter.tflite.native import captured_native_output
+    from edgefleet.converter.convert.package import package
+    from edgefleet.converter.convert.report import metrics, render
 
-    from edgefleet.errors import RuntimeBackendError
-    from edgefleet.runtime import load_model
-
-    started = time.perf_counter()
     out = check_output(args.output, args.force)
     key = load_key(args.key)
     data = read_tflite(args.model)
-    try:
-        info = read_model(data)
-    except UsageError as err:
-        raise UsageError(f"{args.model}: {err}") from err
-    try:
-        with captured_native_output():  # LiteRT announces its XNNPACK delegate on stderr
-            model = load_model(data, "auto", use_xnnpack=True)
-    except RuntimeBackendError as err:
-        raise UsageError(f"{args.model}: {err}") from err
-    try:
-        check_invokes(model, first_sample(model, None, args.seed), sparse_encoded=info.sparse_encoded)
-    except UsageError as err:
-        raise UsageError(f"{args.model}: {err}") from err
-    meta = info.metadata
-    mean = parse_floats(args.input_mean, "--input-mean") or (meta.mean if meta else None)
-    std = parse_floats(args.input_std, "--input-std") or (meta.std if meta else None)
-    check_normalisation(mean, std, model.inputs[0])
-    classes = classes_of(model.outputs[0])
-    # the count is checked against the output the labels are bound to, when the bundle is written
-    labels = load_labels(args.labels, None) if args.labels else (meta.labels if meta else None)
-    accuracy, samples = None, 0
-    if args.data:
-        if len(model.inputs) != 1:
-            raise UsageError(f"--data: the model has {len(model.inputs)} inputs; data files support one-input models")
-        ds = check_inputs(load_npz(args.data), model.inputs[0])
-        check_labels(ds, classes)
-        golden = [quantize_input(ds.x[:max(args.golden_samples, POOL_SAMPLES)], model.inputs[0])[:, None]]
-        golden_source = f"{min(args.golden_samples, len(golden[0]))} of the first {len(golden[0])} samples of {args.data}"
-        if ds.y is not None:
-            predicted = run_samples(model, ds.x).argmax(axis=-1)
-            accuracy, samples = float(np.mean(predicted == ds.y)), len(ds)
-        sample_x = ds.x
-    else:
-        golden = random_inputs(model.inputs, max(args.golden_samples, POOL_SAMPLES), args.seed)
-        golden_source = f"{args.golden_samples} of {len(golden[0])} random inputs (seed {args.seed})"
-        sample_x = None
-    latency = measure_latency(model, first_sample(model, sample_x, args.seed), runs=args.latency_runs)
-    report = package_report(path=args.model, info=info, validation_accuracy=accuracy, samples=samples,
-                            latency=latency, golden_source=golden_source)
-    report["preprocessing"] = {"mean": list(mean) if mean else None, "std": list(std) if std else None}
-    report["postprocessing"] = {"labels": list(labels) if labels else None, "top_k": args.top_k}
-    report["conversion_s"] = round(time.perf_counter() - started, 3)
-    spec = BundleSpec(name=args.name, version=args.version, golden_inputs=golden, labels=labels,
-                      labels_output=args.labels_output, top_k=args.top_k,
-                      mean=mean, std=std, metrics=metrics(report), report=report,
+    packaged = package(args.model, data, input_mean=args.input_mean, input_std=args.input_std,
+                       labels_file=args.labels, data_file=args.data, top_k=args.top_k,
+                       golden_samples=args.golden_samples, latency_runs=args.latency_runs, seed=args.seed)
+    report = packaged.report
+    spec = BundleSpec(name=args.name, version=args.version, golden_inputs=packaged.golden_inputs,
+                      labels=packaged.labels, labels_output=args.labels_output, top_k=args.top_k,
+                      mean=packaged.mean, std=packaged.std, metrics=metrics(report), report=report,
                       golden_samples=args.golden_samples, seed=args.seed)
     deployment = write_bundle(out, data, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
     if args.json:

@@ -10,23 +10,20 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import tomllib
-from edgefleet.converter.commands.mqtt import inventory_tracker
-from edgefleet.converter.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
 from edgefleet.converter.fleet.inventory import (
     DEFAULT_EXPIRY_S,
     InventoryTracker,
-    Verified,
     add_trust_args,
     issue,
+    read_inventory_file,
+    tracker_from_args,
     warn,
 )
 from edgefleet.converter.fleet.observer import FleetObserver
@@ -34,13 +31,21 @@ from edgefleet.converter.fleet.publish import (
     WITHDRAWAL_EXPIRY_S,
     device_target,
     group_target,
+    make_timestamp,
     publish_withdrawals,
 )
-from edgefleet.converter.output import add_json, load_key, name_type, positive_int, print_json, stdout_console
+from edgefleet.converter.output import (
+    add_json,
+    load_key,
+    name_type,
+    positive_int,
+    print_json,
+    stdout_console,
+    stop_on_signals,
+)
 
-from edgefleet.errors import ProtocolError, TransportError
+from edgefleet.errors import ExitCode, ProtocolError, TransportError, UsageError
 from edgefleet.protocol import SigningKey, Topics, canonical_json
-from edgefleet.protocol.documents import TIMESTAMP_SCHEMA, Timestamp
 
 TIMESTAMP_EXPIRY_S = 900
 
@@ -93,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
 
     def inventory_help(args: argparse.Namespace) -> int:
         inv.print_help()
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
     inv.set_defaults(func=inventory_help)
 
@@ -180,7 +185,7 @@ def _key(args: argparse.Namespace) -> SigningKey:
 def _read(args: argparse.Namespace, key: SigningKey | None) -> tuple[Any, InventoryTracker, FleetObserver, Topics]:
     """Connect and read the retained inventory (and device statuses); the transport is left open."""
     topics = topics_from_args(args)
-    tracker = inventory_tracker(args, topics, key)
+    tracker = tracker_from_args(args, topics, key)
     observer = FleetObserver(topics, leaves=("status",), inventory=tracker)
     transport = connect(args, "edgectl-inventory", on_message=observer.handle)
     try:
@@ -189,16 +194,6 @@ def _read(args: argparse.Namespace, key: SigningKey | None) -> tuple[Any, Invent
         transport.stop()
         raise
     return transport, tracker, observer, topics
-
-
-def _base(tracker: InventoryTracker, action: str) -> Verified | None:
-    """The inventory a change starts from; UsageError when the broker holds one this host cannot verify."""
-    latest = tracker.latest
-    if latest is None and tracker.received:
-        raise UsageError(f"inventory {action}: the inventory on the broker does not verify with the trusted keys "
-                         "(see the warning above), so it cannot be changed; give --trust for the key that signed "
-                         "it, or replace it whole with 'edgectl inventory push FILE --key KEY'")
-    return latest
 
 
 def _publish(args: argparse.Namespace, change: Callable[[dict[str, list[str]]], dict[str, list[str]]], action: str,
@@ -211,7 +206,7 @@ def _publish(args: argparse.Namespace, change: Callable[[dict[str, list[str]]], 
     key = _key(args)
     transport, tracker, _, topics = _read(args, key)
     try:
-        base = tracker.latest if replace_all else _base(tracker, action)
+        base = tracker.latest if replace_all else tracker.editable(f"inventory {action}")
         if base is None and need_base:
             raise UsageError(f"inventory {action}: there is no inventory to {action}; publish one with "
                              "'edgectl inventory set GROUP DEVICE... --key KEY'")
@@ -229,7 +224,7 @@ def _publish(args: argparse.Namespace, change: Callable[[dict[str, list[str]]], 
     if args.json:
         print_json({"version": raw["version"], "key_id": raw["key_id"], "issued_at": raw["issued_at"],
                     "expires_at": raw["expires_at"], "groups": raw["groups"], "topic": topics.inventory()})
-        return EXIT_OK
+        return ExitCode.OK
     out = stdout_console()
     out.print(f"published inventory version {raw['version']} to {topics.inventory()} (key {raw['key_id']}, "
               f"expires {_when(raw['expires_at'])})")
@@ -237,7 +232,7 @@ def _publish(args: argparse.Namespace, change: Callable[[dict[str, list[str]]], 
         out.print(f"  {g}: {', '.join(members)}")
     if not raw["groups"]:
         out.print("  (no groups)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def run_inventory_set(args: argparse.Namespace) -> int:
@@ -259,28 +254,6 @@ def run_inventory_remove(args: argparse.Namespace) -> int:
             raise UsageError(f"inventory remove: {', '.join(missing)} not in group {args.group}; nothing was published")
         return {**groups, args.group: [d for d in groups[args.group] if d not in args.devices]}
     return _publish(args, change, "remove", need_base=True)
-
-
-def read_inventory_file(path: Path) -> dict[str, list[str]]:
-    """Groups from a TOML file: a [groups] table of NAME = [DEVICE, ...]; UsageError naming what is wrong."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"{path}: {err.strerror or err}") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: not valid TOML ({err})") from err
-    unknown = sorted(set(data) - {"groups"})
-    if unknown:
-        raise UsageError(f"{path}: {unknown[0]}: unknown key (expected only a [groups] table)")
-    groups = data.get("groups")
-    if not isinstance(groups, dict):
-        raise UsageError(f"{path}: groups: expected a table of NAME = [DEVICE, ...]")
-    out = {}
-    for g, members in groups.items():
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise UsageError(f"{path}: groups.{g}: expected a list of device ids")
-        out[g] = members
-    return out
 
 
 def run_inventory_push(args: argparse.Namespace) -> int:
@@ -313,7 +286,7 @@ def run_inventory_show(args: argparse.Namespace) -> int:
             "the one on the broker does not verify" if tracker.received else "there is none on the broker")
         stdout_console().print(f"no verified inventory: {why}; publish one with 'edgectl inventory set GROUP "
                                "DEVICE... --key KEY'")
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     inv = latest.inventory
     views = observer.devices()
     members = {d for m in inv.groups.values() for d in m}
@@ -330,7 +303,7 @@ def run_inventory_show(args: argparse.Namespace) -> int:
                     "expires_at": inv.expires_at, "expired": expired, "source": latest.source,
                     "groups": {g: list(m) for g, m in inv.groups.items()},
                     "devices": {d: presence(d) for d in sorted(members)}, "claims_not_in_inventory": claims})
-        return EXIT_OK
+        return ExitCode.OK
     out = stdout_console()
     state = "EXPIRED" if expired else "valid"
     where = "" if latest.source == "broker" else " (from this host's memory: the broker holds none newer that verifies)"
@@ -340,18 +313,10 @@ def run_inventory_show(args: argparse.Namespace) -> int:
         out.print(f"  {g}: " + ", ".join(f"{d} ({presence(d)})" for d in m))
     for d, gs in claims.items():
         out.print(f"  {d}: claims group {', '.join(gs)}, not in inventory (ignored)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------- timestamp
-
-
-def make_timestamp(key: SigningKey, expires_in: int, now: int | None = None) -> dict[str, Any]:
-    """A signed timestamp valid for `expires_in` seconds."""
-    issued = int(time.time()) if now is None else now
-    doc = {"schema": TIMESTAMP_SCHEMA, "issued_at": issued, "expires_at": issued + expires_in}
-    Timestamp.from_dict(doc)
-    return key.sign(doc)
 
 
 def run_timestamp(args: argparse.Namespace) -> int:
@@ -363,7 +328,7 @@ def run_timestamp(args: argparse.Namespace) -> int:
     topics = topics_from_args(args)
     out = stdout_console()
     stop = threading.Event()
-    restore = _stop_on_signals(stop) if args.every is not None else (lambda: None)
+    restore = stop_on_signals(stop.set) if args.every is not None else (lambda: None)
     transport = connect(args, "edgectl-timestamp")
     issued = 0
     try:
@@ -392,19 +357,7 @@ def run_timestamp(args: argparse.Namespace) -> int:
         transport.stop()
     if args.every is not None and not args.json:
         out.print(f"stopped after {issued} timestamp(s)")
-    return EXIT_OK
-
-
-def _stop_on_signals(stop: threading.Event) -> Any:
-    """SIGINT and SIGTERM end the --every loop cleanly (systemd stops the service with SIGTERM)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return restore
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------- withdraw
@@ -423,8 +376,8 @@ def run_withdraw(args: argparse.Namespace) -> int:
         transport.stop()
     if args.json:
         print_json({"model": args.model, "withdrawn": [{"topic": t, "target": d["target"]} for t, d in sent.items()]})
-        return EXIT_OK
+        return ExitCode.OK
     out = stdout_console()
     for topic, doc in sent.items():
         out.print(f"withdrew the {args.model} document for {doc['target']} ({topic}); what runs there keeps running")
-    return EXIT_OK
+    return ExitCode.OK

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.errors import UsageError
 from numpy.typing import NDArray
 
+from edgefleet.errors import UsageError
 from edgefleet.protocol import TensorSpec
 
 

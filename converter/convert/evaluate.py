@@ -23,9 +23,9 @@ from edgefleet.converter.convert.paired import (
     mcnemar_exact_p,
     samples_to_settle,
 )
-from edgefleet.converter.errors import UsageError
 from numpy.typing import NDArray
 
+from edgefleet.errors import UsageError
 from edgefleet.runtime import LoadedModel
 
 DROP_METHOD = "Tango score interval on paired outcomes; exact McNemar p"

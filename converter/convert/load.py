@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.tflite.native import import_tensorflow
 from numpy.typing import NDArray
 
+from edgefleet.errors import UsageError
 from edgefleet.protocol import TensorSpec
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from edgefleet.converter.bundle.golden import POOL_SAMPLES
-from edgefleet.converter.convert import report as reporting
 from edgefleet.converter.convert.data import (
     Dataset,
     Splits,
@@ -30,6 +29,7 @@ from edgefleet.converter.convert.data import (
 from edgefleet.converter.convert.encoding import EncodingDecision, choose_encoding, runs_like
 from edgefleet.converter.convert.evaluate import (
     Gate,
+    Latency,
     Validation,
     compare_outputs,
     first_sample,
@@ -41,12 +41,13 @@ from edgefleet.converter.convert.evaluate import (
 from edgefleet.converter.convert.load import SourceModel
 from edgefleet.converter.convert.prune import PruneConfig, PruneResult, prune
 from edgefleet.converter.convert.prune_structured import StructuredConfig, StructuredResult, prune_channels
-from edgefleet.converter.convert.quantize import convert_tflite, mode
-from edgefleet.converter.errors import UsageError
-from edgefleet.converter.tflite.info import read_model
+from edgefleet.converter.convert.quantize import MODES, convert_tflite, mode
+from edgefleet.converter.convert.report import REPORT_SCHEMA
+from edgefleet.converter.tflite.info import ModelInfo, read_model
 from edgefleet.converter.tflite.native import captured_native_output
 from numpy.typing import NDArray
 
+from edgefleet.errors import UsageError
 from edgefleet.runtime import load_model
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     golden = golden_inputs(served.inputs, val_x, max(options.golden_samples, POOL_SAMPLES), options.seed)
     timings["total_s"] = timings.get("baseline_s", 0.0) + timings.get("prune_s", 0.0) + time.perf_counter() - started
     info = read_model(model_bytes)
-    rep = reporting.convert_report(
+    rep = convert_report(
         source=source, options=options, info=info, baseline_bytes=len(prepared.baseline), pruning=pruning,
         encoding=encoding, validation=result, gate=verdict, latency=latency, timings=timings,
         data_sizes=prepared.splits.sizes(), tensorflow_version=_tf_version(),
@@ -341,6 +342,54 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
                       "float32_macs": baseline_info.macs}
     return Conversion(model=model_bytes, golden_inputs=golden, report=rep, gate=verdict, validation=result,
                       encoding=encoding, pruning=pruning, timings=timings, structured=structured)
+
+
+def _ratio(a: int | None, b: int | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def convert_report(*, source: SourceModel, options: ConvertOptions, info: ModelInfo, baseline_bytes: int,
+                   pruning: PruneResult | None, encoding: EncodingDecision, validation: Validation | None,
+                   gate: Gate, latency: Latency, timings: dict[str, float], data_sizes: dict[str, int],
+                   tensorflow_version: str) -> dict[str, Any]:
+    """Everything `convert` measured, as a JSON-ready dict."""
+    model = info.to_dict()
+    return {
+        "schema": REPORT_SCHEMA,
+        "kind": "convert",
+        "source": {"path": source.path, "kind": source.kind},
+        "tensorflow": tensorflow_version,
+        "quantization": {"mode": options.quantize, "summary": MODES[options.quantize].summary,
+                         "detected": info.quantization},
+        "size": {
+            "bytes": info.size, "wire_bytes": info.wire_size, "chunks": info.chunks,
+            "float32_tflite_bytes": baseline_bytes,
+            "ratio_disk": _ratio(baseline_bytes, info.size), "ratio_wire": _ratio(baseline_bytes, info.wire_size),
+        },
+        "pruning": pruning.to_dict() if pruning else None,
+        "encoding": encoding.to_dict(),
+        "operators": model["operators"],
+        "inputs": model["inputs"],
+        "outputs": model["outputs"],
+        "weights": model["weights"],
+        "sparsity": model["sparsity"],
+        "float_ops": model["float_ops"],
+        "validation": validation.to_dict() if validation else None,
+        "gate": gate.to_dict(),
+        "latency": latency.to_dict(),
+        "conversion_s": round(timings.get("total_s", 0.0), 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "data": {**data_sizes, "seed": options.seed, "calibration_used": min(data_sizes.get("calibration", 0),
+                                                                               options.calibration_samples)},
+        "options": {
+            "prune": options.prune, "prune_structure": (f"{options.prune_structure[0]}:{options.prune_structure[1]}"
+                                                        if options.prune_structure else None),
+            "prune_epochs": options.prune_epochs, "batch_size": options.batch_size,
+            "learning_rate": options.learning_rate, "sparse_encoding": options.sparse_encoding,
+            "max_accuracy_drop": options.max_accuracy_drop, "min_top1_agreement": options.min_top1_agreement,
+            "min_sqnr_db": options.min_sqnr_db, "refuse_uncertain": options.refuse_uncertain,
+        },
+    }
 
 
 def served_output_names(model: Any) -> list[tuple[str, ...]]:

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 from edgefleet.converter.convert.data import Dataset
-from edgefleet.converter.errors import UsageError
+from numpy.typing import NDArray
+
+from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,10 @@ class _Target:
     variable: Any
     input_axis: int | None  # axis m:n groups run along; None when the kernel has none (depthwise)
     skipped: str | None = None
-    mask: np.ndarray | None = None
+    mask: NDArray[np.bool_] | None = None
 
 
-def _kernel_table() -> list[tuple[type, tuple[tuple[str, int | None], ...]]]:
+def _kernel_table() -> list[tuple[type[Any], tuple[tuple[str, int | None], ...]]]:
     import keras
 
     layers = keras.layers
@@ -149,7 +151,7 @@ def prunable_kernels(model: Any, structure: tuple[int, int] | None = None) -> li
     return targets
 
 
-def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
+def magnitude_mask(weights: NDArray[Any], sparsity: float) -> NDArray[np.bool_]:
     """Keep-mask zeroing exactly round(sparsity * size) of the smallest-magnitude weights."""
     k = int(round(sparsity * weights.size))
     mask = np.ones(weights.size, dtype=bool)
@@ -158,7 +160,7 @@ def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
     return mask.reshape(weights.shape)
 
 
-def m_by_n_mask(weights: np.ndarray, m: int, n: int, axis: int) -> np.ndarray:
+def m_by_n_mask(weights: NDArray[Any], m: int, n: int, axis: int) -> NDArray[np.bool_]:
     """Keep-mask holding the m largest-magnitude weights of every group of n along `axis`."""
     moved = np.moveaxis(weights, axis, -1)
     groups = np.abs(moved).reshape(*moved.shape[:-1], moved.shape[-1] // n, n)
@@ -208,7 +210,7 @@ def _result(targets: list[_Target], config: PruneConfig, method: str, steps: int
                        epochs=config.epochs if method == "fine-tune" else 0, steps=steps)
 
 
-def _is_probabilities(model: Any, x: np.ndarray) -> bool:
+def _is_probabilities(model: Any, x: NDArray[Any]) -> bool:
     out = np.asarray(model.predict(x[:32], verbose=0))
     return bool(np.all(out >= 0) and np.all(out <= 1) and np.allclose(out.sum(axis=-1), 1.0, atol=1e-3))
 
@@ -245,7 +247,7 @@ def _fine_tune(model: Any, targets: list[_Target], config: PruneConfig, data: Da
     end = max(1, int(total * config.end_fraction))
     every = max(1, end // max(1, config.updates))
 
-    class MaskUpdate(keras.callbacks.Callback):
+    class MaskUpdate(keras.callbacks.Callback):  # type: ignore[misc]  # keras ships no types
         """Recompute masks on the schedule, re-apply them after every batch."""
 
         def __init__(self) -> None:

@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 from edgefleet.converter.convert.data import Dataset
-from edgefleet.converter.errors import ConversionError, UsageError
+from edgefleet.converter.errors import ConversionError
 from numpy.typing import NDArray
+
+from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,11 @@ from typing import Any
 
 import numpy as np
 from edgefleet.converter.convert.load import SourceModel
-from edgefleet.converter.errors import ConversionError, UsageError
+from edgefleet.converter.errors import ConversionError
 from edgefleet.converter.tflite.native import captured_native_output, import_tensorflow
+from numpy.typing import NDArray
+
+from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def mode(name: str) -> QuantMode:
 _FLEX = re.compile(r"'(tf\.\w+)' op is neither a custom op nor a flex op")
 
 
-def convert_tflite(source: SourceModel, mode_name: str, calibration: np.ndarray | None = None, *,
+def convert_tflite(source: SourceModel, mode_name: str, calibration: NDArray[Any] | None = None, *,
                    sparse: bool = False, on_sample: SampleCallback | None = None) -> bytes:
     """Convert `source` in the given mode; int8-full also checks that no compute stayed in float."""
     qm = mode(mode_name)
@@ -99,7 +102,7 @@ def convert_tflite(source: SourceModel, mode_name: str, calibration: np.ndarray 
     if qm.needs_calibration:
         samples = np.asarray(calibration, dtype=np.float32)
 
-        def representative() -> Iterator[list[np.ndarray]]:
+        def representative() -> Iterator[list[NDArray[np.float32]]]:
             for i in range(len(samples)):
                 yield [samples[i:i + 1]]
                 if on_sample is not None:

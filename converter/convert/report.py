@@ -8,64 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from edgefleet.converter.convert.encoding import EncodingDecision
-    from edgefleet.converter.convert.evaluate import Gate, Latency, Validation
-    from edgefleet.converter.convert.load import SourceModel
-    from edgefleet.converter.convert.pipeline import ConvertOptions
-    from edgefleet.converter.convert.prune import PruneResult
+    from edgefleet.converter.convert.evaluate import Latency
     from edgefleet.converter.tflite.info import ModelInfo
 
 REPORT_SCHEMA = "edgefleet.report/1"
-
-
-def _ratio(a: int | None, b: int | None) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
-def convert_report(*, source: SourceModel, options: ConvertOptions, info: ModelInfo, baseline_bytes: int,
-                   pruning: PruneResult | None, encoding: EncodingDecision, validation: Validation | None,
-                   gate: Gate, latency: Latency, timings: dict[str, float], data_sizes: dict[str, int],
-                   tensorflow_version: str) -> dict[str, Any]:
-    """Everything `convert` measured, as a JSON-ready dict."""
-    from edgefleet.converter.convert.quantize import MODES
-
-    model = info.to_dict()
-    return {
-        "schema": REPORT_SCHEMA,
-        "kind": "convert",
-        "source": {"path": source.path, "kind": source.kind},
-        "tensorflow": tensorflow_version,
-        "quantization": {"mode": options.quantize, "summary": MODES[options.quantize].summary,
-                         "detected": info.quantization},
-        "size": {
-            "bytes": info.size, "wire_bytes": info.wire_size, "chunks": info.chunks,
-            "float32_tflite_bytes": baseline_bytes,
-            "ratio_disk": _ratio(baseline_bytes, info.size), "ratio_wire": _ratio(baseline_bytes, info.wire_size),
-        },
-        "pruning": pruning.to_dict() if pruning else None,
-        "encoding": encoding.to_dict(),
-        "operators": model["operators"],
-        "inputs": model["inputs"],
-        "outputs": model["outputs"],
-        "weights": model["weights"],
-        "sparsity": model["sparsity"],
-        "float_ops": model["float_ops"],
-        "validation": validation.to_dict() if validation else None,
-        "gate": gate.to_dict(),
-        "latency": latency.to_dict(),
-        "conversion_s": round(timings.get("total_s", 0.0), 3),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "data": {**data_sizes, "seed": options.seed, "calibration_used": min(data_sizes.get("calibration", 0),
-                                                                               options.calibration_samples)},
-        "options": {
-            "prune": options.prune, "prune_structure": (f"{options.prune_structure[0]}:{options.prune_structure[1]}"
-                                                        if options.prune_structure else None),
-            "prune_epochs": options.prune_epochs, "batch_size": options.batch_size,
-            "learning_rate": options.learning_rate, "sparse_encoding": options.sparse_encoding,
-            "max_accuracy_drop": options.max_accuracy_drop, "min_top1_agreement": options.min_top1_agreement,
-            "min_sqnr_db": options.min_sqnr_db, "refuse_uncertain": options.refuse_uncertain,
-        },
-    }
 
 
 def package_report(*, path: str, info: ModelInfo, validation_accuracy: float | None, samples: int,

@@ -33,8 +33,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from edgefleet.converter.fleet.publish import (
@@ -117,7 +117,7 @@ class PinnedDocuments:
     @property
     def subscription(self) -> str:
         """The wildcard covering every device's document for the model."""
-        return f"{self.topics.prefix}/devices/+/models/{self.model}"
+        return self.topics.all_device_models(self.model)
 
     def handle(self, message: Message) -> None:
         """Remember retained device documents (a cleared one, an empty payload, removes the pin)."""
@@ -149,6 +149,17 @@ class Selection:
     online: tuple[str, ...]
     offline: tuple[str, ...]
     pinned: tuple[str, ...]
+
+    def describe(self, group: str) -> str:
+        """`canaries: cam-1, cam-2 (2 of 5 online member(s) of lab; ...)`."""
+        extra = []
+        if self.offline:
+            extra.append(f"{len(self.offline)} offline member(s) are not candidates")
+        if self.pinned:
+            extra.append(f"skipped {', '.join(self.pinned)}: pinned by their own device document")
+        more = f"; {'; '.join(extra)}" if extra else ""
+        return (f"canaries: {', '.join(self.canaries)} ({len(self.canaries)} of {len(self.online)} online "
+                f"member(s) of {group}{more})")
 
 
 def pick_canaries(observer: FleetObserver, members: Iterable[str], size: CanarySize, pinned: set[str]) -> Selection:
@@ -218,6 +229,40 @@ class CanaryOutcome:
         """Canaries that rejected or rolled back, then the ones that did not finish."""
         failed = [r for r in self.results.values() if r.verdict == "failed"]
         return failed + [r for r in self.results.values() if r.verdict == "waiting"]
+
+    def failure_lines(self, group: str) -> list[str]:
+        """What a failed canary phase did, for the operator: the unfinished, the first failure, each undo."""
+        lines = [f"canary {r.device_id}: unfinished: {r.detail}" for r in self.results.values()
+                 if r.verdict == "waiting"]
+        first = self.failures[0]
+        lines.append(f"canary failed: {first.device_id}: {first.detail}")
+        lines += [f"  {u.device_id}: {u.detail}" if u.ok else f"  {u.device_id}: NOT UNDONE: {u.detail}"
+                  for u in self.undo]
+        lines.append(f"withdrew the device documents of {', '.join(self.cleared)}; the group document was not "
+                     f"published, so the other members of {group} keep their current version")
+        return lines
+
+    def to_dict(self, size: CanarySize) -> dict[str, Any]:
+        """The canary phase as JSON (`push --canary --json`)."""
+        sel = self.selection
+        failed = self.failures[0] if self.failures else None
+        return {
+            "size": str(size), "devices": list(sel.canaries), "online": list(sel.online),
+            "offline": list(sel.offline), "pinned": list(sel.pinned), "passed": self.passed,
+            "results": [asdict(r) for r in self.results.values()],
+            "failed": asdict(failed) if failed is not None else None,
+            "undo": [asdict(u) for u in self.undo],
+            "group_published": self.group_published, "cleared": self.cleared,
+        }
+
+
+def canary_line(r: DeviceResult) -> str | None:
+    """A canary's verdict as the operator reads it; None while it is still waiting."""
+    if r.verdict == "committed":
+        return f"canary {r.device_id}: committed {r.detail} after {r.seconds or 0:.1f} s"
+    if r.verdict == "failed":
+        return f"canary {r.device_id}: {r.detail}"
+    return None
 
 
 # ---------------------------------------------------------------------- the rollout

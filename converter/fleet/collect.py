@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from edgefleet.errors import ProtocolError
-from edgefleet.protocol import Topics, check_name
+from edgefleet.protocol import Topics
 from edgefleet.transport import Message
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,10 @@ QOS = {"telemetry": 0, "events": 1}
 
 def subscriptions(topics: Topics, share: str | None, leaves: tuple[str, ...] = LEAVES) -> list[tuple[str, int]]:
     """(topic filter, QoS) per leaf; `$share/NAME/...` when sharing."""
-    if share is not None and check_name(share):
-        raise ProtocolError(f"share name {share!r}: {check_name(share)}")
     out = []
     for leaf in leaves:
         filt = topics.all_devices(leaf)
-        out.append((f"$share/{share}/{filt}" if share else filt, QOS[leaf]))
+        out.append((Topics.shared(share, filt) if share is not None else filt, QOS[leaf]))
     return out
 
 
@@ -96,7 +94,6 @@ class Collector:
         self._stopping = False
         self._idle = threading.Event()  # never set: its wait is the writer's pause when nothing came
         self.dropped = 0
-        self._head = topics.prefix + "/devices/"
 
     def handle(self, message: Message) -> None:
         """A Transport's on_message: hand the message over and return (never blocks the network thread)."""
@@ -155,16 +152,13 @@ class Collector:
         stats.last = received
         stats.messages += 1
         stats.bytes += len(message.payload)
-        # Topic levels were checked by the broker's match; only the shape is left to check.
         topic = message.topic
-        rest = topic[len(self._head):].split("/") if topic.startswith(self._head) else []
-        if len(rest) != 2 or rest[1] not in QOS:
+        matched = self.topics.device_leaf(topic)
+        if matched is None or matched[1] not in QOS:
             stats.bad += 1
             return
-        device, kind = rest
+        device, kind = matched
         try:
-            if check_name(device):
-                raise ProtocolError(f"device id {device!r} in the topic is not a valid name")
             doc = json.loads(message.payload.decode("utf-8"), parse_constant=_no_constants)
             if not isinstance(doc, dict) or doc.get("device_id") != device:
                 raise ProtocolError("not a document of the device its topic names")
@@ -181,22 +175,3 @@ class Collector:
 
 def _no_constants(name: str) -> None:
     raise ProtocolError(f"{name} is not JSON")
-
-
-def install_stop(collector: Collector, signals: tuple[int, ...]) -> Callable[[], None]:
-    """Stop the collector on these signals (the summary is still printed); returns a function restoring them."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: object) -> None:
-        collector.stop()
-
-    previous = {s: signal.signal(s, handler) for s in signals}
-
-    def restore() -> None:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-    return restore

@@ -8,12 +8,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from edgefleet.agent.config import read_secret
-from edgefleet.converter.errors import UsageError
-
-from edgefleet.errors import ConfigError, ProtocolError
+from edgefleet.credentials import read_secret
+from edgefleet.errors import ConfigError, UsageError
 from edgefleet.protocol import DEFAULT_PREFIX, Topics
-from edgefleet.transport import Message, MqttSettings, Transport
+from edgefleet.protocol.topics import check_prefix
+from edgefleet.transport import Message, MqttSettings, Transport, check_broker_url
 
 ENV_BROKER = "EDGEFLEET_BROKER"
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -50,6 +49,9 @@ def _existing(option: str, value: str | None) -> Path | None:
 
 def settings_from_args(args: argparse.Namespace, client_id: str = "") -> MqttSettings:
     """MqttSettings from the broker options; UsageError naming the option that is wrong."""
+    problem = check_broker_url(args.broker)
+    if problem:
+        raise UsageError(f"--broker: {problem}")
     password = None
     if args.password_file is not None:
         try:
@@ -73,10 +75,10 @@ def settings_from_args(args: argparse.Namespace, client_id: str = "") -> MqttSet
 
 def topics_from_args(args: argparse.Namespace) -> Topics:
     """The Topics for --prefix."""
-    try:
-        return Topics(args.prefix)
-    except ProtocolError as err:
-        raise UsageError(f"--prefix: {err}") from err
+    problem = check_prefix(args.prefix)
+    if problem:
+        raise UsageError(f"--prefix: {problem}")
+    return Topics(args.prefix)
 
 
 def connect(args: argparse.Namespace, client_id_prefix: str = "edgectl",

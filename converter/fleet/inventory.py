@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.errors import UsageError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
-from edgefleet.errors import ProtocolError, SignatureError
+from edgefleet.errors import ProtocolError, SignatureError, UsageError
 from edgefleet.protocol import Keyring, SigningKey, Topics, canonical_json, load_public_key, parse_json
 from edgefleet.protocol.documents import INVENTORY_SCHEMA, Inventory
 from edgefleet.transport import Message
@@ -270,6 +273,16 @@ class InventoryTracker:
             return None
         return latest
 
+    def editable(self, purpose: str) -> Verified | None:
+        """The inventory a change starts from (None: there is none yet); UsageError when the broker holds
+        one this host cannot verify, whose groups a change would otherwise silently drop."""
+        latest = self.latest
+        if latest is None and self.received:
+            raise UsageError(f"{purpose}: the inventory on the broker does not verify with the trusted keys "
+                             "(see the warning above), so it cannot be changed; give --trust for the key that signed "
+                             "it, or replace it whole with 'edgectl inventory push FILE --key KEY'")
+        return latest
+
     def members(self, group: str, purpose: str) -> tuple[str, ...]:
         """The members of `group` from the verified inventory; UsageError (exit 2) saying what to do otherwise."""
         current = self.current()
@@ -291,6 +304,33 @@ class InventoryTracker:
                              f"{current.inventory.version}); add them with 'edgectl inventory set {group} DEVICE... "
                              "--key KEY'; nothing was published")
         return tuple(dict.fromkeys(members))
+
+
+def read_inventory_file(path: Path) -> dict[str, list[str]]:
+    """Groups from a TOML file: a [groups] table of NAME = [DEVICE, ...]; UsageError naming what is wrong."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror or err}") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid TOML ({err})") from err
+    unknown = sorted(set(data) - {"groups"})
+    if unknown:
+        raise UsageError(f"{path}: {unknown[0]}: unknown key (expected only a [groups] table)")
+    groups = data.get("groups")
+    if not isinstance(groups, dict):
+        raise UsageError(f"{path}: groups: expected a table of NAME = [DEVICE, ...]")
+    out = {}
+    for g, members in groups.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise UsageError(f"{path}: groups.{g}: expected a list of device ids")
+        out[g] = members
+    return out
+
+
+def tracker_from_args(args: argparse.Namespace, topics: Topics, key: SigningKey | None = None) -> InventoryTracker:
+    """The inventory reader of a command: its broker's cache, the keys of --trust plus the public half of `key`."""
+    return InventoryTracker(topics, keyring_from_args(args, key), InventoryCache.for_broker(args.broker, topics.prefix))
 
 
 # ---------------------------------------------------------------------- issuing one

@@ -83,7 +83,7 @@ class Sync:
     """A message to ourselves that arrives after every retained message of earlier subscriptions."""
 
     def __init__(self, topics: Topics, client_id: str) -> None:
-        self.topic = f"{topics.prefix}/sync/{client_id}"
+        self.topic = topics.sync(client_id)
         self._token = b""
         self._done = threading.Event()
 

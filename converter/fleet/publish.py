@@ -21,27 +21,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgefleet.converter.bundle.writer import deployment_id as new_deployment_id
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver, Sync
 
 from edgefleet.bundle import Bundle
-from edgefleet.errors import ProtocolError, TransportError
+from edgefleet.errors import ProtocolError, TransportError, UsageError
 from edgefleet.protocol import (
     COMMAND_SCHEMA,
     Artifact,
     Command,
     Deployment,
+    Policy,
     SigningKey,
     Topics,
     canonical_json,
     check_name,
     dump,
     encode_chunk,
+    parse,
     parse_json,
     split,
 )
-from edgefleet.protocol.documents import WITHDRAWAL_SCHEMA, Withdrawal
+from edgefleet.protocol.documents import (
+    TIMESTAMP_SCHEMA,
+    WITHDRAWAL_SCHEMA,
+    Timestamp,
+    Withdrawal,
+    new_deployment_id,
+)
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.schema import check_target
 from edgefleet.transport import Message, Transport
 
@@ -52,7 +59,6 @@ PUBLISH_WINDOW = 64
 COMMAND_EXPIRY_S = 300
 # A withdrawal stays retained in place of the document it takes back; it lives as long as a document.
 WITHDRAWAL_EXPIRY_S = 90 * 24 * 3600
-FAILED_STEPS = ("REJECTED", "ROLLED_BACK")
 
 
 def device_target(device: str) -> str:
@@ -219,6 +225,25 @@ def publish_chunks(transport: Transport, topics: Topics, chunks: dict[str, bytes
             raise TransportError(f"the broker acknowledged no chunk for {timeout:g} s ({transport.last_error})")
 
 
+def signed_policy(*, probation_s: float | None = None, max_error_rate: float | None = None,
+                  max_latency_ratio: float | None = None, max_latency_ms: float | None = None,
+                  allow_downgrade: bool = False, version_labels: Iterable[str] = ()) -> dict[str, Any]:
+    """The policy of a re-issued document from the values given (None: not set), checked as the agent
+    checks it; {} when nothing is set."""
+    fields = {"probation_s": probation_s, "max_error_rate": max_error_rate,
+              "max_latency_ratio": max_latency_ratio, "max_latency_ms": max_latency_ms}
+    policy: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    if allow_downgrade:
+        policy["allow_downgrade"] = True
+    labels = list(version_labels)
+    if labels:
+        policy["version_labels"] = labels
+    try:
+        return dump(parse(Policy, policy)) if policy else {}
+    except ProtocolError as err:
+        raise UsageError(f"policy: {err}") from err
+
+
 def push_targets(group: str | None, devices: Iterable[str]) -> list[str]:
     """The signed targets of a push: the group, or each device."""
     return [group_target(group)] if group is not None else [device_target(d) for d in dict.fromkeys(devices)]
@@ -240,6 +265,14 @@ def publish_documents(transport: Transport, documents: dict[str, bytes], timeout
     """Publish each topic's own document retained at QoS 1, waiting for each PUBACK."""
     for topic, document in documents.items():
         transport.publish(topic, document, qos=1, retain=True, wait=timeout)
+
+
+def make_timestamp(key: SigningKey, expires_in: int, now: int | None = None) -> dict[str, Any]:
+    """A signed timestamp valid for `expires_in` seconds."""
+    issued = int(time.time()) if now is None else now
+    doc = {"schema": TIMESTAMP_SCHEMA, "issued_at": issued, "expires_at": issued + expires_in}
+    Timestamp.from_dict(doc)
+    return key.sign(doc)
 
 
 def make_withdrawal(key: SigningKey, model: str, target: str, *, expires_in: int = WITHDRAWAL_EXPIRY_S,
@@ -296,9 +329,9 @@ def judge(view: DeviceView | None, name: str, dep_id: str) -> tuple[Verdict, str
     for event in reversed(view.events):
         if event.deployment_id != dep_id or event.model != name:
             continue
-        if event.step == "COMMITTED" and event.ok:
+        if event.step == Phase.COMMITTED and event.ok:
             return "committed", f"v{event.version}" if event.version is not None else ""
-        if event.step in FAILED_STEPS:
+        if event.step.failed:
             return "failed", f"{event.step.lower().replace('_', ' ')}: {event.reason or 'no reason given'}"
     state = view.model(name)
     if state is None:
@@ -308,7 +341,7 @@ def judge(view: DeviceView | None, name: str, dep_id: str) -> tuple[Verdict, str
         if outcome.result == "committed":
             return "committed", f"v{outcome.version}"
         return "failed", f"{outcome.result.replace('_', ' ')}: {outcome.reason or 'no reason given'}"
-    if state.phase == "COMMITTED" and state.active is not None and state.active.deployment_id == dep_id:
+    if state.phase == Phase.COMMITTED and state.active is not None and state.active.deployment_id == dep_id:
         return "committed", f"v{state.active.version}"
     return None
 
@@ -391,12 +424,27 @@ def rollback_result(view: DeviceView | None, name: str, command_id: str, since: 
     for event in reversed(view.events):
         if event.model != name or event.ts < since - 1:
             continue
-        if event.details.get("command_id") == command_id and not event.ok and event.step != "ROLLED_BACK":
+        if event.details.get("command_id") == command_id and not event.ok and event.step != Phase.ROLLED_BACK:
             return False, event.reason or "refused"
-        if event.step == "ROLLED_BACK":
+        if event.step == Phase.ROLLED_BACK:
             restored = event.details.get("restored_version")
             return True, f"restored v{restored}" if restored is not None else (event.reason or "rolled back")
     return None
+
+
+def wait_rollback(observer: FleetObserver, device: str, model: str, command_id: str, since: float,
+                  timeout: float) -> tuple[bool, str]:
+    """rollback_result once the device answers command `command_id` (sent at `since`); (False, why) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    seen = observer.version
+    while True:
+        outcome = rollback_result(observer.get(device), model, command_id, since)
+        if outcome is not None:
+            return outcome
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False, f"no confirmation within {timeout:g} s"
+        seen = observer.wait_change(seen, min(remaining, 1.0))
 
 
 # ---------------------------------------------------------------------- gc

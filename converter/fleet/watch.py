@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from rich.table import Table
 
+from edgefleet.protocol.phases import Phase
+
 SORT_KEYS = ("device", "cpu", "rss", "p95", "last-event")
 COLUMNS = ("device", "online", "groups", "models", "p50 ms", "p95 ms", "cpu %", "rss MB", "temp °C",
            "last event", "seen")
@@ -107,7 +109,7 @@ def make_row(view: DeviceView, now: float | None = None) -> Row:
         fig = figures.get(name)
         version = state.active.version if state is not None and state.active is not None else (
             fig.version if fig is not None else None)
-        phase = state.phase if state is not None else (fig.phase if fig is not None else "IDLE")
+        phase = state.phase if state is not None else (fig.phase if fig is not None else Phase.IDLE)
         cells.append(ModelCell(name, version, phase, fig.p50_ms if fig else None, fig.p95_ms if fig else None))
     text, ts = last_event(view)
     return Row(

@@ -14,9 +14,9 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.errors import UsageError
 from edgefleet.converter.tflite.metadata import METADATA_NAME, ModelMetadata, parse_metadata
 
+from edgefleet.errors import UsageError
 from edgefleet.protocol import Quantization, TensorSpec, split
 
 log = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ def import_tensorflow() -> Any:
                 tf = importlib.import_module("tensorflow")
                 importlib.import_module("keras")
         except ImportError as err:
-            from edgefleet.converter.errors import UsageError
+            from edgefleet.errors import UsageError
 
             raise UsageError(f"TensorFlow is not installed ({err}); `pip install 'edgefleet[converter]'` on the "
                              "workstation (convert needs it; package, inspect, push and fleet do not)") from err

@@ -6,7 +6,6 @@ from edgefleet.protocol.documents import (
     COMMAND_SCHEMA,
     DEPLOYMENT_SCHEMA,
     DTYPES,
-    PHASES,
     Artifact,
     ChunkRef,
     Command,
@@ -21,21 +20,23 @@ from edgefleet.protocol.documents import (
     Postprocessing,
     Preprocessing,
     Quantization,
+    Signed,
     Slot,
     Status,
     Telemetry,
     TensorSpec,
     Tolerance,
 )
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.schema import check_name, dump, parse
 from edgefleet.protocol.signing import Keyring, SigningKey, key_id, load_public_key, signed_payload
 from edgefleet.protocol.topics import DEFAULT_PREFIX, Route, Topics
 
 __all__ = [
-    "COMMAND_SCHEMA", "DEFAULT_CHUNK_SIZE", "DEFAULT_PREFIX", "DEPLOYMENT_SCHEMA", "DTYPES", "PHASES",
+    "COMMAND_SCHEMA", "DEFAULT_CHUNK_SIZE", "DEFAULT_PREFIX", "DEPLOYMENT_SCHEMA", "DTYPES",
     "Artifact", "ChunkRef", "Command", "Deployment", "DeviceState", "Event", "Keyring", "ModelSpec",
-    "ModelState", "ModelTelemetry", "Outcome", "Policy", "Postprocessing", "Preprocessing", "Quantization",
-    "Route", "SigningKey", "Slot", "Status", "Telemetry", "TensorSpec", "Tolerance", "Topics",
+    "ModelState", "ModelTelemetry", "Outcome", "Phase", "Policy", "Postprocessing", "Preprocessing", "Quantization",
+    "Route", "Signed", "SigningKey", "Slot", "Status", "Telemetry", "TensorSpec", "Tolerance", "Topics",
     "canonical_json", "check_name", "decode_chunk", "dump", "encode_chunk", "join", "key_id",
     "load_public_key", "parse", "parse_json", "signed_payload", "split",
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from edgefleet.errors import ProtocolError
 from edgefleet.protocol.canonical import canonical_json, parse_json
+from edgefleet.protocol.phases import Phase
 from edgefleet.protocol.schema import (
     check_id,
     check_name,
@@ -29,14 +31,6 @@ INVENTORY_SCHEMA = "edgefleet.inventory/1"
 
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "string")
 Dtype = Literal["float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool", "string"]
-Phase = Literal[
-    "IDLE", "DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING",
-    "PROBATION", "COMMITTED", "REJECTED", "ROLLED_BACK",
-]
-PHASES: tuple[str, ...] = (
-    "IDLE", "DOWNLOADING", "VERIFYING", "VALIDATING", "ACTIVATING",
-    "PROBATION", "COMMITTED", "REJECTED", "ROLLED_BACK",
-)
 
 
 _VERSION_LABEL = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -202,6 +196,25 @@ class _Signed:
         return parse(cls, value)
 
 
+_D = TypeVar("_D", bound=_Signed)
+
+
+@dataclass(frozen=True, eq=False)
+class Signed(Generic[_D]):
+    """A signed document parsed once, where it arrives (topic, bundle, state.json): its parsed form and
+    the JSON value its signature covers. The value is kept as it came: dumping the parsed form would add
+    the defaults the signer never wrote, and the signature would no longer match."""
+
+    doc: _D
+    raw: dict[str, Any]
+    """The JSON value as received. Never changed: it is what the signature covers."""
+
+    @classmethod
+    def parse(cls, kind: type[_D], raw: Any) -> Signed[_D]:
+        """Strictly parse `raw` as a `kind` document (ProtocolError naming the field that is wrong)."""
+        return cls(kind.from_dict(raw), raw)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     """Rollout policy signed with the deployment; limits here can only tighten the agent's config."""
@@ -246,6 +259,11 @@ class Deployment(_Signed):
     def unsigned(self) -> Deployment:
         """The same document without key id and signature."""
         return replace(self, key_id=None, signature=None)
+
+
+def new_deployment_id(name: str, version: int) -> str:
+    """A fresh deployment id: readable prefix, unique suffix."""
+    return f"{name}-v{version}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -359,7 +377,7 @@ class Outcome:
 class ModelState:
     """One model's lifecycle state as a device reports it."""
 
-    phase: Phase = "IDLE"
+    phase: Phase = Phase.IDLE
     active: Slot | None = None
     previous: Slot | None = None
     pending: Slot | None = None

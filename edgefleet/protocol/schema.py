@@ -12,7 +12,8 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from enum import Enum
 from functools import cache
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -58,24 +59,53 @@ def check_sha256(value: Any) -> str | None:
 
 def non_negative(value: Any) -> str | None:
     """A number that is zero or more."""
-    return None if value >= 0 else "expected a value >= 0"
+    return None if value >= 0 else f"expected a value >= 0, got {value}"
 
 
 def positive(value: Any) -> str | None:
     """A number above zero."""
-    return None if value > 0 else "expected a value > 0"
+    return None if value > 0 else f"expected a value > 0, got {value}"
 
 
 def fraction(value: Any) -> str | None:
     """A number in [0, 1]."""
-    return None if 0 <= value <= 1 else "expected a value between 0 and 1"
+    return None if 0 <= value <= 1 else f"expected a value between 0 and 1, got {value}"
+
+
+def at_most(limit: int) -> Check:
+    """A number no larger than `limit` (the hard limit of what consumes it)."""
+    def check(value: Any) -> str | None:
+        return None if value <= limit else f"expected at most {limit}, got {value}"
+    return check
+
+
+def _first(problems: Iterable[str | None]) -> str | None:
+    return next((p for p in problems if p), None)
+
+
+def all_of(*checks: Check) -> Check:
+    """Every check in turn; the first problem found."""
+    return lambda value: _first(check(value) for check in checks)
+
+
+def each(item: Check) -> Check:
+    """Every element of a list passes `item`; the first problem found."""
+    return lambda values: _first(item(value) for value in values)
 
 
 def checked(check: Check, **kwargs: Any) -> Any:
-    """A dataclass field whose value must also pass `check` (which returns an error text or None)."""
+    """A dataclass field whose value must also pass `check` (which returns an error text or None).
+
+    The check sits with its field, for wire documents and the agent's configuration alike; `field_check`
+    reads it back and the parser runs it on every value that is not None."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["check"] = check
     return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def field_check(field: dataclasses.Field[Any]) -> Check | None:
+    """The check `checked` declared on a field, or None."""
+    return field.metadata.get("check")
 
 
 @cache
@@ -89,6 +119,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
     if origin in (list, tuple):
         return "a list"
     if origin is dict:
@@ -123,6 +155,14 @@ def _converter(tp: Any) -> Converter:
                 raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
             return value
         return literal
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        members = {m.value: m for m in tp}
+
+        def member(value: Any, path: str) -> Any:
+            if not isinstance(value, str) or value not in members:
+                raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            return members[value]
+        return member
     if origin is tuple:
         (item_type,) = [a for a in get_args(tp) if a is not Ellipsis]
         item = _converter(item_type)
@@ -225,7 +265,7 @@ def _json_kind(value: Any) -> str:
 def _plan(cls: type) -> tuple[list[tuple[str, Converter, Check | None, bool, bool]], frozenset[str]]:
     """Per field: name, converter, check, whether it has no default, whether it may be null."""
     hints = _hints(cls)
-    plan = [(f.name, _converter(hints[f.name]), f.metadata.get("check"),
+    plan = [(f.name, _converter(hints[f.name]), field_check(f),
              f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _nullable(hints[f.name]))
             for f in dataclasses.fields(cls)]
     return plan, frozenset(f.name for f in dataclasses.fields(cls))
@@ -275,6 +315,8 @@ def dump(obj: Any) -> Any:
         return [dump(v) for v in obj]
     if isinstance(obj, dict):
         return {k: dump(v) for k, v in obj.items()}
+    if isinstance(obj, Enum):
+        return obj.value
     return obj
 
 

@@ -17,10 +17,12 @@ from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.bundle import GOLDEN_FILE, dump_golden, load_golden
 from edgefleet.errors import RequestError
 from edgefleet.protocol import Policy, Topics, parse_json
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox, Mosquitto, client
+from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Message
-from tests.support.agentproc import ROOT, AgentProcess
-from tests.support.broker import Inbox, Mosquitto, client
-from tests.support.helpers import swap_file, wait_for
+from tests.support import ROOT
+from tests.support.helpers import swap_file
 
 T = Topics()
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]

@@ -14,8 +14,9 @@ import pytest
 
 from edgefleet.bundle import MANIFEST_FILE, MODEL_FILE
 from edgefleet.errors import RequestError
-from tests.support.agentproc import AgentProcess
-from tests.support.helpers import swap_file, wait_for
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.waiting import wait_for
+from tests.support.helpers import swap_file
 
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
 

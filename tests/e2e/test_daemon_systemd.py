@@ -14,9 +14,9 @@ import pytest
 from edgefleet.agent.api.client import ApiClient
 
 from edgefleet.protocol import Topics, parse_json
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox, Mosquitto
 from edgefleet.transport import MqttSettings, Transport
-from tests.support.agentproc import AgentProcess
-from tests.support.broker import Inbox, Mosquitto
 
 
 class NotifySocket:

@@ -21,10 +21,12 @@ from edgefleet.converter.fleet.publish import (
 
 from edgefleet.bundle import GOLDEN_FILE, Bundle, dump_golden, load_golden
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox, Mosquitto
+from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Message, MqttSettings, Transport
-from tests.support.agentproc import ROOT, AgentProcess
-from tests.support.broker import Inbox, Mosquitto
-from tests.support.helpers import swap_file, wait_for
+from tests.support import ROOT
+from tests.support.helpers import swap_file
 
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
 T = Topics()

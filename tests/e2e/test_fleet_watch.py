@@ -33,10 +33,11 @@ from edgefleet.protocol import (
     Topics,
     canonical_json,
 )
+from edgefleet.testing.broker import Mosquitto, client
+from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Message, Transport
-from tests.support.agentproc import ROOT
-from tests.support.broker import OPERATOR, AclBroker, Mosquitto, client
-from tests.support.helpers import wait_for
+from tests.support import ROOT
+from tests.support.broker import OPERATOR, AclBroker
 
 T = Topics()
 Edgectl = Callable[..., tuple[int, str, str]]

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from edgefleet.errors import ConfigError, ProtocolError
 from edgefleet.protocol import Topics
+from edgefleet.testing.agentproc import toml as to_toml  # one TOML writer for every test
 from edgefleet.transport import parse_url
-from tests.support.agentproc import ROOT
-from tests.support.agentproc import toml as to_toml  # one TOML writer for every test
+from tests.support import ROOT
 from tests.support.fuzzing import CASES, E2E, FUZZ, TIMEOUT_S
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S)

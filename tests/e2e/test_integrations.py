@@ -14,9 +14,9 @@ from edgefleet.agent.telemetry.homeassistant import Discovery, object_key
 
 from edgefleet.errors import ConfigError, ProtocolError
 from edgefleet.protocol import Status, Telemetry, Topics, parse_json
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox
 from edgefleet.transport import MqttSettings, Transport
-from tests.support.agentproc import AgentProcess
-from tests.support.broker import Inbox
 
 T = Topics()
 HA = "homeassistant"

@@ -20,8 +20,8 @@ from edgefleet.agent.lifecycle.machine import Lifecycle
 from edgefleet.agent.lifecycle.store import Store
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, dump_golden, load_golden
-from edgefleet.protocol import Deployment, Event, Keyring, SigningKey
-from tests.support.agentproc import toml
+from edgefleet.protocol import Deployment, Event, Keyring, Phase, Signed, SigningKey
+from edgefleet.testing.agentproc import toml
 from tests.support.helpers import read_manifest, rewrite_manifest, swap_file
 
 
@@ -110,7 +110,7 @@ def env(tmp_path: Path) -> Any:
 
 def _install(lc: Lifecycle, bundle: Path) -> str:
     raw = read_manifest(bundle)
-    return lc.install(raw, (bundle / MODEL_FILE).read_bytes(), (bundle / GOLDEN_FILE).read_bytes())
+    return lc.install_bundle(raw, (bundle / MODEL_FILE).read_bytes(), (bundle / GOLDEN_FILE).read_bytes())
 
 
 def _steps(events: list[Event]) -> list[str]:
@@ -259,16 +259,16 @@ def test_updates_beyond_the_hourly_cap_are_put_off_not_refused(env: Any, make_bu
     lc = env.lifecycle(health={"max_updates_per_hour": 2})
     docs = [read_manifest(make_bundle("dense_f32", version=v, key=env.key)) for v in (1, 2, 3)]
     for raw in docs[:2]:
-        doc = lc.precheck(raw)
-        assert doc is not None
-        lc.begin(doc, raw)  # as a download would
+        signed = lc.precheck(lc.authenticate(raw, None))
+        assert signed is not None
+        lc.begin(signed)  # as a download would
     from edgefleet.errors import DeploymentRejected
 
     with pytest.raises(DeploymentRejected, match="2 updates of m in the last hour") as info:
-        lc.precheck(docs[2])
+        lc.precheck(lc.authenticate(docs[2], None))
     assert info.value.retry  # put off: not remembered as rejected
     env.clock.now += 3601
-    assert lc.precheck(docs[2]) is not None
+    assert lc.precheck(lc.authenticate(docs[2], None)) is not None
 
 
 def test_too_slow_for_the_latency_limit(env: Any, make_bundle: Any) -> None:
@@ -422,7 +422,7 @@ def test_clean_restarts_do_not_count_as_deaths(env: Any, make_bundle: Any) -> No
 def test_interrupted_steps_fall_back_to_the_active_model(env: Any, make_bundle: Any) -> None:
     lc = _committed_v1(env, make_bundle)
     raw = read_manifest(make_bundle("dense_f32_v2", version=2, key=env.key))
-    lc.begin(Deployment.from_dict(raw), raw, "VALIDATING")
+    lc.begin(Signed.parse(Deployment, raw), Phase.VALIDATING)
     lc2 = env.lifecycle()
     lc2.boot()
     rec = lc2.state.record("m")
@@ -438,9 +438,9 @@ def test_manual_rollback_and_last_known_good(env: Any, make_bundle: Any) -> None
     lc.rollback("m", "operator", manual=True)
     rec = lc.state.record("m")
     assert rec.active.version == 1 and rec.previous is None  # type: ignore[union-attr]
-    from edgefleet.errors import StoreError
+    from edgefleet.errors import Conflict
 
-    with pytest.raises(StoreError, match="no previous version"):
+    with pytest.raises(Conflict, match="no previous version"):
         lc.rollback("m", "again", manual=True)
 
 
@@ -511,8 +511,52 @@ def test_a_reissued_document_for_the_running_model_is_adopted(env: Any, make_bun
     bundle = make_bundle("dense_f32", version=1, key=env.key)  # same model and version, new deployment id
     rewrite_manifest(bundle, lambda raw: raw.update(issued_at=raw["issued_at"] + 1), env.key)
     raw = read_manifest(bundle)
-    assert lc.precheck(raw) is None  # nothing to install...
+    assert lc.precheck(lc.authenticate(raw, None)) is None  # nothing to install...
     rec = lc.state.record("m")
     assert rec.active.deployment_id == raw["deployment_id"] and rec.phase == "COMMITTED"  # type: ignore[union-attr]
     assert env.events[-1].details.get("adopted") is True and env.events[-1].step == "COMMITTED"
     assert env.serving.history == [("m", 1)]  # ...and nothing reloaded
+
+
+def test_the_active_document_is_parsed_once_per_record(env: Any, make_bundle: Any, monkeypatch: Any) -> None:
+    lc = _committed_v1(env, make_bundle)
+    assert _install(lc, make_bundle("dense_f32_v2", version=2, key=env.key)) == "PROBATION"
+    parses: list[Any] = []
+    real = Deployment.from_dict.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Deployment, "from_dict", classmethod(lambda cls, value: parses.append(1) or real(cls, value)))
+    for _ in range(5):  # probation reads the active document on every tick
+        env.clock.now += 1
+        lc.tick()
+    assert lc.state.record("m").phase == "PROBATION" and parses == []  # kept from the install
+    reread = env.lifecycle()  # a record read back from state.json: parsed on first use, then kept
+    active = reread.state.record("m").active
+    assert active is not None and active.doc is active.doc and active.doc.model.version == 2
+    assert len(parses) == 1
+
+
+def test_actions_raise_domain_errors_and_report_results(env: Any, make_bundle: Any) -> None:
+    from edgefleet.agent import actions
+
+    from edgefleet.errors import Conflict, InvalidInput, NotFound
+
+    lc = env.lifecycle()
+    with pytest.raises(InvalidInput, match=r"name the model to roll back \(models: none\)"):
+        actions.rollback(lc, None)
+    result = actions.install_path(lc, make_bundle("dense_f32", version=1, key=env.key))
+    assert result.to_dict() == {"model": "m", "phase": "PROBATION", "version": 1} and result.ok
+    lc.commit("m")
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        actions.rollback(lc, "nope")
+    with pytest.raises(Conflict, match="m: no previous version to roll back to"):
+        actions.rollback(lc, None)  # the only model; nothing kept before it
+    assert lc.state.record("m").phase == "COMMITTED"  # a refused action changes nothing
+    assert actions.install_path(lc, make_bundle("dense_f32_v2", version=2, key=env.key)).version == 2
+    rolled = actions.rollback(lc, "m", reason="ordered by command c-1", ordered_at=123)
+    assert rolled == actions.Result("m", Phase.ROLLED_BACK, 1) and not rolled.ok
+    assert env.events[-1].reason == "ordered by command c-1" and lc.state.record("m").floor == 2
+    forged = make_bundle("dense_f32_v2", version=3, key=SigningKey.generate())
+    refused = actions.install_path(lc, forged)
+    assert refused.phase is Phase.REJECTED and "signature" in (refused.reason or "")
+    assert actions.status(lc).models["m"].phase is Phase.ROLLED_BACK
+    with pytest.raises(InvalidInput, match="not a bundle directory"):
+        actions.install_path(lc, forged.parent / "no-such-bundle")

@@ -74,7 +74,7 @@ def test_telemetry_text_in_base_units(tmp_path: Path) -> None:
 
 
 def test_busy_agent_metrics_lint_clean(broker: Any, make_bundle: Any, tmp_path: Path) -> None:
-    from tests.support.agentproc import AgentProcess
+    from edgefleet.testing.agentproc import AgentProcess
 
     a = AgentProcess(tmp_path / "a", device_id="dev-7", mqtt={"url": broker.url})
     try:

@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgefleet.agent.api.routes import Request, Router
+from edgefleet.agent.api.messages import Request
+from edgefleet.agent.api.routes import Router
 from edgefleet.agent.serving.models import Serving
 from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
 from edgefleet.converter.cli import main as edgectl
-from edgefleet.converter.errors import UsageError
 
 from edgefleet.bundle import MODEL_FILE, Bundle
-from edgefleet.errors import RuntimeBackendError
+from edgefleet.errors import RuntimeBackendError, UsageError
 from edgefleet.protocol.documents import Policy
 from edgefleet.runtime import load_model
 from edgefleet.tensors import signature_names
-from tests.support.agentproc import AgentProcess
-from tests.support.helpers import wait_for
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.waiting import wait_for
 
 X8 = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
 BIG = [[500.0, 1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
@@ -448,12 +448,9 @@ def test_real_agent_chunked_predict(tmp_path: Path, make_bundle: Callable[..., P
 
 
 def test_edgectl_push_signs_version_labels() -> None:
-    import argparse
+    from edgefleet.converter.fleet.publish import signed_policy
 
-    from edgefleet.converter.commands.mqtt import policy_from_args
-
-    args = argparse.Namespace(probation=None, max_error_rate=None, max_latency_ratio=None, max_latency_ms=None,
-                              allow_downgrade=False, version_labels=["prod", "eu-1"])
-    assert policy_from_args(args) == {"allow_downgrade": False, "version_labels": ["prod", "eu-1"]}
+    assert signed_policy(version_labels=["prod", "eu-1"]) == {"allow_downgrade": False,
+                                                              "version_labels": ["prod", "eu-1"]}
     with pytest.raises(UsageError, match="set by the agent itself"):
-        policy_from_args(argparse.Namespace(**{**vars(args), "version_labels": ["canary"]}))
+        signed_policy(version_labels=["canary"])

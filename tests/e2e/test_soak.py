@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.soak import soak_fresh_agent
+from edgefleet.testing.soak import soak_fresh_agent
 
 SECONDS = 600.0 if os.environ.get("EDGEFLEET_SOAK") == "long" else 30.0
 RATE = 50.0

@@ -85,9 +85,9 @@ def test_model_figures_and_prometheus(make_bundle: Any, tmp_path: Path) -> None:
 
 
 def test_agent_publishes_telemetry_and_serves_metrics(broker: Any, make_bundle: Any, tmp_path: Path) -> None:
+    from edgefleet.testing.agentproc import AgentProcess
+    from edgefleet.testing.broker import Inbox
     from edgefleet.transport import MqttSettings, Transport
-    from tests.support.agentproc import AgentProcess
-    from tests.support.broker import Inbox
 
     inbox = Inbox()
     t = Topics()

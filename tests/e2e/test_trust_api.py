@@ -25,9 +25,10 @@ from edgefleet.agent.api.client import ApiClient
 
 from edgefleet.errors import RequestError
 from edgefleet.protocol import SigningKey
-from tests.support.agentproc import AgentProcess
-from tests.support.helpers import read_http_response, wait_for
-from tests.support.reliability import X, build_bundle, fast_tmp
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.reliability import X, build_bundle, fast_tmp
+from edgefleet.testing.waiting import wait_for
+from tests.support.helpers import read_http_response
 
 TOKEN = "t0ken-for-the-trust-tests"
 NPY = "application/x-npy"

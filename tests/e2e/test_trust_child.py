@@ -31,9 +31,9 @@ from edgefleet.bundle import GOLDEN_FILE, MODEL_FILE, load_golden
 from edgefleet.errors import RequestError
 from edgefleet.protocol import SigningKey
 from edgefleet.runtime import load_model
-from tests.support.broker import Mosquitto
-from tests.support.helpers import wait_for
-from tests.support.reliability import AgentWith, X, build_bundle, fast_tmp
+from edgefleet.testing.broker import Mosquitto
+from edgefleet.testing.reliability import AgentWith, X, build_bundle, fast_tmp
+from edgefleet.testing.waiting import wait_for
 from tests.support.trust_models import model as trust_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgefleet.protocol import SigningKey, Topics, parse_json
 from edgefleet.protocol.documents import Status, Telemetry
-from tests.support.agentproc import ROOT, AgentProcess, toml
-from tests.support.broker import Inbox, Mosquitto, Pki, client
+from edgefleet.testing.agentproc import AgentProcess, toml
+from edgefleet.testing.broker import Inbox, Mosquitto, Pki, client
+from tests.support import ROOT
 
 ERROR = "edge-agent: error: "
 
@@ -114,7 +115,7 @@ def test_insecure_agent_says_so_in_status_telemetry_metrics_and_cli(broker: Mosq
         metrics = a.client.metrics()
         assert re.search(r'^edgefleet_insecure\{device="dev-1"\} 1$', metrics, re.M), metrics
         assert a.client.health()["agent"]["insecure"] is True
-        assert re.search(r"^WARNING agent\.daemon: INSECURE: security\.insecure = true \(no trusted key\)",
+        assert re.search(r"^WARNING edgefleet\.agent\.daemon: INSECURE: security\.insecure = true \(no trusted key\)",
                          a.log(), re.M), a.log()
         res = a.cli("status")
         assert res.returncode == 0 and "INSECURE" in res.stdout, res.stdout + res.stderr

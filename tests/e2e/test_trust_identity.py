@@ -24,10 +24,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.errors import TransportError
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
-from edgefleet.transport import MqttSettings, Transport, settings_from_config
-from tests.support.agentproc import AgentProcess
-from tests.support.broker import OPERATOR, AclBroker, Inbox, Pki, client, shipped_broker_for
-from tests.support.helpers import wait_for
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox, Pki, client
+from edgefleet.testing.waiting import wait_for
+from edgefleet.transport import MqttSettings, Transport
+from tests.support.broker import OPERATOR, AclBroker, shipped_broker_for
 
 T = Topics()
 DEVICES = ("cam-a", "cam-b")
@@ -307,7 +308,7 @@ def test_with_mutual_tls_the_certificate_cn_binds_the_client_id(tmp_path: Path, 
 
 
 def test_the_agent_logs_in_as_its_device_id_by_default() -> None:
-    s = settings_from_config(MqttConfig(url="mqtts://broker.example:8883"), "cam-b")
+    s = MqttConfig(url="mqtts://broker.example:8883").settings("cam-b")
     assert (s.username, s.client_id) == ("cam-b", "cam-b")
-    s = settings_from_config(MqttConfig(url="mqtts://broker.example:8883", username="other", client_id="x"), "cam-b")
+    s = MqttConfig(url="mqtts://broker.example:8883", username="other", client_id="x").settings("cam-b")
     assert (s.username, s.client_id) == ("other", "x")

@@ -24,11 +24,12 @@ from edgefleet.converter.fleet.publish import RetainedIndex
 
 from edgefleet.protocol import Keyring, SigningKey, Status, Topics, canonical_json, parse_json
 from edgefleet.protocol.documents import INVENTORY_SCHEMA, Deployment, Timestamp, Withdrawal
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import Inbox, Mosquitto, client
+from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Transport
-from tests.support.agentproc import ROOT, AgentProcess
-from tests.support.broker import Inbox, Mosquitto, client
+from tests.support import ROOT
 from tests.support.fake_device import FakeDevice
-from tests.support.helpers import wait_for
 
 T = Topics()
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]

@@ -26,10 +26,11 @@ from tritonclient.utils import InferenceServerException
 
 from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.errors import RequestError
-from tests.support.agentproc import AgentProcess
-from tests.support.broker import free_port
-from tests.support.helpers import read_http_response, wait_for
-from tests.support.reliability import build_bundle, fast_tmp
+from edgefleet.testing.agentproc import AgentProcess
+from edgefleet.testing.broker import free_port
+from edgefleet.testing.reliability import build_bundle, fast_tmp
+from edgefleet.testing.waiting import wait_for
+from tests.support.helpers import read_http_response
 
 LABELS = ["a", "b", "c", "d"]
 

@@ -11,8 +11,9 @@ import pytest
 
 from edgefleet.errors import TransportError
 from edgefleet.protocol import Topics
+from edgefleet.testing.broker import Inbox, Pki, client
 from edgefleet.transport import MqttSettings, Transport
-from tests.support.broker import OPERATOR, AclBroker, Inbox, Pki, client, shipped_broker_for
+from tests.support.broker import OPERATOR, AclBroker, shipped_broker_for
 
 T = Topics("edgefleet")
 CHUNK = T.chunk(hashlib.sha256(b"chunk").hexdigest())

@@ -21,7 +21,7 @@ from edgefleet.agent.lifecycle.store import Store
 from edgefleet.errors import DeploymentRejected
 from edgefleet.protocol import Topics
 from edgefleet.protocol.chunks import split
-from edgefleet.protocol.documents import Artifact
+from edgefleet.protocol.documents import Artifact, Signed
 
 T = Topics()
 CHUNK = 4096
@@ -103,7 +103,7 @@ class Rig:
             for ref, payload in zip(a.chunks, payloads, strict=True):
                 self.broker.payloads[T.chunk(ref.sha256)] = payload
         doc: Any = _Doc(deployment_id=f"{name}-{version}", model=_Model(name, version, art, gold))
-        return self.downloads.start(doc, {})
+        return self.downloads.start(Signed(doc, {}))
 
     def run(self, jobs: int, timeout: float = 30.0) -> tuple[list[Job], list[DeploymentRejected]]:
         """Play the loop thread until `jobs` downloads ended; finish the complete ones."""

@@ -12,7 +12,8 @@ from edgefleet.converter.fleet.connect import add_broker_args, settings_from_arg
 from edgefleet.converter.fleet.observer import FleetObserver
 
 from edgefleet.protocol import Keyring, SigningKey, Status, Topics, canonical_json
-from tests.support.broker import OPERATOR, AclBroker, Mosquitto, client
+from edgefleet.testing.broker import Mosquitto, client
+from tests.support.broker import OPERATOR, AclBroker
 from tests.support.fake_device import FakeDevice
 
 T = Topics("edgefleet")

@@ -36,7 +36,8 @@ from edgefleet.protocol import (
     parse_json,
     split,
 )
-from tests.support.broker import Mosquitto
+from edgefleet.testing.broker import Mosquitto
+from edgefleet.testing.reliability import AgentWith, Operator, build_bundle, fast_tmp
 from tests.support.fuzzing import (
     CASES,
     E2E,
@@ -52,7 +53,6 @@ from tests.support.fuzzing import (
     topic_for,
 )
 from tests.support.inproc import InProcessAgent, LogCapture, Snapshot, tree
-from tests.support.reliability import AgentWith, Operator, build_bundle, fast_tmp
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S)
 

@@ -26,7 +26,7 @@ from edgefleet.protocol import (
     join,
     split,
 )
-from tests.support.broker import Inbox, Mosquitto, client
+from edgefleet.testing.broker import Inbox, Mosquitto, client
 from tests.support.fake_device import FakeDevice
 
 T = Topics("edgefleet")

@@ -15,10 +15,11 @@ from edgefleet.converter.fleet.publish import make_command
 
 from edgefleet.errors import RequestError, TransportError
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
+from edgefleet.testing.broker import client
+from edgefleet.testing.reliability import AgentWith, Fleet, Operator, X, build_bundle, running_fleet
 from edgefleet.transport import MqttSettings, Transport
-from tests.support.broker import OPERATOR, acl_broker_for, client
+from tests.support.broker import OPERATOR, acl_broker_for
 from tests.support.inproc import tree
-from tests.support.reliability import AgentWith, Fleet, Operator, X, build_bundle, running_fleet
 
 T = Topics()
 

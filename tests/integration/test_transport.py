@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.credentials import read_secret
 from edgefleet.errors import ConfigError, TransportError
-from edgefleet.transport import Message, MqttSettings, Transport, parse_url, read_secret
-from tests.support.broker import OPERATOR, ROOT, AclBroker, Inbox, Mosquitto, Pki, client
+from edgefleet.testing.broker import Inbox, Mosquitto, Pki, client
+from edgefleet.transport import Message, MqttSettings, Transport, parse_url
+from tests.support.broker import OPERATOR, ROOT, AclBroker
 
 # ---------------------------------------------------------------------- settings
 

@@ -19,8 +19,8 @@ from edgefleet.converter.fleet.publish import make_command
 
 from edgefleet.bundle import MANIFEST_FILE, MODEL_FILE
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
+from edgefleet.testing.reliability import AgentWith, Fleet, Operator, X, build_bundle
 from tests.support.broker import acl_broker_for
-from tests.support.reliability import AgentWith, Fleet, Operator, X, build_bundle
 
 T = Topics()
 DEVICES = ("dev-1", "dev-2")

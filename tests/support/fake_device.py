@@ -65,8 +65,8 @@ class FakeDevice:
     def start(self) -> FakeDevice:
         """Connect, announce online, follow the deployment and command topics."""
         t = self.transport
-        t.subscribe([f"{self.prefix}/devices/{self.device_id}/models/+", self.topics.cmd(self.device_id),
-                     *(f"{self.prefix}/groups/{g}/models/+" for g in self.groups)])
+        t.subscribe([self.topics.device_models(self.device_id), self.topics.cmd(self.device_id),
+                     *(self.topics.group_models(g) for g in self.groups)])
         self._worker.start()
         t.start()
         if not t.wait_connected(10):

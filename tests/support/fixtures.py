@@ -1,41 +1,20 @@
-"""Shared fixtures: the model zoo (built once, in a TensorFlow-only subprocess, and cached) and bundles."""
+"""Shared fixtures: the model zoo (the kit's, built once in a TensorFlow-only subprocess and cached) and bundles."""
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ZOO = Path(__file__).resolve().parent / "zoo.py"
-
-
-def _zoo_dir() -> Path:
-    digest = hashlib.sha256(ZOO.read_bytes()).hexdigest()[:16]
-    return ROOT / ".cache" / "zoo" / digest
+from edgefleet.testing.reliability import zoo_model
 
 
 @pytest.fixture(scope="session")
 def zoo() -> Callable[[str], Path]:
-    """Path of a zoo model by name, building every model once per zoo.py version."""
-    out = _zoo_dir()
-    marker = out / ".complete"
-    if not marker.exists():
-        subprocess.run([sys.executable, str(ZOO), str(out)], check=True, timeout=600)
-        marker.touch()
-
-    def get(name: str) -> Path:
-        path = out / f"{name}.tflite"
-        if not path.exists():
-            raise LookupError(f"no zoo model {name!r}; add it to tests/support/zoo.py")
-        return path
-
-    return get
+    """Path of a zoo model by name (edgefleet/testing/zoo.py), building every model once per version of it."""
+    return zoo_model
 
 
 @pytest.fixture

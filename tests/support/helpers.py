@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,18 +37,6 @@ def swap_file(bundle: Path, filename: str, data: bytes, key: SigningKey | None =
         raw["model"][field] = dump(artifact)
 
     rewrite_manifest(bundle, mutate, key)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll until `predicate()` is truthy and return its value; AssertionError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def read_http_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:

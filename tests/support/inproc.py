@@ -29,9 +29,9 @@ from edgefleet.agent.fleet.link import FleetLink
 
 from edgefleet.bundle import GOLDEN_FILE, MODEL_FILE
 from edgefleet.protocol import Event, SigningKey, Topics, parse_json
+from edgefleet.testing.agentproc import toml
+from edgefleet.testing.reliability import X
 from edgefleet.transport import Message
-from tests.support.agentproc import toml
-from tests.support.reliability import X
 
 TOPICS = Topics()
 
@@ -135,7 +135,7 @@ class InProcessAgent:
         lc = daemon.lifecycle
         if lc.state.record("m").active is None:
             raw = parse_json((v1 / "manifest.json").read_bytes())
-            assert lc.install(raw, (v1 / MODEL_FILE).read_bytes(), (v1 / GOLDEN_FILE).read_bytes()) == "PROBATION"
+            assert lc.install_bundle(raw, (v1 / MODEL_FILE).read_bytes(), (v1 / GOLDEN_FILE).read_bytes()) == "PROBATION"
             lc.commit("m")
         return agent
 
@@ -238,8 +238,8 @@ class LogCapture(logging.Handler):
         return [r.getMessage() for r in self.records[len(self.records) - min(len(self.records), self.count - count):]]
 
     def __enter__(self) -> LogCapture:
-        logging.getLogger("agent").addHandler(self)
+        logging.getLogger("edgefleet.agent").addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("agent").removeHandler(self)
+        logging.getLogger("edgefleet.agent").removeHandler(self)

@@ -22,7 +22,15 @@ from edgefleet.agent.api.server import ApiServer
 from edgefleet.agent.serving.models import Serving
 
 from edgefleet.bundle import MODEL_FILE, Bundle
-from edgefleet.errors import ConfigError, EdgefleetError, RequestError
+from edgefleet.errors import (
+    ActionError,
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RequestError,
+    Unavailable,
+)
 from tests.support.helpers import read_http_response, read_http_responses
 
 LABELS = ("a", "b", "c", "d")
@@ -280,19 +288,30 @@ def test_keep_alive_pipelining_and_expect_continue(api: Factory) -> None:
 def test_admin_actions_are_forwarded_on_the_admin_socket_only(api: Factory) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
-    def admin(action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if action == "explode":
-            raise EdgefleetError("cannot explode while serving")
+    # each kind of action error has its status, decided here only; anything else is the agent's fault
+    failures: dict[str, tuple[Exception, int]] = {
+        "bad": (InvalidInput("install needs a path"), 400), "missing": (NotFound("unknown model 'x'"), 404),
+        "busy": (Conflict("m: no previous version to roll back to"), 409),
+        "slow": (Unavailable("the agent did not finish status within 600s"), 504),
+        "other": (ActionError("cannot do that now"), 400), "bug": (KeyError("state"), 500),
+    }
+
+    def admin(action: str, body: dict[str, Any]) -> dict[str, Any]:
+        if action in failures:
+            raise failures[action][0]
         calls.append((action, body))
-        return 202, {"accepted": action}
+        return {"accepted": action}
 
     server, _ = api(admin=admin)
     c = _client(server)
     assert c.admin("rollback", {"model": "m"}) == {"accepted": "rollback"}
     assert calls == [("rollback", {"model": "m"})]
-    with pytest.raises(RequestError, match="cannot explode") as info:
-        c.admin("explode")
-    assert info.value.status == 400
+    for action, (err, status) in failures.items():
+        with pytest.raises(RequestError) as info:
+            c.admin(action)
+        assert info.value.status == status and str(err) in str(info.value), action
+    with pytest.raises(RequestError, match="KeyError: 'state'"):
+        c.admin("bug")
     # the inference socket and TCP are refused, whatever the body
     for sock in (_unix(server), socket.create_connection(("127.0.0.1", server.port))):
         code, _, answer = _exchange(sock, _post("/v1/admin/rollback", b'{"model": "m"}').replace(
@@ -562,7 +581,7 @@ def test_tcp_clients_cannot_lock_out_the_unix_socket(api: Factory) -> None:
 
 
 def test_admin_socket_refuses_other_uids(api: Factory) -> None:
-    server, _ = api(admin=lambda action, body: (200, {}), admin_uids={os.getuid() + 4242})
+    server, _ = api(admin=lambda action, body: {}, admin_uids={os.getuid() + 4242})
     admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     admin.connect(str(server.admin_path))
     code, _, answer = read_http_response(admin)
@@ -576,9 +595,9 @@ def _open_fds() -> int:
 def test_install_reads_passed_file_descriptors(api: Factory, make_bundle: Callable[..., Path]) -> None:
     got: list[dict[str, Any]] = []
 
-    def admin(action: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def admin(action: str, body: dict[str, Any]) -> dict[str, Any]:
         got.append(body)
-        return 200, {"phase": "PROBATION"}
+        return {"phase": "PROBATION"}
 
     server, _ = api(admin=admin, max_file_bytes=1 << 20)
     bundle = make_bundle("dense_f32")

@@ -29,10 +29,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefleet.protocol import SigningKey
+from edgefleet.testing.reliability import AgentWith, X, build_bundle, fast_tmp
+from edgefleet.testing.waiting import wait_for
 from tests.support.fuzzing import CASES, E2E, FUZZ, JSON, NAMES, TIMEOUT_S
-from tests.support.helpers import wait_for
 from tests.support.inproc import InProcessAgent, tree
-from tests.support.reliability import AgentWith, X, build_bundle, fast_tmp
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S)
 

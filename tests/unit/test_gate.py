@@ -473,7 +473,8 @@ def test_every_output_is_judged(capsys: pytest.CaptureFixture[str], same_shape: 
 
 def test_outputs_are_matched_by_name_shape_then_least_error() -> None:
     from edgefleet.converter.convert.evaluate import match_outputs
-    from edgefleet.converter.errors import UsageError
+
+    from edgefleet.errors import UsageError
 
     rng = np.random.default_rng(0)
     refs = [rng.normal(size=(50, 4)).astype(np.float32) for _ in range(3)] + [rng.normal(size=(50, 7))]

@@ -21,8 +21,7 @@ import pytest
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE
 from edgefleet.protocol import SigningKey, parse_json
-from tests.support.helpers import wait_for
-from tests.support.hostile import (
+from edgefleet.testing.hostile import (
     Hostile,
     bit_flips,
     flatbuffer_edits,
@@ -32,8 +31,7 @@ from tests.support.hostile import (
     tally,
     truncations,
 )
-from tests.support.inproc import InProcessAgent
-from tests.support.reliability import (
+from edgefleet.testing.reliability import (
     AgentWith,
     build_bundle,
     fast_tmp,
@@ -41,6 +39,8 @@ from tests.support.reliability import (
     run_hostile_through_agent,
     zoo_model,
 )
+from edgefleet.testing.waiting import wait_for
+from tests.support.inproc import InProcessAgent
 
 LIMITS = {"timeout_s": 3, "memory_mb": 512, "latency_runs": 5}
 
@@ -76,7 +76,7 @@ def test_hostile_models_are_refused_in_the_validation_child(world: tuple[Path, S
     for i, hostile in enumerate(files):
         raw = hostile_document(base, hostile.data, version=100 + i, dep_id=f"hostile-{i}", key=key)
         mark = len(agent.events)
-        phase = lc.install(raw, hostile.data, golden)
+        phase = lc.install_bundle(raw, hostile.data, golden)
         event = agent.events[-1]
         if phase == "REJECTED":
             assert event.step == "REJECTED" and not event.ok and event.reason, hostile.name

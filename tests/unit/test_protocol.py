@@ -264,3 +264,40 @@ def test_unsigned_view() -> None:
     doc = Deployment.from_dict(key.sign(_deployment().to_dict()))
     assert doc.unsigned().signature is None and doc.unsigned().key_id is None
     assert copy.deepcopy(doc) == doc
+
+
+def test_phases_are_an_enum_that_reads_and_writes_the_same_names() -> None:
+    from edgefleet.protocol import Event, ModelState, Phase, dump, parse
+
+    assert [p for p in Phase if p.in_progress] == [Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING,
+                                                   Phase.ACTIVATING]
+    assert [p for p in Phase if p.resting] == [Phase.IDLE, Phase.COMMITTED, Phase.REJECTED, Phase.ROLLED_BACK]
+    assert [p for p in Phase if p.failed] == [Phase.REJECTED, Phase.ROLLED_BACK]
+    assert not (Phase.PROBATION.resting or Phase.PROBATION.in_progress)  # on trial: neither
+    # the wire and state.json keep the bare names, and text shows them bare
+    state = ModelState(phase=Phase.ROLLED_BACK)
+    assert dump(state) == {"phase": "ROLLED_BACK"} and type(dump(state)["phase"]) is str
+    assert canonical_json({"phase": Phase.IDLE}) == b'{"phase":"IDLE"}'
+    assert parse(ModelState, {"phase": "COMMITTED"}).phase is Phase.COMMITTED
+    assert f"{Phase.COMMITTED} / %s" % Phase.IDLE == "COMMITTED / IDLE"
+    with pytest.raises(ProtocolError, match=r"step: expected one of 'IDLE', .*'ROLLED_BACK', got 'DONE'"):
+        Event.from_dict({"ts": 1.0, "device_id": "d", "model": "m", "step": "DONE", "ok": True})
+    with pytest.raises(ProtocolError, match="phase: expected one of"):
+        parse(ModelState, {"phase": 3})
+
+
+def test_a_signed_document_keeps_the_value_its_signature_covers() -> None:
+    from edgefleet.protocol import Signed
+
+    key = SigningKey.generate()
+    keyring = Keyring([key.private_key.public_key()])
+    unsigned = _deployment().to_dict()
+    del unsigned["policy"]  # the signer left the defaults out: parsing adds them back
+    raw = key.sign(unsigned)
+    signed = Signed.parse(Deployment, raw)
+    assert signed.raw is raw and signed.doc.model.name == "m" and signed.doc.policy.allow_downgrade is False
+    assert keyring.verify(signed.raw) == key.key_id
+    with pytest.raises(SignatureError):
+        keyring.verify(signed.doc.to_dict())  # a re-dump is not what was signed
+    with pytest.raises(ProtocolError, match="model: missing field"):
+        Signed.parse(Deployment, {k: v for k, v in raw.items() if k != "model"})

@@ -12,8 +12,8 @@ from edgefleet.converter.convert.prune import (
     prunable_kernels,
     prune,
 )
-from edgefleet.converter.errors import UsageError
 
+from edgefleet.errors import UsageError
 from tests.support.convert_support import digits, fresh_tiny_cnn
 
 

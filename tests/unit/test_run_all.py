@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from bench import reporting, run_all
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _program(name: str) -> ModuleType:
+    """A bench script imported the way the scripts see each other when run: from bench/ itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))
+        return importlib.import_module(name)
+
+
+reporting = _program("reporting")
+run_all = _program("run_all")
 
 
 def _script(path: Path, body: str) -> Path:

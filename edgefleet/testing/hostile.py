@@ -108,19 +108,19 @@ def _edits(m: Any) -> Iterator[tuple[str, Edit]]:
     ]
     for t in (inp, out, *inner[:2], *weights[:2]):
         for shape in absurd_shapes:
-            def edit(mm: Any, t: int = t, shape: list[int] = shape) -> None:
+            def set_shape(mm: Any, t: int = t, shape: list[int] = shape) -> None:
                 mm.subgraphs[0].tensors[t].shape = list(shape)
-            yield f"shape:t{t}={shape}", edit
+            yield f"shape:t{t}={shape}", set_shape
     for t in (inp, *weights[:1]):
         for sig in ([-1, INT32_MAX], [INT32_MAX, -1], [-1, -1, -1]):
-            def edit(mm: Any, t: int = t, sig: list[int] = sig) -> None:
+            def set_signature(mm: Any, t: int = t, sig: list[int] = sig) -> None:
                 mm.subgraphs[0].tensors[t].shapeSignature = list(sig)
-            yield f"shape_signature:t{t}={sig}", edit
+            yield f"shape_signature:t{t}={sig}", set_signature
     for t in (inp, out, *weights[:2]):
         for index in (len(m.buffers), 10**6, UINT32_MAX):
-            def edit(mm: Any, t: int = t, index: int = index) -> None:
+            def set_buffer(mm: Any, t: int = t, index: int = index) -> None:
                 mm.subgraphs[0].tensors[t].buffer = index
-            yield f"buffer_index:t{t}={index}", edit
+            yield f"buffer_index:t{t}={index}", set_buffer
     for b in [sg.tensors[w].buffer for w in weights[:2]]:
         def cut(mm: Any, b: int = b) -> None:
             mm.buffers[b].data = mm.buffers[b].data[:3]
@@ -133,29 +133,29 @@ def _edits(m: Any) -> Iterator[tuple[str, Edit]]:
             yield f"buffer_offset:b{b}=({offset},{size})", external
     for which in ("inputs", "outputs"):
         for index in (n_tensors, 10**6, -5):
-            def edit(mm: Any, which: str = which, index: int = index) -> None:
+            def set_operand(mm: Any, which: str = which, index: int = index) -> None:
                 op = mm.subgraphs[0].operators[0]
                 values = list(getattr(op, which))
                 values[0] = index
                 setattr(op, which, values)
-            yield f"op_{which}[0]={index}", edit
+            yield f"op_{which}[0]={index}", set_operand
     for index in (len(m.operatorCodes), 10**6):
-        def edit(mm: Any, index: int = index) -> None:
+        def set_opcode(mm: Any, index: int = index) -> None:
             mm.subgraphs[0].operators[0].opcodeIndex = index
-        yield f"opcode_index={index}", edit
+        yield f"opcode_index={index}", set_opcode
     for code in (9999, 127):
-        def edit(mm: Any, code: int = code) -> None:
+        def set_builtin(mm: Any, code: int = code) -> None:
             mm.operatorCodes[0].builtinCode = code
             mm.operatorCodes[0].deprecatedBuiltinCode = min(code, 127)
-        yield f"builtin_code={code}", edit
+        yield f"builtin_code={code}", set_builtin
 
     def version(mm: Any) -> None:
         mm.operatorCodes[0].version = 10**6
     yield "op_version=1000000", version
     for dtype in (99, 9, 8):  # unknown, STRING, COMPLEX64 on an input
-        def edit(mm: Any, dtype: int = dtype) -> None:
+        def set_type(mm: Any, dtype: int = dtype) -> None:
             mm.subgraphs[0].tensors[inp].type = dtype
-        yield f"tensor_type:t{inp}={dtype}", edit
+        yield f"tensor_type:t{inp}={dtype}", set_type
 
     def cycle(mm: Any) -> None:
         op = mm.subgraphs[0].operators[0]

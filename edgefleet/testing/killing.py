@@ -27,7 +27,7 @@ from typing import Any
 from edgefleet.bundle import MANIFEST_FILE
 from edgefleet.errors import RequestError
 from edgefleet.protocol import canonical_json, parse_json
-from tests.support.reliability import AgentWith, X
+from edgefleet.testing.reliability import AgentWith, X
 
 CRASH_POINTS = [
     "install:begun", "install:stored", "install:validated", "activate:served", "activate:saved",

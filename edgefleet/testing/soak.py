@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from edgefleet.agent.api.client import ApiClient
 
-from tests.support.helpers import wait_for
-from tests.support.reliability import AgentWith, X, build_bundle
+from edgefleet.agent.api.client import ApiClient
+from edgefleet.testing.reliability import AgentWith, X, build_bundle
+from edgefleet.testing.waiting import wait_for
 
 SWITCH_TAIL_S = 1.0
 
@@ -104,8 +104,8 @@ def soak(agent: AgentWith, updates: list[Path], *, seconds: float, rate: float =
         api.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True, name=f"soak-{i}") for i in range(clients)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     admin = ApiClient(socket_path=str(agent.socket), timeout=600)
     stop.wait(min(2.0, seconds / 10))  # warm: connections open, first requests served
     report.rss_start = proc.memory_info().rss
@@ -123,8 +123,8 @@ def soak(agent: AgentWith, updates: list[Path], *, seconds: float, rate: float =
             progress(f"soak: {what}: {outcome}")
     stop.wait(max(0.0, started + seconds - time.monotonic()))
     stop.set()
-    for t in threads:
-        t.join(60)
+    for thread in threads:
+        thread.join(60)
     report.rss_end = proc.memory_info().rss
     report.seconds = time.monotonic() - started
     windows = [(s, e + SWITCH_TAIL_S) for _, s, e, _ in report.switches]

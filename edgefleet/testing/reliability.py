@@ -1,7 +1,8 @@
-"""Models, bundles and a process wrapper shared by the reliability tests and bench/reliability.py.
+"""Models, bundles, agents behind a broker and an operator: the pieces the fault, fuzz and soak runs share.
 
-The pytest fixtures in conftest are function-scoped; the fuzz and fault suites need the same
-bundles at module scope and from a plain script, so the few lines that build them live here too.
+The model zoo (`zoo.py`, built once per version of that file in a TensorFlow-only subprocess) is
+cached under `cache_dir()`; the pytest fixtures use the same cache, so a benchmark and the suite build
+it once between them.
 """
 
 from __future__ import annotations
@@ -21,23 +22,36 @@ from typing import Any
 import numpy as np
 
 from edgefleet.protocol import SigningKey
-from tests.support.agentproc import AgentProcess
+from edgefleet.testing.agentproc import AgentProcess
 
-ROOT = Path(__file__).resolve().parents[2]
-ZOO = ROOT / "tests" / "support" / "zoo.py"
+ZOO = Path(__file__).resolve().parent / "zoo.py"
+CACHE_ENV = "EDGEFLEET_CACHE_DIR"
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
+"""One input of the zoo's dense models (8 floats)."""
 
 
-def zoo_model(name: str) -> Path:
-    """Path of a zoo model, building the zoo once per zoo.py version (the same cache as the `zoo` fixture)."""
-    out = ROOT / ".cache" / "zoo" / hashlib.sha256(ZOO.read_bytes()).hexdigest()[:16]
+def cache_dir() -> Path:
+    """Where built models are kept: $EDGEFLEET_CACHE_DIR, else the user's cache directory."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgefleet"
+
+
+def zoo_dir() -> Path:
+    """The folder of every zoo model, built on first use for this version of zoo.py."""
+    out = cache_dir() / "zoo" / hashlib.sha256(ZOO.read_bytes()).hexdigest()[:16]
     marker = out / ".complete"
     if not marker.exists():
         subprocess.run([sys.executable, str(ZOO), str(out)], check=True, timeout=900)
         marker.touch()
-    path = out / f"{name}.tflite"
+    return out
+
+
+def zoo_model(name: str) -> Path:
+    """Path of a zoo model by name (a function of zoo.py)."""
+    path = zoo_dir() / f"{name}.tflite"
     if not path.exists():
-        raise LookupError(f"no zoo model {name!r}")
+        raise LookupError(f"no zoo model {name!r}; add it to {ZOO}")
     return path
 
 
@@ -45,7 +59,6 @@ def build_bundle(dest: Path, model: str | bytes, *, name: str = "m", version: in
                  key: SigningKey | None = None, samples: int = 4, **spec: Any) -> Path:
     """A bundle of a zoo model (by name) or of raw model bytes, as the `make_bundle` fixture writes it."""
     from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
-
     from edgefleet.runtime import load_model
 
     data = zoo_model(model).read_bytes() if isinstance(model, str) else model
@@ -89,7 +102,7 @@ class AgentWith(AgentProcess):
         code = f"{self.prelude}\nimport sys\nfrom edgefleet.agent.cli import main\nsys.exit(main(sys.argv[1:]))"
         argv = [*self.prefix, sys.executable, "-c", code, "--config", str(self.config_path), "run"]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=ROOT)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(env))
         if wait:
             self.wait_ready(timeout)
         return self
@@ -100,8 +113,8 @@ class Operator:
 
     def __init__(self, url: str, key: SigningKey, **settings: Any) -> None:
         from edgefleet.protocol import Topics
+        from edgefleet.testing.broker import Inbox
         from edgefleet.transport import MqttSettings, Transport
-        from tests.support.broker import Inbox
 
         self.key = key
         self.topics = Topics()
@@ -116,9 +129,8 @@ class Operator:
 
     def prepare(self, bundle: Path, *, device: str = "dev-1", group: str | None = None, **kwargs: Any) -> Any:
         """The bundle chunked and freshly signed for a device (or a group) (edgefleet.converter.fleet.publish.prepare)."""
-        from edgefleet.converter.fleet.publish import prepare
-
         from edgefleet.bundle import Bundle
+        from edgefleet.converter.fleet.publish import prepare
 
         target = f"group:{group}" if group else f"device:{device}"
         return prepare(Bundle.load(bundle), key=kwargs.pop("key", self.key), target=kwargs.pop("target", target),
@@ -242,7 +254,7 @@ class HostileReport:
 
     def summary(self) -> str:
         """One line for logs and the bench."""
-        from tests.support.hostile import tally
+        from edgefleet.testing.hostile import tally
 
         return (f"{self.ran} hostile models in {self.seconds:.1f} s: {self.rejected} rejected, {self.accepted} "
                 f"passed validation (golden outputs within tolerance), agent crashes {self.agent_crashes}; outcomes: "
@@ -262,7 +274,7 @@ def run_hostile_through_agent(agent: AgentProcess, v1: Path, files: list[Any], k
     from edgefleet.bundle import MANIFEST_FILE, MODEL_FILE
     from edgefleet.errors import RequestError
     from edgefleet.protocol import canonical_json, parse_json
-    from tests.support.hostile import outcome_kind
+    from edgefleet.testing.hostile import outcome_kind
 
     report = HostileReport()
     started = time.monotonic()
@@ -374,7 +386,7 @@ class Fleet:
 @contextlib.contextmanager
 def running_fleet(root: Path) -> Iterator[Fleet]:
     """A fresh broker and operator key under `root`; every agent and the broker are killed at the end."""
-    from tests.support.broker import Mosquitto
+    from edgefleet.testing.broker import Mosquitto
 
     key = SigningKey.generate()
     key.write(root / "keys")

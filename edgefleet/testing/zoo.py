@@ -1,6 +1,6 @@
 """Tiny models the tests build for themselves, converted to TFLite in a separate process.
 
-Run as ``python tests/support/zoo.py OUTDIR NAME...``. TensorFlow is imported only here, in its own process,
+Run as ``python -m edgefleet.testing.zoo OUTDIR NAME...``. TensorFlow is imported only here, in its own process,
 so test processes that use tflite-runtime never see it (docs/architecture.md).
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _tf():  # type: ignore[no-untyped-def]
+def _tf() -> Any:
     import tensorflow as tf
 
     tf.keras.backend.clear_session()  # layer names restart, as in a fresh process: a stable file layout
@@ -33,13 +34,18 @@ def _convert(model, quant: str | None = None, rep=None) -> bytes:  # type: ignor
     return bytes(conv.convert())
 
 
+def _dense(tf: Any, batch_size: int | None = None) -> Any:
+    """8 floats in, a hidden Dense of 16, softmax over 4 classes out (weights from the current seed)."""
+    return tf.keras.Sequential([
+        tf.keras.Input((8,), batch_size=batch_size), tf.keras.layers.Dense(16, activation="relu"),
+        tf.keras.layers.Dense(4, activation="softmax"),
+    ])
+
+
 def dense_f32() -> bytes:
     """8 floats in, softmax over 4 classes out."""
     tf = _tf()
-    m = tf.keras.Sequential([
-        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
-        tf.keras.layers.Dense(4, activation="softmax"),
-    ])
+    m = _dense(tf)
     return _convert(m)
 
 
@@ -47,10 +53,7 @@ def dense_f32_v2() -> bytes:
     """Same signature as dense_f32, different weights."""
     tf = _tf()
     tf.keras.utils.set_random_seed(8)
-    m = tf.keras.Sequential([
-        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
-        tf.keras.layers.Dense(4, activation="softmax"),
-    ])
+    m = _dense(tf)
     return _convert(m)
 
 
@@ -59,10 +62,7 @@ def dense_int8() -> bytes:
     import numpy as np
 
     tf = _tf()
-    m = tf.keras.Sequential([
-        tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
-        tf.keras.layers.Dense(4, activation="softmax"),
-    ])
+    m = _dense(tf)
     rng = np.random.default_rng(0)
 
     def rep():  # type: ignore[no-untyped-def]
@@ -91,10 +91,7 @@ def slow_f32() -> bytes:
 def dense_f32_batch1() -> bytes:
     """dense_f32's layers with a fixed batch of 1 (input shape (1, 8), no dynamic dimension)."""
     tf = _tf()
-    m = tf.keras.Sequential([
-        tf.keras.Input((8,), batch_size=1), tf.keras.layers.Dense(16, activation="relu"),
-        tf.keras.layers.Dense(4, activation="softmax"),
-    ])
+    m = _dense(tf, batch_size=1)
     return _convert(m)
 
 

@@ -1,4 +1,7 @@
-"""Run the real `edge-agent` as a process in a test: its own config, state directory and API socket."""
+"""The real `edge-agent` as a process: its own config, state directory and API socket.
+
+The process runs the installed `edgefleet.agent` with this interpreter, in the caller's working directory.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.api.client import ApiClient
-
 from edgefleet.errors import RequestError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def toml_value(v: Any) -> str:
@@ -80,7 +80,6 @@ class AgentProcess:
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT)
         env.pop("NOTIFY_SOCKET", None)
         env.update(extra or {})
         return env
@@ -90,7 +89,7 @@ class AgentProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgefleet.agent.cli", "--config", str(self.config_path), "run"],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(env),
             )
         if wait:
             self.wait_ready(timeout)
@@ -112,7 +111,7 @@ class AgentProcess:
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run an `edge-agent` command against this agent's config."""
         return subprocess.run([sys.executable, "-m", "edgefleet.agent.cli", "--config", str(self.config_path), *args],
-                              capture_output=True, text=True, env=self.env(env), cwd=ROOT, timeout=timeout)
+                              capture_output=True, text=True, env=self.env(env), timeout=timeout)
 
     def status(self) -> dict[str, Any]:
         res = self.cli("status", "--json")

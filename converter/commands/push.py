@@ -1,0 +1,267 @@
+"""`edgectl push`: publish a bundle to a group or to devices, follow the rollout (--wait), canaries
+first (--canary). The work is done in converter/fleet/: publish.py (documents, chunks, verdicts),
+rollout.py (progress and following), canary.py (the canary sequence), inventory.py (group members)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from edgefleet.converter.fleet.canary import (
+    CanaryRollout,
+    PinnedDocuments,
+    canary_line,
+    parse_canary,
+    pick_canaries,
+)
+from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.inventory import add_trust_args, tracker_from_args
+from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.publish import (
+    DeviceResult,
+    group_target,
+    prepare,
+    publish_documents,
+    push_targets,
+    select_targets,
+    signed_policy,
+    targeted_documents,
+)
+from edgefleet.converter.fleet.rollout import follow, publish_with_progress
+from edgefleet.converter.output import (
+    add_json,
+    load_key,
+    name_type,
+    positive_int,
+    print_json,
+    size_text,
+    stdout_console,
+)
+
+from edgefleet.bundle import Bundle
+from edgefleet.errors import ExitCode, UsageError
+
+PUSH_EPILOG = """\
+Chunks are published retained (QoS 1) first, then the deployment document to the group's or each
+device's topic. Every document names its target inside the signature (target "group:G", or
+"device:ID", one document per device), and agents refuse a document on any other topic. With --key
+the document is issued again (new deployment id, issued now, --expires-in) and signed for each
+target. Without --key the bundle's own signed manifest is published as it is, which works only when
+it already names this target; an unsigned manifest (--allow-unsigned, for agents that trust no key)
+gets the target written in.
+
+--wait follows the targeted devices that are online: exit 0 when every one committed the
+deployment, 1 as soon as one rejects it or rolls it back (the reason is printed), 1 on --timeout.
+Offline devices are listed as pending: they install from the retained messages when they return.
+With --group, the devices waited for and counted are the group's members in the operator-signed
+inventory (edgectl inventory; verified with --trust and the public half of --key), never the devices
+that claim the group in their status; without a verified inventory the push stops before publishing.
+
+--canary N (or P%) deploys to N online members of the group first, with device-level documents,
+waits (--timeout) until every canary committed (probation passed), then publishes the group
+document and withdraws the canaries' own documents. If a canary rejects or rolls back the model, or
+does not finish in time, the canaries that activated it get a signed rollback command, their
+documents are withdrawn, the group document is not published, and the exit code is 1. With --wait
+the rest of the group is then followed as above.
+
+examples:
+  edgectl push bundles/det-v2 --group lab --key keys/ --wait --timeout 300
+  edgectl push bundles/det-v2 --group lab --key keys/ --canary 10% --wait
+  edgectl push bundles/det-v2 --device cam-1 --device cam-2 --broker mqtts://broker:8883 --ca ca.pem \\
+      --username edgefleet-operator --password-file op.password
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register push."""
+    p = subparsers.add_parser("push", help="publish a bundle to a group or devices over MQTT",
+                              description="Publish a bundle's chunks and its signed deployment document.",
+                              epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory (edgectl convert/package)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--group", type=name_type("group"), help="deploy to every device of this group")
+    target.add_argument("--device", dest="devices", action="append", type=name_type("device"), metavar="ID",
+                        help="deploy to this device (repeat for several)")
+    p.add_argument("--key", metavar="KEY", help="issue a fresh document signed with this key (file or keygen dir)")
+    p.add_argument("--expires-in", type=positive_int, metavar="S", help="validity of the re-issued document (--key)")
+    p.add_argument("--allow-unsigned", action="store_true", help="publish an unsigned manifest")
+    pol = p.add_argument_group("signed policy (with --key; it can only tighten each device's own limits)")
+    pol.add_argument("--probation", type=float, metavar="S", help="watch the new model at least S seconds")
+    pol.add_argument("--max-error-rate", type=float, metavar="F", help="roll back above this error rate (0-1)")
+    pol.add_argument("--max-latency-ratio", type=float, metavar="X",
+                     help="roll back when p95 latency exceeds X times the previous model's")
+    pol.add_argument("--max-latency-ms", type=float, metavar="MS", help="refuse a model slower than this at validation")
+    pol.add_argument("--allow-downgrade", action="store_true",
+                     help="let devices install a version not above the one they run (a signed downgrade)")
+    pol.add_argument("--version-label", dest="version_labels", action="append", metavar="LABEL",
+                     help="a name for this version on the devices' local API (/v1/models/M/labels/LABEL); repeat "
+                          "for several")
+    p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S s (600)")
+    p.add_argument("--canary", type=parse_canary, metavar="N|P%",
+                   help="with --group and --key: deploy to N online members (or P%% of them, at least one) "
+                        "first and publish the group document only when all of them committed; a failed "
+                        "canary is rolled back and the push stops (docs/operations-canary.md)")
+    add_trust_args(p)
+    add_json(p)
+    add_broker_args(p)
+    p.set_defaults(func=run_push)
+
+
+def _policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The signed policy options given on the command line."""
+    return signed_policy(probation_s=args.probation, max_error_rate=args.max_error_rate,
+                         max_latency_ratio=args.max_latency_ratio, max_latency_ms=args.max_latency_ms,
+                         allow_downgrade=args.allow_downgrade, version_labels=args.version_labels or ())
+
+
+def _sayer(args: argparse.Namespace) -> Callable[[str], None]:
+    """Print lines for people; none with --json, which prints one document at the end."""
+    if args.json:
+        return lambda line: None
+    out = stdout_console()
+    return lambda line: out.print(line)
+
+
+def _follow(args: argparse.Namespace, observer: FleetObserver, targets: dict[str, DeviceResult], name: str,
+            dep_id: str, summary: dict[str, Any], ignored: Sequence[str] = ()) -> int:
+    """--wait: follow the targets to their verdicts; exit 0 when none failed or is unfinished."""
+    say = _sayer(args)
+    if ignored:
+        summary["not_in_inventory"] = list(ignored)
+        for d in ignored:
+            say(f"device {d}: claims group {args.group} but is not in the inventory: not counted")
+    followed = follow(observer, targets, name, dep_id, timeout=args.timeout, group=args.group, say=say)
+    if args.json:
+        summary["devices"] = followed.devices()
+        summary["ok"] = followed.ok
+        print_json(summary)
+    else:
+        say(followed.summary_line())
+    return ExitCode.OK if followed.ok else ExitCode.FAILURE
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """edgectl push."""
+    if args.canary is not None:
+        return run_canary_push(args)
+    bundle = Bundle.load(args.bundle)
+    key = load_key(args.key)
+    push_to = push_targets(args.group, args.devices or [])
+    prepared = prepare(bundle, key=key, expires_in=args.expires_in, allow_unsigned=args.allow_unsigned,
+                       policy=_policy(args), target=push_to[0])
+    dep = prepared.deployment
+    name = dep.model.name
+    topics = topics_from_args(args)
+    documents = targeted_documents(prepared, topics, push_to)
+    targets_topics = list(documents)
+    say = _sayer(args)
+    tracker = tracker_from_args(args, topics, key) if args.wait and args.group is not None else None
+    observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)
+    transport = connect(args, "edgectl-push", on_message=observer.handle)
+    try:
+        targets: dict[str, DeviceResult] = {}
+        ignored: list[str] = []
+        if args.wait:
+            observer.attach(transport, timeout=args.connect_timeout)
+            if tracker is not None:
+                members = tracker.members(args.group, f"push --group {args.group} --wait")
+                ignored = [d for d in observer.claiming(args.group) if d not in members]
+            else:
+                members = tuple(args.devices)
+            targets = select_targets(observer, members)
+        publish_s = publish_with_progress(transport, topics, prepared, quiet=args.json)
+        publish_documents(transport, documents)
+        summary: dict[str, Any] = {
+            "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
+            "topics": targets_topics, "chunks": len(prepared.chunks), "wire_bytes": prepared.wire_bytes,
+            "raw_bytes": prepared.raw_bytes, "document_bytes": len(prepared.document),
+            "compress_s": round(prepared.compress_s, 4), "publish_s": round(publish_s, 4),
+            "resigned": prepared.resigned, "expires_at": dep.expires_at,
+        }
+        rate = prepared.wire_bytes / publish_s / 1e6 if publish_s > 0 else 0.0
+        say(f"pushed {name} v{dep.model.version} (deployment {dep.deployment_id}) to {', '.join(targets_topics)}")
+        say(f"  {len(prepared.chunks)} chunks, {size_text(prepared.wire_bytes)} on the wire "
+            f"({size_text(prepared.raw_bytes)} raw); chunking+compression {prepared.compress_s:.2f} s, "
+            f"publishing {publish_s:.2f} s ({rate:.0f} MB/s)")
+        if not args.wait:
+            if args.json:
+                print_json(summary)
+            return ExitCode.OK
+        return _follow(args, observer, targets, name, dep.deployment_id, summary, ignored)
+    finally:
+        transport.stop()
+
+
+def run_canary_push(args: argparse.Namespace) -> int:
+    """edgectl push --canary: canaries first, then the group (or a rollback of the canaries)."""
+    if args.group is None:
+        raise UsageError("--canary needs --group: canaries are picked among a group's members")
+    key = load_key(args.key)
+    if key is None:
+        raise UsageError("--canary needs --key: failed canaries are rolled back with signed commands")
+    bundle = Bundle.load(args.bundle)
+    prepared = prepare(bundle, key=key, expires_in=args.expires_in, policy=_policy(args),
+                       target=group_target(args.group))
+    dep = prepared.deployment
+    name = dep.model.name
+    topics = topics_from_args(args)
+    say = _sayer(args)
+
+    def show(r: DeviceResult) -> None:
+        line = canary_line(r)
+        if line is not None:
+            say(line)
+
+    pins = PinnedDocuments(topics, name)
+    tracker = tracker_from_args(args, topics, key)
+    observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)
+
+    def on_message(message: Any) -> None:
+        pins.handle(message)
+        observer.handle(message)
+
+    transport = connect(args, "edgectl-push", on_message=on_message)
+    try:
+        transport.subscribe(pins.subscription, wait=args.connect_timeout)
+        observer.attach(transport, timeout=args.connect_timeout)  # its sync also covers the pins
+        members = tracker.members(args.group, f"push --group {args.group} --canary")
+        ignored = [d for d in observer.claiming(args.group) if d not in members]
+        selection = pick_canaries(observer, members, args.canary, pins.devices())
+        if not selection.canaries:
+            why = "no online member" if not selection.pinned else "every online member is pinned by a device document"
+            raise UsageError(f"--canary: group {args.group} has {why} to use as a canary "
+                             f"({len(selection.offline)} offline); nothing was published")
+        say(selection.describe(args.group))
+        for d in ignored:
+            say(f"device {d}: claims group {args.group} but is not in the inventory: never a canary, not counted")
+        publish_s = publish_with_progress(transport, topics, prepared, quiet=args.json)
+        say(f"pushed {name} v{dep.model.version} (deployment {dep.deployment_id}): {len(prepared.chunks)} chunks "
+            f"in {publish_s:.2f} s; document to the canaries' device topics; waiting up to {args.timeout:g} s "
+            "for them to commit")
+        rollout = CanaryRollout(transport, observer, topics, prepared, args.group, selection, key,
+                                timeout=args.timeout, say=say, on_result=show)
+        outcome = rollout.run()
+        summary: dict[str, Any] = {
+            "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
+            "group": args.group, "chunks": len(prepared.chunks), "wire_bytes": prepared.wire_bytes,
+            "publish_s": round(publish_s, 4), "canary": outcome.to_dict(args.canary), "not_in_inventory": ignored,
+        }
+        if not outcome.passed:
+            for line in outcome.failure_lines(args.group):
+                say(line)
+            if args.json:
+                summary["ok"] = False
+                print_json(summary)
+            return ExitCode.FAILURE
+        say(f"every canary committed: published the group document to {topics.group_model(args.group, name)}")
+        say(f"withdrew the device documents of {', '.join(outcome.cleared)}: they follow the group document again")
+        if not args.wait:
+            if args.json:
+                summary["ok"] = True
+                print_json(summary)
+            return ExitCode.OK
+        return _follow(args, observer, select_targets(observer, members), name, dep.deployment_id, summary)
+    finally:
+        transport.stop()

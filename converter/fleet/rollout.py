@@ -1,0 +1,92 @@
+"""A push as an operator follows it: the chunks' progress bar, then each targeted device to its verdict.
+
+`edgectl push --wait` and the rest of the group after `push --canary --wait` follow a rollout the same
+way, with the same lines; `say` receives them (a no-op for --json, whose caller prints one document).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.publish import DeviceResult, Prepared, publish_chunks, wait_for_rollout
+from edgefleet.converter.output import stderr_console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from edgefleet.protocol import Topics
+from edgefleet.transport import Transport
+
+VERDICTS = ("committed", "failed", "waiting", "pending")
+
+
+def publish_with_progress(transport: Transport, topics: Topics, prepared: Prepared, *, quiet: bool = False) -> float:
+    """publish_chunks with a progress bar on a terminal's stderr (none when `quiet`); the seconds it took."""
+    err = stderr_console()
+    with Progress(TextColumn("chunks"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True,
+                  disable=quiet or not err.is_terminal) as bar:
+        task = bar.add_task("publish", total=prepared.wire_bytes)
+        return publish_chunks(transport, topics, prepared.chunks,
+                              progress=lambda done: bar.update(task, completed=done))
+
+
+def device_line(r: DeviceResult) -> str:
+    """One device's verdict as the operator reads it."""
+    if r.verdict == "failed":
+        return f"device {r.device_id}: {r.detail}"
+    if r.verdict == "committed":
+        return f"device {r.device_id}: committed {r.detail} after {r.seconds or 0:.1f} s"
+    return f"device {r.device_id}: {'pending' if r.verdict == 'pending' else 'unfinished'}: {r.detail}"
+
+
+@dataclass(frozen=True)
+class Followed:
+    """Every targeted device's result once the rollout ended (all committed, one failed, or the timeout)."""
+
+    results: dict[str, DeviceResult]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {v: sum(1 for r in self.results.values() if r.verdict == v) for v in VERDICTS}
+
+    @property
+    def ok(self) -> bool:
+        """No device failed and none is unfinished (pending devices catch up later)."""
+        return self.counts["failed"] == 0 and self.counts["waiting"] == 0
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return f"{c['committed']} committed, {c['failed']} failed, {c['waiting']} unfinished, {c['pending']} pending"
+
+    def devices(self) -> list[dict[str, Any]]:
+        """The results as JSON-ready dicts."""
+        return [dataclasses.asdict(r) for r in self.results.values()]
+
+
+def follow(observer: FleetObserver, targets: dict[str, DeviceResult], name: str, dep_id: str, *, timeout: float,
+           group: str | None = None, say: Callable[[str], None] = lambda line: None) -> Followed:
+    """Follow the online `targets` until each committed deployment `dep_id` of model `name`, one failed, or
+    `timeout` s passed; the offline ones are reported as pending."""
+    if not targets:
+        say(f"no device announces group {group}" if group else "no targeted device")
+    for r in targets.values():
+        if r.verdict == "pending":
+            say(device_line(r))
+    waiting = sum(1 for r in targets.values() if r.verdict == "waiting")
+    if waiting:
+        say(f"waiting for {waiting} online device(s), up to {timeout:g} s")
+    results = wait_for_rollout(observer, targets, name, dep_id, timeout, on_result=lambda r: say(device_line(r)))
+    for r in results.values():
+        if r.verdict == "waiting":
+            say(device_line(r))
+    return Followed(results)
