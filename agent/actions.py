@@ -17,7 +17,6 @@ from typing import Any
 from edgefleet.agent.lifecycle.machine import Lifecycle, raw_model_name
 from edgefleet.agent.serving.models import Prediction, Serving
 from edgefleet.agent.serving.rows import decode_binary, rows_to_columns
-
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_bundle_files
 from edgefleet.errors import InvalidInput, NotFound, ProtocolError
 from edgefleet.protocol.canonical import parse_json

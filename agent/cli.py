@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgefleet import __version__
 from edgefleet.agent.config import (
     DEFAULT_PATH,
     AgentConfig,
@@ -24,8 +26,6 @@ from edgefleet.agent.config import (
     load_config,
     security_problems,
 )
-
-from edgefleet import __version__
 from edgefleet.errors import EdgefleetError, ExitCode, RequestError, UsageError, exit_code
 from edgefleet.protocol.phases import Phase
 
@@ -139,7 +139,6 @@ def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
     from edgefleet.agent import actions
     from edgefleet.agent.lifecycle.machine import Lifecycle
     from edgefleet.agent.lifecycle.store import Store
-
     from edgefleet.protocol.signing import Keyring
 
     store = Store.from_config(config)

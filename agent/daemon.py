@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgefleet import __version__
 from edgefleet.agent import actions, faults
 from edgefleet.agent.api.routes import serving_metrics
 from edgefleet.agent.api.server import ApiServer
@@ -28,8 +29,6 @@ from edgefleet.agent.lifecycle.store import Store
 from edgefleet.agent.serving.models import Roles, Serving
 from edgefleet.agent.systemd import Notifier
 from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
-
-from edgefleet import __version__
 from edgefleet.errors import ActionError, ConfigError, EdgefleetError, InvalidInput, NotFound, Unavailable
 from edgefleet.protocol.documents import Event, Telemetry
 from edgefleet.protocol.phases import Phase

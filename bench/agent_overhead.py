@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import psutil
+
 from edgefleet.agent.api.client import ApiClient
 from edgefleet.agent.api.server import ApiServer
 from edgefleet.agent.serving.models import Serving
-
 from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.runtime import load_model, resolve_backend
 

@@ -62,9 +62,9 @@ def held_out(model: bytes, x: Any, y: Any, float_accuracy: float) -> tuple[float
     """Accuracy of a converted model on samples nothing in the conversion saw (LiteRT, XNNPACK, as the
     agent serves it), and its drop in points against the float model's accuracy on the same samples."""
     import numpy as np
+
     from edgefleet.converter.convert.evaluate import run_samples
     from edgefleet.converter.tflite.native import captured_native_output
-
     from edgefleet.runtime import load_model
 
     with captured_native_output():

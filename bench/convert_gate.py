@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from convert_digits import held_out  # bench/convert_digits.py, beside this program
+
 from edgefleet.converter.tflite.native import import_tensorflow
 
 GOOD = 20

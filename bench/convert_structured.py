@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from convert_digits import digits_parts, gate_text, held_out  # bench/convert_digits.py, beside this program
+
 from edgefleet.converter.tflite.native import import_tensorflow
 
 SEED = 0

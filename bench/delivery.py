@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
-from edgefleet.converter.fleet.publish import prepare, publish_chunks, publish_document
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.bundle import Bundle
+from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
+from edgefleet.converter.fleet.publish import prepare, publish_chunks, publish_document
 from edgefleet.protocol import Topics, parse_json
 from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.broker import Mosquitto

@@ -223,7 +223,6 @@ def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: l
             timeout: float) -> dict[str, Any]:
     """Publish the group document and follow the retained states until every device committed it."""
     from edgefleet.converter.fleet.publish import publish_document
-
     from edgefleet.protocol import Topics
 
     dep_id = prepared.deployment.deployment_id
@@ -360,11 +359,11 @@ def main() -> None:
     share_s = 8.0 if args.quick else 25.0
 
     import numpy as np
+
+    from edgefleet.bundle import Bundle
     from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
     from edgefleet.converter.fleet.observer import FleetObserver
     from edgefleet.converter.fleet.publish import prepare, publish_chunks
-
-    from edgefleet.bundle import Bundle
     from edgefleet.protocol import SigningKey, Telemetry, Topics, canonical_json
     from edgefleet.testing.broker import Mosquitto
     from edgefleet.transport import MqttSettings, Transport

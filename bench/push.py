@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from edgefleet.converter.fleet.publish import publish_chunks, split_parallel
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.converter.fleet.publish import publish_chunks, split_parallel
 from edgefleet.protocol import Topics, split
 from edgefleet.testing.broker import Mosquitto
 from edgefleet.transport import MqttSettings, Transport

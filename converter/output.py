@@ -10,12 +10,16 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 
+from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
+from edgefleet.converter.tflite.interpreters import option as interpreter_option
 from edgefleet.errors import UsageError
 from edgefleet.protocol import SigningKey, check_name
+
+N = TypeVar("N", int, float)
 
 
 def stdout_console() -> Console:
@@ -42,6 +46,26 @@ def print_json(value: Any) -> None:
 def add_json(parser: argparse.ArgumentParser) -> None:
     """The `--json` flag."""
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of tables")
+
+
+def add_bundle_options(group: Any, *, labels_help: str, mean_help: str, std_help: str) -> None:
+    """The options of the commands that write a bundle (`convert`, `package`): golden vectors,
+    interpreters, latency, labels, normalisation, signing and --force, on a parser or argument group."""
+    group.add_argument("--golden-samples", metavar="N", type=positive_int, default=8,
+                       help="golden vectors to store (default 8)")
+    group.add_argument("--interpreters", metavar="LIST", type=interpreter_option, default="auto",
+                       help=INTERPRETERS_HELP)
+    group.add_argument("--latency-runs", metavar="N", type=positive_int, default=100,
+                       help="timed runs for host latency (100)")
+    group.add_argument("--labels", metavar="FILE", help=labels_help)
+    group.add_argument("--labels-output", metavar="OUTPUT",
+                       help="the output the labels name classes of, as the agent names it (default: the first "
+                            "output whose last dimension equals the number of labels)")
+    group.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
+    group.add_argument("--input-mean", metavar="M[,M...]", help=mean_help)
+    group.add_argument("--input-std", metavar="S[,S...]", help=std_help)
+    group.add_argument("--key", metavar="KEY", help="sign with this private key (file or keygen directory)")
+    group.add_argument("--force", action="store_true", help="replace an existing output bundle")
 
 
 def size_text(n: int) -> str:
@@ -76,26 +100,30 @@ def model_name(text: str) -> str:
     return text
 
 
-def version_number(text: str) -> int:
-    """argparse type: a non-negative integer version."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"version must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"version must not be negative, got {value}")
-    return value
+def number_type(parse: Callable[[str], N], accept: Callable[[N], bool], unparsable: str,
+                refused: str) -> Callable[[str], N]:
+    """An argparse type: `parse` the text and keep the values `accept` takes.
+
+    The messages are format strings over `text` (as given) and, for `refused`, `value` (as parsed).
+    """
+    def check(text: str) -> N:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(unparsable.format(text=text)) from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(refused.format(text=text, value=value))
+        return value
+    return check
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+version_number = number_type(int, lambda v: v >= 0, "version must be an integer, got {text!r}",
+                             "version must not be negative, got {value}")
+"""argparse type: a non-negative integer version."""
+
+positive_int = number_type(int, lambda v: v >= 1, "expected an integer, got {text!r}",
+                           "expected an integer >= 1, got {value}")
+"""argparse type: an integer >= 1."""
 
 
 def default_name(path: str) -> str:

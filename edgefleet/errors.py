@@ -16,10 +16,10 @@ class ExitCode(IntEnum):
 
     OK = 0
     FAILURE = 1
-    """The operation failed: conversion, runtime, I/O, a rejected model, an unreachable broker or daemon."""
+    """The operation failed: conversion, runtime, I/O, a rejected model, an unreachable daemon."""
     USAGE = 2
     """Bad input: a missing or corrupt file, a bad option, data or configuration, a tampered bundle or
-    document. Nothing was written or changed."""
+    document, a broker that cannot be reached with the given settings. Nothing was written or changed."""
     GATE = 3
     """`edgectl convert`: the accuracy gate refused the converted model; no bundle was written."""
     INTERRUPTED = 130

@@ -18,11 +18,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import numpy as np
+from numpy.typing import NDArray
+
 from edgefleet.agent.api.guard import send_with_fds
 from edgefleet.agent.api.server import set_timeouts
 from edgefleet.agent.serving import npy
-from numpy.typing import NDArray
-
 from edgefleet.errors import RequestError
 
 DEFAULT_SOCKET = "/run/edge-agent/api.sock"

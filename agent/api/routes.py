@@ -30,7 +30,6 @@ from edgefleet.agent.serving.models import ServedModel, Serving
 from edgefleet.agent.serving.rows import columnar_answer, decode_binary, row_answer, rows_to_columns
 from edgefleet.agent.serving.stats import LATENCY_BUCKETS_S
 from edgefleet.agent.telemetry.sampler import PromText
-
 from edgefleet.errors import (
     ActionError,
     Conflict,

@@ -35,7 +35,6 @@ from edgefleet.agent.api.routes import Admin, Router
 from edgefleet.agent.api.v2 import OCTET
 from edgefleet.agent.serving import npy
 from edgefleet.agent.serving.models import Serving
-
 from edgefleet.errors import ConfigError, RequestError
 
 if TYPE_CHECKING:

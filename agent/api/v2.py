@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgefleet.agent.api.messages import JSON, Request, Response, json_response, require_method
-from edgefleet.agent.serving.models import Prediction, ServedModel, Serving
 from numpy.typing import NDArray
 
 import edgefleet
+from edgefleet.agent.api.messages import JSON, Request, Response, json_response, require_method
+from edgefleet.agent.serving.models import Prediction, ServedModel, Serving
 from edgefleet.errors import RequestError
 from edgefleet.tensors import dequantize, short_name, top_k
 

@@ -36,7 +36,6 @@ from typing import Any
 
 from edgefleet.agent import faults
 from edgefleet.agent.lifecycle.store import Store, fsync_dir
-
 from edgefleet.errors import ChunkError, DeploymentRejected, StoreError
 from edgefleet.protocol.chunks import decode_chunk
 from edgefleet.protocol.documents import Artifact, ChunkRef, Deployment, Signed

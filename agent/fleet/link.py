@@ -13,13 +13,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from edgefleet import __version__
 from edgefleet.agent import actions
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.fleet.delivery import ChunkStored, Downloads, Job
 from edgefleet.agent.lifecycle.machine import Lifecycle, raw_model_name
 from edgefleet.agent.telemetry.homeassistant import Discovery
-
-from edgefleet import __version__
 from edgefleet.errors import (
     DeploymentRejected,
     DocumentRefused,

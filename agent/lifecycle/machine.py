@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from edgefleet import __version__
 from edgefleet.agent import faults
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.lifecycle.probation import Decision, Limits, ServedLike, judge
@@ -27,8 +28,6 @@ from edgefleet.agent.lifecycle.store import (
     Store,
 )
 from edgefleet.agent.lifecycle.validate import ValidationRequest, validate
-
-from edgefleet import __version__
 from edgefleet.errors import (
     Conflict,
     DeploymentRejected,

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.lifecycle.store import Probation
-
 from edgefleet.protocol.documents import Deployment
 
 

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from edgefleet.agent import faults
 from edgefleet.agent.config import AgentConfig
-
 from edgefleet.errors import ProtocolError, StoreError
 from edgefleet.protocol.canonical import canonical_json, parse_json
 from edgefleet.protocol.documents import Deployment, Outcome, Signed, Slot

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefleet.agent.serving.stats import ModelStats
 from numpy.typing import NDArray
 
+from edgefleet.agent.serving.stats import ModelStats
 from edgefleet.errors import RequestError, RuntimeBackendError
 from edgefleet.protocol.documents import Deployment, TensorSpec
 from edgefleet.runtime import LoadedModel, load_model, warm_up

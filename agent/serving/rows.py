@@ -9,7 +9,6 @@ import binascii
 from typing import Any
 
 from edgefleet.agent.serving.models import Prediction, ServedModel
-
 from edgefleet.errors import RequestError
 
 

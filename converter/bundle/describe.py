@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.tflite.info import read_model, tensor_dict
-
 from edgefleet.bundle import MODEL_FILE, Bundle, load_golden
+from edgefleet.converter.tflite.info import read_model, tensor_dict
 from edgefleet.errors import ProtocolError, UsageError
 from edgefleet.protocol import Keyring
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.tflite.info import OutputSource, output_sources
-from edgefleet.converter.tflite.interpreters import Interpreter, Run, run_all
 from numpy.typing import NDArray
 
+from edgefleet.converter.tflite.info import OutputSource, output_sources
+from edgefleet.converter.tflite.interpreters import Interpreter, Run, run_all
 from edgefleet.errors import UsageError
 from edgefleet.protocol import TensorSpec, Tolerance
 from edgefleet.tensors import beyond_tolerance

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.bundle import golden
-from edgefleet.converter.tflite.interpreters import Interpreter
 from numpy.typing import NDArray
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, dump_golden
+from edgefleet.converter.bundle import golden
+from edgefleet.converter.tflite.interpreters import Interpreter
 from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.protocol import (
     DEFAULT_CHUNK_SIZE,

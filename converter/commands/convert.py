@@ -12,20 +12,19 @@ from typing import Any
 
 from edgefleet.converter.errors import AccuracyGateError
 from edgefleet.converter.output import (
+    add_bundle_options,
     add_json,
     check_output,
     default_name,
     load_key,
     model_name,
+    number_type,
     positive_int,
     print_json,
     stderr_console,
     stdout_console,
     version_number,
 )
-from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
-from edgefleet.converter.tflite.interpreters import option as interpreter_option
-
 from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -85,27 +84,13 @@ def parse_structure(text: str) -> tuple[int, int]:
     return m, n
 
 
-def channel_fraction(text: str) -> float:
-    """argparse type: the share of filters/units to remove, strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.5, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"fraction of filters/units to remove must be between 0 and 1 "
-                                         f"(exclusive), got {text}")
-    return value
+channel_fraction = number_type(float, lambda v: 0.0 < v < 1.0, "expected a fraction such as 0.5, got {text!r}",
+                               "fraction of filters/units to remove must be between 0 and 1 (exclusive), got {text}")
+"""argparse type: the share of filters/units to remove, strictly between 0 and 1."""
 
-
-def sparsity(text: str) -> float:
-    """argparse type: a fraction strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.8, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be between 0 and 1 (exclusive), got {text}")
-    return value
+sparsity = number_type(float, lambda v: 0.0 < v < 1.0, "expected a fraction such as 0.8, got {text!r}",
+                       "sparsity must be between 0 and 1 (exclusive), got {text}")
+"""argparse type: a fraction strictly between 0 and 1."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -160,26 +145,18 @@ def add_parser(subparsers: Any) -> None:
                    help="smallest accepted top-1 agreement with the float model, per vector output, in percent")
     v.add_argument("--min-sqnr-db", type=float, default=None, metavar="DB",
                    help="smallest accepted signal-to-quantization-noise ratio against the float model, per output")
-    v.add_argument("--golden-samples", metavar="N", type=positive_int, default=8, help="golden vectors to store (default 8)")
-    v.add_argument("--interpreters", metavar="LIST", type=interpreter_option, default="auto", help=INTERPRETERS_HELP)
-    v.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
-    v.add_argument("--labels", metavar="FILE", help="class names, one per line, in output order")
-    v.add_argument("--labels-output", metavar="OUTPUT",
-                   help="the output the labels name classes of, as the agent names it (default: the first output "
-                        "whose last dimension equals the number of labels)")
-    v.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
-    v.add_argument("--input-mean", metavar="M[,M...]", help="normalisation mean, scalar or per channel")
-    v.add_argument("--input-std", metavar="S[,S...]", help="normalisation std, scalar or per channel")
-    v.add_argument("--key", metavar="KEY", help="sign with this private key (file or keygen directory)")
-    v.add_argument("--force", action="store_true", help="replace an existing output bundle")
+    add_bundle_options(v, labels_help="class names, one per line, in output order",
+                       mean_help="normalisation mean, scalar or per channel",
+                       std_help="normalisation std, scalar or per channel")
     add_json(p)
     p.set_defaults(func=run)
 
 
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
-    from edgefleet.converter.convert.pipeline import Hooks
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgefleet.converter.convert.pipeline import Hooks
 
     if not enabled:
         yield Hooks()
@@ -264,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
     from edgefleet.converter.convert.load import load_source
     from edgefleet.converter.convert.pipeline import ConvertOptions, convert
-    from edgefleet.converter.convert.report import metrics, render
+    from edgefleet.converter.convert.report import metrics, print_written, render
 
     source = load_source(args.src)
     if source.inputs:
@@ -300,13 +277,5 @@ def run(args: argparse.Namespace) -> int:
                       labels_output=args.labels_output, top_k=args.top_k, mean=mean, std=std, metrics=metrics(report), report=report,
                       golden_samples=args.golden_samples, seed=args.seed)
     deployment = write_bundle(out, result.model, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
-    summary = {"written": True, "bundle": str(out), "name": name, "version": args.version,
-               "deployment_id": deployment.deployment_id, "signed_by": deployment.key_id, "report": report}
-    if args.json:
-        print_json(summary)
-    else:
-        console = stdout_console()
-        render(report, console)
-        signed = f"signed by key {deployment.key_id}" if deployment.key_id else "[yellow]unsigned[/yellow]"
-        console.print(f"wrote [bold]{out}[/bold]: {name} v{args.version}, {signed}")
+    print_written(out, name, args.version, deployment, report, args.json)
     return 0

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.converter.output import add_json, print_json, stdout_console
-
 from edgefleet.errors import UsageError
 
 EPILOG = """\

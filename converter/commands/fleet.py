@@ -9,6 +9,10 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
 from edgefleet.converter.fleet.collect import LEAVES, Collector, CollectStats, subscriptions
 from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
 from edgefleet.converter.fleet.inventory import (
@@ -30,16 +34,13 @@ from edgefleet.converter.fleet.watch import (
 from edgefleet.converter.output import (
     add_json,
     name_type,
+    number_type,
     positive_int,
     print_json,
     stderr_console,
     stdout_console,
     stop_on_signals,
 )
-from rich.console import Group
-from rich.live import Live
-from rich.text import Text
-
 from edgefleet.errors import ExitCode, UsageError
 
 WATCH_EPILOG = """\
@@ -76,14 +77,7 @@ examples:
 """
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
+_seconds = number_type(float, lambda v: v >= 0, "expected seconds, got {text!r}", "expected seconds >= 0, got {text!r}")
 
 
 def _positive_seconds(text: str) -> float:

@@ -8,7 +8,6 @@ from typing import Any
 from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
 from edgefleet.converter.fleet.publish import RetainedIndex, collect_garbage
 from edgefleet.converter.output import add_json, print_json, size_text, stdout_console
-
 from edgefleet.errors import ExitCode
 
 GC_EPILOG = """\

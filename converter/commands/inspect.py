@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.converter.output import add_json, print_json, stdout_console
-
 from edgefleet.errors import UsageError
 
 EPILOG = """\
@@ -62,6 +61,8 @@ def fmt_latency(lat: dict[str, Any] | None) -> str:
 
 def render(result: dict[str, Any]) -> None:
     """Print an inspect result as tables."""
+    from rich.table import Table
+
     from edgefleet.converter.convert.report import (
         agreement_line,
         fmt_bytes,
@@ -70,7 +71,6 @@ def render(result: dict[str, Any]) -> None:
         operator_table,
         signature_table,
     )
-    from rich.table import Table
 
     console = stdout_console()
     model = result["model"]

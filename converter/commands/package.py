@@ -7,18 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.converter.output import (
+    add_bundle_options,
     add_json,
     check_output,
     load_key,
     model_name,
-    positive_int,
-    print_json,
-    stdout_console,
     version_number,
 )
-from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
-from edgefleet.converter.tflite.interpreters import option as interpreter_option
-
 from edgefleet.errors import UsageError
 
 EPILOG = """\
@@ -46,19 +41,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--name", type=model_name, required=True, help="model name")
     p.add_argument("--version", metavar="N", type=version_number, required=True, help="integer model version")
     p.add_argument("--data", metavar="FILE.npz", help="samples 'x' (and optional labels 'y') for golden vectors")
-    p.add_argument("--golden-samples", metavar="N", type=positive_int, default=8, help="golden vectors to store (default 8)")
-    p.add_argument("--interpreters", metavar="LIST", type=interpreter_option, default="auto", help=INTERPRETERS_HELP)
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed for random golden inputs (default 0)")
-    p.add_argument("--latency-runs", metavar="N", type=positive_int, default=100, help="timed runs for host latency (100)")
-    p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: from TFLite metadata)")
-    p.add_argument("--labels-output", metavar="OUTPUT",
-                   help="the output the labels name classes of, as the agent names it (default: the first output "
-                        "whose last dimension equals the number of labels)")
-    p.add_argument("--top-k", metavar="K", type=positive_int, default=5, help="results the agent returns (default 5)")
-    p.add_argument("--input-mean", metavar="M[,M...]", help="normalisation mean (default: from metadata)")
-    p.add_argument("--input-std", metavar="S[,S...]", help="normalisation std (default: from metadata)")
-    p.add_argument("--key", metavar="KEY", help="sign with this private key (file or keygen directory)")
-    p.add_argument("--force", action="store_true", help="replace an existing output bundle")
+    add_bundle_options(p, labels_help="class names, one per line (default: from TFLite metadata)",
+                       mean_help="normalisation mean (default: from metadata)",
+                       std_help="normalisation std (default: from metadata)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -78,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Package, report, write."""
     from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
     from edgefleet.converter.convert.package import package
-    from edgefleet.converter.convert.report import metrics, render
+    from edgefleet.converter.convert.report import metrics, print_written
 
     out = check_output(args.output, args.force)
     key = load_key(args.key)
@@ -92,12 +78,5 @@ def run(args: argparse.Namespace) -> int:
                       mean=packaged.mean, std=packaged.std, metrics=metrics(report), report=report,
                       golden_samples=args.golden_samples, seed=args.seed)
     deployment = write_bundle(out, data, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
-    if args.json:
-        print_json({"written": True, "bundle": str(out), "name": args.name, "version": args.version,
-                    "deployment_id": deployment.deployment_id, "signed_by": deployment.key_id, "report": report})
-    else:
-        console = stdout_console()
-        render(report, console)
-        signed = f"signed by key {deployment.key_id}" if deployment.key_id else "[yellow]unsigned[/yellow]"
-        console.print(f"wrote [bold]{out}[/bold]: {args.name} v{args.version}, {signed}")
+    print_written(out, args.name, args.version, deployment, report, args.json)
     return 0

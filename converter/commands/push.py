@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from edgefleet.bundle import Bundle
 from edgefleet.converter.fleet.canary import (
     CanaryRollout,
     PinnedDocuments,
@@ -28,7 +29,7 @@ from edgefleet.converter.fleet.publish import (
     signed_policy,
     targeted_documents,
 )
-from edgefleet.converter.fleet.rollout import follow, publish_with_progress
+from edgefleet.converter.fleet.rollout import follow, nobody_to_follow, publish_with_progress
 from edgefleet.converter.output import (
     add_json,
     load_key,
@@ -38,8 +39,6 @@ from edgefleet.converter.output import (
     size_text,
     stdout_console,
 )
-
-from edgefleet.bundle import Bundle
 from edgefleet.errors import ExitCode, UsageError
 
 PUSH_EPILOG = """\
@@ -54,6 +53,8 @@ gets the target written in.
 --wait follows the targeted devices that are online: exit 0 when every one committed the
 deployment, 1 as soon as one rejects it or rolls it back (the reason is printed), 1 on --timeout.
 Offline devices are listed as pending: they install from the retained messages when they return.
+When no targeted device ever reported a status on the broker, --wait has nothing to follow: it
+stops before publishing and exits 2 (push without --wait to publish for devices still to come).
 With --group, the devices waited for and counted are the group's members in the operator-signed
 inventory (edgectl inventory; verified with --trust and the public half of --key), never the devices
 that claim the group in their status; without a verified inventory the push stops before publishing.
@@ -171,6 +172,9 @@ def run_push(args: argparse.Namespace) -> int:
             else:
                 members = tuple(args.devices)
             targets = select_targets(observer, members)
+            nobody = nobody_to_follow(observer, targets, args.group)
+            if nobody is not None:
+                raise UsageError(nobody)
         publish_s = publish_with_progress(transport, topics, prepared, quiet=args.json)
         publish_documents(transport, documents)
         summary: dict[str, Any] = {
@@ -230,8 +234,9 @@ def run_canary_push(args: argparse.Namespace) -> int:
         ignored = [d for d in observer.claiming(args.group) if d not in members]
         selection = pick_canaries(observer, members, args.canary, pins.devices())
         if not selection.canaries:
-            why = "no online member" if not selection.pinned else "every online member is pinned by a device document"
-            raise UsageError(f"--canary: group {args.group} has {why} to use as a canary "
+            why = ("has no online member to use as a canary" if not selection.pinned
+                   else "has no online member free to be a canary (every one is pinned by a device document)")
+            raise UsageError(f"--canary: group {args.group} {why} "
                              f"({len(selection.offline)} offline); nothing was published")
         say(selection.describe(args.group))
         for d in ignored:

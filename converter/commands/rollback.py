@@ -10,7 +10,6 @@ from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_f
 from edgefleet.converter.fleet.observer import FleetObserver
 from edgefleet.converter.fleet.publish import make_command, wait_rollback
 from edgefleet.converter.output import add_json, load_key, name_type, positive_int, print_json, stdout_console
-
 from edgefleet.errors import ExitCode, UsageError
 from edgefleet.protocol import canonical_json
 

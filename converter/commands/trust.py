@@ -43,7 +43,6 @@ from edgefleet.converter.output import (
     stdout_console,
     stop_on_signals,
 )
-
 from edgefleet.errors import ExitCode, ProtocolError, TransportError, UsageError
 from edgefleet.protocol import SigningKey, Topics, canonical_json
 
@@ -111,20 +110,18 @@ def add_parser(subparsers: Any) -> None:
         add_json(p)
         add_broker_args(p)
 
-    s = commands.add_parser("set", help="make DEVICE... the members of GROUP",
-                            description="Publish the inventory with GROUP's members replaced by DEVICE...")
-    s.add_argument("group", type=name_type("group"), metavar="GROUP")
-    s.add_argument("devices", nargs="+", type=name_type("device"), metavar="DEVICE")
-    common(s, signing=True)
-    s.set_defaults(func=run_inventory_set)
-
-    r = commands.add_parser("remove", help="remove devices from GROUP, or GROUP itself",
-                            description="Publish the inventory without DEVICE... in GROUP (without the whole "
-                                        "group when no device is named).")
-    r.add_argument("group", type=name_type("group"), metavar="GROUP")
-    r.add_argument("devices", nargs="*", type=name_type("device"), metavar="DEVICE")
-    common(r, signing=True)
-    r.set_defaults(func=run_inventory_remove)
+    # set and remove take the same GROUP DEVICE... arguments; only remove may name no device
+    for name, devices, func, summary, description in (
+        ("set", "+", run_inventory_set, "make DEVICE... the members of GROUP",
+         "Publish the inventory with GROUP's members replaced by DEVICE..."),
+        ("remove", "*", run_inventory_remove, "remove devices from GROUP, or GROUP itself",
+         "Publish the inventory without DEVICE... in GROUP (without the whole group when no device is named)."),
+    ):
+        g = commands.add_parser(name, help=summary, description=description)
+        g.add_argument("group", type=name_type("group"), metavar="GROUP")
+        g.add_argument("devices", nargs=devices, type=name_type("device"), metavar="DEVICE")
+        common(g, signing=True)
+        g.set_defaults(func=func)
 
     pu = commands.add_parser("push", help="publish a whole inventory from a TOML file",
                              description="Publish the inventory described by FILE ([groups] NAME = [DEVICE, ...]), "

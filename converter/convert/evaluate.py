@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
 from edgefleet.converter.convert.data import dequantize_output, quantize_input
 from edgefleet.converter.convert.paired import (
     CONFIDENCE,
@@ -23,8 +25,6 @@ from edgefleet.converter.convert.paired import (
     mcnemar_exact_p,
     samples_to_settle,
 )
-from numpy.typing import NDArray
-
 from edgefleet.errors import UsageError
 from edgefleet.runtime import LoadedModel
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.tflite.native import import_tensorflow
 from numpy.typing import NDArray
 
+from edgefleet.converter.tflite.native import import_tensorflow
 from edgefleet.errors import UsageError
 from edgefleet.protocol import TensorSpec
 

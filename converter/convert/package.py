@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
 from edgefleet.converter.bundle.golden import POOL_SAMPLES
 from edgefleet.converter.convert.data import (
     check_inputs,
@@ -28,8 +30,6 @@ from edgefleet.converter.convert.evaluate import check_invokes, first_sample, me
 from edgefleet.converter.convert.report import package_report
 from edgefleet.converter.tflite.info import read_model
 from edgefleet.converter.tflite.native import captured_native_output
-from numpy.typing import NDArray
-
 from edgefleet.errors import RuntimeBackendError, UsageError
 from edgefleet.runtime import load_model
 

@@ -12,9 +12,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
+
 from edgefleet.converter.bundle.golden import POOL_SAMPLES
 from edgefleet.converter.convert.data import (
     Dataset,
@@ -39,20 +41,19 @@ from edgefleet.converter.convert.evaluate import (
     run_all_outputs,
 )
 from edgefleet.converter.convert.load import SourceModel
-from edgefleet.converter.convert.prune import PruneConfig, PruneResult, prune
+from edgefleet.converter.convert.prune import FineTuning, PruneConfig, PruneResult, prune
 from edgefleet.converter.convert.prune_structured import StructuredConfig, StructuredResult, prune_channels
 from edgefleet.converter.convert.quantize import MODES, convert_tflite, mode
 from edgefleet.converter.convert.report import REPORT_SCHEMA
 from edgefleet.converter.tflite.info import ModelInfo, read_model
 from edgefleet.converter.tflite.native import captured_native_output
-from numpy.typing import NDArray
-
 from edgefleet.errors import UsageError
 from edgefleet.runtime import load_model
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[int, int], None]
+C = TypeVar("C", bound=FineTuning)
 # Fine-tuning under the pruning schedule needs a few hundred steps to recover accuracy; small data sets
 # get more epochs so that they reach it (the TF guide's 2 epochs of MNIST are ~3,400 steps).
 MIN_FINE_TUNE_STEPS = 400
@@ -222,19 +223,32 @@ def describe_evaluation(splits: Splits, reference: NDArray[Any] | None) -> dict[
             "overlap": shared, "float_perfect": perfect, "warnings": warnings}
 
 
+def _require_keras(source: SourceModel, flag: str) -> None:
+    if not source.prunable:
+        raise UsageError(f"{flag} needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
+
+
+def _start_pruning(source: SourceModel, flag: str, config: C | None, fine_tune: Dataset | None, hooks: Hooks,
+                   stages: tuple[str, str]) -> C | None:
+    """`config` (None when `flag` was not given) once `source` is known to be prunable, with the stage
+    announced: the first of `stages` when the fine-tune set has labels and there are epochs to run,
+    else the second (one-shot)."""
+    if config is None:
+        return None
+    _require_keras(source, flag)
+    tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
+    hooks.stage(stages[0] if tuned else stages[1])
+    return config
+
+
 def prune_source(source: SourceModel, prepared: Prepared, options: ConvertOptions,
                  hooks: Hooks | None = None) -> PruneResult | None:
     """Prune `source` in place as the options say (fine-tuning on the fine-tune set when it has labels)."""
     hooks = hooks or Hooks()
-    config = options.prune_config(prepared.splits.fine_tune)
-    if config is None:
-        return None
-    if not source.prunable:
-        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
     fine_tune = prepared.splits.fine_tune
-    tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
-    hooks.stage("pruning and fine-tuning" if tuned else "pruning (one-shot)")
-    return prune(source.keras_model, config, fine_tune, hooks.fine_tune)
+    config = _start_pruning(source, "--prune", options.prune_config(fine_tune), fine_tune, hooks,
+                            ("pruning and fine-tuning", "pruning (one-shot)"))
+    return None if config is None else prune(source.keras_model, config, fine_tune, hooks.fine_tune)
 
 
 def prune_channels_source(source: SourceModel, prepared: Prepared, options: ConvertOptions,
@@ -244,14 +258,11 @@ def prune_channels_source(source: SourceModel, prepared: Prepared, options: Conv
     Runs before magnitude pruning, which then acts on the smaller model's kernels.
     """
     hooks = hooks or Hooks()
-    config = options.channels_config(prepared.splits.fine_tune)
+    fine_tune = prepared.splits.fine_tune
+    config = _start_pruning(source, "--prune-channels", options.channels_config(fine_tune), fine_tune, hooks,
+                            ("removing filters and units, fine-tuning", "removing filters and units (one-shot)"))
     if config is None:
         return None
-    if not source.prunable:
-        raise UsageError(f"--prune-channels needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
-    fine_tune = prepared.splits.fine_tune
-    tuned = fine_tune is not None and fine_tune.y is not None and config.epochs > 0
-    hooks.stage("removing filters and units, fine-tuning" if tuned else "removing filters and units (one-shot)")
     smaller, result = prune_channels(source.keras_model, config, fine_tune, hooks.fine_tune)
     source.keras_model = smaller
     return result
@@ -261,10 +272,10 @@ def convert(source: SourceModel, splits: Splits, options: ConvertOptions, hooks:
     """Run the whole pipeline; raise UsageError for bad input. The gate verdict is returned, not raised."""
     mode(options.quantize)
     # Reject bad pruning options before any slow work.
-    if options.prune_config(None) is not None and not source.prunable:
-        raise UsageError(f"--prune needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
-    if options.channels_config(None) is not None and not source.prunable:
-        raise UsageError(f"--prune-channels needs a Keras model (.keras or .h5); {source.path} is a SavedModel")
+    if options.prune_config(None) is not None:
+        _require_keras(source, "--prune")
+    if options.channels_config(None) is not None:
+        _require_keras(source, "--prune-channels")
     prepared = prepare(source, splits, options, hooks)
     t = time.perf_counter()
     structured = prune_channels_source(source, prepared, options, hooks)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.convert.data import Dataset
 from numpy.typing import NDArray
 
+from edgefleet.converter.convert.data import Dataset
 from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -26,20 +26,30 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
 
 
+@dataclass(frozen=True, kw_only=True)
+class FineTuning:
+    """The fine-tuning after pruning, when the data has labels (both kinds of pruning share it)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise UsageError("--prune-epochs must be >= 0 and --batch-size >= 1")
+
+
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(FineTuning):
     """How to prune: target, optional m:n structure, and the fine-tuning schedule when labels exist."""
 
     sparsity: float
     structure: tuple[int, int] | None = None
-    epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 1e-3
     initial_sparsity: float = 0.0
     end_fraction: float = 0.75  # the schedule reaches the target after this share of the steps
     updates: int = 10  # how many times the masks are recomputed on the way to the target
     power: int = 3
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sparsity < 1.0:
@@ -48,8 +58,7 @@ class PruneConfig:
             m, n = self.structure
             if not 0 < m < n:
                 raise UsageError(f"--prune-structure: need 0 < M < N in M:N, got {m}:{n}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise UsageError("--prune-epochs must be >= 0 and --batch-size >= 1")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.convert.data import Dataset
-from edgefleet.converter.errors import ConversionError
 from numpy.typing import NDArray
 
+from edgefleet.converter.convert.data import Dataset
+from edgefleet.converter.convert.prune import FineTuning, PruneConfig, fine_tune
+from edgefleet.converter.errors import ConversionError
 from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,15 @@ StepCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class StructuredConfig:
+class StructuredConfig(FineTuning):
     """How much to remove from every eligible layer, and the fine-tuning that follows."""
 
     fraction: float
-    epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
             raise UsageError(f"--prune-channels: fraction must be between 0 and 1 (exclusive), got {self.fraction:g}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise UsageError("--prune-epochs must be >= 0 and --batch-size >= 1")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -360,8 +356,6 @@ def prune_channels(model: Any, config: StructuredConfig, data: Dataset | None = 
     steps = 0
     method = "one-shot"
     if data is not None and data.y is not None and config.epochs > 0:
-        from edgefleet.converter.convert.prune import PruneConfig, fine_tune
-
         steps = fine_tune(smaller, PruneConfig(sparsity=config.fraction, epochs=config.epochs,
                                                batch_size=config.batch_size, learning_rate=config.learning_rate,
                                                seed=config.seed), data, on_step)

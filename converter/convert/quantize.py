@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
 from edgefleet.converter.convert.load import SourceModel
 from edgefleet.converter.errors import ConversionError
 from edgefleet.converter.tflite.native import captured_native_output, import_tensorflow
-from numpy.typing import NDArray
-
 from edgefleet.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,14 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from edgefleet.converter.output import print_json, stdout_console
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from edgefleet.converter.convert.evaluate import Latency
     from edgefleet.converter.tflite.info import ModelInfo
+    from edgefleet.protocol import Deployment
 
 REPORT_SCHEMA = "edgefleet.report/1"
 
@@ -265,3 +270,16 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(layers)
     console.print(operator_table(report.get("operators") or []))
     console.print(signature_table(report))
+
+
+def print_written(out: Path, name: str, version: int, deployment: Deployment, report: dict[str, Any],
+                  as_json: bool) -> None:
+    """What `convert` and `package` print once the bundle is written: the report and a line, or JSON."""
+    if as_json:
+        print_json({"written": True, "bundle": str(out), "name": name, "version": version,
+                    "deployment_id": deployment.deployment_id, "signed_by": deployment.key_id, "report": report})
+        return
+    console = stdout_console()
+    render(report, console)
+    signed = f"signed by key {deployment.key_id}" if deployment.key_id else "[yellow]unsigned[/yellow]"
+    console.print(f"wrote [bold]{out}[/bold]: {name} v{version}, {signed}")

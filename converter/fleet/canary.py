@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any, Literal
 
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
@@ -51,7 +51,6 @@ from edgefleet.converter.fleet.publish import (
     targeted_documents,
     wait_for_rollout,
 )
-
 from edgefleet.errors import ProtocolError
 from edgefleet.protocol import Topics, canonical_json
 from edgefleet.protocol.signing import SigningKey
@@ -268,26 +267,32 @@ def canary_line(r: DeviceResult) -> str | None:
 # ---------------------------------------------------------------------- the rollout
 
 
+@dataclass
 class CanaryRollout:
     """Runs steps 2-4 of the module docstring over a connected transport and an attached observer."""
 
-    def __init__(self, transport: Transport, observer: FleetObserver, topics: Topics, prepared: Prepared, group: str,
-                 selection: Selection, key: SigningKey, *, timeout: float, undo_timeout: float = UNDO_TIMEOUT_S,
-                 say: Callable[[str], None] = lambda line: None,
-                 on_result: Callable[[DeviceResult], None] | None = None) -> None:
-        self.transport = transport
-        self.observer = observer
-        self.topics = topics
-        self.prepared = prepared
-        self.group = group
-        self.selection = selection
-        self.key = key
-        self.timeout = timeout
-        self.undo_timeout = undo_timeout
-        self.say = say
-        self.on_result = on_result
-        self.name = prepared.deployment.model.name
-        self.dep_id = prepared.deployment.deployment_id
+    transport: Transport
+    observer: FleetObserver
+    topics: Topics
+    prepared: Prepared
+    group: str
+    selection: Selection
+    key: SigningKey
+    _: KW_ONLY
+    timeout: float
+    undo_timeout: float = UNDO_TIMEOUT_S
+    say: Callable[[str], None] = lambda line: None
+    on_result: Callable[[DeviceResult], None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The model being rolled out."""
+        return self.prepared.deployment.model.name
+
+    @property
+    def dep_id(self) -> str:
+        """The deployment being rolled out."""
+        return self.prepared.deployment.deployment_id
 
     def run(self) -> CanaryOutcome:
         """Canaries first; the group document only when every canary committed. Ctrl-C undoes, then re-raises."""

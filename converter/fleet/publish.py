@@ -21,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgefleet.converter.fleet.observer import DeviceView, FleetObserver, Sync
-
 from edgefleet.bundle import Bundle
+from edgefleet.converter.fleet.observer import DeviceView, FleetObserver, Sync
 from edgefleet.errors import ProtocolError, TransportError, UsageError
 from edgefleet.protocol import (
     COMMAND_SCHEMA,

@@ -11,9 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet.converter.fleet.observer import FleetObserver
-from edgefleet.converter.fleet.publish import DeviceResult, Prepared, publish_chunks, wait_for_rollout
-from edgefleet.converter.output import stderr_console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,6 +20,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.publish import DeviceResult, Prepared, publish_chunks, wait_for_rollout
+from edgefleet.converter.output import stderr_console
 from edgefleet.protocol import Topics
 from edgefleet.transport import Transport
 
@@ -61,8 +61,8 @@ class Followed:
 
     @property
     def ok(self) -> bool:
-        """No device failed and none is unfinished (pending devices catch up later)."""
-        return self.counts["failed"] == 0 and self.counts["waiting"] == 0
+        """Some device was targeted, none failed and none is unfinished (pending devices catch up later)."""
+        return bool(self.results) and self.counts["failed"] == 0 and self.counts["waiting"] == 0
 
     def summary_line(self) -> str:
         c = self.counts
@@ -73,12 +73,25 @@ class Followed:
         return [dataclasses.asdict(r) for r in self.results.values()]
 
 
+def nobody_to_follow(observer: FleetObserver, targets: dict[str, DeviceResult], group: str | None) -> str | None:
+    """Why `push --wait` has nothing to follow (no targeted device ever reported a status on this broker),
+    or None. A device that is offline now is known: it is pending and catches up later."""
+    if any((view := observer.get(d)) is not None and view.status is not None for d in targets):
+        return None
+    who = f"none of the {len(targets)} member(s) of group {group}" if group else \
+        f"none of the {len(targets)} targeted device(s)"
+    return (f"push --wait: {who} ever reported a status on this broker, so there is nothing to wait for; nothing "
+            "was published. If their agents run, the broker may not deliver retained messages to wildcard "
+            "subscriptions (see 'edgectl broker check'); to publish for devices that have not connected yet, "
+            "push without --wait")
+
+
 def follow(observer: FleetObserver, targets: dict[str, DeviceResult], name: str, dep_id: str, *, timeout: float,
            group: str | None = None, say: Callable[[str], None] = lambda line: None) -> Followed:
     """Follow the online `targets` until each committed deployment `dep_id` of model `name`, one failed, or
     `timeout` s passed; the offline ones are reported as pending."""
     if not targets:
-        say(f"no device announces group {group}" if group else "no targeted device")
+        say(f"no device of group {group} is targeted" if group else "no targeted device")
     for r in targets.values():
         if r.verdict == "pending":
             say(device_line(r))

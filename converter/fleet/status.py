@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.table import Table
+
 from edgefleet.converter.fleet.inventory import Verified
 from edgefleet.converter.fleet.observer import DeviceView
-from rich.table import Table
 
 COLUMNS = ("device", "online", "groups", "models", "last outcome", "status age")
 

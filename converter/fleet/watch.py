@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from rich.table import Table
 
+from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from edgefleet.protocol.phases import Phase
 
 SORT_KEYS = ("device", "cpu", "rss", "p95", "last-event")

@@ -14,8 +14,8 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from edgefleet.converter.tflite.metadata import METADATA_NAME, ModelMetadata, parse_metadata
 
+from edgefleet.converter.tflite.metadata import METADATA_NAME, ModelMetadata, parse_metadata
 from edgefleet.errors import UsageError
 from edgefleet.protocol import Quantization, TensorSpec, split
 

@@ -41,7 +41,6 @@ def compare_latency(models: dict[str, bytes], *, runs: int = DEFAULT_RUNS, round
     """
     from edgefleet.converter.convert.data import random_inputs
     from edgefleet.converter.tflite.native import captured_native_output
-
     from edgefleet.runtime import load_model
 
     results: dict[str, dict[str, Any]] = {}

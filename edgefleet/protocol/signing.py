@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,15 +60,8 @@ class SigningKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SigningKey:
         """Load a PEM (PKCS#8) private key; a directory means its edgefleet.key."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / PRIVATE_KEY_FILE
-        try:
-            key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-        except OSError as err:
-            raise SignatureError(f"cannot read signing key {p}: {err.strerror}") from err
-        except (ValueError, TypeError) as err:
-            raise SignatureError(f"{p} is not an unencrypted PEM private key") from err
+        p, key = _read_pem(path, PRIVATE_KEY_FILE, lambda pem: serialization.load_pem_private_key(pem, password=None),
+                           "signing key", "an unencrypted PEM private key")
         if not isinstance(key, Ed25519PrivateKey):
             raise SignatureError(f"{p} is not an Ed25519 private key")
         return cls(key)
@@ -101,18 +94,25 @@ class SigningKey:
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Load a PEM public key; a directory means its edgefleet.pub."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / PUBLIC_KEY_FILE
-    try:
-        key = serialization.load_pem_public_key(p.read_bytes())
-    except OSError as err:
-        raise SignatureError(f"cannot read public key {p}: {err.strerror}") from err
-    except (ValueError, TypeError) as err:
-        raise SignatureError(f"{p} is not a PEM public key") from err
+    p, key = _read_pem(path, PUBLIC_KEY_FILE, serialization.load_pem_public_key, "public key", "a PEM public key")
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{p} is not an Ed25519 public key")
     return key
+
+
+def _read_pem(path: str | os.PathLike[str], file_name: str, load: Callable[[bytes], object], role: str,
+              pem_form: str) -> tuple[Path, object]:
+    """The file read (a directory means its `file_name`) and the key `load` finds in it, of any type."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / file_name
+    try:
+        key = load(p.read_bytes())
+    except OSError as err:
+        raise SignatureError(f"cannot read {role} {p}: {err.strerror}") from err
+    except (ValueError, TypeError) as err:
+        raise SignatureError(f"{p} is not {pem_form}") from err
+    return p, key
 
 
 class Keyring:

@@ -141,6 +141,15 @@ class Topics:
         messages of its earlier subscriptions."""
         return f"{self.prefix}/sync/{_checked('client id', client)}"
 
+    def probe(self, run: str, name: str) -> str:
+        """A test message of `edgectl broker check` run `run`, in the hosts' own sync area (which the
+        shipped operator ACL lets a host write and devices never read)."""
+        return f"{self.sync(run)}/{_checked('probe', name)}"
+
+    def probes(self, run: str) -> str:
+        """Wildcard subscription to every test message of one `edgectl broker check` run."""
+        return f"{self.sync(run)}/+"
+
     @staticmethod
     def shared(share: str, topic_filter: str) -> str:
         """An MQTT 5 shared subscription: the broker hands each message to one member of `share`."""

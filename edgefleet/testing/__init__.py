@@ -5,6 +5,8 @@ installed code the same way, from any directory:
 
 - `broker`: throwaway Mosquitto brokers on free ports (plain and TLS, with a throwaway CA), `client()`
   and `Inbox` for the other end.
+- `nats`, `amqtt`: the other engines: NATS (one node, or a cluster on loopback) and amqtt, each a
+  `servers.ServerProcess` with the same `.url`, `start()`, `stop()`, `kill()` as the Mosquitto launcher.
 - `agentproc`: a real `edge-agent run` process with its own config, state directory and API socket.
 - `waiting`: `wait_for`, polling a condition until it holds or failing with what it waited for.
 - `reliability`: the model zoo and bundles built from it, agents behind a command prefix or prelude,

@@ -1,19 +1,17 @@
 """Throwaway Mosquitto brokers: each on a free port with its own config and store in a directory.
 
 Variants: plain (anonymous, persistent) and TLS (server authentication or mutual, with certificates
-from a throwaway CA made here with `cryptography`); `client()` and `Inbox` are the other end. Every
-process started here is killed when its owner says so and, failing that, at interpreter exit.
+from a throwaway CA made here with `cryptography`); `client()` and `Inbox` are the other end. A broker
+is a `servers.ServerProcess`: killed when its owner says so and, failing that, at interpreter exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import ipaddress
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -27,7 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgefleet.testing.servers import ServerProcess, free_port
 from edgefleet.transport import Message, MqttSettings, Transport
+
+# free_port lives in servers.py (the launchers of the other engines use it too); it stays importable here
+__all__ = ["LIMITS", "MOSQUITTO", "MOSQUITTO_PASSWD", "Inbox", "Mosquitto", "Pki", "client", "free_port",
+           "tls_broker_for", "write_password_file"]
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -41,35 +44,18 @@ max_queued_messages 20000
 max_queued_bytes 536870912
 """
 
-_running: set[subprocess.Popen[bytes]] = set()
 
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_running):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """One Mosquitto process with a config written into `workdir`; restarts keep the port and the store."""
+
+    kind = "mosquitto"
 
     def __init__(self, workdir: Path, *, listener: str = "", general: str = "", tls: bool = False,
                  persistence: bool = True, anonymous: bool = True, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir)  # the log file, mosquitto.log, is also the one its config logs to
         self.port = port or free_port()
         self.tls = tls
         self.conf = workdir / "mosquitto.conf"
-        self.log_file = workdir / "mosquitto.log"
         store = workdir / "store"
         store.mkdir(exist_ok=True)
         lines = [
@@ -86,84 +72,22 @@ class Mosquitto:
             listener,
         ]
         self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The broker's url for MqttSettings / --broker."""
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
-    def log(self) -> str:
-        """What the broker logged so far."""
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+    def command(self) -> list[str]:
+        return [MOSQUITTO, "-c", str(self.conf)]
 
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        """Start the process and wait until the port accepts connections."""
-        if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError("broker already running")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        _running.add(self.proc)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log()}") from None
-                time.sleep(0.02)
-
-    def _wait(self, timeout: float) -> None:
-        assert self.proc is not None
+    def ready(self) -> bool:
+        # a TCP connect, not an MQTT one: the listener may want TLS and client certificates
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        _running.discard(self.proc)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (the broker saves its store), escalating to SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.resume()
-        self.proc.terminate()
-        self._wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash; whatever the store had not saved is lost."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.kill()
-        self._wait(5.0)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port with the same store."""
-        self.stop()
-        self.start()
-
-    def pause(self) -> None:
-        """SIGSTOP: the broker holds its sockets but answers nothing."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT after pause()."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
 
 # ---------------------------------------------------------------------- certificates

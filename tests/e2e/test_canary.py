@@ -12,9 +12,9 @@ from typing import Any
 
 import psutil
 import pytest
-from edgefleet.converter.fleet.publish import RetainedIndex
 
 from edgefleet.bundle import GOLDEN_FILE, dump_golden, load_golden
+from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.errors import RequestError
 from edgefleet.protocol import Policy, Topics, parse_json
 from edgefleet.testing.agentproc import AgentProcess

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from edgefleet.agent.config import AgentConfig, load_config, parse_config
 
+from edgefleet.agent.config import AgentConfig, load_config, parse_config
 from edgefleet.credentials import read_secret
 from edgefleet.errors import ConfigError
 from edgefleet.protocol import SigningKey

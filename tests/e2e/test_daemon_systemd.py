@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgefleet.agent.api.client import ApiClient
 
+from edgefleet.agent.api.client import ApiClient
 from edgefleet.protocol import Topics, parse_json
 from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.broker import Inbox, Mosquitto

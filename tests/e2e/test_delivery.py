@@ -11,6 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from edgefleet.bundle import GOLDEN_FILE, Bundle, dump_golden, load_golden
 from edgefleet.converter.fleet.publish import (
     make_command,
     make_withdrawal,
@@ -18,8 +20,6 @@ from edgefleet.converter.fleet.publish import (
     publish_chunks,
     publish_document,
 )
-
-from edgefleet.bundle import GOLDEN_FILE, Bundle, dump_golden, load_golden
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
 from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.broker import Inbox, Mosquitto

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from edgefleet.converter.fleet.canary import CanarySize, parse_canary, pick_canaries
 from edgefleet.converter.fleet.collect import Collector, subscriptions
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.converter.fleet.watch import make_row, plain_table, rows
-
 from edgefleet.protocol import (
     DeviceState,
     Event,
@@ -293,9 +293,8 @@ def test_bad_options_and_empty_groups_change_nothing(broker: Mosquitto, make_bun
 def test_canary_that_never_answers_times_out_and_the_group_is_left_alone(
         broker: Mosquitto, publisher: Transport, make_bundle: Callable[..., Path], key: SigningKey, key_dir: Path,
         edgectl: Edgectl) -> None:
-    from edgefleet.converter.fleet.publish import prepare
-
     from edgefleet.bundle import Bundle
+    from edgefleet.converter.fleet.publish import prepare
     from tests.support.fake_device import FakeDevice
 
     pinned = FakeDevice(broker.url, "cam-0", groups=("lab",)).start()

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgefleet.agent.config import AgentConfig, parse_config
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from edgefleet.agent.config import AgentConfig, parse_config
 from edgefleet.errors import ConfigError, ProtocolError
 from edgefleet.protocol import Topics
 from edgefleet.testing.agentproc import toml as to_toml  # one TOML writer for every test

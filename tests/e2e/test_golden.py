@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.lifecycle.validate import ValidationRequest, run_checks
+from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, Bundle, load_golden
 from edgefleet.converter.cli import main
 from edgefleet.converter.convert.data import quantize_input
 from edgefleet.converter.tflite.interpreters import available, by_name, run_all
-
-from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, Bundle, load_golden
 from edgefleet.errors import ProtocolError
 from edgefleet.protocol import Deployment, parse_json
 from edgefleet.testing.agentproc import AgentProcess

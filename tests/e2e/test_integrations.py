@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.telemetry.homeassistant import Discovery, object_key
-
 from edgefleet.errors import ConfigError, ProtocolError
 from edgefleet.protocol import Status, Telemetry, Topics, parse_json
 from edgefleet.testing.agentproc import AgentProcess

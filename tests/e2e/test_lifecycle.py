@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.lifecycle.machine import Lifecycle
 from edgefleet.agent.lifecycle.store import Store
-
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, dump_golden, load_golden
 from edgefleet.protocol import Deployment, Event, Keyring, Phase, Signed, SigningKey
 from edgefleet.testing.agentproc import toml
@@ -536,7 +536,6 @@ def test_the_active_document_is_parsed_once_per_record(env: Any, make_bundle: An
 
 def test_actions_raise_domain_errors_and_report_results(env: Any, make_bundle: Any) -> None:
     from edgefleet.agent import actions
-
     from edgefleet.errors import Conflict, InvalidInput, NotFound
 
     lc = env.lifecycle()

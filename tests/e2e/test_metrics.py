@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgefleet.agent.serving.stats import LATENCY_BUCKETS_S, LatencyWindow
-from edgefleet.agent.telemetry.sampler import PromText, Sampler, prometheus
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edgefleet import __version__
+from edgefleet.agent.serving.stats import LATENCY_BUCKETS_S, LatencyWindow
+from edgefleet.agent.telemetry.sampler import PromText, Sampler, prometheus
 from tests.support.promtool import check_metrics
 
 NO_DEVICE_LABEL: set[str] = set()

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgefleet.agent.api.client import ApiClient
 
+from edgefleet.agent.api.client import ApiClient
 from edgefleet.errors import RequestError
 from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.waiting import wait_for
@@ -42,9 +42,8 @@ def _install_v2(a: AgentProcess, make_bundle: Any, zoo: Any, model: str) -> None
     if model != "dense_f32_v2":
         swap_file(bundle, "model.tflite", zoo(model).read_bytes())
         # golden outputs of the new model on the same inputs, as its converter would have made them
-        from edgefleet.converter.bundle.writer import run_samples
-
         from edgefleet.bundle import GOLDEN_FILE, dump_golden, load_golden
+        from edgefleet.converter.bundle.writer import run_samples
         from edgefleet.runtime import load_model
 
         ins, _ = load_golden((bundle / GOLDEN_FILE).read_bytes(), 1, 1)

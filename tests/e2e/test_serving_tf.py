@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.api.messages import Request
 from edgefleet.agent.api.routes import Router
 from edgefleet.agent.serving.models import Serving
+from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
 from edgefleet.converter.cli import main as edgectl
-
-from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.errors import RuntimeBackendError, UsageError
 from edgefleet.protocol.documents import Policy
 from edgefleet.runtime import load_model

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+
 from edgefleet.agent.config import AgentConfig, describe, load_config, parse_config
 from edgefleet.agent.systemd import Notifier
 

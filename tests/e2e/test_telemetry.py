@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+
 from edgefleet.agent.serving.models import Serving
 from edgefleet.agent.telemetry.sampler import Sampler, model_figures, prometheus, read_temperature
-
 from edgefleet.bundle import Bundle
 from edgefleet.protocol import Telemetry, Topics, parse_json
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import psutil
 import pytest
-from edgefleet.agent.api.client import ApiClient
 
+from edgefleet.agent.api.client import ApiClient
 from edgefleet.errors import RequestError
 from edgefleet.protocol import SigningKey
 from edgefleet.testing.agentproc import AgentProcess
@@ -106,6 +106,20 @@ def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
     return status, headers, json.loads(body)
 
 
+def _refusals(socks: list[socket.socket], wait: float) -> list[str]:
+    """The errors of the connections the agent refused at once (503); the others are still open."""
+    refused = []
+    for s in socks:
+        s.settimeout(wait)
+        try:
+            status, _, body = _answer(s)
+        except (TimeoutError, ConnectionError):
+            continue
+        assert status == 503, body
+        refused.append(body["error"])
+    return refused
+
+
 def _still_serving(a: Agent) -> None:
     assert a.client.predict("m", X)["edgefleet"]["model_version"] == 1
     assert a.tcp_client.predict("m", X)["edgefleet"]["model_version"] == 1
@@ -131,20 +145,12 @@ def test_sixty_big_tcp_heads_stay_within_the_budget(agent: Agent) -> None:
     """60 TCP heads of 16 MiB (each at the body limit), each followed by 4 MiB of real body bytes."""
     before = agent.rss()
     socks = []
-    refused: list[str] = []
     for _ in range(60):
         s = agent.tcp()
         s.sendall(_head("/v1/models/m:predict", 16 * MiB))
         socks.append(s)
     # those the budget refused answered at once; the rest are reading their bodies
-    for s in socks:
-        s.settimeout(0.2)
-        try:
-            status, _, body = _answer(s)
-        except (TimeoutError, ConnectionError):
-            continue
-        assert status == 503, body
-        refused.append(body["error"])
+    refused = _refusals(socks, 0.2)
     reading = len(socks) - len(refused)
     assert refused and all("api.max_inflight_bytes" in e for e in refused), refused[:3]
     assert reading <= 2, reading  # 64 MiB budget, TCP at most half of it: two 16 MiB bodies
@@ -160,6 +166,7 @@ def test_sixty_big_tcp_heads_stay_within_the_budget(agent: Agent) -> None:
     assert grown < 48 * MiB, grown  # a gigabyte before the budget
     # while TCP holds its share, the Unix socket still takes a big body
     import numpy as np
+
     from edgefleet.agent.serving import npy
 
     big = np.zeros((1, 8), np.float32)
@@ -189,16 +196,8 @@ def test_idle_tcp_connections_cannot_lock_out_the_unix_socket(agent: Agent) -> N
     """70 idle TCP connections: TCP fills its own cap, the Unix sockets do not notice."""
     idle = [agent.tcp() for _ in range(70)]
     try:
-        refused = 0
-        for s in idle:
-            s.settimeout(0.3)
-            try:
-                status, _, body = _answer(s)
-            except (TimeoutError, ConnectionError):
-                continue
-            assert status == 503 and "too many connections" in body["error"]
-            refused += 1
-        assert refused >= 6, refused
+        refused = _refusals(idle, 0.3)
+        assert len(refused) >= 6 and all("too many connections" in e for e in refused), refused
         res = agent.proc.cli("status", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["running"] is True

@@ -18,10 +18,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from edgefleet.agent.config import MqttConfig
-from edgefleet.converter.fleet.publish import make_command
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.agent.config import MqttConfig
+from edgefleet.converter.fleet.publish import make_command
 from edgefleet.errors import TransportError
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
 from edgefleet.testing.agentproc import AgentProcess

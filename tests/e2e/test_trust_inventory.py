@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgefleet.converter.fleet.publish import RetainedIndex
 
+from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.protocol import Keyring, SigningKey, Status, Topics, canonical_json, parse_json
 from edgefleet.protocol.documents import INVENTORY_SCHEMA, Deployment, Timestamp, Withdrawal
 from edgefleet.testing.agentproc import AgentProcess

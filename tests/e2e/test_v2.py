@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as tritonhttp
+from tritonclient.utils import InferenceServerException
+
 from edgefleet.agent.api.client import ApiClient
 from edgefleet.agent.api.server import ApiServer
 from edgefleet.agent.serving.models import Serving
-from tritonclient.utils import InferenceServerException
-
 from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.errors import RequestError
 from edgefleet.testing.agentproc import AgentProcess

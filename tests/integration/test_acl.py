@@ -40,6 +40,17 @@ def device(acl_broker: AclBroker, name: str, inbox: Inbox | None = None, **setti
                   client_id=f"{name}-{uuid.uuid4().hex[:6]}", **settings)
 
 
+def assert_refused(settings: MqttSettings, reason: str) -> None:
+    """A connection with these settings never comes up, and the transport says `reason`."""
+    t = Transport(settings, on_message=lambda m: None)
+    t.start()
+    try:
+        assert not t.wait_connected(1)
+        assert t.last_error is not None and reason in t.last_error, t.last_error
+    finally:
+        t.stop()
+
+
 def assert_never_delivered(inbox: Inbox, topic: str, payload: bytes, barrier: bytes) -> None:
     """Wait for `barrier` (sent after the attempt on the same connection) and check `payload` came before it never."""
     inbox.wait_for(lambda m: m.payload == barrier)
@@ -147,15 +158,8 @@ def test_device_reads_only_its_own_deployments_and_commands(acl_broker: AclBroke
 
 
 def test_unknown_user_is_refused(acl_broker: AclBroker) -> None:
-    t = Transport(MqttSettings(url=acl_broker.url, username="intruder", password="x", reconnect_min_s=0.2,
-                               reconnect_max_s=0.4),
-                  on_message=lambda m: None)
-    t.start()
-    try:
-        assert not t.wait_connected(1)
-        assert t.last_error is not None and "refused the connection" in t.last_error
-    finally:
-        t.stop()
+    assert_refused(MqttSettings(url=acl_broker.url, username="intruder", password="x", reconnect_min_s=0.2,
+                                reconnect_max_s=0.4), "refused the connection")
 
 
 # ---------------------------------------------------------------------- the shipped mosquitto.conf
@@ -191,13 +195,6 @@ def test_shipped_mosquitto_conf_with_mutual_tls(tmp_path: Path, pki: Pki) -> Non
                      cert_file=cert, key_file=key)
         dev.publish(T.status("dev-a"), b"online", retain=True, wait=5)
         dev.stop()
-        no_cert = Transport(MqttSettings(
-            url=shipped.url, username="dev-a", password=shipped.passwords["dev-a"], ca_file=pki.ca_file,
-            reconnect_min_s=0.2, reconnect_max_s=0.4),
-            on_message=lambda m: None)
-        no_cert.start()
-        try:
-            assert not no_cert.wait_connected(1)
-            assert no_cert.last_error is not None and "certificate required" in no_cert.last_error
-        finally:
-            no_cert.stop()
+        assert_refused(MqttSettings(url=shipped.url, username="dev-a", password=shipped.passwords["dev-a"],
+                                    ca_file=pki.ca_file, reconnect_min_s=0.2, reconnect_max_s=0.4),
+                       "certificate required")

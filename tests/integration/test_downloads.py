@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from edgefleet.agent.fleet import delivery
 from edgefleet.agent.fleet.delivery import ChunkStored, Downloads, Job
 from edgefleet.agent.lifecycle.store import Store
-
 from edgefleet.errors import DeploymentRejected
 from edgefleet.protocol import Topics
 from edgefleet.protocol.chunks import split

@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from edgefleet.converter.fleet.connect import add_broker_args, settings_from_args
 from edgefleet.converter.fleet.observer import FleetObserver
-
 from edgefleet.protocol import Keyring, SigningKey, Status, Topics, canonical_json
-from edgefleet.testing.broker import Mosquitto, client
+from edgefleet.testing.broker import Inbox, Mosquitto, client
 from tests.support.broker import OPERATOR, AclBroker
 from tests.support.fake_device import FakeDevice
 
@@ -114,6 +114,25 @@ def test_push_wait_times_out_naming_the_unfinished_devices(broker: Mosquitto, de
     assert "device cam-1: committed v1" in text
     assert "device cam-2: unfinished: did not finish within 1 s (no state for this model)" in text
     assert "device cam-7: pending: never seen on this broker" in text
+
+
+@pytest.mark.parametrize("target", [("--group", "lab"), ("--device", "cam-1", "--device", "cam-2")])
+def test_push_wait_with_no_known_target_stops_before_publishing(broker: Mosquitto, make_bundle: Callable[..., Path],
+                                                                key_dir: Path, edgectl: Edgectl,
+                                                                target: tuple[str, ...]) -> None:
+    """No targeted device ever reported a status (not started yet, or a broker that keeps retained
+    messages from wildcard subscriptions): --wait has nothing to follow and says so."""
+    set_inventory(edgectl, key_dir, "lab", "cam-1", "cam-2", login=["--broker", broker.url])
+    code, out, err = edgectl("push", make_bundle(name="det"), *target, "--key", key_dir, "--wait", "--timeout", 20,
+                             "--broker", broker.url)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("edgectl: error: push --wait: none of the 2 ")
+    assert "ever reported a status on this broker" in err and "nothing was published" in err
+    inbox = Inbox()
+    t = client(broker.url, inbox)
+    t.subscribe([*T.all_deployments(), T.all_chunks()], wait=5)
+    assert inbox.quiet(0.5) == []
+    t.stop()
 
 
 def test_rollback_wait_confirms(broker: Mosquitto, devices: Callable[..., FakeDevice], make_bundle: Callable[..., Path],

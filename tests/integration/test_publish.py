@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from edgefleet.converter.fleet.publish import split_parallel
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.bundle import Bundle
+from edgefleet.converter.fleet.publish import split_parallel
 from edgefleet.protocol import (
     Command,
     Deployment,

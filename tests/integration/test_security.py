@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from edgefleet.converter.fleet.publish import make_command
 
+from edgefleet.converter.fleet.publish import make_command
 from edgefleet.errors import RequestError, TransportError
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
 from edgefleet.testing.broker import client

@@ -92,6 +92,17 @@ def test_paho_errors_are_kept_as_the_cause_and_its_debug_lines_cost_nothing() ->
 # ---------------------------------------------------------------------- plain broker
 
 
+def newcomer_sees(url: str, topic: str) -> Message:
+    """The first message a client subscribing to `topic` now is handed: the retained one."""
+    inbox = Inbox()
+    reader = client(url, inbox)
+    try:
+        reader.subscribe(topic, wait=5)
+        return inbox.topic(topic)
+    finally:
+        reader.stop()
+
+
 def test_publish_subscribe_and_retained_flag(broker: Mosquitto) -> None:
     inbox = Inbox()
     sub = client(broker.url, inbox)
@@ -106,12 +117,8 @@ def test_publish_subscribe_and_retained_flag(broker: Mosquitto) -> None:
         assert live == Message("t/live", b"\x00live", retain=False, qos=1)
         assert inbox.topic("t/kept").retain is False  # delivered live, not from the store
 
-        late = Inbox()
-        sub2 = client(broker.url, late)
-        sub2.subscribe("t/#", wait=5)
-        stored = late.topic("t/kept")
+        stored = newcomer_sees(broker.url, "t/kept")
         assert stored.retain is True and stored.payload == b"kept"
-        sub2.stop()
         assert pub.messages_out == 2 and pub.bytes_out == len(b"\x00live") + len(b"kept")
         assert sub.messages_in >= 2 and pub.unacked == 0
     finally:
@@ -132,11 +139,7 @@ def test_start_does_not_block_when_the_broker_is_down(tmp_path: Path) -> None:
         down.start()
         assert t.wait_connected(5)
         assert t.flush(5)
-        inbox = Inbox()
-        reader = client(down.url, inbox)
-        reader.subscribe("k/v", wait=5)
-        assert inbox.topic("k/v").payload == b"queued"
-        reader.stop()
+        assert newcomer_sees(down.url, "k/v").payload == b"queued"
     finally:
         t.stop()
         down.kill()
@@ -264,11 +267,7 @@ def test_will_is_published_retained_when_the_client_dies(broker: Mosquitto) -> N
         assert gone.topic == "edgefleet/devices/dev-w/status"
         watcher.stop()
         # The will replaced the retained "online": a newcomer sees the device offline.
-        late = Inbox()
-        newcomer = client(broker.url, late)
-        newcomer.subscribe("edgefleet/devices/dev-w/status", wait=5)
-        assert late.topic("edgefleet/devices/dev-w/status").payload == b"offline"
-        newcomer.stop()
+        assert newcomer_sees(broker.url, "edgefleet/devices/dev-w/status").payload == b"offline"
     finally:
         proc.kill()
         proc.wait()

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgefleet.converter.fleet.publish import make_command
 
 from edgefleet.bundle import MANIFEST_FILE, MODEL_FILE
+from edgefleet.converter.fleet.publish import make_command
 from edgefleet.protocol import SigningKey, Topics, canonical_json, parse_json
 from edgefleet.testing.reliability import AgentWith, Fleet, Operator, X, build_bundle
 from tests.support.broker import acl_broker_for

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.daemon import Daemon
 from edgefleet.agent.fleet.delivery import ChunkStored
 from edgefleet.agent.fleet.link import FleetLink
-
 from edgefleet.bundle import GOLDEN_FILE, MODEL_FILE
 from edgefleet.protocol import Event, SigningKey, Topics, parse_json
 from edgefleet.testing.agentproc import toml

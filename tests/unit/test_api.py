@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.agent.api.client import ApiClient
 from edgefleet.agent.api.server import ApiServer
 from edgefleet.agent.serving.models import Serving
-
 from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.errors import (
     ActionError,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgefleet.converter.cli import main
 
 from edgefleet.bundle import Bundle, load_golden
+from edgefleet.converter.cli import main
 from edgefleet.protocol import Keyring, SigningKey, load_public_key
 from tests.support.convert_support import (
     WORK,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgefleet.converter.convert.data import Dataset, check_inputs, check_labels, quantize_input, split
 
+from edgefleet.converter.convert.data import Dataset, check_inputs, check_labels, quantize_input, split
 from edgefleet.errors import UsageError
 from edgefleet.protocol import Quantization, TensorSpec
 

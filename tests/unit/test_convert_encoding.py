@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
+
 from edgefleet.converter.convert.encoding import choose_encoding, runs_like
 from edgefleet.converter.convert.load import from_keras
 from edgefleet.converter.convert.pipeline import ConvertOptions, finish
 from edgefleet.converter.convert.prune import PruneConfig, prune
 from edgefleet.converter.convert.quantize import convert_tflite
 from edgefleet.converter.tflite.info import read_model
-
 from edgefleet.runtime import load_model
 from tests.support.convert_support import fresh_tiny_cnn, prepared
 

@@ -10,6 +10,7 @@ import importlib
 from importlib import metadata
 
 import pytest
+
 from edgefleet.converter import cli
 from edgefleet.converter.cli import COMMAND_MODULES, DISTRIBUTION, main, needs_extra_line, unavailable
 

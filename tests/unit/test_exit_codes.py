@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from edgefleet.agent import cli as agent_cli
 from edgefleet.converter import cli as edgectl_cli
 from edgefleet.converter.commands import keygen
 from edgefleet.converter.errors import AccuracyGateError, ConversionError
-
 from edgefleet.errors import (
     ConfigError,
     EdgefleetError,

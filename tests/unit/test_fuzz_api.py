@@ -23,11 +23,11 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from edgefleet.agent.api.client import ApiClient
-from edgefleet.agent.api.server import ADMIN_BODY_BYTES
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgefleet.agent.api.client import ApiClient
+from edgefleet.agent.api.server import ADMIN_BODY_BYTES
 from edgefleet.protocol import SigningKey
 from edgefleet.testing.reliability import AgentWith, X, build_bundle, fast_tmp
 from edgefleet.testing.waiting import wait_for

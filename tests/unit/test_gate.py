@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from edgefleet.bundle import Bundle
 from edgefleet.converter.cli import main
 from edgefleet.converter.convert import paired
 from edgefleet.converter.convert.evaluate import Validation, compare, gate, invoke_failure
-
-from edgefleet.bundle import Bundle
 from edgefleet.runtime import load_model
 from tests.support.convert_support import WORK, bundle_files_absent, digits
 
@@ -473,7 +473,6 @@ def test_every_output_is_judged(capsys: pytest.CaptureFixture[str], same_shape: 
 
 def test_outputs_are_matched_by_name_shape_then_least_error() -> None:
     from edgefleet.converter.convert.evaluate import match_outputs
-
     from edgefleet.errors import UsageError
 
     rng = np.random.default_rng(0)
@@ -519,6 +518,7 @@ def test_gate_options_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 def pruned_int8_models() -> tuple[bytes, bytes]:
     """The CNN pruned one-shot to 90 % and converted to int8, dense and with sparse encoding."""
     import keras
+
     from edgefleet.converter.convert.load import from_keras
     from edgefleet.converter.convert.prune import PruneConfig, prune
     from edgefleet.converter.convert.quantize import convert_tflite

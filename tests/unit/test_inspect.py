@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgefleet.converter.cli import main
 from edgefleet.converter.tflite.info import read_model
-
 from edgefleet.protocol import SigningKey
 from edgefleet.runtime import load_model
 from tests.support.convert_support import converted

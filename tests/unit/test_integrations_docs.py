@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tomllib
 import yaml
+
 from edgefleet.agent.api.routes import serving_metrics
 from edgefleet.agent.config import parse_config
 from edgefleet.agent.serving.models import Serving
 from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
-
 from edgefleet.bundle import Bundle
 from edgefleet.protocol import Topics
 from edgefleet.protocol.canonical import canonical_json

@@ -10,10 +10,10 @@ from pathlib import Path
 import flatbuffers
 import numpy as np
 import pytest
-from edgefleet.converter.cli import main
-from edgefleet.converter.tflite.metadata import parse_metadata
 
 from edgefleet.bundle import Bundle, load_golden
+from edgefleet.converter.cli import main
+from edgefleet.converter.tflite.metadata import parse_metadata
 from edgefleet.protocol import Keyring, SigningKey, load_public_key
 from edgefleet.runtime import load_model
 from tests.support.convert_support import bundle_files_absent, converted, digits
@@ -41,37 +41,22 @@ def metadata_buffer(mean: list[float], std: list[float], labels_file: str) -> by
             b.PrependUOffsetTRelative(off)
         return b.EndVector()
 
-    mean_v, std_v = floats(mean), floats(std)
-    b.StartObject(2)
-    b.PrependUOffsetTRelativeSlot(0, mean_v, 0)
-    b.PrependUOffsetTRelativeSlot(1, std_v, 0)
-    norm = b.EndObject()
-    b.StartObject(2)
-    b.PrependUint8Slot(0, 1, 0)  # ProcessUnitOptions.NormalizationOptions
-    b.PrependUOffsetTRelativeSlot(1, norm, 0)
-    unit = b.EndObject()
-    units = tables([unit])
-    b.StartObject(7)
-    b.PrependUOffsetTRelativeSlot(4, units, 0)
-    tensor_in = b.EndObject()
-    name = b.CreateString(labels_file)
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(0, name, 0)
-    b.PrependInt8Slot(2, 2, 0)  # TENSOR_AXIS_LABELS
-    afile = b.EndObject()
-    files = tables([afile])
-    b.StartObject(7)
-    b.PrependUOffsetTRelativeSlot(6, files, 0)
-    tensor_out = b.EndObject()
-    ins, outs = tables([tensor_in]), tables([tensor_out])
-    b.StartObject(7)
-    b.PrependUOffsetTRelativeSlot(2, ins, 0)
-    b.PrependUOffsetTRelativeSlot(3, outs, 0)
-    subgraph = b.EndObject()
-    subgraphs = tables([subgraph])
-    b.StartObject(8)
-    b.PrependUOffsetTRelativeSlot(3, subgraphs, 0)
-    root = b.EndObject()
+    def table(size: int, refs: dict[int, int], small: dict[int, int] | None = None) -> int:
+        """A table of `size` slots: `refs` maps slots to objects built before it, `small` to one-byte values."""
+        b.StartObject(size)
+        for slot, value in (small or {}).items():
+            b.PrependUint8Slot(slot, value, 0)
+        for slot, offset in refs.items():
+            b.PrependUOffsetTRelativeSlot(slot, offset, 0)
+        return b.EndObject()
+
+    norm = table(2, {0: floats(mean), 1: floats(std)})
+    unit = table(2, {1: norm}, small={0: 1})  # ProcessUnitOptions.NormalizationOptions
+    tensor_in = table(7, {4: tables([unit])})
+    labels = table(4, {0: b.CreateString(labels_file)}, small={2: 2})  # TENSOR_AXIS_LABELS
+    tensor_out = table(7, {6: tables([labels])})
+    subgraph = table(7, {2: tables([tensor_in]), 3: tables([tensor_out])})
+    root = table(8, {3: tables([subgraph])})
     b.Finish(root, file_identifier=b"M001")
     return bytes(b.Output())
 

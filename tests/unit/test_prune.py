@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgefleet.converter.convert.prune import (
     PruneConfig,
     m_by_n_mask,
@@ -12,7 +13,6 @@ from edgefleet.converter.convert.prune import (
     prunable_kernels,
     prune,
 )
-
 from edgefleet.errors import UsageError
 from tests.support.convert_support import digits, fresh_tiny_cnn
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.converter.cli import main
 from edgefleet.converter.convert.prune_structured import StructuredConfig, count_params, prune_channels
 from edgefleet.converter.tflite.info import read_model
-
 from edgefleet.errors import UsageError
 from tests.support.convert_support import (
     WORK,

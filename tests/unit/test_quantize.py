@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgefleet.converter.convert.data import quantize_input
 from edgefleet.converter.convert.quantize import MODES, convert_tflite
 from edgefleet.converter.tflite.info import read_model
-
 from edgefleet.errors import UsageError
 from edgefleet.runtime import load_model
 from tests.support.convert_support import converted, elu_model_file, prepared

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgefleet.agent.serving.models import Serving
 
+from edgefleet.agent.serving.models import Serving
 from edgefleet.bundle import MODEL_FILE, Bundle
 from edgefleet.errors import RequestError, RuntimeBackendError
 from edgefleet.protocol.documents import Deployment
@@ -345,7 +345,6 @@ def test_non_finite_or_out_of_range_floats_are_refused(make_bundle) -> None:  # 
     import warnings
 
     from edgefleet.agent.serving.models import Serving
-
     from edgefleet.bundle import Bundle
     from edgefleet.errors import RequestError
 
