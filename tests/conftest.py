@@ -1,6 +1,5 @@
 """The suite's fixtures live in tests/support/ and are loaded here as plugins:
-`fixtures` (the model zoo, bundles, per-test host state), `broker` (Mosquitto brokers of every kind)
-and `engines` (NATS, a NATS cluster, amqtt, and `engine`: one test run on each engine).
+`fixtures` (the model zoo, bundles, per-test host state) and `broker` (Mosquitto brokers of every kind).
 
 The launchers, the fault and soak runs they wrap are the package's test kit (`edgefleet.testing`,
 shared with bench/); its asserts are rewritten as a test's are, so a failing scenario says why.
@@ -17,7 +16,7 @@ import pytest
 
 pytest.register_assert_rewrite("edgefleet.testing")
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.broker", "tests.support.engines"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.broker"]
 
 TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e")
