@@ -23,9 +23,10 @@ from typing import Any, Literal
 from edgefleet.credentials import credential_path, read_secret
 from edgefleet.errors import ConfigError
 from edgefleet.protocol.schema import (
+    NAME_RULE,
     all_of,
     at_most,
-    check_name,
+    check_portable_name,
     checked,
     each,
     field_check,
@@ -45,13 +46,14 @@ DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
 
 
 def _default_device_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).strip("-.") or "device"
+    # a fully qualified host name's dots become '-': a name is a topic level, and some brokers split at '.'
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()).strip("-_") or "device"
     return host[:64]
 
 
 def _name(value: str) -> str | None:
-    """A device or group name: the wire contract's rule (it is a topic level and a path component)."""
-    return f"{value!r} must be 1-64 letters, digits, '_', '.', '-'" if check_name(value) else None
+    """A device or group name: a topic level every supported broker takes, and a path component."""
+    return f"{value!r} must be {NAME_RULE}" if check_portable_name(value) else None
 
 
 def _port(value: int) -> str | None:
@@ -77,6 +79,10 @@ class MqttConfig:
 
     url: str | None = checked(check_broker_url, default=None)
     """`mqtt://host[:port]` or `mqtts://host[:port]`; unset runs the agent from local installs only."""
+    urls: tuple[str, ...] | None = checked(each(check_broker_url), default=None)
+    """Several brokers of one fleet (the nodes of a cluster), all mqtt:// or all mqtts://, instead of `url`:
+    tried in this order, and a connection that fails or ends moves on to the next, in turn, with the
+    reconnect backoff. `url` then reads as the first of them."""
     prefix: str = checked(check_prefix, default=DEFAULT_PREFIX)
     """Topic prefix shared with the host tools."""
     client_id: str | None = None
@@ -107,6 +113,21 @@ class MqttConfig:
     def __post_init__(self) -> None:
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+        if self.urls is not None:
+            if not self.urls:
+                raise ConfigError("mqtt.urls: expected at least one broker url (or leave mqtt.urls out)")
+            if self.url is not None and self.url != self.urls[0]:
+                raise ConfigError("mqtt.url: set mqtt.url or mqtt.urls, not both (mqtt.urls lists every broker)")
+            if len({parse_url(u)[0] for u in self.urls}) > 1:
+                raise ConfigError("mqtt.urls: mixes mqtt:// and mqtts://; every broker of a fleet takes the same one")
+            if len(set(self.urls)) < len(self.urls):
+                raise ConfigError("mqtt.urls: lists a url twice")
+            object.__setattr__(self, "url", self.urls[0])
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """Every broker url, in the order they are tried; empty without a broker."""
+        return self.urls or ((self.url,) if self.url is not None else ())
 
     def settings(self, device_id: str) -> MqttSettings:
         """The transport's settings from this table; reads the password file (ConfigError when unreadable).
@@ -117,6 +138,7 @@ class MqttConfig:
             raise ConfigError("mqtt.url: not set")
         return MqttSettings(
             url=self.url,
+            fallback_urls=self.broker_urls[1:],
             username=self.username if self.username is not None else device_id,
             password=read_secret(self.password_file) if self.password_file else None,
             ca_file=self.ca_file,
@@ -561,18 +583,20 @@ def security_problems(config: AgentConfig) -> list[str]:
                         f"{fix}")
 
     if mqtt.url is not None:
-        tls, host, _ = parse_url(mqtt.url)
+        key = "mqtt.url" if mqtt.urls is None else "mqtt.urls"
+        tls = parse_url(mqtt.url)[0]  # one scheme for all of mqtt.urls
+        remote = next((u for u in mqtt.broker_urls if not _is_loopback(parse_url(u)[1])), None)
         if not tls:
             if mqtt.ca_file is not None or mqtt.cert_file is not None or mqtt.key_file is not None:
-                problems.append(f"mqtt.url: {mqtt.url} is plain TCP but TLS files are set (mqtt.ca_file, cert_file, "
+                problems.append(f"{key}: {mqtt.url} is plain TCP but TLS files are set (mqtt.ca_file, cert_file, "
                                 "key_file); use mqtts://")
             # Loopback is allowed, password or not (a broker or bridge on the board itself): the bytes
             # never leave the board, and whoever could read them there can read the password file too.
             # Refusing it would push such boards to `insecure`, which also stops signature checks.
-            elif not _is_loopback(host) and not insecure:
+            elif remote is not None and not insecure:
                 exposed = ("the password in mqtt.password_file would cross the network in clear text"
                            if mqtt.password_file is not None else "anyone on the way can read and alter the traffic")
-                problems.append(f"mqtt.url: {mqtt.url} is plain TCP to another host, so {exposed}; use mqtts:// {fix}")
+                problems.append(f"{key}: {remote} is plain TCP to another host, so {exposed}; use mqtts:// {fix}")
         if mqtt.password_file is not None:
             _read_file("mqtt.password_file", mqtt.password_file, problems, secret=True)
         _check_tls_files(mqtt, problems)

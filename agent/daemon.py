@@ -165,7 +165,8 @@ class Daemon:
         mqtt = None
         if self.link is not None:
             t = self.link.transport
-            mqtt = {"url": self.config.mqtt.url, "connected": t.connected, "last_error": t.last_error,
+            # the url in use: with several (mqtt.urls), the node this device follows now
+            mqtt = {"url": t.url, "protocol": t.protocol, "connected": t.connected, "last_error": t.last_error,
                     "reconnects": t.reconnects}
         reason = self.unhealthy or self._loop_stall()
         return {"status": "unhealthy" if reason else "ok", "reason": reason,

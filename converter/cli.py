@@ -59,6 +59,7 @@ COMMAND_MODULES: tuple[CommandModule, ...] = (
     CommandModule("edgefleet.converter.commands.fleet", "fleet", ("fleet",)),
     CommandModule("edgefleet.converter.commands.gc", "fleet", ("gc",)),
     CommandModule("edgefleet.converter.commands.trust", "fleet", ("inventory", "timestamp", "withdraw")),
+    CommandModule("edgefleet.converter.commands.broker", "fleet", ("broker",)),
 )
 
 EPILOG = """\

@@ -16,8 +16,8 @@ from rich.console import Console
 
 from edgefleet.converter.tflite.interpreters import OPTION_HELP as INTERPRETERS_HELP
 from edgefleet.converter.tflite.interpreters import option as interpreter_option
-from edgefleet.errors import UsageError
-from edgefleet.protocol import SigningKey, check_name
+from edgefleet.errors import ExitCode, UsageError
+from edgefleet.protocol import SigningKey, check_portable_name
 
 N = TypeVar("N", int, float)
 
@@ -93,8 +93,8 @@ def stop_on_signals(stop: Callable[[], None], signals: tuple[int, ...] = (signal
 
 
 def model_name(text: str) -> str:
-    """argparse type: a model name safe as a path component and topic level."""
-    problem = check_name(text)
+    """argparse type: a model name safe as a path component and as a topic level on every broker."""
+    problem = check_portable_name(text)
     if problem:
         raise argparse.ArgumentTypeError(f"invalid model name {text!r}: {problem}")
     return text
@@ -127,9 +127,9 @@ positive_int = number_type(int, lambda v: v >= 1, "expected an integer, got {tex
 
 
 def default_name(path: str) -> str:
-    """A model name derived from a file name (letters, digits, '_', '.', '-')."""
+    """A model name derived from a file name (ASCII letters, digits, '_', '-': `check_portable_name`)."""
     stem = Path(path.rstrip("/")).stem or "model"
-    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip(".-_")[:64] or "model"
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "-" for c in stem).strip("-_")[:64] or "model"
     return cleaned if cleaned[0].isalnum() else f"m{cleaned}"[:64]
 
 
@@ -153,10 +153,23 @@ def check_output(path: str, force: bool) -> Path:
     return out
 
 
+def command_group(subparsers: Any, name: str, *, title: str, **kwargs: Any) -> Any:
+    """Register a command with commands of its own (`fleet`, `inventory`, `broker`) and return its
+    subparsers; given alone, it prints its help and exits 2."""
+    parser = subparsers.add_parser(name, **kwargs)
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return ExitCode.USAGE
+
+    parser.set_defaults(func=show_help)
+    return parser.add_subparsers(title=title, metavar="COMMAND")
+
+
 def name_type(kind: str) -> Callable[[str], str]:
-    """An argparse type for a device, group or model name, refused with the reason when unsafe."""
+    """An argparse type for a device, group or model name, refused with the rule when unsafe on some broker."""
     def check(text: str) -> str:
-        problem = check_name(text)
+        problem = check_portable_name(text)
         if problem:
             raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: {problem}")
         return text

@@ -4,10 +4,17 @@ A `Transport` owns one paho client and its network thread. Paho callbacks do no 
 message becomes a frozen `Message` handed to the owner's `on_message` (a `queue.put`), and any
 exception raised there is logged with its traceback and counted in `callback_errors`, never allowed
 to stop the network loop. Subscriptions are remembered and sent again after every reconnect; the
-owner hears `on_connection(True)` only once the broker has acknowledged them.
+owner hears `on_connection(True)` only once the broker has acknowledged them. A filter the broker
+refuses is forgotten, and reported to the owner that asked to hear of it (`on_refused`).
 
-MQTT 5 by default (reason codes make refused publishes and subscriptions visible); MQTT 3.1.1 is
-available through `MqttSettings.protocol` for brokers that lack 5. Nothing here needs MQTT 5.
+MQTT 5 by default (reason codes make refused publishes and subscriptions visible); nothing here needs
+it. With `protocol = "auto"` a broker that refuses an MQTT 5 CONNECT, closes it, or leaves it
+unanswered for `connack_timeout_s` is tried in 3.1.1 at once, quietly; once it answers, its version is
+logged once at INFO and kept for the session. `MqttSettings.protocol` fixes either version.
+
+Several urls (`MqttSettings.fallback_urls`, the nodes of a cluster): an attempt that fails or a
+connection that ends moves on to the next url, in turn, with the reconnect backoff; subscriptions
+follow, and `Transport.url` says which broker is in use.
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ DEFAULT_PUBLISH_TIMEOUT_S = 30.0
 # Remembered SUBACKs, so a subscribe(wait=...) that loses the race against its own SUBACK still finds it.
 _MAX_SUBACKS = 256
 
-__all__ = ["DEFAULT_PORTS", "Message", "MqttSettings", "Transport", "check_broker_url", "parse_url"]
+RefusalHandler = Callable[[list[tuple[str, str]]], None]
+"""Told the filters the broker refused, each with the broker's reason (`subscribe(on_refused=...)`)."""
+
+__all__ = ["DEFAULT_PORTS", "Message", "MqttSettings", "RefusalHandler", "Transport", "check_broker_url",
+           "parse_url"]
 
 _URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
 # A host is a bracketed IPv6 address or a name without the characters that end a url's host part;
@@ -119,9 +130,22 @@ class MqttSettings:
     """QoS 1 messages sent and not yet acknowledged; Mosquitto's receive maximum is 20 by default."""
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     """MQTT protocol version; auto speaks 5 and falls back to 3.1.1 when the broker refuses 5."""
+    fallback_urls: tuple[str, ...] = ()
+    """More brokers of the same fleet (the other nodes of a cluster), same scheme as `url`: a connection
+    that fails or ends moves on to the next url of `urls`, in turn, with the reconnect backoff."""
+    connack_timeout_s: float = 5.0
+    """With protocol auto: an MQTT 5 CONNECT unanswered this long is taken as a broker that cannot
+    parse it (some 3.1.1 brokers never answer one), and the next attempt speaks 3.1.1."""
 
     def __post_init__(self) -> None:
-        parse_url(self.url)
+        tls = parse_url(self.url)[0]
+        for url in self.fallback_urls:
+            if parse_url(url)[0] != tls:
+                raise ConfigError(f"broker urls: {self.url} and {url} mix mqtt:// and mqtts://; use one scheme")
+        if len(set(self.urls)) != len(self.urls):
+            raise ConfigError(f"broker urls: {', '.join(self.urls)} lists a url twice")
+        if not self.connack_timeout_s > 0:
+            raise ConfigError(f"connack_timeout_s: expected seconds > 0, got {self.connack_timeout_s}")
         if self.keepalive <= 0:
             raise ConfigError(f"keepalive: expected seconds > 0, got {self.keepalive}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
@@ -132,6 +156,11 @@ class MqttSettings:
             raise ConfigError("key_file: given without cert_file")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"protocol: expected 'auto', '5' or '3.1.1', got {self.protocol!r}")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every broker url, in the order they are tried: `url`, then `fallback_urls`."""
+        return (self.url, *self.fallback_urls)
 
     @property
     def tls(self) -> bool:
@@ -159,21 +188,46 @@ class Message:
     qos: int = 0
 
 
+@dataclass
+class _Asked:
+    """A SUBSCRIBE on the wire: each filter with the token of the `subscribe` call that sent it."""
+
+    filters: list[tuple[str, int]]
+    waited: bool = False
+    """A `subscribe(wait=...)` wants the reason codes."""
+
+
 # paho's own log lines go here at DEBUG: the transport reports failures itself, once, with their reason.
 _paho_log = logging.getLogger(f"{__name__}.paho")
 
 
 class _Client(mqtt.Client):
-    """paho's client, remembering why the last connection attempt failed (paho drops the exception)."""
+    """paho's client, remembering why the last connection attempt failed (paho drops the exception).
+
+    `before_attempt` runs in the network thread before every attempt (it picks the url and the
+    protocol); `connack_overdue`, asked on every turn of the network loop, ends an attempt whose
+    CONNACK is late the way paho ends one on a keepalive timeout (paho itself waits a keepalive)."""
 
     last_exception: OSError | None = None
+    before_attempt: Callable[[], None] | None = None
+    connack_overdue: Callable[[], bool] | None = None
 
     def reconnect(self) -> MQTTErrorCode:
+        if self.before_attempt is not None:
+            self.before_attempt()
         try:
             return super().reconnect()
         except OSError as err:
             self.last_exception = err
             raise
+
+    def loop_misc(self) -> MQTTErrorCode:
+        overdue = self.connack_overdue
+        if overdue is not None and self._sock is not None and overdue():
+            self._sock_close()
+            self._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_KEEPALIVE)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return super().loop_misc()
 
 
 class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -207,6 +261,27 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         _paho_log.debug("cannot set TCP_NODELAY: %s", err)
 
 
+@dataclass
+class _Attempt:
+    """One connection attempt: where to, in which protocol, and what the broker has said so far."""
+
+    url: str
+    protocol: Literal["5", "3.1.1"]
+    probe: bool
+    """An MQTT 5 CONNECT to a broker whose protocol is not known yet (protocol auto)."""
+    sent_at: float | None = None
+    answered: bool = False
+    overdue: bool = False
+    settled: bool = False
+    """Its outcome is handled (a refused CONNACK): the disconnect that follows says nothing more."""
+
+
+def _trim(remembered: dict[int, Any]) -> None:
+    """Keep the newest _MAX_SUBACKS entries of a packet-id map (a reply that never came leaks nothing)."""
+    while len(remembered) > _MAX_SUBACKS:
+        del remembered[next(iter(remembered))]
+
+
 def _describe_os_error(err: OSError) -> str:
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {err.verify_message}"
@@ -232,10 +307,9 @@ class Transport:
         self.settings = settings
         self._on_message = on_message
         self._on_connection = on_connection
-        self._v5 = settings.protocol != "3.1.1"
         client_id = settings.client_id or f"edgefleet-{uuid.uuid4().hex[:12]}"
         self.client_id = client_id
-        if self._v5:
+        if settings.protocol != "3.1.1":
             client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         else:
             client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
@@ -244,7 +318,9 @@ class Transport:
         # A raising callback of ours is already caught below; this keeps paho's own loop alive regardless.
         client.suppress_exceptions = True
         client.enable_logger(cast(logging.Logger, _PahoLog(self)))
-        client.on_socket_open = _no_delay
+        client.on_socket_open = self._socket_opened
+        client.before_attempt = self._before_attempt
+        client.connack_overdue = self._connack_overdue
         client.max_inflight_messages_set(settings.max_inflight)
         # paho annotates these as int but computes with them as float seconds.
         client.reconnect_delay_set(cast(int, settings.reconnect_min_s), cast(int, settings.reconnect_max_s))
@@ -276,6 +352,15 @@ class Transport:
         self._lock = threading.Condition()
         self._subscriptions: dict[str, int] = {}
         self._subacks: dict[int, list[ReasonCode]] = {}
+        """Reason codes a `subscribe(wait=...)` waits for, by packet id."""
+        self._asked: dict[int, _Asked] = {}
+        """SUBSCRIBEs sent and not yet answered, by packet id."""
+        self._early: dict[int, list[ReasonCode]] = {}
+        """SUBACKs that arrived before `subscribe` learned its packet id from paho."""
+        self._sub_tokens: dict[str, int] = {}
+        """Per filter, the latest `subscribe` call: a refusal of an older one, asked again since, is stale."""
+        self._token = 0
+        self._refusal_handlers: dict[str, RefusalHandler] = {}
         self._resubscribe_mid: int | None = None
         self._ready = threading.Event()
         self._started = False
@@ -295,7 +380,12 @@ class Transport:
         self.dropped_out = 0
         self.refused_out = 0
         self.callback_errors = 0
-        self._closed_unanswered = 0
+        self._url_index = 0
+        self._spoken: dict[str, Literal["5", "3.1.1"]] = {}
+        """The protocol each broker url answered, kept for the session: later attempts go straight to it."""
+        self._trying_311: set[str] = set()
+        self._attempt: _Attempt | None = None
+        self._reported: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,7 +395,7 @@ class Transport:
             raise TransportError("transport already started")
         self._started = True
         s = self.settings
-        if self._v5:
+        if s.protocol != "3.1.1":
             self._client.connect_async(s.host, s.port, s.keepalive, clean_start=True)
         else:
             self._client.connect_async(s.host, s.port, s.keepalive)
@@ -319,6 +409,20 @@ class Transport:
     def connected(self) -> bool:
         """True while connected and subscribed."""
         return self._ready.is_set()
+
+    @property
+    def url(self) -> str:
+        """The broker url connected to, or tried now (one of `settings.urls`)."""
+        a = self._attempt
+        return a.url if a is not None else self.settings.url
+
+    @property
+    def protocol(self) -> Literal["5", "3.1.1"]:
+        """The MQTT version of the current connection (or attempt)."""
+        a = self._attempt
+        if a is not None:
+            return a.protocol
+        return "3.1.1" if self.settings.protocol == "3.1.1" else "5"
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no will is sent) and join the network thread, waiting at most `timeout`."""
@@ -423,11 +527,15 @@ class Transport:
 
     # ------------------------------------------------------------------ subscribe
 
-    def subscribe(self, topics: str | Iterable[str], qos: int = 1, wait: bool | float = False) -> None:
+    def subscribe(self, topics: str | Iterable[str], qos: int = 1, wait: bool | float = False,
+                  on_refused: RefusalHandler | None = None) -> None:
         """Subscribe now (or at the next connect) and again after every reconnect.
 
         With `wait`, block until the broker acknowledged (connecting first if needed) and raise
-        TransportError when it refused a topic.
+        TransportError when it refused a topic. A filter the broker refuses, now or when it is sent
+        again after a reconnect, is forgotten (not sent again) and, with `on_refused`, reported there
+        with the broker's reason, on the network thread (or on this one when the SUBACK came first);
+        without it, logged as an error. The handler must not block.
         """
         names = [topics] if isinstance(topics, str) else list(topics)
         if not names:
@@ -435,15 +543,25 @@ class Transport:
         if wait is not False and threading.current_thread() is self._loop_thread:
             raise TransportError("subscribe(wait=...) from an MQTT callback would block the network thread")
         with self._lock:
+            asked = _Asked([], waited=wait is not False)
             for name in names:
                 self._subscriptions[name] = qos
+                self._token += 1
+                self._sub_tokens[name] = self._token
+                asked.filters.append((name, self._token))
+                if on_refused is not None:
+                    self._refusal_handlers[name] = on_refused
+                else:
+                    self._refusal_handlers.pop(name, None)
         try:
             rc, mid = self._client.subscribe([(n, qos) for n in names])
         except ValueError as err:
             with self._lock:
                 for name in names:
-                    self._subscriptions.pop(name, None)
+                    self._forget(name)
             raise TransportError(f"cannot subscribe to {names}: {err}") from err
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._answered(mid, asked=asked)
         if wait is False:
             return
         timeout = DEFAULT_PUBLISH_TIMEOUT_S if wait is True else float(wait)
@@ -454,6 +572,7 @@ class Transport:
             return
         with self._lock:
             if not self._lock.wait_for(lambda: mid in self._subacks, timeout):
+                asked.waited = False  # a late SUBACK is settled, not kept for a waiter that left
                 raise TransportError(f"subscribe {names}: not acknowledged within {timeout:g} s")
             codes = self._subacks.pop(mid)
         refused = [f"{n}: {c}" for n, c in zip(names, codes, strict=False) if c.is_failure]
@@ -465,9 +584,62 @@ class Transport:
         names = [topics] if isinstance(topics, str) else list(topics)
         with self._lock:
             for name in names:
-                self._subscriptions.pop(name, None)
+                self._forget(name)
         if names and self.connected:
             self._client.unsubscribe(names)
+
+    def _forget(self, name: str) -> None:
+        """Drop a filter from what is sent again after a reconnect (under the lock)."""
+        self._subscriptions.pop(name, None)
+        self._sub_tokens.pop(name, None)
+        self._refusal_handlers.pop(name, None)
+
+    def _answered(self, mid: int, *, asked: _Asked | None = None, codes: list[ReasonCode] | None = None) -> None:
+        """The two halves of a SUBSCRIBE's answer meet here, in either order: the filters sent, once paho
+        returned the packet id, and the SUBACK's reason codes, which paho's network thread may handle
+        first. The second to come settles the subscription."""
+        with self._lock:
+            if asked is None:
+                asked = self._asked.pop(mid, None)
+                if asked is None:
+                    self._early[mid] = codes or []
+                    _trim(self._early)
+                    return
+            else:
+                codes = self._early.pop(mid, None)
+                if codes is None:
+                    self._asked[mid] = asked
+                    _trim(self._asked)
+                    return
+            assert codes is not None
+            if asked.waited:
+                self._subacks[mid] = codes
+                _trim(self._subacks)
+                self._lock.notify_all()
+        self._settle(asked.filters, codes)
+
+    def _settle(self, filters: list[tuple[str, int]], codes: list[ReasonCode]) -> None:
+        """A SUBACK answered `filters`: forget the refused ones and report them (any thread, no lock held)."""
+        handled: dict[int, tuple[RefusalHandler, list[tuple[str, str]]]] = {}
+        unhandled: list[str] = []
+        with self._lock:
+            for (name, token), code in zip(filters, codes, strict=False):
+                if not code.is_failure or self._sub_tokens.get(name) != token:
+                    continue  # granted, or asked again since: the newer SUBACK decides
+                handler = self._refusal_handlers.get(name)
+                self._forget(name)
+                if handler is None:
+                    unhandled.append(str(code))
+                else:
+                    handled.setdefault(id(handler), (handler, []))[1].append((name, str(code)))
+        if unhandled:
+            log.error("broker refused %d subscription(s): %s", len(unhandled), ", ".join(sorted(set(unhandled))))
+        for handler, refused in handled.values():
+            log.debug("broker refused %d subscription(s), reported to their owner", len(refused))
+            try:
+                handler(refused)
+            except Exception:
+                self._callback_failed("subscription refusal")
 
     @property
     def subscriptions(self) -> dict[str, int]:
@@ -481,53 +653,113 @@ class Transport:
         self.callback_errors += 1
         log.exception("error in MQTT %s callback (the network loop continues)", where)
 
-    def _set_error(self, text: str) -> None:
-        if text != self.last_error:
+    def _set_error(self, text: str, url: str | None = None) -> None:
+        # once at ERROR per url and cause: retries, and the turns of several urls, repeat it at DEBUG
+        url = url or self.url
+        if text != self._reported.get(url):
             log.error("%s", text)
         else:
             log.debug("%s", text)
+        self._reported[url] = text
         self.last_error = text
+
+    # -- which url, which protocol
+
+    def _protocol_for(self, url: str) -> Literal["5", "3.1.1"]:
+        if self.settings.protocol != "auto":
+            return self.settings.protocol
+        return self._spoken.get(url) or ("3.1.1" if url in self._trying_311 else "5")
+
+    def _before_attempt(self) -> None:
+        """Point paho at the url whose turn it is, in the protocol known (or to be tried) there."""
+        url = self.settings.urls[self._url_index]
+        protocol = self._protocol_for(url)
+        _, host, port = parse_url(url)
+        c = self._client
+        # paho has no public switch between attempts (its setters refuse while it reconnects)
+        c._host, c._port = host, port
+        if protocol == "5":
+            c._protocol = mqtt.MQTTv5
+        elif c._protocol != mqtt.MQTTv31:  # paho steps down to 3.1 by itself after a 3.1.1 refusal
+            c._protocol = mqtt.MQTTv311
+            c._clean_session = True
+        probe = self.settings.protocol == "auto" and protocol == "5" and url not in self._spoken
+        self._attempt = _Attempt(url, protocol, probe)
+
+    def _socket_opened(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # the CONNACK clock starts once TCP (and TLS) is up, right before the CONNECT goes out
+        _no_delay(client, userdata, sock)
+        if self._attempt is not None:
+            self._attempt.sent_at = time.monotonic()
+
+    def _connack_overdue(self) -> bool:
+        a = self._attempt
+        if a is None or not a.probe or a.answered or a.overdue or a.sent_at is None:
+            return False
+        if time.monotonic() - a.sent_at < self.settings.connack_timeout_s:
+            return False
+        a.overdue = True
+        return True
+
+    def _next_url(self) -> None:
+        """The next attempt goes to the next url (a cluster's next node), in turn."""
+        self._url_index = (self._url_index + 1) % len(self.settings.urls)
+
+    def _try_311(self, a: _Attempt, why: str) -> None:
+        """After an MQTT 5 CONNECT the broker did not take: try 3.1.1 there, quietly (nothing needs 5)."""
+        log.debug("broker %s: %s to an MQTT 5 CONNECT; trying MQTT 3.1.1", a.url, why)
+        self._trying_311.add(a.url)
+        a.settled = True
+
+    def _learned(self, a: _Attempt) -> None:
+        """The broker answered a CONNECT of this protocol: keep it for every later attempt there."""
+        if self.settings.protocol != "auto" or a.url in self._spoken:
+            return
+        self._spoken[a.url] = a.protocol
+        self._trying_311.discard(a.url)
+        if a.protocol == "3.1.1":
+            log.info("broker %s speaks MQTT 3.1.1; using it", a.url)
+
+    # -- callbacks
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                         reason_code: ReasonCode, properties: Properties | None) -> None:
         try:
             self._loop_thread = threading.current_thread()
-            if reason_code.is_failure and "protocol version" in str(reason_code).lower() and self._downgrade():
+            a = self._attempt or _Attempt(self.settings.url, self.protocol, probe=False)
+            a.answered = True
+            if reason_code.is_failure and a.probe and "protocol version" in str(reason_code).lower():
+                self._try_311(a, f"refused ({reason_code})")
                 return
+            self._learned(a)
             if reason_code.is_failure:
+                a.settled = True
+                self._next_url()
                 hint = " (check user name, password and certificate)" if reason_code.value in (134, 135) else ""
-                self._set_error(f"broker {self.settings.url} refused the connection: {reason_code}{hint}")
+                self._set_error(f"broker {a.url} refused the connection: {reason_code}{hint}", a.url)
                 return
             self._paho_error = None
             self.connects += 1
             if self.connects > 1:
                 self.reconnects += 1
             self.last_error = None
+            self._reported.pop(a.url, None)
             limit = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
             if limit is not None and limit < self.settings.max_inflight:
                 log.warning("broker receive maximum %s is below max_inflight %s", limit, self.settings.max_inflight)
-            log.info("connected to %s as %s", self.settings.url, self.client_id)
+            log.info("connected to %s as %s", a.url, self.client_id)
             with self._lock:
                 subs = list(self._subscriptions.items())
+                asked = _Asked([(name, self._sub_tokens.get(name, 0)) for name, _qos in subs])
             if subs:
                 rc, mid = client.subscribe(subs)
-                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     self._resubscribe_mid = mid
+                    self._answered(mid, asked=asked)
                     return  # ready once the SUBACK arrives
             self._became_ready()
         except Exception:
             self._callback_failed("connect")
-
-    def _downgrade(self) -> bool:
-        """Speak MQTT 3.1.1 from the next attempt on (paho retries by itself); False unless protocol is auto."""
-        if not self._v5 or self.settings.protocol != "auto":
-            return False
-        # An MQTT 3.1.1 broker (the embedded demo broker, older brokers): nothing here needs MQTT 5.
-        log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.settings.url)
-        self._v5 = False
-        self._client._protocol = mqtt.MQTTv311  # paho has no public switch between attempts
-        self._client._clean_session = True
-        return True
 
     def _became_ready(self) -> None:
         self._ready.set()
@@ -541,9 +773,11 @@ class Transport:
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
+            url = self.url
+            self._next_url()
             err = self._client.last_exception
             why = _describe_os_error(err) if err is not None else "connection failed"
-            self._set_error(f"cannot connect to {self.settings.url}: {why}")
+            self._set_error(f"cannot connect to {url}: {why}", url)
         except Exception:
             self._callback_failed("connect_fail")
 
@@ -552,18 +786,25 @@ class Transport:
         try:
             was_ready = self._ready.is_set()
             self._ready.clear()
-            if not was_ready and self.connects == 0 and not self._stopping:
-                # Some 3.1.1 brokers drop an MQTT 5 CONNECT they cannot parse without any CONNACK.
-                self._closed_unanswered += 1
-                if self._closed_unanswered >= 2 and self._downgrade():
-                    return
+            with self._lock:  # unanswered SUBSCRIBEs die with the connection; the reconnect sends them again
+                self._asked.clear()
+            a = self._attempt or _Attempt(self.settings.url, self.protocol, probe=False)
+            why = self._paho_error or reason_code
+            self._paho_error = None
             if self._stopping:
-                log.info("disconnected from %s", self.settings.url)
+                log.info("disconnected from %s", a.url)
+            elif not was_ready and a.probe and not a.answered:
+                # Some 3.1.1 brokers close an MQTT 5 CONNECT they cannot parse, others never answer it.
+                self._try_311(a, f"no CONNACK within {self.settings.connack_timeout_s:g} s" if a.overdue
+                              else f"connection closed without a CONNACK ({why})")
             elif was_ready:
-                self._set_error(f"connection to {self.settings.url} lost: {self._paho_error or reason_code}")
-            elif self.last_error is None or self._paho_error:
-                why = self._paho_error or reason_code
-                self._set_error(f"connection to {self.settings.url} closed before it was ready: {why}")
+                self._next_url()
+                self._set_error(f"connection to {a.url} lost: {why}", a.url)
+            elif not a.settled:
+                if not a.answered:
+                    self._trying_311.discard(a.url)  # 3.1.1 went unanswered too: not a protocol matter
+                self._next_url()
+                self._set_error(f"connection to {a.url} closed before it was ready: {why}", a.url)
             if was_ready and self._on_connection is not None:
                 self._on_connection(False)
         except Exception:
@@ -594,17 +835,9 @@ class Transport:
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                           reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         try:
-            failed = [str(c) for c in reason_codes if c.is_failure]
-            if failed:
-                log.error("broker refused %d subscription(s): %s", len(failed), ", ".join(sorted(set(failed))))
+            self._answered(mid, codes=reason_codes)
             if mid == self._resubscribe_mid:
                 self._resubscribe_mid = None
                 self._became_ready()
-                return
-            with self._lock:
-                self._subacks[mid] = reason_codes
-                while len(self._subacks) > _MAX_SUBACKS:
-                    del self._subacks[next(iter(self._subacks))]
-                self._lock.notify_all()
         except Exception:
             self._callback_failed("subscribe")

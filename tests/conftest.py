@@ -1,5 +1,6 @@
 """The suite's fixtures live in tests/support/ and are loaded here as plugins:
-`fixtures` (the model zoo, bundles, per-test host state) and `broker` (Mosquitto brokers of every kind).
+`fixtures` (the model zoo, bundles, per-test host state), `broker` (Mosquitto brokers of every kind)
+and `engines` (NATS, a NATS cluster, amqtt, and `engine`: one test run on each engine).
 
 The launchers, the fault and soak runs they wrap are the package's test kit (`edgefleet.testing`,
 shared with bench/); its asserts are rewritten as a test's are, so a failing scenario says why.
@@ -16,7 +17,7 @@ import pytest
 
 pytest.register_assert_rewrite("edgefleet.testing")
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.broker"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.broker", "tests.support.engines"]
 
 TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e")

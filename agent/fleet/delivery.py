@@ -9,6 +9,22 @@ every verified chunk is written at its offsets, and the finished file is hashed,
 into the blob store, with no copy. A download interrupted by a reconnect, a restart or a power cut
 resumes with the chunks whose bytes are already in place (each is checked against its hash).
 
+Chunk subscriptions are QoS 0, and at most a window of them is live at once. QoS 1 would add nothing:
+a chunk is checked against its SHA-256 whatever the QoS, the session is clean (so messages in flight
+at a disconnect are lost at either QoS, and the transport's resubscription after the reconnect makes
+the broker send the retained chunks again), and a broker that drops messages under pressure drops
+QoS 1 ones too. It would cost: a PUBACK per chunk, the broker's in-flight limit pacing the window,
+and on NATS a JetStream consumer per subscription, each reserving 1024 unacknowledged messages of the
+session's 65535, so at most 63 subscriptions. What a lost chunk costs instead is time: a download
+that gets no chunk for a while asks again for the ones outstanding (a new SUBSCRIBE makes the broker
+send the retained message again), and one that still gets none fails as stalled and resumes later.
+
+The window adapts to what the broker grants, since brokers may cap a session's subscriptions (EMQX,
+VerneMQ and HiveMQ by configuration; NATS for QoS 1): a refused subscription returns its chunk to
+the queue and halves the window, and every chunk that arrives grows it by a fraction, one more per
+window's worth of chunks, back up to its ceiling (additive increase, multiplicative decrease, as TCP
+paces itself).
+
 Chunks never wait for the daemon's loop thread. The MQTT network thread claims each arriving chunk
 and hands it to a small pool of worker threads, which verify and write it (SHA-256, inflate, pwrite:
 all release the GIL), hash what has become contiguous, and ask the broker for the next chunks, all
@@ -39,17 +55,70 @@ from edgefleet.agent.lifecycle.store import Store, fsync_dir
 from edgefleet.errors import ChunkError, DeploymentRejected, StoreError
 from edgefleet.protocol.chunks import decode_chunk
 from edgefleet.protocol.documents import Artifact, ChunkRef, Deployment, Signed
+from edgefleet.transport import RefusalHandler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 64
+"""Most chunk subscriptions live at once (the window's ceiling)."""
+CHUNK_QOS = 0
+"""The QoS of chunk subscriptions (the module docstring says why 0 is enough)."""
 WORKERS = 2
+HOLD_S = (0.5, 10.0)
+"""After a refusal at a window of one, no chunk is asked for during a pause that doubles from the first
+figure to the second while refusals go on (a broker that refuses every chunk topic is not asked five
+times a second until the download fails as stalled)."""
 WRITEBACK_BYTES = 4 << 20
 """Written bytes after which the kernel is asked to start writing a download out, so that the fsync
 that ends it has little left to do."""
 
 Place = tuple[Path, int]
 """Where a chunk's bytes go: a .part file and an offset in it."""
+
+
+class Window:
+    """How many chunk subscriptions may be live at once: halved when the broker refuses one, grown by
+    one per window's worth of chunks that arrive, between 1 and `ceiling`."""
+
+    def __init__(self, ceiling: int):
+        if ceiling < 1:
+            raise ValueError(f"window: expected at least 1, got {ceiling}")
+        self.ceiling = ceiling
+        self.size = float(ceiling)
+        self.rounds = 0
+        """SUBSCRIBEs sent."""
+        self._shrunk_after = 0
+        """Refusals of SUBSCRIBEs sent up to this round were answered by the last halving."""
+
+    @property
+    def limit(self) -> int:
+        """Chunk subscriptions that may be live now."""
+        return max(1, int(self.size))
+
+    @property
+    def batch(self) -> int:
+        """Subscriptions are sent, and finished ones dropped, this many at a time: a few packets per
+        window instead of two per chunk."""
+        return max(1, self.limit // 4)
+
+    def sent(self) -> int:
+        """A SUBSCRIBE goes out: its round, for `refused`."""
+        self.rounds += 1
+        return self.rounds
+
+    def arrived(self) -> None:
+        """A chunk arrived: its subscription was granted."""
+        self.size = min(float(self.ceiling), self.size + 1.0 / self.size)
+
+    def refused(self, round_: int) -> bool:
+        """The SUBSCRIBE of `round_` had filters refused: halve, unless a halving already answered it (the
+        SUBSCRIBEs already on the wire were sized before that halving). True when the limit fell."""
+        if round_ <= self._shrunk_after:
+            return False
+        self._shrunk_after = self.rounds
+        before = self.limit
+        self.size = max(1.0, self.size / 2)
+        return self.limit < before
 
 
 @dataclass(frozen=True)
@@ -125,6 +194,12 @@ class Job:
     """Held while an artifact's running hash advances."""
     last_progress: float = field(default_factory=time.monotonic)
     """Monotonic time the download started or last stored a chunk: a stall is measured from here."""
+    asked_again: float = 0.0
+    """Monotonic time the outstanding chunks were last asked for again."""
+    refusals: int = 0
+    """Chunk subscriptions of this download the broker refused."""
+    refusal: str = ""
+    """The broker's reason for the last one."""
 
     @property
     def doc(self) -> Deployment:
@@ -175,22 +250,33 @@ class Downloads:
     guards the jobs and their chunk sets.
     """
 
-    def __init__(self, store: Store, *, subscribe: Callable[[list[str]], None],
+    def __init__(self, store: Store, *, subscribe: Callable[[list[str], RefusalHandler], None],
                  unsubscribe: Callable[[list[str]], None], chunk_topic: Callable[[str], str],
                  post: Callable[[ChunkStored], None], window: int = DEFAULT_WINDOW,
                  max_disk_fraction: float = 0.9, workers: int = WORKERS):
         self.store = store
         self._subscribe = subscribe
+        """Subscribes to chunk topics; the broker's refusals go to the handler (see Transport.subscribe)."""
         self._unsubscribe = unsubscribe
         self._topic = chunk_topic
         self._post = post
-        self.window = window
+        self.window = Window(window)
         self.max_disk_fraction = max_disk_fraction
         self.jobs: dict[str, Job] = {}
         self._index: dict[tuple[str, int], dict[str, int]] = {}
-        self._finished: list[str] = []
-        """Chunks received whose subscriptions are still to be dropped."""
+        self._subscribed: set[str] = set()
+        """Chunks subscribed to that have not arrived (nor been refused or dropped)."""
+        self._finished: dict[str, None] = {}
+        """Chunks received whose subscriptions are still to be dropped (in order)."""
+        self.refusals = 0
+        """Chunk subscriptions the broker refused since the start."""
+        self._hold = HOLD_S[0]
+        self._held_until = 0.0
         self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        """Held from deciding what to (un)subscribe until the transport has it: the packets go out in the
+        order they were decided, so a drop decided earlier never follows a new subscription of the same
+        chunk. Never taken on the network thread, which the transport's own locks may wait for."""
         self._work: queue.SimpleQueue[tuple[list[Job], ChunkRef, bytes] | None] = queue.SimpleQueue()
         self._workers = [threading.Thread(target=self._work_loop, name=f"edge-agent-chunk-{i}", daemon=True)
                          for i in range(workers)]
@@ -295,37 +381,113 @@ class Downloads:
 
     # --- receiving -----------------------------------------------------------------------------
 
-    def _request_more(self, job: Job) -> list[str]:
-        """Chunks to subscribe to now (under the lock; `_send` subscribes after it is released).
-
-        Subscriptions go out a batch at a time (a quarter of the window) and finished ones are
-        dropped a window at a time: a few packets per window instead of two per chunk."""
-        if job.ended:
-            return []
-        while job.queue and job.queue[0] not in job.missing:
-            job.queue.popleft()  # arrived meanwhile for another download
-        free = self.window - len(job.requested) - len(job.working)
-        if not job.queue or free < min(max(1, self.window // 4), len(job.queue)):
-            return []
-        wanted = [job.queue.popleft() for _ in range(min(free, len(job.queue)))]
-        wanted = [sha for sha in wanted if sha in job.missing]
-        job.requested.update(wanted)
-        return [self._topic(sha) for sha in wanted]
-
-    def _send(self, job: Job | None, flush: bool = False) -> None:
-        """Ask for the next chunks of `job` and drop finished subscriptions (not under the lock: the
-        transport has locks of its own)."""
+    def live(self) -> int:
+        """Chunk subscriptions the broker holds for the downloads (or is about to)."""
         with self._lock:
-            topics = self._request_more(job) if job is not None else []
-            done: list[str] = []
-            if self._finished and (flush or topics or len(self._finished) >= self.window):
-                asked = {sha for j in self.jobs.values() for sha in j.requested}  # asked for again since
-                done = [self._topic(sha) for sha in self._finished if sha not in asked]
-                self._finished = []
-        if topics:
-            self._subscribe(topics)
-        if done:
-            self._unsubscribe(done)
+            return len(self._subscribed) + len(self._finished)
+
+    def _request_more(self, job: Job) -> list[str]:
+        """Chunks of `job` to subscribe to now, within its share of the window (under the lock)."""
+        if job.ended or not job.queue:
+            return []
+        limit = self.window.limit if time.monotonic() >= self._held_until else 0
+        active = sum(1 for j in self.jobs.values() if not j.ended and (j.queue or j.requested))
+        share = -(-limit // max(1, active))  # the window is the session's: running downloads split it
+        room = min(limit - len(self._subscribed) - len(self._finished), share - len(job.requested))
+        if room < min(self.window.batch, share, len(job.queue)):
+            room = 0  # wait for a batch's worth of room
+        wanted: list[str] = []
+        while job.queue:
+            sha = job.queue[0]
+            if sha in job.missing and sha not in job.requested and sha not in job.working:
+                if sha in self._subscribed:
+                    job.requested.add(sha)  # another download asked for it: the one message serves both
+                elif len(wanted) < room:
+                    job.requested.add(sha)
+                    self._finished.pop(sha, None)  # still subscribed after arriving for another: asked again
+                    self._subscribed.add(sha)
+                    wanted.append(sha)
+                else:
+                    break
+            job.queue.popleft()
+        return wanted
+
+    def _send(self, first: Job | None = None, flush: bool = False) -> None:
+        """Drop finished subscriptions (a batch at a time, all with `flush`) and ask for the next chunks,
+        of `first` before the other downloads (not under the lock: the transport has locks of its own).
+
+        Every download is served, not only the one whose chunk just arrived: one that has nothing
+        outstanding hears of no arrival, and would wait for room another one left."""
+        with self._send_lock:
+            with self._lock:
+                done: list[str] = []
+                if self._finished and (flush or len(self._finished) >= self.window.batch):
+                    done = [self._topic(sha) for sha in self._finished]
+                    self._finished = {}
+                jobs = sorted(self.jobs.values(), key=lambda j: j is not first)
+                wanted = [sha for job in jobs for sha in self._request_more(job)]
+                round_ = self.window.sent() if wanted else 0
+            if done:
+                self._unsubscribe(done)
+            if wanted:
+                self._ask(wanted, round_)
+
+    def _ask(self, shas: list[str], round_: int) -> None:
+        """Subscribe to chunk topics (holding the send lock, not the lock)."""
+        self._subscribe([self._topic(sha) for sha in shas], lambda refused: self._on_refused(round_, refused))
+
+    def _on_refused(self, round_: int, refused: list[tuple[str, str]]) -> None:
+        """The broker refused chunk subscriptions (network thread): their chunks go back to the front of
+        their downloads' queues and the window shrinks; they are asked for again as room comes back."""
+        with self._lock:
+            by_topic = {self._topic(sha): sha for sha in self._subscribed}
+            back = 0
+            reason = ""
+            for topic, reason in refused:
+                sha = by_topic.get(topic)
+                if sha is None:
+                    continue  # arrived, dropped or cancelled meanwhile
+                self._subscribed.discard(sha)
+                back += 1
+                for job in self.jobs.values():
+                    if sha in job.requested:
+                        job.requested.discard(sha)
+                        job.queue.appendleft(sha)
+                        job.refusals += 1
+                        job.refusal = reason
+            if not back:
+                return
+            self.refusals += back
+            floor = self.window.limit == 1
+            shrunk = self.window.refused(round_)
+            limit = self.window.limit
+            if floor:
+                self._held_until = time.monotonic() + self._hold
+                self._hold = min(HOLD_S[1], self._hold * 2)
+        if shrunk:
+            log.info("broker refused %d chunk subscription(s) (%s): at most %d at a time now", back, reason, limit)
+        else:
+            log.debug("broker refused %d chunk subscription(s) (%s); window %d", back, reason, limit)
+
+    def pump(self, ask_again_after_s: float) -> None:
+        """Loop thread, periodically: ask for chunks where no arrival would (a download that started while
+        others held the window, or whose every subscription was refused), and ask again for the chunks of
+        a download that got none for `ask_again_after_s` (a message the broker dropped)."""
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            again: list[str] = []
+            with self._lock:
+                if not job.ended and job.requested and now - max(job.last_progress, job.asked_again) >= ask_again_after_s:
+                    job.asked_again = now
+                    again = sorted(sha for sha in job.requested if sha in self._subscribed)
+            if again:
+                log.info("model %s: no chunk for %.0f s, asking again for the %d outstanding", job.name,
+                         now - job.last_progress, len(again))
+                with self._send_lock:
+                    with self._lock:
+                        round_ = self.window.sent()
+                    self._ask(again, round_)
+        self._send()
 
     def wanted(self, sha: str) -> bool:
         """True when a download in progress asked for this chunk and has not received it."""
@@ -338,7 +500,11 @@ class Downloads:
             jobs = [job for job in self.jobs.values() if sha in job.requested]
             if not jobs:
                 return  # not asked for, or already arrived (a retained copy republished meanwhile)
-            self._finished.append(sha)
+            if sha in self._subscribed:
+                self._subscribed.discard(sha)
+                self.window.arrived()
+                self._hold = HOLD_S[0]
+            self._finished[sha] = None
             for job in jobs:  # every download waiting for this chunk gets it from this one message
                 job.requested.discard(sha)
                 job.working.add(sha)
@@ -429,7 +595,7 @@ class Downloads:
 
     def finish(self, job: Job) -> None:
         """Verify each assembled artifact and move it into the blob store (fsynced rename, no copy)."""
-        self._send(None, flush=True)
+        self._send(flush=True)
         with job.hashing:  # a worker may still be about to advance the hash
             for assembly in job.assemblies:
                 if not self.store.has_blob(assembly.art.sha256):
@@ -450,8 +616,10 @@ class Downloads:
             if job is not None:
                 job.ended = True
                 others = {sha for j in self.jobs.values() for sha in j.requested}
-                self._finished += [sha for sha in job.requested if sha not in others]
-        self._send(None, flush=True)
+                for sha in job.requested - others:
+                    self._subscribed.discard(sha)
+                    self._finished[sha] = None
+        self._send(flush=True)
 
     def close(self) -> None:
         """Stop the worker threads (pending chunks are fetched again on resume)."""

@@ -16,7 +16,7 @@ from typing import Any
 from edgefleet import __version__
 from edgefleet.agent import actions
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.fleet.delivery import ChunkStored, Downloads, Job
+from edgefleet.agent.fleet.delivery import CHUNK_QOS, ChunkStored, Downloads, Job
 from edgefleet.agent.lifecycle.machine import Lifecycle, raw_model_name
 from edgefleet.agent.telemetry.homeassistant import Discovery
 from edgefleet.errors import (
@@ -83,7 +83,8 @@ class FleetLink:
             on_connection=lambda up: inbox(Connection(up)),
         )
         self.downloads = Downloads(
-            lifecycle.store, subscribe=lambda topics: self.transport.subscribe(topics),
+            lifecycle.store,
+            subscribe=lambda topics, refused: self.transport.subscribe(topics, qos=CHUNK_QOS, on_refused=refused),
             unsubscribe=lambda topics: self.transport.unsubscribe(topics), chunk_topic=self.topics.chunk,
             post=inbox, max_disk_fraction=config.security.max_disk_fraction,
         )
@@ -528,13 +529,12 @@ class FleetLink:
         due = list(self._retrying) if self._retrying and now >= self._next_retry else []
         if due:
             self._next_retry = now + RETRY_INTERVAL_S
-        for job in self.downloads.stalled(self.config.security.download_stall_s):
-            if not self.downloads.cancel_if_stalled(job, self.config.security.download_stall_s):
+        stall_s = self.config.security.download_stall_s
+        self.downloads.pump(ask_again_after_s=stall_s / 4)
+        for job in self.downloads.stalled(stall_s):
+            if not self.downloads.cancel_if_stalled(job, stall_s):
                 continue  # its last chunk arrived meanwhile
-            self._download_failed(job.name, job.doc, DeploymentRejected(
-                f"download stalled: no chunk arrived for {self.config.security.download_stall_s:g} s "
-                f"({len(job.missing)} of {job.total} chunks missing)", step=Phase.DOWNLOADING,
-                details={"chunks_missing": len(job.missing), "chunks_total": job.total}))
+            self._download_failed(job.name, job.doc, _stalled(job, stall_s, self.downloads.window.limit))
         due += [name for name, (_dep, when, _delay) in self._backoff.items()
                 if now >= when and name not in self.downloads.jobs]
         for name in dict.fromkeys(due):
@@ -548,6 +548,18 @@ def _digest(source: str, payload: bytes) -> bytes:
     """What a refusal is remembered by: the payload and where it came (the same bytes may be refused
     on one topic for a reason that does not hold on another)."""
     return hashlib.sha256(source.encode() + b"\0" + payload).digest()
+
+
+def _stalled(job: Job, stall_s: float, window: int) -> DeploymentRejected:
+    """Why a download that got no chunk for `stall_s` failed: the chunks missing and, when the broker
+    refused chunk subscriptions, that too (a subscription limit or an ACL that no window fits)."""
+    reason = f"download stalled: no chunk arrived for {stall_s:g} s ({len(job.missing)} of {job.total} chunks missing)"
+    details: dict[str, Any] = {"chunks_missing": len(job.missing), "chunks_total": job.total}
+    if job.refusals:
+        reason += (f"; the broker refused {job.refusals} chunk subscription(s) ({job.refusal}), "
+                   f"{window} allowed at a time now")
+        details["subscriptions_refused"] = job.refusals
+    return DeploymentRejected(reason, step=Phase.DOWNLOADING, details=details)
 
 
 def _as_rejection(err: BaseException) -> DeploymentRejected:

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.text import Text
 
 from edgefleet.converter.fleet.collect import LEAVES, Collector, CollectStats, subscriptions
-from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.connect import add_broker_args, broker_urls, connect, topics_from_args
 from edgefleet.converter.fleet.inventory import (
     InventoryCache,
     InventoryTracker,
@@ -33,6 +33,7 @@ from edgefleet.converter.fleet.watch import (
 )
 from edgefleet.converter.output import (
     add_json,
+    command_group,
     name_type,
     number_type,
     positive_int,
@@ -89,14 +90,8 @@ def _positive_seconds(text: str) -> float:
 
 def add_parser(subparsers: Any) -> None:
     """Register `fleet` with its commands: status, watch, collect."""
-    f = subparsers.add_parser("fleet", help="see the fleet (status, watch, collect)", description="Look at the fleet.")
-    fleet_commands = f.add_subparsers(title="fleet commands", metavar="COMMAND")
-
-    def fleet_help(args: argparse.Namespace) -> int:
-        f.print_help()
-        return ExitCode.USAGE
-
-    f.set_defaults(func=fleet_help)
+    fleet_commands = command_group(subparsers, "fleet", title="fleet commands",
+                                   help="see the fleet (status, watch, collect)", description="Look at the fleet.")
     s = fleet_commands.add_parser("status", help="one line per device from the retained status and state",
                                   description="Print every device's presence, groups and models.")
     s.add_argument("--group", type=name_type("group"), help="only the devices of this group")
@@ -148,7 +143,7 @@ def run_fleet_status(args: argparse.Namespace) -> int:
     """edgectl fleet status."""
     topics = topics_from_args(args)
     keyring = keyring_from_args(args)
-    tracker = InventoryTracker(topics, keyring, InventoryCache.for_broker(args.broker, topics.prefix)) \
+    tracker = InventoryTracker(topics, keyring, InventoryCache.for_broker(broker_urls(args)[0], topics.prefix)) \
         if keyring else None
     observer = FleetObserver(topics, leaves=("status", "state", "telemetry"), inventory=tracker)
     transport = connect(args, "edgectl-fleet", on_message=observer.handle)

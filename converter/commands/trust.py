@@ -36,6 +36,7 @@ from edgefleet.converter.fleet.publish import (
 )
 from edgefleet.converter.output import (
     add_json,
+    command_group,
     load_key,
     name_type,
     positive_int,
@@ -90,16 +91,10 @@ example:
 
 def add_parser(subparsers: Any) -> None:
     """Register inventory, timestamp and withdraw."""
-    inv = subparsers.add_parser("inventory", help="the signed inventory of groups and their devices",
-                                description="Publish or show the operator-signed inventory (group membership).",
-                                epilog=INVENTORY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = inv.add_subparsers(title="inventory commands", metavar="COMMAND")
-
-    def inventory_help(args: argparse.Namespace) -> int:
-        inv.print_help()
-        return ExitCode.USAGE
-
-    inv.set_defaults(func=inventory_help)
+    commands = command_group(subparsers, "inventory", title="inventory commands",
+                             help="the signed inventory of groups and their devices",
+                             description="Publish or show the operator-signed inventory (group membership).",
+                             epilog=INVENTORY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def common(p: argparse.ArgumentParser, signing: bool) -> None:
         if signing:

@@ -21,8 +21,9 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
     """Add --broker, TLS and credential options, --prefix and --connect-timeout to a command."""
     g = parser.add_argument_group("broker")
-    g.add_argument("--broker", metavar="URL", default=os.environ.get(ENV_BROKER, DEFAULT_BROKER),
-                   help=f"mqtt://host[:port] or mqtts://host[:port] (default: ${ENV_BROKER} or {DEFAULT_BROKER})")
+    g.add_argument("--broker", metavar="URL", action="append",
+                   help=f"mqtt://host[:port] or mqtts://host[:port]; repeat it for the nodes of a cluster, tried in "
+                        f"turn (default: ${ENV_BROKER}, a comma-separated list, or {DEFAULT_BROKER})")
     g.add_argument("--ca", metavar="FILE", help="CA certificate(s) that verify the broker (mqtts://; default: system CAs)")
     g.add_argument("--cert", metavar="FILE", help="client certificate for mutual TLS")
     g.add_argument("--key-file", metavar="FILE", help="private key of --cert")
@@ -47,27 +48,48 @@ def _existing(option: str, value: str | None) -> Path | None:
     return p
 
 
+def secret_option(option: str, value: str | None) -> str | None:
+    """The secret in the file an option names (None when the option is not given); UsageError naming it."""
+    if value is None:
+        return None
+    try:
+        return read_secret(Path(value))
+    except ConfigError as err:
+        raise UsageError(f"{option}: {err}") from err
+
+
+def broker_urls(args: argparse.Namespace) -> list[str]:
+    """The broker urls of --broker (repeated), else of $EDGEFLEET_BROKER (comma-separated), else the default;
+    UsageError naming the first that is wrong."""
+    given: str | list[str] | None = getattr(args, "broker", None)
+    source = "--broker"
+    if given is None:
+        env = os.environ.get(ENV_BROKER, "").strip()
+        given, source = ([u.strip() for u in env.split(",")], f"${ENV_BROKER}") if env else ([DEFAULT_BROKER], "")
+    urls = [given] if isinstance(given, str) else list(given)
+    for url in urls:
+        problem = check_broker_url(url)
+        if problem:
+            raise UsageError(f"{source}: {problem}")
+    return urls
+
+
 def settings_from_args(args: argparse.Namespace, client_id: str = "") -> MqttSettings:
     """MqttSettings from the broker options; UsageError naming the option that is wrong."""
-    problem = check_broker_url(args.broker)
-    if problem:
-        raise UsageError(f"--broker: {problem}")
-    password = None
-    if args.password_file is not None:
-        try:
-            password = read_secret(Path(args.password_file))
-        except ConfigError as err:
-            raise UsageError(f"--password-file: {err}") from err
-        if args.username is None:
-            raise UsageError("--password-file needs --username")
+    urls = broker_urls(args)
+    password = secret_option("--password-file", args.password_file)
+    if args.password_file is not None and args.username is None:
+        raise UsageError("--password-file needs --username")
     if args.key_file is not None and args.cert is None:
         raise UsageError("--key-file needs --cert")
     try:
         return MqttSettings(
-            url=args.broker, username=args.username, password=password,
+            url=urls[0], fallback_urls=tuple(urls[1:]), username=args.username, password=password,
             ca_file=_existing("--ca", args.ca), cert_file=_existing("--cert", args.cert),
             key_file=_existing("--key-file", args.key_file), client_id=client_id,
             reconnect_min_s=0.5, reconnect_max_s=5.0, protocol=getattr(args, "mqtt_protocol", "auto"),
+            # an unanswered MQTT 5 CONNECT leaves time for the 3.1.1 one within --connect-timeout
+            connack_timeout_s=min(max(getattr(args, "connect_timeout", 10.0), 0.2) / 2, 5.0),
         )
     except ConfigError as err:
         raise UsageError(f"--broker: {err}") from err
@@ -92,7 +114,8 @@ def connect(args: argparse.Namespace, client_id_prefix: str = "edgectl",
         raise UsageError(str(err)) from err
     transport.start()
     if not transport.wait_connected(args.connect_timeout):
-        why = transport.last_error or f"cannot connect to {settings.url}: no answer within {args.connect_timeout:g} s"
+        tried = " or ".join(settings.urls)
+        why = transport.last_error or f"cannot connect to {tried}: no answer within {args.connect_timeout:g} s"
         transport.stop(timeout=2)
         raise UsageError(why)
     return transport

@@ -37,6 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from edgefleet.converter.fleet.connect import broker_urls
 from edgefleet.errors import ProtocolError, SignatureError, UsageError
 from edgefleet.protocol import Keyring, SigningKey, Topics, canonical_json, load_public_key, parse_json
 from edgefleet.protocol.documents import INVENTORY_SCHEMA, Inventory
@@ -330,7 +331,8 @@ def read_inventory_file(path: Path) -> dict[str, list[str]]:
 
 def tracker_from_args(args: argparse.Namespace, topics: Topics, key: SigningKey | None = None) -> InventoryTracker:
     """The inventory reader of a command: its broker's cache, the keys of --trust plus the public half of `key`."""
-    return InventoryTracker(topics, keyring_from_args(args, key), InventoryCache.for_broker(args.broker, topics.prefix))
+    cache = InventoryCache.for_broker(broker_urls(args)[0], topics.prefix)
+    return InventoryTracker(topics, keyring_from_args(args, key), cache)
 
 
 # ---------------------------------------------------------------------- issuing one

@@ -33,7 +33,7 @@ from edgefleet.protocol import (
     SigningKey,
     Topics,
     canonical_json,
-    check_name,
+    check_portable_name,
     dump,
     encode_chunk,
     parse,
@@ -142,6 +142,8 @@ def prepare(bundle: Bundle, *, key: SigningKey | None = None, expires_in: int | 
     if target is not None and check_target(target):
         raise UsageError(f"target {target!r}: {check_target(target)}")
     dep = bundle.deployment
+    if check_portable_name(dep.model.name):
+        raise UsageError(f"model name {dep.model.name!r}: {check_portable_name(dep.model.name)}")
     issued = int(time.time()) if now is None else now
     started = time.perf_counter()
     model_art, model_chunks = split_parallel(bundle.model, dep.model.artifact.chunk_size)
@@ -548,10 +550,10 @@ def collect_garbage(transport: Transport, index: RetainedIndex, *, dry_run: bool
 
 
 def check_device_names(names: Iterable[str]) -> list[str]:
-    """Device ids from the command line, each checked like on the wire."""
+    """Device ids from the command line, each a topic level every broker takes."""
     out = []
     for n in names:
-        problem = check_name(n)
+        problem = check_portable_name(n)
         if problem:
             raise UsageError(f"--device {n!r}: {problem}")
         out.append(n)

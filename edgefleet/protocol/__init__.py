@@ -28,7 +28,7 @@ from edgefleet.protocol.documents import (
     Tolerance,
 )
 from edgefleet.protocol.phases import Phase
-from edgefleet.protocol.schema import check_name, dump, parse
+from edgefleet.protocol.schema import check_name, check_portable_name, dump, parse
 from edgefleet.protocol.signing import Keyring, SigningKey, key_id, load_public_key, signed_payload
 from edgefleet.protocol.topics import DEFAULT_PREFIX, Route, Topics
 
@@ -37,6 +37,6 @@ __all__ = [
     "Artifact", "ChunkRef", "Command", "Deployment", "DeviceState", "Event", "Keyring", "ModelSpec",
     "ModelState", "ModelTelemetry", "Outcome", "Phase", "Policy", "Postprocessing", "Preprocessing", "Quantization",
     "Route", "Signed", "SigningKey", "Slot", "Status", "Telemetry", "TensorSpec", "Tolerance", "Topics",
-    "canonical_json", "check_name", "decode_chunk", "dump", "encode_chunk", "join", "key_id",
+    "canonical_json", "check_name", "check_portable_name", "decode_chunk", "dump", "encode_chunk", "join", "key_id",
     "load_public_key", "parse", "parse_json", "signed_payload", "split",
 ]

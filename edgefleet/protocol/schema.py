@@ -34,6 +34,21 @@ def check_name(value: Any) -> str | None:
     return None
 
 
+PORTABLE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit (no '.': some brokers refuse it in a topic)"
+
+
+def check_portable_name(value: Any) -> str | None:
+    """A device, group or model name given out from now on: a topic level that every supported broker takes.
+
+    `check_name` is what a receiver accepts (names made by earlier releases, with '.', keep working where
+    they work); the tools and the agent's configuration make only these. NATS splits subjects at '.' (2.9
+    refuses such a topic, later releases rewrite it to '//'), and Home Assistant ids are [a-zA-Z0-9_-]."""
+    if not isinstance(value, str) or not PORTABLE_NAME_RE.match(value):
+        return f"expected {NAME_RULE}"
+    return None
+
+
 def check_id(value: Any) -> str | None:
     """A deployment or command id."""
     if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:

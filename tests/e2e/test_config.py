@@ -103,3 +103,62 @@ def test_check_config_command(tmp_path: Path) -> None:
     res = _agent("--config", str(bad), "check-config")
     assert res.returncode == 2
     assert res.stderr.strip() == "edge-agent: error: health.probation: unknown key"
+
+
+def test_several_broker_urls() -> None:
+    config = parse_config('[mqtt]\nurls = ["mqtt://10.0.0.1", "mqtt://10.0.0.2:1884"]\n')
+    assert config.mqtt.url == "mqtt://10.0.0.1"  # url reads as the first: "MQTT is on" for every reader
+    assert config.mqtt.broker_urls == ("mqtt://10.0.0.1", "mqtt://10.0.0.2:1884")
+    settings = config.mqtt.settings("d1")
+    assert settings.urls == ("mqtt://10.0.0.1", "mqtt://10.0.0.2:1884")
+    # the one-url form is unchanged, and the same url in both places is accepted
+    assert parse_config('[mqtt]\nurl = "mqtt://h"\n').mqtt.settings("d1").urls == ("mqtt://h",)
+    assert parse_config('[mqtt]\nurl = "mqtt://h"\nurls = ["mqtt://h", "mqtt://g"]\n').mqtt.broker_urls == (
+        "mqtt://h", "mqtt://g")
+    assert parse_config("").mqtt.broker_urls == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[mqtt]\nurls = "mqtt://h"', "mqtt.urls: expected a list"),
+    ("[mqtt]\nurls = []", "mqtt.urls: expected at least one broker url"),
+    ('[mqtt]\nurls = ["mqtt://h", "http://g"]', "mqtt.urls: expected mqtt://host[:port] or mqtts://host[:port], "
+                                                "got 'http://g'"),
+    ('[mqtt]\nurls = ["mqtt://h", "mqtts://g"]', "mqtt.urls: mixes mqtt:// and mqtts://"),
+    ('[mqtt]\nurls = ["mqtt://h", "mqtt://h"]', "mqtt.urls: lists a url twice"),
+    ('[mqtt]\nurl = "mqtt://x"\nurls = ["mqtt://h"]', "mqtt.url: set mqtt.url or mqtt.urls, not both"),
+    ('device_id = "cam.7"', "device_id: 'cam.7' must be 1-64 letters, digits, '_' or '-', starting with a letter "
+                            "or digit (no '.': some brokers refuse it in a topic)"),
+    ('groups = ["site-a", "line.2"]', "groups: 'line.2' must be 1-64 letters, digits, '_' or '-'"),
+    ('device_id = "-lead"', "device_id: '-lead' must be"),
+])
+def test_several_urls_and_names_rules(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_plain_tcp_check_covers_every_broker_url(tmp_path: Path) -> None:
+    from edgefleet.agent.config import security_problems
+
+    config = parse_config('[mqtt]\nurls = ["mqtt://127.0.0.1:1883", "mqtt://10.0.0.2"]\n[security]\ninsecure = true\n')
+    assert security_problems(config) == []
+    config = parse_config('[mqtt]\nurls = ["mqtt://127.0.0.1:1883", "mqtt://10.0.0.2"]\n')
+    plain = [p for p in security_problems(config) if "plain TCP" in p]
+    assert plain == ["mqtt.urls: mqtt://10.0.0.2 is plain TCP to another host, so anyone on the way can read and "
+                     "alter the traffic; use mqtts:// or set security.insecure = true for a test setup"]
+
+
+def test_the_default_device_id_is_a_name_every_broker_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "cam.7.lab.example")
+    assert parse_config("").device_id == "cam-7-lab-example"
+
+
+def test_check_config_refuses_a_name_with_a_dot_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text('device_id = "cam.7"\n[mqtt]\nurl = "mqtt://127.0.0.1"\n')
+    res = _agent("--config", str(bad), "check-config")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("edge-agent: error: device_id: 'cam.7' must be 1-64 letters, digits, '_' or '-', "
+                                  "starting with a letter or digit (no '.': some brokers refuse it in a topic)")

@@ -48,8 +48,7 @@ def leaves(cls: type = AgentConfig, prefix: str = "") -> dict[str, Any]:
 
 
 KEYS = leaves()
-NAME = st.builds(lambda a, b: a + b, st.sampled_from("abcXYZ019"), st.text("abz09_.-", max_size=12)).filter(
-    lambda s: ".." not in s)
+NAME = st.builds(lambda a, b: a + b, st.sampled_from("abcXYZ019"), st.text("abz09_-", max_size=12))
 ODD_TEXT = st.sampled_from(["", " ", "..", "../../etc", "a\x00b", "\x7f", "é", "mqtt://", "mqtt://h:99999",
                             "mqtts://[::1]:8883", "mqtt://user:pw@h", "http://h", "x" * 2000, "\ud7ff", "nan"])
 NUMBERS = st.sampled_from([0, -1, 1, -(2**63), 2**63 - 1, 2**63, 2**100, 65536, 70000, 2**31, 2**43,
@@ -72,6 +71,9 @@ def valid_value(key: str, tp: Any, draw: Any) -> Any:
         return draw(st.lists(NAME, max_size=3))
     if key == "mqtt.url":
         return draw(st.sampled_from(["mqtt://127.0.0.1:1883", "mqtts://broker.example:8883", "mqtt://h"]))
+    if key == "mqtt.urls":
+        return draw(st.lists(st.sampled_from(["mqtt://127.0.0.1:1883", "mqtt://h", "mqtt://g:1884"]), min_size=1,
+                             max_size=3, unique=True))
     if key == "api.port":
         return draw(st.integers(1, 65535))
     if origin is typing.Literal:
@@ -91,7 +93,7 @@ def valid_value(key: str, tp: Any, draw: Any) -> Any:
 
 EDGES: dict[str, list[Any]] = {
     "mqtt.url": ["mqtt://h:65535", "mqtt://h:65536", "mqtt://h:99999", "mqtt://h:0", "mqtts://h:", "mqtt://:1"],
-    "api.port": [0, 65535, 65536, -1], "mqtt.keepalive_s": [65535, 65536, 2**31], "device_id": ["..", "a/b", "x" * 65],
+    "api.port": [0, 65535, 65536, -1], "mqtt.keepalive_s": [65535, 65536, 2**31], "device_id": ["..", "a/b", "x" * 65, "cam.7"],
     "groups": [["a b"], [".."], ["g"] * 3], "validation.memory_mb": [2**20, 2**20 + 1, 2**43],
     "runtime.num_threads": [1024, 1025, 2**31], "mqtt.reconnect_min_s": [120.0], "mqtt.reconnect_max_s": [0.5],
     "mqtt.prefix": ["", "a/+/b", "#", "$SYS", "a//b", "/a", "edgefleet/"],

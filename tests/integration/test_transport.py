@@ -16,7 +16,9 @@ import pytest
 
 from edgefleet.credentials import read_secret
 from edgefleet.errors import ConfigError, TransportError
+from edgefleet.testing.amqtt import Amqtt
 from edgefleet.testing.broker import Inbox, Mosquitto, Pki, client
+from edgefleet.testing.nats import Nats
 from edgefleet.transport import Message, MqttSettings, Transport, parse_url
 from tests.support.broker import OPERATOR, ROOT, AclBroker
 
@@ -394,3 +396,137 @@ def test_stop_interrupts_a_waiting_publish_and_returns_in_time(broker: Mosquitto
         assert errors and "stopped before the broker acknowledged" in str(errors[0])
     finally:
         broker.resume()
+
+
+# ---------------------------------------------------------------------- MQTT 5 or 3.1.1, and several urls
+
+
+def _transport_lines(caplog: pytest.LogCaptureFixture, level: int, text: str = "") -> list[str]:
+    """What edgefleet.transport logged at exactly `level`, containing `text`."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "edgefleet.transport" and r.levelno == level and text in r.getMessage()]
+
+
+def _settles_on_3_1_1(url: str, caplog: pytest.LogCaptureFixture, within: float) -> Transport:
+    """A transport with protocol auto and a last will, connected to a 3.1.1-only broker within `within` s,
+    having said so once at INFO and never at ERROR."""
+    inbox = Inbox()
+    t = Transport(MqttSettings(url=url, client_id="dev-n", reconnect_min_s=0.2, reconnect_max_s=1.0),
+                  on_message=inbox, will=("w/dev-n/status", b"offline", True))
+    started = time.monotonic()
+    t.start()
+    assert t.wait_connected(within + 5), t.last_error
+    took = time.monotonic() - started
+    assert took < within, f"connected after {took:.1f} s"
+    assert (t.protocol, t.url) == ("3.1.1", url)
+    t.subscribe("w/#", wait=5)
+    t.publish("w/x", b"1", wait=True)
+    assert inbox.topic("w/x").payload == b"1"
+    assert _transport_lines(caplog, logging.ERROR) == []
+    assert _transport_lines(caplog, logging.WARNING) == []
+    assert _transport_lines(caplog, logging.INFO, "speaks MQTT") == [f"broker {url} speaks MQTT 3.1.1; using it"]
+    return t
+
+
+def test_auto_meets_nats_in_3_1_1_without_an_error_and_keeps_to_it(nats_broker: Nats,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.transport"):
+        t = _settles_on_3_1_1(nats_broker.url, caplog, within=3.0)
+        try:
+            tried = len(_transport_lines(caplog, logging.DEBUG, "trying MQTT 3.1.1"))
+            assert tried == 1
+            # a reconnect goes straight to 3.1.1: no second MQTT 5 attempt, no second INFO line
+            nats_broker.restart()
+            assert _wait(lambda: t.reconnects == 1 and t.connected, 30), t.last_error
+            assert len(_transport_lines(caplog, logging.DEBUG, "trying MQTT 3.1.1")) == tried
+            assert len(_transport_lines(caplog, logging.INFO, "speaks MQTT")) == 1
+        finally:
+            t.stop()
+
+
+def test_auto_with_a_will_meets_amqtt_in_3_1_1_within_the_connack_bound(amqtt_broker: Amqtt,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # amqtt never answers an MQTT 5 CONNECT that carries a will: paho alone would wait a keepalive
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.transport"):
+        t = _settles_on_3_1_1(amqtt_broker.url, caplog, within=MqttSettings().connack_timeout_s + 3)
+        t.stop()
+    assert any("no CONNACK within 5 s" in line for line in _transport_lines(caplog, logging.DEBUG, "trying MQTT 3.1.1"))
+
+
+def test_a_fixed_protocol_is_never_probed(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.transport"):
+        t = client(broker.url, protocol="3.1.1")
+        assert t.protocol == "3.1.1"
+        t.stop()
+        t = client(broker.url)  # auto, on a broker that speaks 5
+        assert t.protocol == "5"
+        t.stop()
+    assert _transport_lines(caplog, logging.INFO, "speaks MQTT") == []
+    assert _transport_lines(caplog, logging.DEBUG, "trying MQTT 3.1.1") == []
+
+
+def test_several_urls_the_next_takes_over_when_a_broker_dies(broker: Mosquitto, tmp_path: Path) -> None:
+    second = Mosquitto(tmp_path / "second").start()
+    inbox = Inbox()
+    events: list[bool] = []
+    t = Transport(MqttSettings(url=broker.url, fallback_urls=(second.url,), reconnect_min_s=0.1, reconnect_max_s=0.5),
+                  on_message=inbox, on_connection=events.append)
+    t.subscribe("f/#")
+    t.start()
+    try:
+        assert t.wait_connected(5) and t.url == broker.url
+        broker.kill()
+        assert _wait(lambda: t.connected and t.url == second.url, 10), t.last_error
+        pub = client(second.url)
+        pub.publish("f/1", b"on the second", wait=True)  # subscriptions followed the transport
+        assert inbox.topic("f/1").payload == b"on the second"
+        pub.stop()
+        # the first comes back: the transport stays where it is until that broker fails it
+        broker.start()
+        threading.Event().wait(1.0)
+        assert t.connected and t.url == second.url
+        second.kill()
+        assert _wait(lambda: t.connected and t.url == broker.url, 10), t.last_error
+        assert events == [True, False, True, False, True]
+    finally:
+        t.stop()
+        second.kill()
+
+
+def test_several_urls_a_dead_first_one_costs_one_error_line(broker: Mosquitto, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    dead = Mosquitto(tmp_path / "dead")  # configured, never started
+    also_dead = Mosquitto(tmp_path / "also-dead")
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.transport"):
+        t = Transport(MqttSettings(url=dead.url, fallback_urls=(broker.url,), reconnect_min_s=0.1,
+                                   reconnect_max_s=0.2), on_message=lambda m: None)
+        t.start()
+        try:
+            assert t.wait_connected(5) and t.url == broker.url
+        finally:
+            t.stop()
+        errors = _transport_lines(caplog, logging.ERROR)
+        assert len(errors) == 1 and errors[0].startswith(f"cannot connect to {dead.url}: "), errors
+        # none answers: each url's failure is said once at ERROR, the rounds after at DEBUG
+        caplog.clear()
+        t = Transport(MqttSettings(url=dead.url, fallback_urls=(also_dead.url,), reconnect_min_s=0.05,
+                                   reconnect_max_s=0.05), on_message=lambda m: None)
+        t.start()
+        try:
+            assert _wait(lambda: len(_transport_lines(caplog, logging.DEBUG, "cannot connect to")) >= 6, 10)
+        finally:
+            t.stop()
+    errors = _transport_lines(caplog, logging.ERROR)
+    assert sorted(e.split(": ")[0] for e in errors) == sorted(f"cannot connect to {u}" for u in (dead.url, also_dead.url))
+
+
+@pytest.mark.parametrize(("urls", "fragment"), [
+    (("mqtt://a", "mqtts://b"), "mix mqtt:// and mqtts://"),
+    (("mqtt://a", "mqtt://b", "mqtt://a"), "lists a url twice"),
+    (("mqtt://a", "http://b"), "expected mqtt://host[:port]"),
+])
+def test_several_urls_are_checked(urls: tuple[str, ...], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        MqttSettings(url=urls[0], fallback_urls=urls[1:])
+    assert fragment in str(err.value)
+    assert MqttSettings(url="mqtt://a", fallback_urls=("mqtt://b:1884",)).urls == ("mqtt://a", "mqtt://b:1884")

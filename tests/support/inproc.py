@@ -58,8 +58,8 @@ class StubTransport:
         self.published.append((topic, payload, retain))
         del self.published[:-200]  # a long fuzz run must not keep every state document
 
-    def subscribe(self, topics: Any, qos: int = 1, wait: Any = False) -> None:
-        """Record subscriptions."""
+    def subscribe(self, topics: Any, qos: int = 1, wait: Any = False, on_refused: Any = None) -> None:
+        """Record subscriptions (all granted)."""
         self.subscriptions.update([topics] if isinstance(topics, str) else topics)
 
     def unsubscribe(self, topics: Any) -> None:
