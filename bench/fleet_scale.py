@@ -21,7 +21,15 @@
 Prints every figure, then ``FLEET_AGENTS=<N> FLEET_ALL_COMMITTED_S=<t> COLLECTOR_MSGS_PER_S=<r>`` last.
 Goals: 200 agents committed within 60 s; a collector ingesting >= 5,000 msg/s; <= 2 % of one core.
 
-Run: .venv/bin/python bench/fleet_scale.py [--agents 200] [--quick]
+With ``--cluster``, instead: the fleet rollout of part 1 on a three-node NATS cluster on loopback (MQTT
+streams replicated on all three nodes). Agent k starts on node k mod 3 and lists the other nodes after
+its own (`mqtt.urls`); the host pushes through the first node. Fresh agents each time: (a) one
+Mosquitto, the baseline; (b) the cluster; (c) the cluster, its second node killed (SIGKILL) once a
+quarter of the fleet committed, so that its agents move to the other nodes mid-rollout. Last line:
+``CLUSTER_AGENTS=<N> CLUSTER_ALL_COMMITTED_S=<b> NODE_KILL_ALL_COMMITTED_S=<c> MOSQUITTO_ALL_COMMITTED_S=<a>``.
+Goals: 200 agents committed within 60 s on the cluster, within 90 s with a node killed.
+
+Run: .venv/bin/python bench/fleet_scale.py [--agents 200] [--quick] [--cluster]
 """
 
 from __future__ import annotations
@@ -36,12 +44,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GOALS = {"committed_s": 60.0, "collector": 5000.0, "cpu_pct": 2.0}
+GOALS = {"committed_s": 60.0, "collector": 5000.0, "cpu_pct": 2.0, "cluster_s": 60.0, "node_kill_s": 90.0}
 GROUP = "fleet"
 
 BUILD = r"""
@@ -55,14 +64,17 @@ open(sys.argv[1], "wb").write(tf.lite.TFLiteConverter.from_keras_model(m).conver
 """
 
 
-def agent_config(root: Path, device: str, groups: list[str], url: str, pub: Path, telemetry_s: float) -> str:
-    """TOML of one agent: own state dir and API socket, short probation, telemetry every `telemetry_s`."""
+def agent_config(root: Path, device: str, groups: list[str], urls: list[str], pub: Path, telemetry_s: float,
+                 protocol: str = "auto") -> str:
+    """TOML of one agent: own state dir and API socket, short probation, telemetry every `telemetry_s`;
+    `mqtt.urls` when there are several brokers (the nodes of a cluster, tried in this order)."""
     from edgefleet.testing.agentproc import toml
 
+    brokers: dict[str, Any] = {"urls": urls} if len(urls) > 1 else {"url": urls[0]}
     return toml({
         "device_id": device, "groups": groups, "state_dir": str(root / device / "state"), "log_level": "warning",
         "api": {"socket": str(root / device / "api.sock")},
-        "mqtt": {"url": url, "reconnect_min_s": 0.5, "reconnect_max_s": 5.0},
+        "mqtt": {**brokers, "protocol": protocol, "reconnect_min_s": 0.5, "reconnect_max_s": 5.0},
         "security": {"trusted_keys": [str(pub)]},
         "health": {"probation_s": 1, "min_requests": 1},
         "validation": {"timeout_s": 300},
@@ -73,19 +85,26 @@ def agent_config(root: Path, device: str, groups: list[str], url: str, pub: Path
 # ---------------------------------------------------------------------- child processes
 
 
+def spread(urls: list[str], k: int) -> list[str]:
+    """The broker urls of the fleet's k-th agent: node k mod n first, then the others in turn."""
+    i = k % len(urls)
+    return urls[i:] + urls[:i]
+
+
 def worker_main(spec: dict[str, Any]) -> None:
     """Child: run the agents of `spec` as Daemons in threads until stdin closes."""
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format=f"worker {spec['index']}: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {spec['index']}: %(levelname)s %(name)s: %(message)s")
     from edgefleet.agent.config import parse_config
     from edgefleet.agent.daemon import Daemon
 
     root = Path(spec["root"])
     daemons = []
-    for device in spec["devices"]:
+    for k, device in enumerate(spec["devices"], spec["offset"]):
         (root / device).mkdir(parents=True, exist_ok=True)
-        text = agent_config(root, device, spec["groups"], spec["url"], Path(spec["pub"]), spec["telemetry_s"])
+        text = agent_config(root, device, spec["groups"], spread(spec["urls"], k), Path(spec["pub"]),
+                            spec["telemetry_s"], spec["protocol"])
         daemons.append(Daemon(parse_config(text, source=device)))
     threads = [threading.Thread(target=d.run, name=d.config.device_id, daemon=True) for d in daemons]
     for t in threads:
@@ -164,13 +183,16 @@ def build_model(out: Path) -> bytes:
 class Fleet:
     """Worker processes running the agents."""
 
-    def __init__(self, root: Path, url: str, pub: Path, devices: list[str], groups: list[str], per_process: int,
-                 telemetry_s: float) -> None:
+    def __init__(self, root: Path, url: str | list[str], pub: Path, devices: list[str], groups: list[str],
+                 per_process: int, telemetry_s: float, protocol: str = "auto") -> None:
+        """`url` may list a cluster's nodes: agent k then starts on node k mod n (`spread`)."""
         self.procs: list[subprocess.Popen[str]] = []
         self.logs: list[Path] = []
+        urls = [url] if isinstance(url, str) else url
         for i in range(0, len(devices), per_process):
-            spec = {"index": i // per_process, "root": str(root), "url": url, "pub": str(pub),
-                    "devices": devices[i:i + per_process], "groups": groups, "telemetry_s": telemetry_s}
+            spec = {"index": i // per_process, "root": str(root), "urls": urls, "offset": i, "pub": str(pub),
+                    "devices": devices[i:i + per_process], "groups": groups, "telemetry_s": telemetry_s,
+                    "protocol": protocol}
             log = root / f"worker-{devices[i]}.log"
             root.mkdir(parents=True, exist_ok=True)
             self.logs.append(log)
@@ -220,8 +242,9 @@ def wait_online(observer: Any, devices: list[str], timeout: float) -> float:
 
 
 def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: list[str],
-            timeout: float) -> dict[str, Any]:
-    """Publish the group document and follow the retained states until every device committed it."""
+            timeout: float, during: Callable[[dict[str, float], float], None] | None = None) -> dict[str, Any]:
+    """Publish the group document and follow the retained states until every device committed it;
+    `during` is called on every turn with the devices committed so far and the seconds elapsed."""
     from edgefleet.converter.fleet.publish import publish_document
     from edgefleet.protocol import Topics
 
@@ -249,11 +272,13 @@ def rollout(transport: Any, observer: Any, prepared: Any, group: str, devices: l
                     committed[d] = now
             elif m.last_outcome is not None and m.last_outcome.deployment_id == dep_id:
                 failed[d] = f"{m.last_outcome.result}: {m.last_outcome.reason}"
+        if during is not None:
+            during(committed, now)
     times = sorted(committed.values())
     return {"committed": len(committed), "failed": failed, "all_s": times[-1] if len(times) == len(devices) else None,
             "first_s": times[0] if times else None, "median_s": statistics.median(times) if times else None,
             "activated_all_s": max(activated.values()) if len(activated) == len(devices) else None,
-            "elapsed_s": time.monotonic() - started}
+            "elapsed_s": time.monotonic() - started, "committed_at": committed}
 
 
 def collect(url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
@@ -331,6 +356,137 @@ def idle_cpu(work: Path, url: str, bundle: Path, telemetry_s: float, window: flo
         a.stop()
 
 
+# ---------------------------------------------------------------------- the cluster
+
+
+def make_bundle(work: Path) -> tuple[Path, Any, Path]:
+    """The tiny model's signed bundle, its signing key and the public key file agents trust."""
+    import numpy as np
+
+    from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
+    from edgefleet.protocol import SigningKey
+
+    model = build_model(work / "model.tflite")
+    key = SigningKey.generate()
+    _, pub = key.write(work / "keys")
+    rng = np.random.default_rng(0)
+    bundle = work / "bundle"
+    write_bundle(bundle, model, BundleSpec(name="m", version=1,
+                                           golden_inputs=[rng.normal(size=(4, 1, 8)).astype(np.float32)]), key=key)
+    return bundle, key, pub
+
+
+def fleet_mosquitto(workdir: Path) -> Any:
+    """A started Mosquitto without persistence whose queues hold a whole fleet's traffic."""
+    from edgefleet.testing.broker import Mosquitto
+
+    broker = Mosquitto(workdir, persistence=False)
+    broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 20000", "max_queued_messages 2000000"))
+    return broker.start()
+
+
+def fleet_rollout(work: Path, label: str, urls: list[str], bundle: Path, key: Any, pub: Path, n: int,
+                  per_process: int, protocol: Literal["auto", "5", "3.1.1"] = "auto",
+                  during: Callable[[dict[str, float], float], None] | None = None) -> dict[str, Any]:
+    """`n` fresh agents named `label`-NNNN in group `label`, spread over `urls`; the rollout of the bundle
+    to the group through the first url, with how long the fleet took to come online."""
+    from edgefleet.bundle import Bundle
+    from edgefleet.converter.fleet.observer import FleetObserver
+    from edgefleet.converter.fleet.publish import prepare, publish_chunks
+    from edgefleet.protocol import Topics
+    from edgefleet.transport import MqttSettings, Transport
+
+    topics = Topics()
+    observer = FleetObserver(topics, leaves=("status", "state"))
+    host = Transport(MqttSettings(url=urls[0], fallback_urls=tuple(urls[1:]), client_id=f"bench-host-{label}",
+                                  protocol=protocol), on_message=observer.handle)
+    host.start()
+    try:
+        if not host.wait_connected(30):
+            raise RuntimeError(f"host: {host.last_error}")
+        observer.attach(host)
+        prepared = prepare(Bundle.load(bundle), key=key)
+        publish_chunks(host, topics, prepared.chunks)
+        devices = [f"{label}-{i:04d}" for i in range(n)]
+        t0 = time.monotonic()
+        fleet = Fleet(work / label, urls, pub, devices, [label], per_process, 1.0, protocol)
+        try:
+            online_s = wait_online(observer, devices, 300) + time.monotonic() - t0
+            result = rollout(host, observer, prepared, label, devices, 600, during)
+        finally:
+            fleet.stop()
+        result["online_s"] = online_s
+        result["warnings"] = fleet.warnings()
+        return result
+    finally:
+        host.stop()
+
+
+def describe(label: str, r: dict[str, Any], base: float | None = None) -> str:
+    """One line of a rollout's figures, with its ratio to `base` seconds."""
+    head = f"  {label}: online after {r['online_s']:.1f} s; "
+    if r["all_s"] is None:
+        return head + f"only {r['committed']} committed within {r['elapsed_s']:.0f} s, {len(r['failed'])} failed"
+    ratio = f" (x{r['all_s'] / base:.2f} one Mosquitto)" if base else ""
+    return head + (f"first committed {r['first_s']:.2f} s, median {r['median_s']:.2f} s, all committed "
+                   f"{r['all_s']:.2f} s{ratio}")
+
+
+def cluster_main(n: int, per_process: int) -> None:
+    """The same rollout on one Mosquitto (the baseline), on a three-node NATS cluster, and on the cluster
+    with one node killed when a quarter of the fleet committed."""
+    from edgefleet.testing.nats import NatsCluster, nats_server_version
+
+    with tempfile.TemporaryDirectory(prefix="fleet-cluster-") as tmp:
+        work = Path(tmp)
+        bundle, key, pub = make_bundle(work)
+        print(f"{n} agents ({per_process} per worker process), probation 1 s, telemetry every 1 s; "
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before the run")
+        broker = fleet_mosquitto(work / "mosquitto")
+        try:
+            mosq = fleet_rollout(work, "mosq", [broker.url], bundle, key, pub, n, per_process)
+        finally:
+            broker.kill()
+        cluster = NatsCluster(work / "nats", 3, stream_replicas=3).start()
+        killed: dict[str, Any] = {}
+        try:
+            clus = fleet_rollout(work, "clus", cluster.urls, bundle, key, pub, n, per_process, "3.1.1")
+            victim = cluster.nodes[1]  # the host is on the first node
+
+            def kill_mid(committed: dict[str, float], now: float) -> None:
+                if not killed and len(committed) >= max(1, n // 4):
+                    victim.kill()
+                    # agent k starts on node k mod 3 (`spread`)
+                    on_victim = [f"kill-{k:04d}" for k in range(1, n, 3)]
+                    killed.update(at=now, agents=len(on_victim),
+                                  left=sum(1 for d in on_victim if d not in committed))
+
+            kill = fleet_rollout(work, "kill", cluster.urls, bundle, key, pub, n, per_process, "3.1.1", kill_mid)
+        finally:
+            cluster.kill()
+        version = nats_server_version()
+    print(f"one Mosquitto, then three NATS {version} nodes on loopback (MQTT stream replicas 3, MQTT 3.1.1); agent "
+          "k starts on node k mod 3 and lists the other nodes after its own (mqtt.urls); the push goes through "
+          "node 1; fresh agents for each rollout")
+    for label, r in (("one Mosquitto (baseline)", mosq), ("cluster", clus), ("cluster, node 2 killed", kill)):
+        print(describe(label, r, None if r is mosq else mosq["all_s"]))
+        if r["failed"]:
+            print(f"    FAILED on {len(r['failed'])} agent(s), e.g. {next(iter(r['failed'].items()))}")
+        if r["warnings"]:
+            print(f"    {len(r['warnings'])} warning(s) from the agents, e.g.:", *r["warnings"][:3], sep="\n    ")
+    if killed:
+        print(f"  node 2 killed {killed['at']:.2f} s after the group document, once {max(1, n // 4)} agents had "
+              f"committed; {killed['left']} of its {killed['agents']} agents had not committed yet")
+    print(f"goals: all {n} committed <= {GOALS['cluster_s']:g} s on the cluster, <= {GOALS['node_kill_s']:g} s "
+          f"with a node killed; load average {os.getloadavg()[0]:.1f} at the end")
+
+    def figure(r: dict[str, Any]) -> str:
+        return f"{r['all_s']:.2f}" if r["all_s"] is not None else "none"
+
+    print(f"CLUSTER_AGENTS={n} CLUSTER_ALL_COMMITTED_S={figure(clus)} NODE_KILL_ALL_COMMITTED_S={figure(kill)} "
+          f"MOSQUITTO_ALL_COMMITTED_S={figure(mosq)}")
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -340,6 +496,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=200, help="agents in the fleet (200)")
     parser.add_argument("--per-process", type=int, default=25, help="agents per worker process (25)")
     parser.add_argument("--quick", action="store_true", help="20 agents, short windows")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the rollout on a three-node NATS cluster, clean and with a node killed, against one "
+                             "Mosquitto (instead of the three parts)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--raw-subscriber", nargs=2, help=argparse.SUPPRESS)
@@ -358,29 +517,19 @@ def main() -> None:
     rounds = 2 if args.quick else 3
     share_s = 8.0 if args.quick else 25.0
 
-    import numpy as np
+    if args.cluster:
+        return cluster_main(n, args.per_process)
 
     from edgefleet.bundle import Bundle
-    from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
     from edgefleet.converter.fleet.observer import FleetObserver
     from edgefleet.converter.fleet.publish import prepare, publish_chunks
-    from edgefleet.protocol import SigningKey, Telemetry, Topics, canonical_json
-    from edgefleet.testing.broker import Mosquitto
+    from edgefleet.protocol import Telemetry, Topics, canonical_json
     from edgefleet.transport import MqttSettings, Transport
 
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         work = Path(tmp)
-        model = build_model(work / "model.tflite")
-        key = SigningKey.generate()
-        _, pub = key.write(work / "keys")
-        rng = np.random.default_rng(0)
-        bundle = work / "bundle"
-        write_bundle(bundle, model, BundleSpec(name="m", version=1,
-                                               golden_inputs=[rng.normal(size=(4, 1, 8)).astype(np.float32)]), key=key)
-        broker = Mosquitto(work / "broker", persistence=False)
-        broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 20000",
-                                                               "max_queued_messages 2000000"))
-        broker.start()
+        bundle, key, pub = make_bundle(work)
+        broker = fleet_mosquitto(work / "broker")
         try:
             topics = Topics()
             observer = FleetObserver(topics, leaves=("status", "state"))

@@ -60,6 +60,7 @@ EXPECTED = (
     Expected("push", "delivery", 1200),
     Expected("delivery", "delivery", 1800),
     Expected("fleet_scale", "fleet", 2400),
+    Expected("fleet_cluster", "fleet", 2400),
     Expected("reliability", "reliability", 2400),
 )
 DEFAULT_TIMEOUT_S = 1800.0

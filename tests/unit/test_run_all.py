@@ -152,3 +152,40 @@ def test_discovery_finds_programs_not_helpers() -> None:
     assert "convert_digits" in found and "agent_overhead" in found
     assert "reporting" not in found and "run_all" not in found
     assert sys.executable  # the benchmarks run with this interpreter
+
+
+CLUSTER_OUT = """\
+200 agents (25 per worker process), probation 1 s, telemetry every 1 s; 2 cores, load average 0.7 before the run
+one Mosquitto, then three NATS 2.15.1 nodes on loopback (MQTT stream replicas 3, MQTT 3.1.1); ...
+  one Mosquitto (baseline): online after 1.7 s; first committed 3.21 s, median 5.84 s, all committed 7.15 s
+  cluster: online after 13.5 s; first committed 6.74 s, median 7.78 s, all committed 8.63 s (x1.21 one Mosquitto)
+  cluster, node 2 killed: online after 13.5 s; only 150 committed within 600 s, 0 failed
+  node 2 killed 8.25 s after the group document, once 50 agents had committed; 47 of its 67 agents had not committed yet
+CLUSTER_AGENTS=200 CLUSTER_ALL_COMMITTED_S=8.63 NODE_KILL_ALL_COMMITTED_S=none MOSQUITTO_ALL_COMMITTED_S=7.15
+"""
+
+
+def test_the_cluster_section_sets_each_rollout_beside_one_mosquitto() -> None:
+    r = {"name": "fleet_cluster", "status": "ok", "stdout": CLUSTER_OUT,
+         "figures": run_all.key_values(CLUSTER_OUT)}
+    text = "\n".join(reporting.section_cluster(r))
+    assert "| 8.63 s (first 6.74, median 7.78) | one Mosquitto: 7.15 s | 1.21× | ≤ 60 s for 200 agents |" in text
+    assert "only 150 of 200 within 600 s" in text
+    assert "47 of its 67 agents had not committed yet" in text
+    heads = {row[0]: row for row in reporting.headline_rows(r)}
+    assert heads["`CLUSTER_ALL_COMMITTED_S`"][-2:] == ("<= 60", "yes")
+    assert heads["`NODE_KILL_ALL_COMMITTED_S`"][-2:] == ("<= 90", "**no**")
+
+
+def test_the_delivery_section_shows_nats_beside_its_own_baseline() -> None:
+    data = {"artifact_bytes": 20_600_000, "wire_bytes": 20_600_000, "raw_pub_sub_s": 0.5,
+            "raw_retained_fetch_s": 0.4, "agent_download_s": 0.8, "push_publish_s": 0.6, "push_compress_s": 0.1,
+            "ratios": [0.6, 0.62, 0.64], "nats": {"raw_pub_sub_s": 2.0, "raw_retained_fetch_s": 0.1,
+                                                   "agent_download_s": 1.0, "ratios": [1.9, 2.0, 2.1]}}
+    text = "\n".join(reporting.section_delivery({"name": "delivery", "data": data, "stdout": ""}))
+    assert "| one NATS node: (b) agent, document → verified artifact on disk | 1.000 | 20.6 | 2.00 |" in text
+    assert "Mosquitto 0.60, 0.62, 0.64; NATS 1.90, 2.00, 2.10." in text
+    heads = {row[0]: row for row in reporting.headline_rows({"figures": {"DELIVERY_RATIO": "0.55",
+                                                                         "NATS_DELIVERY_RATIO": "0.55"}})}
+    assert heads["`DELIVERY_RATIO`"][-1] == "**no**"  # the goal is a median of 0.6
+    assert heads["`NATS_DELIVERY_RATIO`"][-1] == "yes"
