@@ -37,6 +37,9 @@ class Result:
     """The active version afterwards (None: nothing is active)."""
     reason: str | None = None
     """Why an install was refused, rejected or rolled back."""
+    bundle_version: int | None = None
+    """An install's: the version the bundle's manifest names, which differs from `version` when the
+    bundle was refused and the model active before it stays."""
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,8 @@ class Result:
         body: dict[str, Any] = {"model": self.model, "phase": self.phase.value, "version": self.version}
         if self.reason is not None:
             body["reason"] = self.reason
+        if self.bundle_version is not None:
+            body["bundle_version"] = self.bundle_version
         return body
 
 
@@ -64,7 +69,16 @@ def install(lifecycle: Lifecycle, raw: Any, model: bytes, golden: bytes) -> Resu
     reason = lifecycle.last_refusal
     if reason is None and phase.failed and rec.last_outcome is not None:
         reason = rec.last_outcome.reason
-    return Result(name, phase, rec.active.version if rec.active else None, reason)
+    return Result(name, phase, rec.active.version if rec.active else None, reason, _raw_version(raw))
+
+
+def _raw_version(raw: Any) -> int | None:
+    """The model version a raw manifest names, when it names one (it may not have passed its checks)."""
+    try:
+        version = raw["model"]["version"]
+    except (KeyError, TypeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def install_path(lifecycle: Lifecycle, path: Path) -> Result:

@@ -26,7 +26,7 @@ from edgefleet.agent.config import (
     load_config,
     security_problems,
 )
-from edgefleet.errors import EdgefleetError, ExitCode, RequestError, UsageError, exit_code
+from edgefleet.errors import EdgefleetError, ExitCode, RequestError, UsageError, exit_code, guard_pipe
 from edgefleet.protocol.phases import Phase
 
 log = logging.getLogger("edge-agent")
@@ -76,6 +76,18 @@ def _daemon_running(config: AgentConfig) -> bool:
     return True
 
 
+def config_path(args: argparse.Namespace) -> str | None:
+    """The configuration file a command runs with; None when there is none and the defaults apply."""
+    if args.config is not None:
+        return str(args.config)
+    return str(DEFAULT_PATH) if DEFAULT_PATH.exists() else None
+
+
+def config_source(args: argparse.Namespace) -> str:
+    """Which configuration a command runs with, in words."""
+    return config_path(args) or f"no {DEFAULT_PATH}: using the built-in defaults (--config FILE names another)"
+
+
 def _print(data: Any, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
@@ -110,7 +122,7 @@ def cmd_check_config(args: argparse.Namespace, config: AgentConfig) -> int:
     warning = insecure_warning(config)
     if warning:
         print(f"edge-agent: warning: {warning}", file=sys.stderr)
-    _print(describe(config), args.json, f"{args.config or DEFAULT_PATH}: ok (device {config.device_id})"
+    _print(describe(config), args.json, f"{config_path(args) or 'built-in defaults'}: ok (device {config.device_id})"
            + (", INSECURE" if warning else ""))
     return ExitCode.OK
 
@@ -128,11 +140,20 @@ def cmd_install(args: argparse.Namespace, config: AgentConfig) -> int:
     else:
         body = _install_offline(config, path)
     ok = not Phase(body["phase"]).failed
-    text = f"{body.get('model')}: {body.get('phase')}" + (f" (v{body['version']})" if body.get("version") else "")
-    if not ok:
-        text += f": {body.get('reason')}"
+    text = install_line(body, ok)
     _print(body, args.json, text)
     return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+def install_line(body: dict[str, Any], ok: bool) -> str:
+    """One line for an install's outcome: the bundle's version, and on a refusal why and what stays active
+    ("version" is the active version afterwards, which is not the bundle's when it was refused)."""
+    version = body.get("bundle_version", body.get("version"))
+    text = f"{body.get('model')}: {body.get('phase')}" + (f" (v{version})" if version is not None else "")
+    if ok:
+        return text
+    active = body.get("version")
+    return text + f": {body.get('reason')}" + (f"; v{active} stays active" if active is not None else "")
 
 
 def _install_offline(config: AgentConfig, path: Path) -> dict[str, Any]:
@@ -199,11 +220,12 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
     # what the running agent says it runs with; the config file when it is not running
     insecure = bool(health.get("insecure", False)) if health else config.security.insecure
     out = {"device_id": config.device_id, "running": running, "insecure": insecure, "state": state,
-           "health": health}
+           "health": health, "config": config_path(args)}
     if args.json:
         _print(out, True, "")
         return ExitCode.OK
-    lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}"]
+    lines = [f"device {config.device_id}: agent {'running' if running else 'not running'}",
+             f"  config: {config_source(args)}"]
     if insecure:
         lines.append("  INSECURE: security.insecure = true, unsigned documents are accepted")
     if health and health.get("reason"):
@@ -252,9 +274,9 @@ def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
             raise UsageError(f"{args.input}: not a readable .npy file ({err})") from err
     else:
         try:
-            x = json.loads(args.json_input)
+            x = json.loads(args.input_json)
         except json.JSONDecodeError as err:
-            raise UsageError(f"--json: not valid JSON ({err.msg})") from err
+            raise UsageError(f"--input-json: not valid JSON ({err.msg})") from err
     if config.state_dir.exists() and _daemon_running(config):
         try:
             result = _client(config).predict(args.model, x.tolist() if isinstance(x, np.ndarray) else x)
@@ -262,8 +284,23 @@ def cmd_predict(args: argparse.Namespace, config: AgentConfig) -> int:
             raise (UsageError if 400 <= err.status < 500 else EdgefleetError)(str(err)) from err
     else:
         result = _predict_offline(config, args.model, x)
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(result, sort_keys=True) if args.json else prediction_lines(result))
     return ExitCode.OK
+
+
+def prediction_lines(answer: dict[str, Any]) -> str:
+    """One line per instance for a person: its best label when the model has labels, else its values."""
+    extras = answer.get("edgefleet", {})
+    top = extras.get("top_k") or []
+    lines = [f"model version {extras.get('model_version')}"]
+    for i, row in enumerate(answer.get("predictions", [])):
+        if i < len(top) and top[i]:
+            best = top[i][0]
+            lines.append(f"  {i}: {best['label'] if best['label'] is not None else best['index']} "
+                         f"({best['score']:.4g})")
+        else:
+            lines.append(f"  {i}: {json.dumps(row)}")
+    return "\n".join(lines)
 
 
 def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
@@ -285,18 +322,29 @@ def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
         raise UsageError(str(err)) from err
 
 
+class GlobalOptionsParser(argparse.ArgumentParser):
+    """argparse with the global options on every level, so they are accepted before the command and
+    after it (`edge-agent status --config X`); each command's parser is made by this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS as the default: a command's parser then leaves a value given before the command alone
+        self.add_argument("--config", default=argparse.SUPPRESS, help=f"configuration file (default {DEFAULT_PATH})")
+        self.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                          help="override log_level")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `edge-agent`."""
-    p = argparse.ArgumentParser(
+    p = GlobalOptionsParser(
         prog="edge-agent",
         description="edgefleet device agent: receives model bundles, validates them in a child process, "
                     "swaps them in atomically, serves local inference and rolls back bad models.",
         epilog="Configuration: TOML at /etc/edge-agent/agent.toml (see `check-config`). "
-               "Exit codes: 0 ok, 1 operation failed, 2 bad input or configuration.",
+               "Exit codes: 0 ok, 1 operation failed, 2 bad input or configuration, 141 the output's reader "
+               "went away. --config and --log-level go before or after the command.",
     )
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
-    p.add_argument("--config", help=f"configuration file (default {DEFAULT_PATH})")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
@@ -320,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--input", help=".npy file holding one input tensor (batch included)")
-    g.add_argument("--json", dest="json_input", metavar="JSON", help="instances as JSON, e.g. '[[0.1, 0.2]]'")
+    g.add_argument("--input-json", metavar="JSON", help="instances as JSON, e.g. '[[0.1, 0.2]]'")
+    s.add_argument("--json", action="store_true",
+                   help="print the whole answer as one JSON document (default: one line per instance)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("check-config", help="validate the configuration and every file it names (keys, CA, "
@@ -332,14 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-agent`."""
+    return guard_pipe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
     try:
         config = load_config(args.config)
     except EdgefleetError as err:
         print(f"edge-agent: error: {err}", file=sys.stderr)
         return ExitCode.USAGE
-    setup_logging(args.log_level or config.log_level)
+    setup_logging(getattr(args, "log_level", None) or config.log_level)
+    if args.config is None and not DEFAULT_PATH.exists():
+        print(f"edge-agent: warning: {config_source(args)}", file=sys.stderr)
     try:
         return int(args.func(args, config))
     except EdgefleetError as err:  # each kind carries its exit code (edgefleet/errors.py), as in edgectl

@@ -23,10 +23,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from edgefleet import __version__
-from edgefleet.errors import EdgefleetError, ExitCode, UsageError, exit_code
+from edgefleet.errors import EdgefleetError, ExitCode, UsageError, exit_code, guard_pipe
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ COMMAND_MODULES: tuple[CommandModule, ...] = (
     CommandModule("edgefleet.converter.commands.fleet", "fleet", ("fleet",)),
     CommandModule("edgefleet.converter.commands.gc", "fleet", ("gc",)),
     CommandModule("edgefleet.converter.commands.trust", "fleet", ("inventory", "timestamp", "withdraw")),
+    CommandModule("edgefleet.converter.commands.deployments", "fleet", ("deployments",)),
     CommandModule("edgefleet.converter.commands.broker", "fleet", ("broker",)),
+    CommandModule("edgefleet.converter.commands.profile", "fleet", ("profile",)),
 )
 
 EPILOG = """\
@@ -70,6 +72,7 @@ exit codes:
      tampered bundle; nothing is written
   3  the accuracy gate refused the conversion: the drop's confidence interval lies above
      --max-accuracy-drop, or an agreement check failed; no bundle is written
+  141  the reader of the output went away (`edgectl ... | head`), as for a program SIGPIPE ends
 
 Run 'edgectl COMMAND --help' for a command's options and examples.
 """
@@ -77,6 +80,13 @@ Run 'edgectl COMMAND --help' for a command's options and examples.
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (exit 2 through `main`), not usage + message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # On every level, so `-v` works after the command too (`edgectl push ... -v`). SUPPRESS as the
+        # default: a command's parser then leaves a count given before the command alone.
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                          help="more log output (-vv: debug)")
 
     def error(self, message: str) -> NoReturn:
         """Raise instead of printing the usage block."""
@@ -128,7 +138,6 @@ def build_parser(modules: Sequence[CommandModule] = COMMAND_MODULES) -> Argument
         description="Turn trained models into small, validated, signed bundles and manage them on a fleet.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for entry in modules:
@@ -148,6 +157,10 @@ def error_line(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgectl` console script; returns the exit code."""
+    return guard_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     verbose = 0
     argv = sys.argv[1:] if argv is None else argv
     blocked = unavailable(argv)
@@ -157,12 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        verbose = args.verbose
-        logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        verbose = getattr(args, "verbose", 0)
+        logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                             format="%(levelname)s %(name)s: %(message)s")
         if getattr(args, "func", None) is None:
             parser.print_help()
             return ExitCode.USAGE
+        resolve_settings = getattr(args, "resolve_settings", None)
+        if resolve_settings is not None:  # options left out: from the environment, then the profile
+            resolve_settings(args)
         return int(args.func(args) or ExitCode.OK)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (ExitCode.OK if exc.code is None else ExitCode.FAILURE)
@@ -172,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         error_line("interrupted; nothing was written")
         return exit_code(exc)
+    except BrokenPipeError:  # the reader of the output went away: `main` ends quietly
+        raise
     except Exception as exc:  # the last line of defence: one line, the traceback with -v
         error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
         if verbose:  # the hint names -v, so -v alone must be enough to get the traceback

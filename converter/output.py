@@ -22,9 +22,18 @@ from edgefleet.protocol import SigningKey, check_portable_name
 N = TypeVar("N", int, float)
 
 
+class _PipeConsole(Console):
+    """A rich Console that leaves a closed pipe to edgectl's main, which ends every command the same way."""
+
+    def on_broken_pipe(self) -> None:
+        """Raise BrokenPipeError (rich's own handling exits 1, which reads as a failed command)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
     """Console for results (tables) on stdout."""
-    return Console(highlight=False, soft_wrap=False)
+    return _PipeConsole(highlight=False, soft_wrap=False)
 
 
 def stderr_console() -> Console:

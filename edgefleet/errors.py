@@ -7,6 +7,9 @@ the message as one line and map it the same way.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -24,6 +27,9 @@ class ExitCode(IntEnum):
     """`edgectl convert`: the accuracy gate refused the converted model; no bundle was written."""
     INTERRUPTED = 130
     """Ctrl-C (128 + SIGINT, as shells report it)."""
+    BROKEN_PIPE = 141
+    """The reader of the output went away (`... | head`): 128 + SIGPIPE, what a shell reports for a
+    program the signal ended, without a traceback."""
 
 
 class EdgefleetError(Exception):
@@ -47,6 +53,23 @@ def exit_code(err: BaseException) -> ExitCode:
     if isinstance(err, EdgefleetError):
         return err.exit_code
     return ExitCode.FAILURE
+
+
+def guard_pipe(command: Callable[[], int]) -> int:
+    """Run a command whose output may go to a reader that stops early (`check-config --json | head`):
+    then end quietly with BROKEN_PIPE, as the programs that die of SIGPIPE do, instead of a traceback.
+    Python ignores SIGPIPE, so the closed pipe shows up as BrokenPipeError on a write or the flush."""
+    try:
+        try:
+            return command()
+        finally:  # what is still buffered meets the closed pipe here, not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the interpreter flushes stdout once more on exit: point it at /dev/null so that is silent too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.BROKEN_PIPE
 
 
 class UsageError(EdgefleetError, exit_code=ExitCode.USAGE):

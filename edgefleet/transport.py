@@ -5,7 +5,8 @@ message becomes a frozen `Message` handed to the owner's `on_message` (a `queue.
 exception raised there is logged with its traceback and counted in `callback_errors`, never allowed
 to stop the network loop. Subscriptions are remembered and sent again after every reconnect; the
 owner hears `on_connection(True)` only once the broker has acknowledged them. A filter the broker
-refuses is forgotten, and reported to the owner that asked to hear of it (`on_refused`).
+refuses is forgotten and reported to the owner that asked to hear of it (`on_refused`: chunk
+subscriptions, which the download window gives back); any other is asked for again with a growing delay.
 
 MQTT 5 by default (reason codes make refused publishes and subscriptions visible); nothing here needs
 it. With `protocol = "auto"` a broker that refuses an MQTT 5 CONNECT, closes it, or leaves it
@@ -15,6 +16,11 @@ logged once at INFO and kept for the session. `MqttSettings.protocol` fixes eith
 Several urls (`MqttSettings.fallback_urls`, the nodes of a cluster): an attempt that fails or a
 connection that ends moves on to the next url, in turn, with the reconnect backoff; subscriptions
 follow, and `Transport.url` says which broker is in use.
+
+A failed attempt is put in the operator's words by `edgefleet.diagnose` (refused, unreachable, TLS
+expected or not expected on the port, a certificate for other names), in `last_error`. The transport
+itself keeps trying, as a daemon wants; a command line waits with `wait_connected(until_failed=True)`
+and gives up once every url has failed an attempt.
 """
 
 from __future__ import annotations
@@ -38,12 +44,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefleet.diagnose import closed_before_connack, connect_failure
 from edgefleet.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_PUBLISH_TIMEOUT_S = 30.0
+RESUBSCRIBE_MIN_S = 2.0
+RESUBSCRIBE_MAX_S = 60.0
 # Remembered SUBACKs, so a subscribe(wait=...) that loses the race against its own SUBACK still finds it.
 _MAX_SUBACKS = 256
 
@@ -72,6 +81,9 @@ def _split_url(url: object) -> tuple[bool, str, int] | str:
                 return f"expected a host name and no user info, got {url!r}"
             if path or any(c in authority for c in "?#"):
                 return f"expected no path, query or fragment, got {url!r}"
+            port_text = authority.rpartition("]")[2].rpartition(":")[2] if ":" in authority.rpartition("]")[2] else ""
+            if port_text and not port_text.isdigit():
+                return f"the port must be a number 1-65535, got {port_text!r} in {url!r}"
         return f"{_URL_FORM}, got {url!r}"
     scheme, host, port_text = m.groups()
     if host.startswith("["):
@@ -282,14 +294,6 @@ def _trim(remembered: dict[int, Any]) -> None:
         del remembered[next(iter(remembered))]
 
 
-def _describe_os_error(err: OSError) -> str:
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {err.verify_message}"
-    if isinstance(err, ssl.SSLError):
-        return f"TLS error: {err.reason or err}"
-    return err.strerror or str(err) or type(err).__name__
-
-
 class Transport:
     """One MQTT connection: reconnects by itself, resubscribes, and hands messages to its owner.
 
@@ -361,8 +365,13 @@ class Transport:
         """Per filter, the latest `subscribe` call: a refusal of an older one, asked again since, is stale."""
         self._token = 0
         self._refusal_handlers: dict[str, RefusalHandler] = {}
+        self._retry_delay: dict[str, float] = {}
+        """Per refused filter without a refusal handler, the delay before it is asked for again."""
         self._resubscribe_mid: int | None = None
         self._ready = threading.Event()
+        self._outcome = threading.Event()
+        """Set once connected, or once every url has failed an attempt (see `wait_connected`)."""
+        self._failed: set[str] = set()
         self._started = False
         self._stopping = False
         self._loop_thread: threading.Thread | None = None
@@ -401,9 +410,16 @@ class Transport:
             self._client.connect_async(s.host, s.port, s.keepalive)
         self._client.loop_start()
 
-    def wait_connected(self, timeout: float | None = None) -> bool:
-        """Block until connected with subscriptions restored; False on timeout (see `last_error`)."""
-        return self._ready.wait(timeout)
+    def wait_connected(self, timeout: float | None = None, *, until_failed: bool = False) -> bool:
+        """Block until connected with subscriptions restored; False on timeout (see `last_error`).
+
+        With `until_failed`, also return False as soon as every url has failed an attempt (refused,
+        unreachable, a TLS or credential error: the cause is in `last_error`), instead of waiting through
+        the reconnects; a command line gives up there, a daemon keeps waiting."""
+        if not until_failed:
+            return self._ready.wait(timeout)
+        self._outcome.wait(timeout)
+        return self._ready.is_set()
 
     @property
     def connected(self) -> bool:
@@ -533,9 +549,11 @@ class Transport:
 
         With `wait`, block until the broker acknowledged (connecting first if needed) and raise
         TransportError when it refused a topic. A filter the broker refuses, now or when it is sent
-        again after a reconnect, is forgotten (not sent again) and, with `on_refused`, reported there
-        with the broker's reason, on the network thread (or on this one when the SUBACK came first);
-        without it, logged as an error. The handler must not block.
+        again after a reconnect, is with `on_refused` forgotten (not sent again) and reported there with
+        the broker's reason, on the network thread (or on this one when the SUBACK came first); the
+        handler must not block. Without it the filter is one its owner cannot do without: it is logged
+        as an error, kept, and asked for again after a delay that doubles from RESUBSCRIBE_MIN_S to
+        RESUBSCRIBE_MAX_S, since a refusal can pass (a cluster electing new leaders, an ACL reloaded).
         """
         names = [topics] if isinstance(topics, str) else list(topics)
         if not names:
@@ -593,6 +611,7 @@ class Transport:
         self._subscriptions.pop(name, None)
         self._sub_tokens.pop(name, None)
         self._refusal_handlers.pop(name, None)
+        self._retry_delay.pop(name, None)
 
     def _answered(self, mid: int, *, asked: _Asked | None = None, codes: list[ReasonCode] | None = None) -> None:
         """The two halves of a SUBSCRIBE's answer meet here, in either order: the filters sent, once paho
@@ -622,24 +641,44 @@ class Transport:
         """A SUBACK answered `filters`: forget the refused ones and report them (any thread, no lock held)."""
         handled: dict[int, tuple[RefusalHandler, list[tuple[str, str]]]] = {}
         unhandled: list[str] = []
+        retries: list[tuple[str, int, float]] = []
         with self._lock:
             for (name, token), code in zip(filters, codes, strict=False):
-                if not code.is_failure or self._sub_tokens.get(name) != token:
-                    continue  # granted, or asked again since: the newer SUBACK decides
+                if self._sub_tokens.get(name) != token:
+                    continue  # asked again since: the newer SUBACK decides
+                if not code.is_failure:
+                    self._retry_delay.pop(name, None)
+                    continue
                 handler = self._refusal_handlers.get(name)
-                self._forget(name)
                 if handler is None:
+                    delay = self._retry_delay.get(name, RESUBSCRIBE_MIN_S)
+                    self._retry_delay[name] = min(2 * delay, RESUBSCRIBE_MAX_S)
+                    retries.append((name, token, delay))
                     unhandled.append(str(code))
                 else:
+                    self._forget(name)
                     handled.setdefault(id(handler), (handler, []))[1].append((name, str(code)))
         if unhandled:
-            log.error("broker refused %d subscription(s): %s", len(unhandled), ", ".join(sorted(set(unhandled))))
+            log.error("broker refused %d subscription(s): %s; asking again in %g s", len(unhandled),
+                      ", ".join(sorted(set(unhandled))), min(d for _, _, d in retries))
+        for name, token, delay in retries:
+            timer = threading.Timer(delay, self._resubscribe_refused, (name, token))
+            timer.daemon = True
+            timer.start()
         for handler, refused in handled.values():
             log.debug("broker refused %d subscription(s), reported to their owner", len(refused))
             try:
                 handler(refused)
             except Exception:
                 self._callback_failed("subscription refusal")
+
+    def _resubscribe_refused(self, name: str, token: int) -> None:
+        """Ask again for a refused filter its owner still wants (a timer thread)."""
+        with self._lock:
+            qos = self._subscriptions.get(name)
+            if self._stopping or qos is None or self._sub_tokens.get(name) != token:
+                return  # stopped, unsubscribed, or subscribed again since
+        self.subscribe(name, qos)  # the delay so far stays: a new refusal doubles it
 
     @property
     def subscriptions(self) -> dict[str, int]:
@@ -662,6 +701,25 @@ class Transport:
             log.debug("%s", text)
         self._reported[url] = text
         self.last_error = text
+
+    def _attempt_failed(self, text: str, url: str) -> None:
+        """An attempt at `url` failed for good (not a protocol probe): once every url has, waiters learn it."""
+        self._set_error(text, url)
+        self._failed.add(url)
+        if self._failed.issuperset(self.settings.urls):
+            self._outcome.set()
+
+    def _closed_early(self, a: _Attempt, why: object) -> bool:
+        """An attempt closed before any CONNACK: when TLS explains it (a TLS port for a plain url, a client
+        certificate the broker wants or refuses), report that (True)."""
+        tls, host, port = parse_url(a.url)
+        known = closed_before_connack(str(why), tls=tls, host=host, port=port)
+        if known is None:
+            return False
+        a.settled = True
+        self._next_url()
+        self._attempt_failed(f"cannot connect to {a.url}: {known}", a.url)
+        return True
 
     # -- which url, which protocol
 
@@ -736,7 +794,7 @@ class Transport:
                 a.settled = True
                 self._next_url()
                 hint = " (check user name, password and certificate)" if reason_code.value in (134, 135) else ""
-                self._set_error(f"broker {a.url} refused the connection: {reason_code}{hint}", a.url)
+                self._attempt_failed(f"broker {a.url} refused the connection: {reason_code}{hint}", a.url)
                 return
             self._paho_error = None
             self.connects += 1
@@ -762,7 +820,9 @@ class Transport:
             self._callback_failed("connect")
 
     def _became_ready(self) -> None:
+        self._failed.clear()
         self._ready.set()
+        self._outcome.set()
         if self._on_connection is not None:
             self._on_connection(True)
 
@@ -776,8 +836,9 @@ class Transport:
             url = self.url
             self._next_url()
             err = self._client.last_exception
-            why = _describe_os_error(err) if err is not None else "connection failed"
-            self._set_error(f"cannot connect to {url}: {why}", url)
+            tls, host, port = parse_url(url)
+            why = connect_failure(err, tls=tls, host=host, port=port) if err is not None else "connection failed"
+            self._attempt_failed(f"cannot connect to {url}: {why}", url)
         except Exception:
             self._callback_failed("connect_fail")
 
@@ -786,6 +847,8 @@ class Transport:
         try:
             was_ready = self._ready.is_set()
             self._ready.clear()
+            if was_ready:  # a waiter after this one waits for the next connection or the next failures
+                self._outcome.clear()
             with self._lock:  # unanswered SUBSCRIBEs die with the connection; the reconnect sends them again
                 self._asked.clear()
             a = self._attempt or _Attempt(self.settings.url, self.protocol, probe=False)
@@ -793,6 +856,8 @@ class Transport:
             self._paho_error = None
             if self._stopping:
                 log.info("disconnected from %s", a.url)
+            elif not was_ready and a.probe and not a.answered and not a.overdue and self._closed_early(a, why):
+                pass  # a TLS matter, not an MQTT 3.1.1 one: reported as such, no 3.1.1 attempt
             elif not was_ready and a.probe and not a.answered:
                 # Some 3.1.1 brokers close an MQTT 5 CONNECT they cannot parse, others never answer it.
                 self._try_311(a, f"no CONNACK within {self.settings.connack_timeout_s:g} s" if a.overdue
@@ -803,8 +868,9 @@ class Transport:
             elif not a.settled:
                 if not a.answered:
                     self._trying_311.discard(a.url)  # 3.1.1 went unanswered too: not a protocol matter
-                self._next_url()
-                self._set_error(f"connection to {a.url} closed before it was ready: {why}", a.url)
+                if a.answered or not self._closed_early(a, why):
+                    self._next_url()
+                    self._attempt_failed(f"connection to {a.url} closed before it was ready: {why}", a.url)
             if was_ready and self._on_connection is not None:
                 self._on_connection(False)
         except Exception:

@@ -28,6 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
     from edgefleet.testing.reliability import CACHE_ENV
 
     os.environ.setdefault(CACHE_ENV, str(TESTS.parent / ".cache"))
+    # edgectl's connection settings come from the tests alone, never from the developer's profile or variables
+    from edgefleet.converter.fleet.profiles import ENV_PROFILE, SETTINGS
+
+    os.environ["XDG_CONFIG_HOME"] = str(TESTS.parent / ".cache" / "xdg-config")
+    for name in (ENV_PROFILE, *(s.env for s in SETTINGS)):
+        os.environ.pop(name, None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

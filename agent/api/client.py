@@ -173,6 +173,10 @@ class ApiClient:
             end += n * dt.itemsize
         return result
 
+    def models(self) -> dict[str, Any]:
+        """Every served model and its versions' status (`GET /v1/models`)."""
+        return self._json("GET", "/v1/models")  # type: ignore[no-any-return]
+
     def model_status(self, name: str) -> dict[str, Any]:
         """TensorFlow Serving's model status document."""
         return self._json("GET", f"/v1/models/{quote(name)}")  # type: ignore[no-any-return]

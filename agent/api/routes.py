@@ -151,6 +151,9 @@ class Router:
 
     def _route(self, req: Request, unix: bool, admin: bool) -> Response:
         path = req.path
+        if path in ("/v1/models", "/v1/models/"):
+            require_method(req, "GET")
+            return json_response(200, self._model_list())
         if path.startswith("/v1/models/"):
             rest = path[len("/v1/models/"):]
             rest, colon, verb = rest.partition(":")
@@ -184,6 +187,17 @@ class Router:
             require_method(req, "POST")
             return self._admin(req, path[len("/v1/admin/"):], admin)
         raise RequestError(f"unknown route {path!r}", 404)
+
+    def _model_list(self) -> dict[str, Any]:
+        """Every served model with the status of its versions, in the shape of `/v1/models/{m}`."""
+        models = []
+        for name in self.serving.names():
+            try:
+                versions = self.serving.versions(name)
+            except RequestError:  # unloaded since names() was read
+                continue
+            models.append({"name": name, **_model_status(*versions)})
+        return {"models": models}
 
     def _health(self) -> Response:
         models = {}

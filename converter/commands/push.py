@@ -16,11 +16,14 @@ from edgefleet.converter.fleet.canary import (
     parse_canary,
     pick_canaries,
 )
-from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.connect import add_broker_args, add_key_arg, connect, topics_from_args
+from edgefleet.converter.fleet.deployments import dry_run, fan_out, take_snapshot
 from edgefleet.converter.fleet.inventory import add_trust_args, tracker_from_args
 from edgefleet.converter.fleet.observer import FleetObserver
 from edgefleet.converter.fleet.publish import (
     DeviceResult,
+    Prepared,
+    RetainedIndex,
     group_target,
     prepare,
     publish_documents,
@@ -40,6 +43,7 @@ from edgefleet.converter.output import (
     stdout_console,
 )
 from edgefleet.errors import ExitCode, UsageError
+from edgefleet.protocol import SigningKey
 
 PUSH_EPILOG = """\
 Chunks are published retained (QoS 1) first, then the deployment document to the group's or each
@@ -59,6 +63,10 @@ With --group, the devices waited for and counted are the group's members in the 
 inventory (edgectl inventory; verified with --trust and the public half of --key), never the devices
 that claim the group in their status; without a verified inventory the push stops before publishing.
 
+--dry-run publishes nothing: it prints the documents it would publish and, for each targeted device,
+what it would do (install, refuse a version not above its own, ignore a group push because its own
+device document pins it) and how many bytes it would fetch, counting the chunks it already holds.
+
 --canary N (or P%) deploys to N online members of the group first, with device-level documents,
 waits (--timeout) until every canary committed (probation passed), then publishes the group
 document and withdraws the canaries' own documents. If a canary rejects or rolls back the model, or
@@ -69,6 +77,7 @@ the rest of the group is then followed as above.
 examples:
   edgectl push bundles/det-v2 --group lab --key keys/ --wait --timeout 300
   edgectl push bundles/det-v2 --group lab --key keys/ --canary 10% --wait
+  edgectl push bundles/det-v2 --group lab --key keys/ --dry-run   # who would install it, and what each fetches
   edgectl push bundles/det-v2 --device cam-1 --device cam-2 --broker mqtts://broker:8883 --ca ca.pem \\
       --username edgefleet-operator --password-file op.password
 """
@@ -84,7 +93,7 @@ def add_parser(subparsers: Any) -> None:
     target.add_argument("--group", type=name_type("group"), help="deploy to every device of this group")
     target.add_argument("--device", dest="devices", action="append", type=name_type("device"), metavar="ID",
                         help="deploy to this device (repeat for several)")
-    p.add_argument("--key", metavar="KEY", help="issue a fresh document signed with this key (file or keygen dir)")
+    add_key_arg(p, "issue a fresh document signed with this key (file or keygen dir)")
     p.add_argument("--expires-in", type=positive_int, metavar="S", help="validity of the re-issued document (--key)")
     p.add_argument("--allow-unsigned", action="store_true", help="publish an unsigned manifest")
     pol = p.add_argument_group("signed policy (with --key; it can only tighten each device's own limits)")
@@ -98,6 +107,8 @@ def add_parser(subparsers: Any) -> None:
     pol.add_argument("--version-label", dest="version_labels", action="append", metavar="LABEL",
                      help="a name for this version on the devices' local API (/v1/models/M/labels/LABEL); repeat "
                           "for several")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be published, to whom, and what each device would fetch; publish nothing")
     p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S s (600)")
     p.add_argument("--canary", type=parse_canary, metavar="N|P%",
@@ -143,8 +154,52 @@ def _follow(args: argparse.Namespace, observer: FleetObserver, targets: dict[str
     return ExitCode.OK if followed.ok else ExitCode.FAILURE
 
 
+def _dry_run(args: argparse.Namespace, prepared: Prepared, documents: dict[str, bytes], key: SigningKey | None) -> int:
+    """push --dry-run: the documents, the devices they reach and what each would fetch; nothing published."""
+    topics = topics_from_args(args)
+    tracker = tracker_from_args(args, topics, key) if args.group is not None else None
+    index = RetainedIndex(topics)
+    observer = FleetObserver(topics, leaves=("status", "state"), inventory=tracker)
+    transport = connect(args, "edgectl-push", on_message=fan_out(index, observer))
+    try:
+        snap = take_snapshot(transport, index, observer, topics, args.connect_timeout)
+    finally:
+        transport.stop()
+    current = tracker.current() if tracker is not None else None
+    unverified = args.group is not None and current is None
+    if args.group is None:
+        devices: list[str] = list(args.devices)
+    elif current is not None:
+        devices = list(current.inventory.members(args.group))
+    else:
+        devices = observer.claiming(args.group)
+    plan = dry_run(snap, prepared.deployment, documents, devices, unverified)
+    plan.update(chunks=len(prepared.chunks), wire_bytes=prepared.wire_bytes, raw_bytes=prepared.raw_bytes)
+    if args.json:
+        print_json(plan)
+        return ExitCode.OK
+    out = stdout_console()
+    dep = prepared.deployment
+    out.print(f"dry run: nothing was published. {dep.model.name} v{dep.model.version} (deployment "
+              f"{dep.deployment_id}): {len(prepared.chunks)} chunks, {size_text(prepared.wire_bytes)} on the wire")
+    for d in plan["documents"]:
+        out.print(f"  would publish the document to {d['topic']} ({d['bytes']} bytes)")
+    if unverified:
+        out.print(f"  no verified inventory: the devices below only claim group {args.group}")
+    if not plan["devices"]:
+        out.print("  no targeted device is known on this broker")
+    for r in plan["devices"]:
+        where = "online" if r["online"] else ("offline" if r["seen"] else "never seen")
+        runs = f"runs v{r['runs']}" if r["runs"] is not None else "runs no version"
+        fetch = f"{'' if r['exact'] else 'at most '}{size_text(r['fetch_wire_bytes'])} in {r['fetch_chunks']} chunk(s)"
+        out.print(f"  device {r['device_id']} ({where}, {runs}): {r['effect']}; would fetch {fetch}")
+    return ExitCode.OK
+
+
 def run_push(args: argparse.Namespace) -> int:
     """edgectl push."""
+    if args.dry_run and (args.wait or args.canary is not None):
+        raise UsageError("--dry-run publishes nothing, so it takes neither --wait nor --canary")
     if args.canary is not None:
         return run_canary_push(args)
     bundle = Bundle.load(args.bundle)
@@ -157,6 +212,8 @@ def run_push(args: argparse.Namespace) -> int:
     topics = topics_from_args(args)
     documents = targeted_documents(prepared, topics, push_to)
     targets_topics = list(documents)
+    if args.dry_run:
+        return _dry_run(args, prepared, documents, key)
     say = _sayer(args)
     tracker = tracker_from_args(args, topics, key) if args.wait and args.group is not None else None
     observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)

@@ -6,11 +6,11 @@ import argparse
 import time
 from typing import Any
 
-from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.connect import add_broker_args, add_key_arg, connect, topics_from_args
 from edgefleet.converter.fleet.observer import FleetObserver
 from edgefleet.converter.fleet.publish import make_command, wait_rollback
 from edgefleet.converter.output import add_json, load_key, name_type, positive_int, print_json, stdout_console
-from edgefleet.errors import ExitCode, UsageError
+from edgefleet.errors import EdgefleetError, ExitCode, UsageError
 from edgefleet.protocol import canonical_json
 
 
@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
                                           "model comes back without a download).")
     r.add_argument("--device", required=True, type=name_type("device"), metavar="ID", help="the device")
     r.add_argument("--model", required=True, type=name_type("model"), help="the model to roll back")
-    r.add_argument("--key", required=True, metavar="KEY", help="signing key the device trusts")
+    add_key_arg(r, "signing key the device trusts", required=True)
     r.add_argument("--expires-in", type=positive_int, default=300, metavar="S",
                    help="the device ignores the command after S s (300)")
     r.add_argument("--wait", action="store_true", help="wait for the device to confirm the rollback")
@@ -45,8 +45,8 @@ def run_rollback(args: argparse.Namespace) -> int:
         view = observer.get(args.device)
         if view is None or not view.online:
             why = "is not known to the broker (no status)" if view is None else "is offline"
-            out.print(f"device {args.device} {why}: commands are not retained, so nothing was sent")
-            return ExitCode.FAILURE
+            # the operation failed (exit 1), and says so on stderr like every other failure
+            raise EdgefleetError(f"device {args.device} {why}: commands are not retained, so nothing was sent")
         command = make_command(key, args.device, "rollback", args.model, expires_in=args.expires_in)
         sent_at = time.time()
         transport.publish(topics.cmd(args.device), canonical_json(command), qos=1, retain=False, wait=True)

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgefleet.converter.fleet.connect import add_broker_args, connect, topics_from_args
+from edgefleet.converter.fleet.connect import add_broker_args, add_key_arg, connect, topics_from_args
+from edgefleet.converter.fleet.deployments import add_withdraw_args, withdrawal_targets
 from edgefleet.converter.fleet.inventory import (
     DEFAULT_EXPIRY_S,
     InventoryTracker,
@@ -28,9 +29,6 @@ from edgefleet.converter.fleet.inventory import (
 )
 from edgefleet.converter.fleet.observer import FleetObserver
 from edgefleet.converter.fleet.publish import (
-    WITHDRAWAL_EXPIRY_S,
-    device_target,
-    group_target,
     make_timestamp,
     publish_withdrawals,
 )
@@ -83,6 +81,8 @@ Publishes a signed withdrawal retained on the device's or group's model topic, i
 deployment document there. The devices forget that document (a download in progress stops); what
 they already run keeps running (roll it back with 'edgectl rollback'). Agents ignore empty retained
 payloads, which anyone allowed to publish on the topic could send: only a signed withdrawal counts.
+'edgectl deployments withdraw' does the same after checking that the document exists, and says what
+each device falls back to ('edgectl deployments list' shows the pinned devices).
 
 example:
   edgectl withdraw --group lab --model det --key keys
@@ -98,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
 
     def common(p: argparse.ArgumentParser, signing: bool) -> None:
         if signing:
-            p.add_argument("--key", required=True, metavar="KEY", help="operator signing key (file or keygen dir)")
+            add_key_arg(p, "operator signing key (file or keygen dir)", required=True)
             p.add_argument("--expires-in", type=positive_int, default=DEFAULT_EXPIRY_S, metavar="S",
                            help=f"validity of the new inventory in seconds (default {DEFAULT_EXPIRY_S // 86400} days)")
         add_trust_args(p)
@@ -139,7 +139,7 @@ def add_parser(subparsers: Any) -> None:
     t = subparsers.add_parser("timestamp", help="publish the signed heartbeat of the update channel",
                               description="Publish a signed, short-lived timestamp (retained).",
                               epilog=TIMESTAMP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--key", required=True, metavar="KEY", help="operator signing key (file or keygen dir)")
+    add_key_arg(t, "operator signing key (file or keygen dir)", required=True)
     t.add_argument("--expires-in", type=positive_int, default=TIMESTAMP_EXPIRY_S, metavar="S",
                    help=f"validity of each timestamp in seconds (default {TIMESTAMP_EXPIRY_S})")
     t.add_argument("--every", type=positive_int, metavar="S",
@@ -152,14 +152,7 @@ def add_parser(subparsers: Any) -> None:
                               description="Publish a signed withdrawal in place of a device's or group's "
                                           "deployment document for one model.",
                               epilog=WITHDRAW_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    target = w.add_mutually_exclusive_group(required=True)
-    target.add_argument("--group", type=name_type("group"), help="withdraw the group's document")
-    target.add_argument("--device", dest="devices", action="append", type=name_type("device"), metavar="ID",
-                        help="withdraw this device's own document (repeat for several)")
-    w.add_argument("--model", required=True, type=name_type("model"), help="the model whose document to withdraw")
-    w.add_argument("--key", required=True, metavar="KEY", help="operator signing key (file or keygen dir)")
-    w.add_argument("--expires-in", type=positive_int, default=WITHDRAWAL_EXPIRY_S, metavar="S",
-                   help=f"validity of the withdrawal (default {WITHDRAWAL_EXPIRY_S // 86400} days)")
+    add_withdraw_args(w)
     add_json(w)
     add_broker_args(w)
     w.set_defaults(func=run_withdraw)
@@ -359,7 +352,7 @@ def run_withdraw(args: argparse.Namespace) -> int:
     """edgectl withdraw"""
     key = _key(args)
     topics = topics_from_args(args)
-    targets = [group_target(args.group)] if args.group else [device_target(d) for d in dict.fromkeys(args.devices)]
+    targets = withdrawal_targets(args)
     transport = connect(args, "edgectl-withdraw")
     try:
         sent = publish_withdrawals(transport, topics, key, args.model, targets, expires_in=args.expires_in,

@@ -139,8 +139,9 @@ class Pki:
         pki.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pki
 
-    def issue(self, name: str, *, server: bool) -> tuple[Path, Path]:
-        """Issue a certificate (server: for 127.0.0.1 and localhost); return (cert file, key file)."""
+    def issue(self, name: str, *, server: bool,
+              names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> tuple[Path, Path]:
+        """Issue a certificate (server: for `names`, DNS names and IP addresses); return (cert file, key file)."""
         key = _key()
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (
@@ -156,17 +157,24 @@ class Pki:
                 [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
         cert = builder.sign(self.ca_key, hashes.SHA256())
         cert_file = self.directory / f"{name}.pem"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_file, _write_key(self.directory / f"{name}.key", key)
 
 
-def tls_broker_for(workdir: Path, pki: Pki, *, mutual: bool) -> Mosquitto:
-    """A TLS broker with a server certificate from `pki`; `mutual` requires client certificates too."""
-    cert, key = pki.issue("broker", server=True)
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def tls_broker_for(workdir: Path, pki: Pki, *, mutual: bool,
+                   names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Mosquitto:
+    """A TLS broker with a server certificate from `pki` for `names`; `mutual` requires client certificates too."""
+    cert, key = pki.issue("broker", server=True, names=names)
     listener = "\n".join([
         f"cafile {pki.ca_file}", f"certfile {cert}", f"keyfile {key}",
         f"require_certificate {'true' if mutual else 'false'}",

@@ -87,17 +87,21 @@ def test_cli_errors(agent: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stderr.strip().endswith("not a bundle directory")
     res = a.cli("rollback")
     assert res.returncode == 2 and "name the model" in res.stderr
-    res = a.cli("predict", "--model", "m", "--json", "[[1,2")
-    assert res.returncode == 2 and "--json: not valid JSON" in res.stderr
+    res = a.cli("predict", "--model", "m", "--input-json", "[[1,2")
+    assert res.returncode == 2 and "--input-json: not valid JSON" in res.stderr
 
 
 def test_install_and_predict_without_a_daemon(agent: Any, make_bundle: Any, tmp_path: Path) -> None:
     a = agent()
     assert a.cli("install", str(make_bundle("dense_f32", version=1))).returncode == 0
     np.save(tmp_path / "x.npy", np.array(X, dtype=np.float32))
-    res = a.cli("predict", "--model", "m", "--input", str(tmp_path / "x.npy"))
+    res = a.cli("predict", "--model", "m", "--input", str(tmp_path / "x.npy"), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["edgefleet"]["model_version"] == 1
+    # --json is the output's format, as everywhere else; the input as JSON is --input-json
+    res = a.cli("predict", "--model", "m", "--input-json", json.dumps(X))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "model version 1" and res.stdout.splitlines()[1].startswith("  0: ")
     assert a.status()["running"] is False
 
 

@@ -542,7 +542,7 @@ def test_actions_raise_domain_errors_and_report_results(env: Any, make_bundle: A
     with pytest.raises(InvalidInput, match=r"name the model to roll back \(models: none\)"):
         actions.rollback(lc, None)
     result = actions.install_path(lc, make_bundle("dense_f32", version=1, key=env.key))
-    assert result.to_dict() == {"model": "m", "phase": "PROBATION", "version": 1} and result.ok
+    assert result.to_dict() == {"model": "m", "phase": "PROBATION", "version": 1, "bundle_version": 1} and result.ok
     lc.commit("m")
     with pytest.raises(NotFound, match="unknown model 'nope'"):
         actions.rollback(lc, "nope")

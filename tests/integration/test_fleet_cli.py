@@ -211,7 +211,8 @@ def test_broker_option_errors_are_one_line(tmp_path: Path, edgectl: Edgectl) -> 
                                 "letter or digit (no '.': some brokers refuse it in a topic)"),
     ]
     for options, fragment in cases:
-        code, _, err = edgectl("fleet", "status", *options)
+        broker = [] if "--broker" in options else ["--broker", "mqtt://127.0.0.1:1"]  # the option, not the broker, is wrong
+        code, _, err = edgectl("fleet", "status", *broker, *options)
         assert code == 2, options
         lines = err.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (options, err)

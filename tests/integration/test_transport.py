@@ -530,3 +530,36 @@ def test_several_urls_are_checked(urls: tuple[str, ...], fragment: str) -> None:
         MqttSettings(url=urls[0], fallback_urls=urls[1:])
     assert fragment in str(err.value)
     assert MqttSettings(url="mqtt://a", fallback_urls=("mqtt://b:1884",)).urls == ("mqtt://a", "mqtt://b:1884")
+
+
+def test_a_refused_subscription_without_a_handler_is_asked_for_again(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A subscription its owner cannot do without (a device's documents) outlives a passing refusal: here
+    NATS's permissions deny it, then a reloaded config (SIGHUP) allows it, as a cluster's new leaders would
+    after refusing subscriptions while they were elected."""
+    import signal
+
+    deny = 'permissions: {subscribe: {deny: ["ctl.>"]}}'
+    auth = f'authorization {{\n  users = [{{user: "dev", password: "pw", {deny}}}]\n}}\nno_auth_user: "dev"\n'
+    with Nats(tmp_path, extra=auth) as nats:
+        inbox = Inbox()
+        sub = Transport(MqttSettings(url=nats.url, protocol="3.1.1"), on_message=inbox)
+        sub.start()
+        try:
+            assert sub.wait_connected(10)
+            with caplog.at_level(logging.ERROR, logger="edgefleet.transport"):
+                sub.subscribe("ctl/x")
+                assert _wait(lambda: any("asking again in 2 s" in r.getMessage() for r in caplog.records), 5)
+            assert sub.subscriptions == {"ctl/x": 1}  # kept, to be asked for again
+            nats.conf.write_text(nats.conf.read_text().replace(deny, 'permissions: {subscribe: {allow: [">"]}}'))
+            assert nats.proc is not None
+            nats.proc.send_signal(signal.SIGHUP)
+            pub = client(nats.url, protocol="3.1.1")
+            try:
+                pub.publish("ctl/x", b"kept", retain=True, wait=True)
+                got = inbox.topic("ctl/x", timeout=15)  # the retry: 2 s, then 4 s after each refusal
+            finally:
+                pub.stop()
+            assert got.payload == b"kept" and got.retain
+        finally:
+            sub.stop()

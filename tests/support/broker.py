@@ -33,11 +33,13 @@ SHIPPED_ACL = ROOT / "deploy" / "mosquitto" / "acl"
 SHIPPED_DIR = ROOT / "deploy" / "mosquitto"
 SHIPPED_CONF = SHIPPED_DIR / "mosquitto.conf"
 SHIPPED_OPERATOR_ACL = SHIPPED_DIR / "operator-acl"
-SHIPPED_ETC = "/etc/mosquitto/edgefleet/"
+SHIPPED_STORE = "persistence_location /var/lib/mosquitto-edgefleet/"
+SHIPPED_LOG = "log_dest stderr"
 DEVICE_LISTENER = "listener 8883\n"
 OPERATOR_LISTENER = "listener 8884\n"
 # The device listener's commented-out mutual TLS switches (the operator listener has its own).
 DEVICE_MTLS = "#require_certificate true\n#use_identity_as_username true\n"
+OPERATOR_MTLS = "password.\n#require_certificate true\n"
 TLS_OPTIONS = ("cafile ", "certfile ", "keyfile ", "tls_version ")
 
 
@@ -73,18 +75,23 @@ class AclBroker:
         return {"username": device, "password": self.passwords[device]}
 
 
-def _shipped(workdir: Path, *, pki: Pki | None, mutual: bool, devices: tuple[str, ...],
-             operators: tuple[str, ...]) -> AclBroker:
-    """deploy/mosquitto as shipped; only paths, ports and the switches asked for change.
+def _shipped(workdir: Path, *, pki: Pki | Path | None, mutual: bool, devices: tuple[str, ...],
+             operators: tuple[str, ...], operator_certificate: bool = False) -> AclBroker:
+    """deploy/mosquitto as shipped, its files beside it in `workdir` (the directory Mosquitto runs in, as
+    the systemd drop-in makes it); only the store, the log, the ports and the switches asked for change.
 
-    Without `pki` the TLS lines are dropped (both listeners speak plain MQTT); everything about
-    identities (per-listener users, ACLs, client id binding) stays exactly as shipped."""
+    `pki` is a test CA or a directory `make-certs` wrote (ca.pem, server.pem, server.key). Without it
+    the TLS lines are dropped (both listeners speak plain MQTT); everything about identities
+    (per-listener users, ACLs, client id binding) stays exactly as shipped. `operator_certificate`
+    uncomments the operator listener's require_certificate."""
     workdir.mkdir(parents=True, exist_ok=True)
-    etc = workdir / "etc"
-    etc.mkdir(exist_ok=True)
+    etc = workdir
     shutil.copy(SHIPPED_ACL, etc / "acl")
     shutil.copy(SHIPPED_OPERATOR_ACL, etc / "operator-acl")
-    if pki is not None:
+    if isinstance(pki, Path):
+        for name in ("ca.pem", "server.pem", "server.key"):
+            shutil.copy(pki / name, etc / name)
+    elif pki is not None:
         shutil.copy(pki.ca_file, etc / "ca.pem")
         cert, key = pki.issue("broker", server=True)
         shutil.copy(cert, etc / "server.pem")
@@ -95,15 +102,17 @@ def _shipped(workdir: Path, *, pki: Pki | None, mutual: bool, devices: tuple[str
     b = Mosquitto(workdir, tls=pki is not None)
     operator_port = free_port()
     text = SHIPPED_CONF.read_text()
+    (workdir / "store").mkdir(exist_ok=True)
     replacements = {
-        SHIPPED_ETC: f"{etc}/",
-        "persistence_location /var/lib/mosquitto/": f"persistence_location {workdir / 'store'}/",
-        "log_dest syslog": f"log_dest file {b.log_file}",
+        SHIPPED_STORE: f"persistence_location {workdir / 'store'}/",
+        SHIPPED_LOG: f"log_dest file {b.log_file}",
         DEVICE_LISTENER: f"listener {b.port} 127.0.0.1\n",
         OPERATOR_LISTENER: f"listener {operator_port} 127.0.0.1\n",
     }
     if mutual:
         replacements[DEVICE_MTLS] = DEVICE_MTLS.replace("#", "")
+    if operator_certificate:
+        replacements[OPERATOR_MTLS] = OPERATOR_MTLS.replace("#", "")
     for old, new in replacements.items():
         if old not in text:
             raise AssertionError(f"shipped mosquitto.conf no longer contains {old!r}")
@@ -120,12 +129,15 @@ def acl_broker_for(workdir: Path, devices: tuple[str, ...] = ("dev-a", "dev-b"),
     return _shipped(workdir, pki=None, mutual=False, devices=devices, operators=operators)
 
 
-def shipped_broker_for(workdir: Path, pki: Pki, *, mutual: bool = False,
+def shipped_broker_for(workdir: Path, pki: Pki | Path, *, mutual: bool = False,
                        devices: tuple[str, ...] = ("dev-a", "dev-b"),
-                       operators: tuple[str, ...] = (OPERATOR,)) -> AclBroker:
-    """deploy/mosquitto/mosquitto.conf as shipped, TLS included; `mutual` uncomments the device listener's
-    certificate switches (require_certificate + use_identity_as_username: the CN is the device's identity)."""
-    return _shipped(workdir, pki=pki, mutual=mutual, devices=devices, operators=operators)
+                       operators: tuple[str, ...] = (OPERATOR,), operator_certificate: bool = False) -> AclBroker:
+    """deploy/mosquitto/mosquitto.conf as shipped, TLS included (a test CA, or a `make-certs` directory);
+    `mutual` uncomments the device listener's certificate switches (require_certificate +
+    use_identity_as_username: the CN is the device's identity), `operator_certificate` the operator
+    listener's require_certificate."""
+    return _shipped(workdir, pki=pki, mutual=mutual, devices=devices, operators=operators,
+                    operator_certificate=operator_certificate)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -121,6 +121,26 @@ def test_status_metadata_and_health_have_tf_serving_shapes(api: Factory) -> None
     assert info.value.status == 404
 
 
+def test_the_model_list_names_every_served_model_with_its_versions(api: Factory,
+                                                                    make_bundle: Callable[..., Path]) -> None:
+    server, serving = api(version=3)
+    c = _client(server)
+    available = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    assert c.models() == {"models": [{"name": "m", "model_version_status": [{"version": "3", **available}]}]}
+    other = make_bundle("dense_f32", version=5, labels=LABELS)
+    serving.activate("a-second", other / MODEL_FILE, Bundle.load(other).deployment)
+    listed = c.models()["models"]
+    assert [m["name"] for m in listed] == ["a-second", "m"]
+    assert listed[0] == {"name": "a-second", **c.model_status("a-second")}
+    status, _, body = _client(server).request("POST", "/v1/models", b"{}")
+    assert status == 405, body
+
+
+def test_the_model_list_is_empty_while_nothing_is_served(api: Factory) -> None:
+    server, _ = api(None)
+    assert _client(server).models() == {"models": []}
+
+
 def test_health_is_503_while_nothing_is_served(api: Factory) -> None:
     server, _ = api(None, status=lambda: {"phase": "starting"})
     health = _client(server).health()

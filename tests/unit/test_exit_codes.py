@@ -85,5 +85,5 @@ def test_ctrl_c_is_130_in_both(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
 
 
 def test_the_codes_are_the_documented_numbers() -> None:
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130, 141]
     assert exit_code(RuntimeError("a bug")) == ExitCode.FAILURE

@@ -57,6 +57,7 @@ FILTERS: dict[str, Callable[[Topics], list[tuple[str, list[str], list[str]]]]] =
 
 MATCHERS = {"parse", "chunk_id", "device_leaf", "parse_discovery"}
 OTHER_BUILDERS = {"discovery", "shared"}  # outside the prefix: tested on their own below
+SCRATCH = {"probe", "probes"}  # broker check's test messages, not the contract: tested on their own below
 
 
 @pytest.fixture(params=["edgefleet", "fleet/site-a"])
@@ -66,7 +67,17 @@ def topics(request: pytest.FixtureRequest) -> Topics:
 
 def test_every_builder_has_a_round_trip_case() -> None:
     public = {name for name, _ in inspect.getmembers(Topics, inspect.isfunction) if not name.startswith("_")}
-    assert public - MATCHERS - OTHER_BUILDERS == set(CONCRETE) | set(FILTERS)
+    assert public - MATCHERS - OTHER_BUILDERS - SCRATCH == set(CONCRETE) | set(FILTERS)
+
+
+def test_probe_topics_are_one_runs_and_not_the_contract(topics: Topics) -> None:
+    probes = topics.probes("check-1")
+    for mine in (topics.probe("check-1", "a"), topics.probe("check-1", "retained")):
+        assert topic_matches_sub(probes, mine), mine
+        with pytest.raises(ProtocolError, match="not part of the contract"):
+            topics.parse(mine)
+    for other in (topics.probe("check-2", "a"), topics.sync("check-1"), topics.inventory()):
+        assert not topic_matches_sub(probes, other), other
 
 
 def test_every_built_topic_parses_back_to_what_built_it(topics: Topics) -> None:
