@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 from edgefleet.bundle import GOLDEN_FILE, dump_golden, load_golden
-from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.errors import RequestError
 from edgefleet.protocol import Policy, Topics, parse_json
 from edgefleet.testing.agentproc import AgentProcess
@@ -22,7 +21,7 @@ from edgefleet.testing.broker import Inbox, Mosquitto, client
 from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Message
 from tests.support import ROOT
-from tests.support.helpers import swap_file
+from tests.support.helpers import retained_index, swap_file
 
 T = Topics()
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
@@ -109,13 +108,7 @@ def columns(header: str, lines: list[str]) -> list[dict[str, str]]:
 
 
 def retained_documents(url: str) -> dict[str, bytes]:
-    index = RetainedIndex(T)
-    t = client(url, index.handle)
-    try:
-        index.collect(t, timeout=10)
-    finally:
-        t.stop()
-    return dict(index.documents)
+    return dict(retained_index(url, T).documents)
 
 
 def test_canary_commits_first_then_the_group_and_the_fleet_view_shows_it(

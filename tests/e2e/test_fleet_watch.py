@@ -17,7 +17,6 @@ import pytest
 from edgefleet.converter.fleet.canary import CanarySize, parse_canary, pick_canaries
 from edgefleet.converter.fleet.collect import Collector, subscriptions
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
-from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.converter.fleet.watch import make_row, plain_table, rows
 from edgefleet.protocol import (
     DeviceState,
@@ -38,6 +37,7 @@ from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Message, Transport
 from tests.support import ROOT
 from tests.support.broker import OPERATOR, AclBroker
+from tests.support.helpers import retained_index
 
 T = Topics()
 Edgectl = Callable[..., tuple[int, str, str]]
@@ -281,12 +281,7 @@ def test_bad_options_and_empty_groups_change_nothing(broker: Mosquitto, make_bun
         code, _, err = edgectl(*argv, "--broker", broker.url)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
-    index = RetainedIndex(T)
-    t = client(broker.url, index.handle)
-    try:
-        index.collect(t, timeout=10)
-    finally:
-        t.stop()
+    index = retained_index(broker.url, T)
     assert index.documents == {} and index.chunks == {}
 
 
@@ -320,12 +315,7 @@ def test_canary_that_never_answers_times_out_and_the_group_is_left_alone(
     assert "canary failed: cam-1: did not finish within 1 s (no state for this model)" in text
     assert "cam-1: nothing to undo: it never started the deployment (no version)" in text
     assert len(silent.deployments) == 1 and other.deployments == []
-    index = RetainedIndex(T)
-    t = client(broker.url, index.handle)
-    try:
-        index.collect(t, timeout=10)
-    finally:
-        t.stop()
+    index = retained_index(broker.url, T)
     assert set(index.documents) == {T.device_model("cam-0", "det")}  # cam-1's withdrawn, no group document
     withdrawal = json.loads(index.withdrawals[T.device_model("cam-1", "det")])
     Keyring([key.private_key.public_key()]).verify(withdrawal)  # signed: agents ignore empty payloads

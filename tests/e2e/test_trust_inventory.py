@@ -30,6 +30,7 @@ from edgefleet.testing.waiting import wait_for
 from edgefleet.transport import Transport
 from tests.support import ROOT
 from tests.support.fake_device import FakeDevice
+from tests.support.helpers import retained_index
 
 T = Topics()
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
@@ -42,13 +43,7 @@ def flat(text: str) -> str:
 
 def retained(url: str) -> RetainedIndex:
     """The retained deployment documents, withdrawals and chunks on the broker."""
-    index = RetainedIndex(T)
-    t = client(url, index.handle)
-    try:
-        index.collect(t, timeout=10)
-    finally:
-        t.stop()
-    return index
+    return retained_index(url, T)
 
 
 def retained_payload(url: str, topic: str) -> bytes:

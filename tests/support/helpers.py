@@ -8,7 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from edgefleet.protocol import SigningKey, canonical_json, dump, parse_json, split
+from edgefleet.converter.fleet.publish import RetainedIndex
+from edgefleet.protocol import SigningKey, Topics, canonical_json, dump, parse_json, split
+from edgefleet.testing.broker import client
+
+
+def retained_index(url: str, topics: Topics | None = None) -> RetainedIndex:
+    """The retained deployment documents, withdrawals and chunks on the broker at `url`."""
+    index = RetainedIndex(topics or Topics())
+    t = client(url, index.handle)
+    try:
+        index.collect(t, timeout=10)
+    finally:
+        t.stop()
+    return index
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
