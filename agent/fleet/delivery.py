@@ -5,9 +5,15 @@ any stored blob, are copied locally; the rest are fetched from their retained `P
 topics a window at a time, so memory stays bounded however large the model is.
 
 Each artifact is assembled in place in ``partial/{sha256}.part`` (a file of the artifact's size):
-every verified chunk is written at its offsets, and the finished file is hashed, fsynced and renamed
-into the blob store, with no copy. A download interrupted by a reconnect, a restart or a power cut
-resumes with the chunks whose bytes are already in place (each is checked against its hash).
+every verified chunk is written at its offsets, and the finished file is fsynced and renamed into the
+blob store, with no copy. A download interrupted by a reconnect, a restart or a power cut resumes with
+the chunks whose bytes are already in place (each is checked against its hash).
+
+Every byte of the file is checked once, against the digest of the chunk that carries it: a fetched
+chunk when it arrives, a chunk copied from a local blob or found in place when it is read. The chunk
+digests and sizes are in the signed deployment document, and the offsets follow from the sizes, so a
+complete file holds exactly the bytes the publisher chunked; hashing the whole file again would read
+and hash every byte a second time to learn nothing more (docs/protocol.md §5).
 
 Chunk subscriptions are QoS 0, and at most a window of them is live at once. QoS 1 would add nothing:
 a chunk is checked against its SHA-256 whatever the QoS, the session is clean (so messages in flight
@@ -27,7 +33,7 @@ paces itself).
 
 Chunks never wait for the daemon's loop thread. The MQTT network thread claims each arriving chunk
 and hands it to a small pool of worker threads, which verify and write it (SHA-256, inflate, pwrite:
-all release the GIL), hash what has become contiguous, and ask the broker for the next chunks, all
+all release the GIL) and ask the broker for the next chunks, all
 under one lock over the download state. Only a finished or failed download goes to the loop thread, as
 a `ChunkStored` message on the daemon's queue, so the network thread stays free to acknowledge the
 next messages and a download costs the loop thread two steps, not one per chunk.
@@ -48,7 +54,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edgefleet.agent import faults
 from edgefleet.agent.lifecycle.store import Store, fsync_dir
@@ -138,30 +143,22 @@ class ChunkStored:
 
 @dataclass
 class Assembly:
-    """One artifact being assembled in its .part file, hashed in order as its chunks arrive."""
+    """One artifact being assembled in its .part file."""
 
     art: Artifact
     part: Path
     offsets: list[int]
     done: list[bool]
-    next: int = 0
-    hasher: Any = field(default_factory=hashlib.sha256)
 
-    def advance(self) -> None:
-        """Hash the chunks that are now in place after the last one hashed (the bytes are in the page cache).
-
-        One thread at a time (the caller holds the job's hashing lock)."""
-        if self.next < len(self.done) and self.done[self.next]:
-            with open(self.part, "rb") as f:
-                while self.next < len(self.done) and self.done[self.next]:
-                    size = self.art.chunks[self.next].size
-                    self.hasher.update(os.pread(f.fileno(), size, self.offsets[self.next]))
-                    self.next += 1
+    @property
+    def in_place(self) -> int:
+        """Chunks verified and written."""
+        return sum(self.done)
 
     @property
     def complete(self) -> bool:
-        """Every chunk is in place and hashed."""
-        return self.next == len(self.done)
+        """Every chunk is verified and in place."""
+        return all(self.done)
 
 
 @dataclass
@@ -190,8 +187,6 @@ class Job:
     """Bytes written since the kernel was last asked to start writing them out."""
     ended: bool = False
     """Complete or failed: reported to the loop thread, nothing more is asked for."""
-    hashing: threading.Lock = field(default_factory=threading.Lock)
-    """Held while an artifact's running hash advances."""
     last_progress: float = field(default_factory=time.monotonic)
     """Monotonic time the download started or last stored a chunk: a stall is measured from here."""
     asked_again: float = 0.0
@@ -224,22 +219,6 @@ class Job:
         """A chunk is in place at every offset where its artifacts use it."""
         for assembly, index in self.where[sha]:
             assembly.done[index] = True
-
-    def advance(self, wait: bool = True) -> None:
-        """Hash what is now contiguous in each artifact. Without `wait`, leave it to a thread already
-        hashing (it, or the final `advance` before the artifact is checked, picks up these chunks)."""
-        if self.hashing.acquire(blocking=wait):
-            try:
-                for assembly in self.assemblies:
-                    assembly.advance()
-            except OSError as err:
-                if wait:
-                    raise
-                # the download was cancelled and its file dropped meanwhile; a live one is hashed
-                # again, and any error reported, by the final advance before its check
-                log.debug("model %s: hashing deferred: %s", self.name, err)
-            finally:
-                self.hashing.release()
 
 
 class Downloads:
@@ -335,7 +314,6 @@ class Downloads:
                 job.missing[sha] = None
                 continue
             job.mark_done(sha)
-        job.advance()
         job.queue.extend(job.missing)
         job.ended = not job.missing
         log.info("model %s: v%s needs %d of %d chunks (%d already downloaded, %d bytes copied from local models)",
@@ -540,7 +518,6 @@ class Downloads:
             error = f"cannot store chunk: {type(err).__name__}: {err}"
         for job in jobs:
             if self._stored(job, ref, len(payload), error, full):
-                job.advance(wait=False)
                 self._send(job)
 
     def _stored(self, job: Job, ref: ChunkRef, wire_bytes: int, error: str | None, full: bool) -> bool:
@@ -594,13 +571,12 @@ class Downloads:
     # --- finishing -----------------------------------------------------------------------------
 
     def finish(self, job: Job) -> None:
-        """Verify each assembled artifact and move it into the blob store (fsynced rename, no copy)."""
+        """Check each assembled artifact and move it into the blob store (fsynced rename, no copy)."""
         self._send(flush=True)
-        with job.hashing:  # a worker may still be about to advance the hash
-            for assembly in job.assemblies:
-                if not self.store.has_blob(assembly.art.sha256):
-                    finish_part(self.store, assembly)
-                    faults.point("download:assembled")
+        for assembly in job.assemblies:
+            if not self.store.has_blob(assembly.art.sha256):
+                finish_part(self.store, assembly)
+                faults.point("download:assembled")
         with self._lock:
             self.jobs.pop(job.name, None)
         self._index = {k: v for k, v in self._index.items() if (self.store.blobs / k[0]).exists()}
@@ -715,18 +691,15 @@ def _chunk_offsets(blob: Path, chunk_size: int) -> dict[str, int]:
 
 
 def finish_part(store: Store, assembly: Assembly) -> Path:
-    """Check an assembled artifact's size and SHA-256 (hashed as its chunks arrived), fsync, rename into the store."""
+    """Check that an assembled artifact has its size and every chunk verified in place, fsync, rename into
+    the store (the module docstring says why the whole file is not hashed again)."""
     art, part = assembly.art, assembly.part
-    assembly.advance()
     with open(part, "rb+") as f:
         size = os.fstat(f.fileno()).st_size
         if size != art.size or not assembly.complete:
-            raise StoreError(f"artifact {art.sha256[:12]}: assembled {size} bytes ({assembly.next} of "
+            raise StoreError(f"artifact {art.sha256[:12]}: assembled {size} bytes ({assembly.in_place} of "
                              f"{len(assembly.done)} chunks), expected {art.size}")
-        if assembly.hasher.hexdigest() != art.sha256:
-            part.unlink(missing_ok=True)
-            raise StoreError(f"artifact {art.sha256[:12]}: SHA-256 of the assembled chunks does not match")
-        os.fsync(f.fileno())
+        os.fdatasync(f.fileno())  # the size was set when the file was made: data is all that is left
     target = store.blob_path(art.sha256)
     os.replace(part, target)
     fsync_dir(target.parent)
