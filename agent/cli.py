@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from edgefleet.agent.config import (
     load_config,
     security_problems,
 )
+from edgefleet.completion import add_shell_argument
+from edgefleet.completion import script as completion_script
 from edgefleet.errors import EdgefleetError, ExitCode, RequestError, UsageError, exit_code, guard_pipe
 from edgefleet.protocol.phases import Phase
 
@@ -322,6 +325,49 @@ def _predict_offline(config: AgentConfig, name: str, x: Any) -> dict[str, Any]:
         raise UsageError(str(err)) from err
 
 
+UNIT = "edge-agent.service"
+UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"), Path("/usr/lib/systemd/system"),
+             Path("/lib/systemd/system"))
+"""Where systemd finds units: install.sh puts the agent's in /usr/lib/systemd/system."""
+
+
+def under_systemd() -> bool:
+    """True when this agent's logs are in the journal: run by systemd (INVOCATION_ID, which systemd sets
+    for a unit's processes), or on a machine where systemd runs and the agent's unit is installed."""
+    if os.environ.get("INVOCATION_ID"):
+        return True
+    return Path("/run/systemd/system").is_dir() and any((d / UNIT).is_file() for d in UNIT_DIRS)
+
+
+def journal_command(follow: bool, lines: int | None) -> list[str]:
+    """The journalctl command line of `edge-agent logs`: the unit's messages with their time."""
+    argv = ["journalctl", "--unit", UNIT, "--output", "short-iso"]
+    if lines is not None:
+        argv += ["--lines", str(lines)]
+    if follow:
+        argv.append("--follow")
+    elif lines is None:
+        argv.append("--no-pager")  # the whole journal of the unit, for grep or a file; journalctl's own pager with -n
+    return argv
+
+
+def cmd_logs(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Show the agent's log: journalctl in place of this process when systemd runs the agent."""
+    if not under_systemd():
+        where = (f"its warnings and errors also reach `edgectl logs --device {config.device_id}` on the broker"
+                 if config.mqtt.url is not None and config.telemetry.logs else "nothing else keeps them")
+        raise EdgefleetError(f"no {UNIT} here, so there is no journal to read: the agent logs to the standard error "
+                             f"of its `edge-agent run` process (redirect it to a file to keep it); {where}")
+    argv = journal_command(args.follow, args.lines)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as err:
+        raise EdgefleetError(f"cannot run journalctl: {err.strerror or err}; the agent's log is in the journal of "
+                             f"{UNIT}") from err
+    return ExitCode.FAILURE  # pragma: no cover - execvp does not return
+
+
 class GlobalOptionsParser(argparse.ArgumentParser):
     """argparse with the global options on every level, so they are accepted before the command and
     after it (`edge-agent status --config X`); each command's parser is made by this class too."""
@@ -332,6 +378,16 @@ class GlobalOptionsParser(argparse.ArgumentParser):
         self.add_argument("--config", default=argparse.SUPPRESS, help=f"configuration file (default {DEFAULT_PATH})")
         self.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                           help="override log_level")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,11 +429,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the whole answer as one JSON document (default: one line per instance)")
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("logs", help="the agent's log: its journal under systemd (journalctl -u edge-agent.service)")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+    s.add_argument("-n", "--lines", type=_positive, metavar="N", help="only the last N lines")
+    s.set_defaults(func=cmd_logs)
+
     s = sub.add_parser("check-config", help="validate the configuration and every file it names (keys, CA, "
                                             "certificates, secrets); print the effective values or each problem")
     s.add_argument("--json", action="store_true", help="print every effective value as JSON")
     s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("completion", help="print the shell completion script (bash, zsh, fish); install.sh "
+                                          "installs all three")
+    add_shell_argument(s)
+    s.set_defaults(func=cmd_completion)
     return p
+
+
+def cmd_completion(args: argparse.Namespace, config: AgentConfig | None) -> int:
+    """Print the completion script; it needs no configuration (install.sh runs it before there is one)."""
+    print(completion_script(build_parser(), args.shell), end="")
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +461,8 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.config = getattr(args, "config", None)
+    if args.command == "completion":  # no configuration needed, nor read
+        return cmd_completion(args, None)
     try:
         config = load_config(args.config)
     except EdgefleetError as err:

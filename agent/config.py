@@ -260,6 +260,18 @@ class TelemetryConfig:
     """Seconds between telemetry messages."""
     window_s: float = checked(positive, default=60.0)
     """Latency percentiles cover this many recent seconds."""
+    logs: bool = True
+    """Publish the agent's log records of `logs_level` and above on `P/devices/{id}/logs` (with MQTT only),
+    and the most recent ones as the retained `P/devices/{id}/logs/recent` (`edgectl logs`)."""
+    logs_level: Literal["warning", "error", "critical"] = "warning"
+    """The least severe records published (records below `log_level` are never made at all)."""
+    logs_per_s: float = checked(positive, default=10.0)
+    """Records published per second on average (a token bucket); the rest are counted and reported as
+    one "N log records suppressed" record."""
+    logs_burst: int = checked(all_of(positive, at_most(1000)), default=50)
+    """Records that may go out at once after a quiet spell (the bucket's size)."""
+    logs_recent: int = checked(all_of(non_negative, at_most(1000)), default=100)
+    """Records kept in the retained recent-records document; 0 publishes none (only live records)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from edgefleet.agent.lifecycle.machine import Lifecycle
 from edgefleet.agent.lifecycle.store import Store
 from edgefleet.agent.serving.models import Roles, Serving
 from edgefleet.agent.systemd import Notifier
+from edgefleet.agent.telemetry.logs import LogForwarder
 from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
 from edgefleet.errors import ActionError, ConfigError, EdgefleetError, InvalidInput, NotFound, Unavailable
 from edgefleet.protocol.documents import Event, Telemetry
@@ -91,9 +92,17 @@ class Daemon:
         self._next_telemetry = 0.0
         self._status_text = ""
         self.link: FleetLink | None = None
+        self.logs: LogForwarder | None = None
+        """The warnings and errors forwarded to the broker (`telemetry.logs`), with MQTT only."""
         if config.mqtt.url is not None:
             self.link = FleetLink(config, self.lifecycle, inbox=self.queue.put)
             self.sinks.append(self.link.publish_event)
+            tc = config.telemetry
+            if tc.logs:
+                topics = self.link.topics
+                self.logs = LogForwarder(config.device_id, topics.logs(config.device_id),
+                                         topics.logs_recent(config.device_id), level=tc.logs_level,
+                                         per_s=tc.logs_per_s, burst=tc.logs_burst, recent=tc.logs_recent)
 
     # --- outside world -> loop -----------------------------------------------------------------
 
@@ -229,6 +238,8 @@ class Daemon:
         if not self.store.try_lock():
             log.error("another agent is already running on %s", self.store.root)
             return 1
+        if self.logs is not None:  # before the first warning, which is often the one that matters
+            logging.getLogger().addHandler(self.logs)
         try:
             warning = insecure_warning(self.config)
             if warning:
@@ -259,16 +270,23 @@ class Daemon:
             self.lifecycle.shutdown()
             return 0
         finally:
+            if self.logs is not None:
+                logging.getLogger().removeHandler(self.logs)
             self.store.unlock()
 
     def start_extensions(self) -> None:
         """Start the optional parts: MQTT delivery when a broker is configured."""
         if self.link is not None:
+            if self.logs is not None and not self.logs.seeded:
+                # the previous run's recent records, so that ours extend them instead of replacing them
+                self.link.transport.subscribe(self.logs.recent_topic, on_refused=lambda _refused: None)
             self.link.start()
 
     def stop_extensions(self) -> None:
         """Stop what start_extensions started."""
         if self.link is not None:
+            if self.logs is not None:
+                self._pump_logs(self.link, final=True)  # the last records go out before the offline status
             self.link.stop()
 
     def periodic(self) -> None:
@@ -287,10 +305,28 @@ class Daemon:
             if now >= self._next_telemetry:
                 self._next_telemetry = now + self.config.telemetry.interval_s
                 self.link.publish_telemetry(self.telemetry())
+            if self.logs is not None:
+                self._pump_logs(self.link)
         if self.unhealthy is None:
             self.notifier.watchdog_if_due()
 
+    def _pump_logs(self, link: FleetLink, *, final: bool = False) -> None:
+        """Publish the queued log records; stop listening for the previous run's once that is settled."""
+        assert self.logs is not None
+        transport = link.transport
+        seeded = self.logs.seeded
+        self.logs.pump(transport.connected,
+                       lambda topic, payload, retain: transport.publish(topic, payload, qos=0, retain=retain),
+                       final=final)
+        if self.logs.seeded and not seeded:
+            transport.unsubscribe(self.logs.recent_topic)
+
     def _handle(self, req: Any) -> None:
+        if isinstance(req, Message) and self.logs is not None and req.topic == self.logs.recent_topic:
+            self.logs.seed(req.payload)
+            if self.link is not None:
+                self.link.transport.unsubscribe(self.logs.recent_topic)
+            return
         if isinstance(req, (Message, Connection, ChunkStored)):
             if self.link is not None:
                 try:

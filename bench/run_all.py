@@ -61,6 +61,7 @@ EXPECTED = (
     Expected("delivery", "delivery", 1800),
     Expected("fleet_scale", "fleet", 2400),
     Expected("fleet_cluster", "fleet", 2400),
+    Expected("history", "fleet", 1200),
     Expected("reliability", "reliability", 2400),
 )
 DEFAULT_TIMEOUT_S = 1800.0

@@ -36,14 +36,15 @@ DISTRIBUTION = "edgefleet"
 
 @dataclass(frozen=True)
 class CommandModule:
-    """A command module, the extra (pyproject.toml) it needs, and the commands it registers.
+    """A command module, the extra (pyproject.toml) it needs (None: the base install is enough), and the
+    commands it registers.
 
     The commands are listed here too because a module whose extra is missing cannot be imported to ask;
     tests/unit/test_edgectl_extras.py keeps the list equal to what ``add_parser`` registers.
     """
 
     module: str
-    extra: str
+    extra: str | None
     commands: tuple[str, ...]
 
 
@@ -56,12 +57,14 @@ COMMAND_MODULES: tuple[CommandModule, ...] = (
     CommandModule("edgefleet.converter.commands.keygen", "fleet", ("keygen",)),
     CommandModule("edgefleet.converter.commands.push", "fleet", ("push",)),
     CommandModule("edgefleet.converter.commands.rollback", "fleet", ("rollback",)),
+    CommandModule("edgefleet.converter.commands.logs", "fleet", ("logs",)),
     CommandModule("edgefleet.converter.commands.fleet", "fleet", ("fleet",)),
     CommandModule("edgefleet.converter.commands.gc", "fleet", ("gc",)),
     CommandModule("edgefleet.converter.commands.trust", "fleet", ("inventory", "timestamp", "withdraw")),
     CommandModule("edgefleet.converter.commands.deployments", "fleet", ("deployments",)),
     CommandModule("edgefleet.converter.commands.broker", "fleet", ("broker",)),
     CommandModule("edgefleet.converter.commands.profile", "fleet", ("profile",)),
+    CommandModule("edgefleet.converter.commands.completion", None, ("completion",)),
 )
 
 EPILOG = """\
@@ -126,7 +129,7 @@ def unavailable(argv: Sequence[str]) -> tuple[str, str] | None:
     # The top-level options take no value, so the first word that is not an option is the command.
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     for entry in COMMAND_MODULES:
-        if command in entry.commands and missing_requirements(entry.extra):
+        if command in entry.commands and entry.extra and missing_requirements(entry.extra):
             return command, entry.extra
     return None
 
@@ -141,7 +144,7 @@ def build_parser(modules: Sequence[CommandModule] = COMMAND_MODULES) -> Argument
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for entry in modules:
-        if missing_requirements(entry.extra):
+        if entry.extra and missing_requirements(entry.extra):
             for command in entry.commands:
                 subparsers.add_parser(command, help=f"(not installed: needs the '{entry.extra}' extra)")
         else:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What `make test` needs from the system rather than from the package index: Mosquitto and its clients
 # (the integration tests start real brokers), systemd's tools (the unit file checks and the install
-# staging), util-linux's setpriv and unshare, and Python's venv for the interpreter .venv is made from
-# and for the distribution's own interpreter of that version (systemd/install.sh is staged with it).
+# staging), util-linux's setpriv and unshare, zsh and fish (the shell completion scripts are loaded
+# into them), RabbitMQ (the tests run a private node of it: what `edgectl broker check` says of an
+# engine edgefleet does not support), and Python's venv for the interpreter .venv is made from and for
+# the distribution's own interpreter of that version (systemd/install.sh is staged with it).
 #
 # Run as root it installs what is missing with apt-get; run as anyone else it stops with one line
 # naming what to install. Nothing is printed when everything is there.
@@ -33,6 +35,9 @@ want mosquitto mosquitto mosquitto_passwd
 want mosquitto-clients mosquitto_pub mosquitto_sub
 want systemd systemd-analyze systemd-sysusers systemd-tmpfiles
 want util-linux setpriv unshare
+want zsh zsh
+want fish fish
+want rabbitmq-server rabbitmq-server
 
 has_venv() { PATH=$search "$1" -c 'import ensurepip, venv' >/dev/null 2>&1; }
 

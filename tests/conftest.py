@@ -32,6 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from edgefleet.converter.fleet.profiles import ENV_PROFILE, SETTINGS
 
     os.environ["XDG_CONFIG_HOME"] = str(TESTS.parent / ".cache" / "xdg-config")
+    # a collector without --db writes the default history file: the suite's, never the developer's
+    os.environ["XDG_DATA_HOME"] = str(TESTS.parent / ".cache" / "xdg-data")
     for name in (ENV_PROFILE, *(s.env for s in SETTINGS)):
         os.environ.pop(name, None)
 

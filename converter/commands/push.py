@@ -5,7 +5,10 @@ rollout.py (progress and following), canary.py (the canary sequence), inventory.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from edgefleet.bundle import Bundle
@@ -20,6 +23,7 @@ from edgefleet.converter.fleet.connect import add_broker_args, add_key_arg, conn
 from edgefleet.converter.fleet.deployments import dry_run, fan_out, take_snapshot
 from edgefleet.converter.fleet.inventory import add_trust_args, tracker_from_args
 from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.progress import ProgressFeed
 from edgefleet.converter.fleet.publish import (
     DeviceResult,
     Prepared,
@@ -32,7 +36,12 @@ from edgefleet.converter.fleet.publish import (
     signed_policy,
     targeted_documents,
 )
-from edgefleet.converter.fleet.rollout import follow, nobody_to_follow, publish_with_progress
+from edgefleet.converter.fleet.rollout import (
+    follow,
+    nobody_to_follow,
+    publish_with_progress,
+    rollout_progress,
+)
 from edgefleet.converter.output import (
     add_json,
     load_key,
@@ -57,6 +66,10 @@ gets the target written in.
 --wait follows the targeted devices that are online: exit 0 when every one committed the
 deployment, 1 as soon as one rejects it or rolls it back (the reason is printed), 1 on --timeout.
 Offline devices are listed as pending: they install from the retained messages when they return.
+Meanwhile each device's phase and download show as they change: a table redrawn in place when
+stderr is a terminal, else one plain line per phase per device (a download's percentage at most
+every 5 s); with --json, JSON Lines on stdout, one {"event": "progress", ...} object per change and
+the summary ("event": "summary") as the last line.
 When no targeted device ever reported a status on the broker, --wait has nothing to follow: it
 stops before publishing and exits 2 (push without --wait to publish for devices still to come).
 With --group, the devices waited for and counted are the group's members in the operator-signed
@@ -136,19 +149,42 @@ def _sayer(args: argparse.Namespace) -> Callable[[str], None]:
     return lambda line: out.print(line)
 
 
+def _progress(args: argparse.Namespace, observer: FleetObserver, devices: Iterable[str], prepared: Prepared,
+              after: ProgressFeed | None = None) -> ProgressFeed | None:
+    """Each device's phase and download while edgectl waits: JSON Lines with --json --wait (--json alone
+    keeps its single document), else a live table on a terminal or plain lines when piped."""
+    if args.json and not args.wait:
+        return None
+    return rollout_progress(observer, devices, prepared, as_json=args.json, say=_sayer(args), after=after)
+
+
+def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """--json's result: one document, or with --wait the last line of the JSON Lines after the progress
+    events (the same fields, and "event": "summary")."""
+    if args.wait:
+        sys.stdout.write(json.dumps({"event": "summary", **summary}, sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        print_json(summary)
+
+
 def _follow(args: argparse.Namespace, observer: FleetObserver, targets: dict[str, DeviceResult], name: str,
-            dep_id: str, summary: dict[str, Any], ignored: Sequence[str] = ()) -> int:
-    """--wait: follow the targets to their verdicts; exit 0 when none failed or is unfinished."""
+            dep_id: str, summary: dict[str, Any], ignored: Sequence[str] = (),
+            progress: ProgressFeed | None = None) -> int:
+    """--wait: follow the targets to their verdicts, showing `progress` meanwhile; exit 0 when none failed
+    or is unfinished."""
     say = _sayer(args)
     if ignored:
         summary["not_in_inventory"] = list(ignored)
         for d in ignored:
             say(f"device {d}: claims group {args.group} but is not in the inventory: not counted")
-    followed = follow(observer, targets, name, dep_id, timeout=args.timeout, group=args.group, say=say)
+    with progress if progress is not None else nullcontext():
+        followed = follow(observer, targets, name, dep_id, timeout=args.timeout, group=args.group, say=say,
+                          progress=progress)
     if args.json:
         summary["devices"] = followed.devices()
         summary["ok"] = followed.ok
-        print_json(summary)
+        _print_summary(args, summary)
     else:
         say(followed.summary_line())
     return ExitCode.OK if followed.ok else ExitCode.FAILURE
@@ -250,7 +286,8 @@ def run_push(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(summary)
             return ExitCode.OK
-        return _follow(args, observer, targets, name, dep.deployment_id, summary, ignored)
+        return _follow(args, observer, targets, name, dep.deployment_id, summary, ignored,
+                       progress=_progress(args, observer, targets, prepared))
     finally:
         transport.stop()
 
@@ -269,12 +306,6 @@ def run_canary_push(args: argparse.Namespace) -> int:
     name = dep.model.name
     topics = topics_from_args(args)
     say = _sayer(args)
-
-    def show(r: DeviceResult) -> None:
-        line = canary_line(r)
-        if line is not None:
-            say(line)
-
     pins = PinnedDocuments(topics, name)
     tracker = tracker_from_args(args, topics, key)
     observer = FleetObserver(topics, leaves=("status", "state", "events"), inventory=tracker)
@@ -302,9 +333,20 @@ def run_canary_push(args: argparse.Namespace) -> int:
         say(f"pushed {name} v{dep.model.version} (deployment {dep.deployment_id}): {len(prepared.chunks)} chunks "
             f"in {publish_s:.2f} s; document to the canaries' device topics; waiting up to {args.timeout:g} s "
             "for them to commit")
-        rollout = CanaryRollout(transport, observer, topics, prepared, args.group, selection, key,
-                                timeout=args.timeout, say=say, on_result=show)
-        outcome = rollout.run()
+        progress = _progress(args, observer, selection.canaries, prepared)
+
+        def show(r: DeviceResult) -> None:
+            if progress is not None:
+                progress.tick()  # the canary's last phase before its verdict
+            line = canary_line(r)
+            if line is not None:
+                say(line)
+
+        with progress if progress is not None else nullcontext():
+            rollout = CanaryRollout(transport, observer, topics, prepared, args.group, selection, key,
+                                    timeout=args.timeout, say=say, on_result=show,
+                                    on_tick=progress.tick if progress is not None else None)
+            outcome = rollout.run()
         summary: dict[str, Any] = {
             "deployment_id": dep.deployment_id, "model": name, "version": dep.model.version,
             "group": args.group, "chunks": len(prepared.chunks), "wire_bytes": prepared.wire_bytes,
@@ -315,7 +357,7 @@ def run_canary_push(args: argparse.Namespace) -> int:
                 say(line)
             if args.json:
                 summary["ok"] = False
-                print_json(summary)
+                _print_summary(args, summary)
             return ExitCode.FAILURE
         say(f"every canary committed: published the group document to {topics.group_model(args.group, name)}")
         say(f"withdrew the device documents of {', '.join(outcome.cleared)}: they follow the group document again")
@@ -324,6 +366,8 @@ def run_canary_push(args: argparse.Namespace) -> int:
                 summary["ok"] = True
                 print_json(summary)
             return ExitCode.OK
-        return _follow(args, observer, select_targets(observer, members), name, dep.deployment_id, summary)
+        rest = _progress(args, observer, members, prepared, after=progress)
+        return _follow(args, observer, select_targets(observer, members), name, dep.deployment_id, summary,
+                       progress=rest)
     finally:
         transport.stop()

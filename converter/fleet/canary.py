@@ -283,6 +283,8 @@ class CanaryRollout:
     undo_timeout: float = UNDO_TIMEOUT_S
     say: Callable[[str], None] = lambda line: None
     on_result: Callable[[DeviceResult], None] | None = None
+    on_tick: Callable[[], None] | None = None
+    """Called while the canaries are waited for (wait_for_rollout's on_tick): live progress."""
 
     @property
     def name(self) -> str:
@@ -303,7 +305,7 @@ class CanaryRollout:
                           targeted_documents(self.prepared, self.topics, [device_target(d) for d in canaries]))
         try:
             outcome.results = wait_for_rollout(self.observer, targets, self.name, self.dep_id, self.timeout,
-                                               on_result=self.on_result)
+                                               on_result=self.on_result, on_tick=self.on_tick)
         except KeyboardInterrupt:
             self.say("interrupted: rolling the canaries back")
             outcome.undo = self.undo(canaries)

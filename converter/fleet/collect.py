@@ -10,6 +10,10 @@ with the payload's bytes copied, not re-encoded, after a parse shows it is a JSO
 Infinity) from the device its topic names. The parse is the standard library's, not the wire contract's
 stricter `parse_json` (which also refuses duplicate keys at a third more per message): a collector
 keeps a log of what devices said at a fleet's rate, it does not act on the documents.
+
+With a history database (`--db`) every checked document also goes to a `HistoryWriter`
+(converter/fleet/history/ingest.py), which writes rows in batches; the collector then also subscribes to
+the retained status documents, for each device's groups.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from edgefleet.errors import ProtocolError
 from edgefleet.protocol import Topics
 from edgefleet.transport import Message
+
+if TYPE_CHECKING:
+    from edgefleet.converter.fleet.history.ingest import HistoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,7 @@ LEAVES = ("telemetry", "events")
 BATCH = 1000
 IDLE_WAIT_S = 0.01
 # Telemetry is QoS 0 on the wire (a lost sample is replaced by the next); events are QoS 1.
-QOS = {"telemetry": 0, "events": 1}
+QOS = {"telemetry": 0, "events": 1, "status": 1}
 
 
 def subscriptions(topics: Topics, share: str | None, leaves: tuple[str, ...] = LEAVES) -> list[tuple[str, int]]:
@@ -82,9 +89,11 @@ class CollectStats:
 class Collector:
     """Takes messages from a Transport (`handle`) and writes them as JSON Lines (`run`)."""
 
-    def __init__(self, topics: Topics, out: BinaryIO | None = None, *, max_queue: int = 1_000_000) -> None:
+    def __init__(self, topics: Topics, out: BinaryIO | None = None, *, max_queue: int = 1_000_000,
+                 history: HistoryWriter | None = None) -> None:
         self.topics = topics
         self.out = out
+        self.history = history
         self.stats = CollectStats()
         # A deque, not a queue.Queue: appending needs no lock and wakes nobody, so the network thread
         # never hands the GIL to the writer per message; the writer takes what piled up in batches.
@@ -131,12 +140,16 @@ class Collector:
             if not inbox:
                 if self.out is not None:
                     self.out.flush()  # a quiet moment: let readers of the file see what came so far
+                if self.history is not None:
+                    self.history.idle()
                 self._idle.wait(IDLE_WAIT_S)
                 continue
             for _ in range(min(len(inbox), BATCH if count is None else min(BATCH, count - stats.messages))):
                 self._take(inbox.popleft())
         if self.out is not None:
             self.out.flush()
+        if self.history is not None:
+            self.history.close()
         return stats
 
     def _drain(self, count: int | None) -> None:
@@ -168,7 +181,9 @@ class Collector:
             return
         stats.by_kind[kind] = stats.by_kind.get(kind, 0) + 1
         stats.devices.add(device)
-        if self.out is not None:
+        if self.history is not None:
+            self.history.add(kind, device, doc, received)
+        if self.out is not None and kind != "status":
             self.out.write(b'{"doc":%s,"kind":"%s","received":%.3f,"topic":"%s"}\n'
                            % (message.payload, kind.encode(), received, topic.encode()))
 

@@ -364,8 +364,13 @@ def select_targets(observer: FleetObserver, devices: Iterable[str]) -> dict[str,
 
 def wait_for_rollout(observer: FleetObserver, targets: dict[str, DeviceResult], name: str, dep_id: str,
                      timeout: float, on_result: Callable[[DeviceResult], None] | None = None,
-                     clock: Callable[[], float] = time.monotonic) -> dict[str, DeviceResult]:
-    """Follow the waited-for devices until all committed, one failed, or `timeout`; return every result."""
+                     clock: Callable[[], float] = time.monotonic,
+                     on_tick: Callable[[], None] | None = None) -> dict[str, DeviceResult]:
+    """Follow the waited-for devices until all committed, one failed, or `timeout`; return every result.
+
+    `on_tick` runs whenever something arrived and at least once a second, before the verdicts are
+    judged, so a live view of the devices' progress shows a phase before the verdict it leads to.
+    """
     results = dict(targets)
     started = clock()
     deadline = started + timeout
@@ -383,10 +388,14 @@ def wait_for_rollout(observer: FleetObserver, targets: dict[str, DeviceResult], 
                     on_result(results[d])
 
     while True:
+        if on_tick is not None:
+            on_tick()
         update()
         failed = any(r.verdict == "failed" for r in results.values())
         remaining = deadline - clock()
         if failed or remaining <= 0:
+            if on_tick is not None:
+                on_tick()
             update()  # whatever arrived meanwhile
             why = "stopped waiting at the first failure" if failed else f"did not finish within {timeout:g} s"
             for r in [r for r in results.values() if r.verdict == "waiting"]:

@@ -1,13 +1,15 @@
 """A push as an operator follows it: the chunks' progress bar, then each targeted device to its verdict.
 
 `edgectl push --wait` and the rest of the group after `push --canary --wait` follow a rollout the same
-way, with the same lines; `say` receives them (a no-op for --json, whose caller prints one document).
+way, with the same lines; `say` receives them (a no-op for --json, whose caller prints the summary).
+Meanwhile a `ProgressFeed` (`rollout_progress`) shows each device's phase and download as it goes
+(converter/fleet/progress.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,14 @@ from rich.progress import (
 )
 
 from edgefleet.converter.fleet.observer import FleetObserver
+from edgefleet.converter.fleet.progress import (
+    JsonLines,
+    LiveTable,
+    PlainLines,
+    ProgressFeed,
+    ProgressView,
+    RolloutProgress,
+)
 from edgefleet.converter.fleet.publish import DeviceResult, Prepared, publish_chunks, wait_for_rollout
 from edgefleet.converter.output import stderr_console
 from edgefleet.protocol import Topics
@@ -86,10 +96,31 @@ def nobody_to_follow(observer: FleetObserver, targets: dict[str, DeviceResult], 
             "push without --wait")
 
 
+def rollout_progress(observer: FleetObserver, devices: Iterable[str], prepared: Prepared, *, as_json: bool,
+                     say: Callable[[str], None], after: ProgressFeed | None = None) -> ProgressFeed:
+    """The progress of `devices` with this deployment, shown where it belongs: JSON Lines on stdout for
+    --json, a live table on a terminal's stderr, else plain lines through `say`. After the canaries'
+    feed (`after`), the group's goes on from where it stopped instead of repeating what it showed."""
+    dep = prepared.deployment
+    tracker = RolloutProgress(observer, devices, dep.model.name, dep.deployment_id, total_bytes=prepared.wire_bytes,
+                              probation_s=dep.policy.probation_s,
+                              after=after.tracker if after is not None else None)
+    view: ProgressView
+    if as_json:
+        view = JsonLines()
+    else:
+        err = stderr_console()
+        view = LiveTable(tracker, err, title=f"{dep.model.name} v{dep.model.version}: ") if err.is_terminal \
+            else PlainLines(tracker, say)
+    return ProgressFeed(tracker, view)
+
+
 def follow(observer: FleetObserver, targets: dict[str, DeviceResult], name: str, dep_id: str, *, timeout: float,
-           group: str | None = None, say: Callable[[str], None] = lambda line: None) -> Followed:
+           group: str | None = None, say: Callable[[str], None] = lambda line: None,
+           progress: ProgressFeed | None = None) -> Followed:
     """Follow the online `targets` until each committed deployment `dep_id` of model `name`, one failed, or
-    `timeout` s passed; the offline ones are reported as pending."""
+    `timeout` s passed; the offline ones are reported as pending. `progress` is shown meanwhile, each
+    device's last phase before its verdict line."""
     if not targets:
         say(f"no device of group {group} is targeted" if group else "no targeted device")
     for r in targets.values():
@@ -98,7 +129,16 @@ def follow(observer: FleetObserver, targets: dict[str, DeviceResult], name: str,
     waiting = sum(1 for r in targets.values() if r.verdict == "waiting")
     if waiting:
         say(f"waiting for {waiting} online device(s), up to {timeout:g} s")
-    results = wait_for_rollout(observer, targets, name, dep_id, timeout, on_result=lambda r: say(device_line(r)))
+    tick = progress.tick if progress is not None else None
+
+    def verdict(r: DeviceResult) -> None:
+        if tick is not None:
+            tick()
+        say(device_line(r))
+
+    results = wait_for_rollout(observer, targets, name, dep_id, timeout, on_result=verdict, on_tick=tick)
+    if tick is not None:
+        tick()
     for r in results.values():
         if r.verdict == "waiting":
             say(device_line(r))

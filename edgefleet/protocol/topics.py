@@ -13,7 +13,7 @@ from edgefleet.errors import ProtocolError
 from edgefleet.protocol.schema import SHA256_RE, check_name, check_sha256
 
 DEFAULT_PREFIX = "edgefleet"
-_LEAVES = frozenset({"cmd", "status", "availability", "state", "events", "telemetry"})
+_LEAVES = frozenset({"cmd", "status", "availability", "state", "events", "telemetry", "logs"})
 
 
 def check_prefix(value: str) -> str | None:
@@ -116,6 +116,14 @@ class Topics:
         """Periodic metrics of a device."""
         return self._device(device, "telemetry")
 
+    def logs(self, device: str) -> str:
+        """A device's warning and error log lines, one record per message (not retained)."""
+        return self._device(device, "logs")
+
+    def logs_recent(self, device: str) -> str:
+        """Retained document of a device's most recent log records (what `edgectl logs` prints first)."""
+        return f"{self._device(device, 'logs')}/recent"
+
     def timestamp(self) -> str:
         """Retained signed heartbeat of the update channel."""
         return f"{self.prefix}/timestamp"
@@ -164,7 +172,7 @@ class Topics:
         return None
 
     def device_leaf(self, topic: str) -> tuple[str, str] | None:
-        """(device, leaf) of a per-device topic (cmd, status, availability, state, events, telemetry),
+        """(device, leaf) of a per-device topic (cmd, status, availability, state, events, telemetry, logs),
         None for any other topic (a collector's path: no Route built per message)."""
         if topic.startswith(self._device_head):
             device, _, leaf = topic[len(self._device_head):].partition("/")
@@ -214,6 +222,8 @@ class Topics:
                 return Route("device_model", device=device, model=model)
             case ["devices", device, leaf] if leaf in _LEAVES and not check_name(device):
                 return Route(leaf, device=device)
+            case ["devices", device, "logs", "recent"] if not check_name(device):
+                return Route("logs_recent", device=device)
         raise ProtocolError(f"topic {topic!r} is not part of the contract")
 
 

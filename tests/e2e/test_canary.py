@@ -101,8 +101,8 @@ def phase(a: AgentProcess) -> tuple[str, int | None]:
 
 def columns(header: str, lines: list[str]) -> list[dict[str, str]]:
     """Cells of a plain-text fleet table, cut at the header's column starts."""
-    names = ["device", "online", "groups", "models", "p50 ms", "p95 ms", "cpu %", "rss MB", "temp °C",
-             "last event", "seen"]
+    names = ["device", "online", "groups", "model", "ver", "phase", "p50 ms", "p95 ms", "cpu %", "rss MB",
+             "temp °C", "last event", "seen"]
     starts = [header.index(n) for n in names] + [None]
     return [{n: line[starts[i]:starts[i + 1]].strip() for i, n in enumerate(names)} for line in lines]
 
@@ -140,19 +140,20 @@ def test_canary_commits_first_then_the_group_and_the_fleet_view_shows_it(
         assert [(m["name"], m["version"], m["phase"]) for m in tel["models"]] == [("m", 1, "COMMITTED")]
     for a in agents:
         version(a)  # one request each, so the latency columns have figures
-    code, out, err = edgectl("fleet", "watch", "--once", "--sort", "rss", "--telemetry-wait", 10,
+    code, out, err = edgectl("fleet", "watch", "--once", "--wide", "--sort", "rss", "--telemetry-wait", 10,
                              "--broker", broker.url)
     assert code == 0, err
     lines = out.splitlines()
-    rows = columns(lines[0], lines[1:4])
+    assert "3 devices, 3 online · 3 COMMITTED" in lines[0] and "sort rss" in lines[0], lines[0]
+    rows = columns(lines[1], lines[2:5])
     assert [r["device"] for r in sorted(rows, key=lambda r: r["device"])] == ["dev-1", "dev-2", "dev-3"]
-    assert all((r["online"], r["groups"], r["models"]) == ("yes", "lab", "m v1 COMMITTED") for r in rows)
+    assert all((r["online"], r["groups"], r["model"], r["ver"], r["phase"]) == ("yes", "lab", "m", "v1", "COMMITTED")
+               for r in rows)
     rss_column = [float(r["rss MB"]) for r in rows]
     assert rss_column == sorted(rss_column, reverse=True) and rss_column[0] > 1.0
     assert all(float(r["p95 ms"]) >= float(r["p50 ms"]) > 0 and float(r["cpu %"]) >= 0 for r in rows)
     assert all(r["temp °C"] == "" for r in rows)  # no sensor on this machine: blank, not 0
     assert all(r["last event"].startswith("m v1 COMMITTED") for r in rows)
-    assert "3 device(s), 3 online · sorted by rss" in lines[4]
     code, out, _ = edgectl("fleet", "status", "--json", "--telemetry-wait", 10, "--broker", broker.url)
     assert code == 0
     assert all(d["telemetry"]["rss_bytes"] > 0 for d in json.loads(out)["devices"])

@@ -8,6 +8,7 @@ tests/support/docs.py).
   in the tour or starts with `# needs: ...`; those blocks are few, and listed below.
 - The tour runs as written: README's workstation and board blocks and the converter guide's quick
   start, in a sandbox with a real Mosquitto, real agents and a small Keras model trained for it.
+  The operations guide's commands run in test_docs_operations.py, with this module's sandbox.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ NEEDS = {
     ("docs/operations.md", "the site broker"),
     ("docs/operations.md", "root on the board, systemd"),
     ("docs/operations.md", "a board with api.port and api.token_file set"),
+    ("docs/operations.md", "a PostgreSQL server"),
     ("docs/serving.md", "a board serving a model named digits"),
 }
 
@@ -171,7 +173,7 @@ def test_every_command_shown_names_real_subcommands_and_options() -> None:
     found = [p for c in commands for p in problems(c)]
     assert not found, "\n".join(found)
     # the docs show every subcommand of both command lines at least once
-    shown = {(c.program, *c.args[:2]) for c in commands}
+    shown = {(c.program, *c.args[:3]) for c in commands}
     for program in ("edgectl", "edge-agent"):
         for path in all_paths(program):
             if path and not help_of(program, path).commands:

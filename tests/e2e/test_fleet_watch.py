@@ -17,7 +17,7 @@ import pytest
 from edgefleet.converter.fleet.canary import CanarySize, parse_canary, pick_canaries
 from edgefleet.converter.fleet.collect import Collector, subscriptions
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
-from edgefleet.converter.fleet.watch import make_row, plain_table, rows
+from edgefleet.converter.fleet.watch import make_row, plain_text, rows, table_lines
 from edgefleet.protocol import (
     DeviceState,
     Event,
@@ -86,12 +86,13 @@ def test_rows_sort_filter_and_blank_figures() -> None:
     assert [r.device_id for r in rows(views, group="north")] == ["cam-c"]
     b = make_row(views[1])
     assert (b.cpu_percent, b.rss_mb, b.temperature_c, b.p95_ms) == (40.0, 30.0, 61.25, 0.5)
-    cells = dict(zip(["device", "online", "groups", "models", "p50", "p95", "cpu", "rss", "temp", "event", "seen"],
-                     ["; ".join(c) for c in make_row(views[2]).cells()], strict=True))
+    cam_c = next(line for line in table_lines(rows(views), None) if line.row is not None and line.row.device_id == "cam-c")
+    cells = {key: cam_c.text[start:end].strip() for key, (start, end) in cam_c.spans.items()}
     assert cells["online"] == "no" and cells["cpu"] == cells["rss"] == cells["temp"] == cells["p95"] == ""
-    text = plain_table(rows(views))
-    assert text.splitlines()[2].split()[:9] == ["cam-b", "yes", "lab", "m", "v1", "COMMITTED", "0.250", "0.500", "40.0"]
-    assert "61.2" in text.splitlines()[2] and "30.0" in text.splitlines()[2]
+    text = plain_text(rows(views), None, broker="mqtt://fleet.example:1883")
+    assert text.splitlines()[0].startswith("mqtt://fleet.example:1883 · all groups · 4 devices, 3 online · 4 COMMITTED")
+    assert text.splitlines()[3].split()[:9] == ["cam-b", "yes", "lab", "m", "v1", "COMMITTED", "0.250", "0.500", "40.0"]
+    assert "61.2" in text.splitlines()[3] and "30.0" in text.splitlines()[3]
 
 
 def test_last_event_prefers_events_seen_and_shortens_reasons() -> None:
@@ -163,12 +164,12 @@ def test_watch_once_shows_devices_and_figures(broker: Mosquitto, publisher: Tran
         sender.join()
     assert code == 0, err
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines[1:4]] == ["cam-b", "cam-a", "cam-c"]
-    assert lines[1].split()[:10] == ["cam-b", "yes", "lab,", "north", "m", "v3", "COMMITTED", "1.500", "3.000", "80.0"]
-    assert "20.0" in lines[1] and "55.5" in lines[1]
-    assert lines[2].split()[6:10] == ["0.750", "1.500", "12.5", "41.9"]
-    assert lines[3].split()[:6] == ["cam-c", "no", "lab", "m", "v3", "COMMITTED"]
-    assert lines[4].startswith("3 device(s), 2 online · sorted by cpu")
+    assert lines[0].startswith(f"{broker.url} · all groups · 3 devices, 2 online · 3 COMMITTED · sort cpu")
+    assert [line.split()[0] for line in lines[2:5]] == ["cam-b", "cam-a", "cam-c"]
+    assert lines[2].split()[:9] == ["cam-b", "yes", "lab,north", "m", "v3", "COMMITTED", "1.500", "3.000", "80.0"]
+    assert "20.0" in lines[2] and "55.5" in lines[2]
+    assert lines[3].split()[6:10] == ["0.750", "1.500", "12.5", "41.9"]
+    assert lines[4].split()[:6] == ["cam-c", "no", "lab", "m", "v3", "COMMITTED"]
     assert code2 == 0
     devices = json.loads(out2)["devices"]
     assert [d["device_id"] for d in devices] == ["cam-b"]

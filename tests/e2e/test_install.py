@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.agent.cli import build_parser as agent_parser
+from edgefleet.completion import script as completion_script
 from tests.support.wheel import REPO, build_wheel
 
 SYSTEMD = REPO / "systemd"
@@ -25,6 +27,9 @@ CACHE = REPO / ".cache" / "wheelhouse"
 PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 VENV = "opt/edge-agent/venv"
 EXAMPLES = "opt/edge-agent/examples"
+COMPLETIONS = {"bash": "usr/share/bash-completion/completions/edge-agent",
+               "zsh": "usr/share/zsh/vendor-completions/_edge-agent",
+               "fish": "usr/share/fish/vendor_completions.d/edge-agent.fish"}
 
 
 def run_install(*args: str, prefix: tuple[str, ...] = (), cwd: Path | None = None,
@@ -126,6 +131,10 @@ def check_files(root: Path) -> None:
                      (f"{EXAMPLES}/resources.conf.example", "edge-agent.service.d/resources.conf.example"),
                      (f"{EXAMPLES}/install.md", "../docs/install.md")]:
         assert (root / rel).read_bytes() == (SYSTEMD / src).read_bytes(), rel
+        assert mode(root / rel) == 0o644, rel
+    # shell completion, printed by the installed agent: the one this working tree generates
+    for shell, rel in COMPLETIONS.items():
+        assert (root / rel).read_text() == completion_script(agent_parser(), shell, "edge-agent"), rel
         assert mode(root / rel) == 0o644, rel
     conf = root / "etc" / "edge-agent"
     assert mode(conf) == 0o750 and mode(conf / "keys") == 0o750
@@ -229,7 +238,7 @@ def test_stage_rerun_upgrade_uninstall(wheelhouse: Path, tmp_path: Path) -> None
     removed = run_install("--root", str(root), "--uninstall")
     assert removed.returncode == 0, removed.stderr
     for rel in ("opt/edge-agent", "usr/lib/systemd/system/edge-agent.service", "usr/lib/sysusers.d/edge-agent.conf",
-                "usr/lib/tmpfiles.d/edge-agent.conf"):
+                "usr/lib/tmpfiles.d/edge-agent.conf", *COMPLETIONS.values()):
         assert not (root / rel).exists(), rel
     assert not wants.exists() and not wants.is_symlink()
     assert config.read_text() == edited and state.read_text() == "{}" and dropin.exists()

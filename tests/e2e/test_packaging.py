@@ -160,8 +160,19 @@ def test_each_edgectl_command_runs_or_names_its_extra(install: Install) -> None:
     assert refused["convert"] == "converter"
     if install.extra == "fleet":
         assert set(refused.values()) == {"converter"} and "push" not in refused
-    else:
-        assert refused["push"] == "fleet" and set(refused) == set(commands)
+    else:  # all but `completion`, which needs no extra
+        assert refused["push"] == "fleet" and set(refused) == set(commands) - {"completion"}
+
+
+def test_completion_needs_no_extra(install: Install) -> None:
+    # a board's edgectl and edge-agent print their scripts too; a command without its extra is in the
+    # script by name, with no options
+    for program, function in (("edgectl", "_edgectl"), ("edge-agent", "_edge_agent")):
+        done = install.run(str(install.venv / "bin" / program), "completion", "bash")
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert f"complete -F {function} {program}" in done.stdout
+    assert "'convert package inspect diff keygen push" in install.run(
+        str(install.venv / "bin" / "edgectl"), "completion", "bash").stdout
 
 
 def test_keygen_writes_keys_only_with_its_extra(install: Install, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "system-deps.sh"
 # What the script looks for, but mosquitto's own tools (the clients are a package of their own).
 PRESENT = ("mosquitto_pub", "mosquitto_sub", "systemd-analyze", "systemd-sysusers", "systemd-tmpfiles", "setpriv",
-           "unshare")
+           "unshare", "zsh", "fish", "rabbitmq-server")
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
 
 

@@ -154,7 +154,7 @@ def test_an_impostor_claiming_the_group_is_neither_canary_nor_counted(
     code, out, err = edgectl("push", make_bundle("dense_f32_v2", version=2), "--group", "prod", "--key", key_dir,
                              "--wait", "--timeout", 60, "--json", *login)
     assert code == 0, out + err
-    report = json.loads(out)
+    report = json.loads(out.splitlines()[-1])  # the summary follows the progress events
     assert {d["device_id"]: d["verdict"] for d in report["devices"]} == {"node-1": "committed", "node-2": "committed"}
     assert report["not_in_inventory"] == ["impostor"] and report["ok"] is True
     assert [version(a) for a in prod] == [2, 2]
@@ -235,7 +235,7 @@ def test_an_inventory_signed_by_an_untrusted_key_is_ignored_with_a_warning(
     code, out, err = edgectl("push", make_bundle(version=1), "--group", "prod", "--key", key_dir, "--wait",
                              "--timeout", 20, "--json", "--broker", broker.url)
     assert code == 0, err
-    report = json.loads(out)
+    report = json.loads(out.splitlines()[-1])  # the summary follows the progress events
     assert [d["device_id"] for d in report["devices"]] == ["cam-1"] and report["not_in_inventory"] == ["impostor"]
 
 
@@ -260,7 +260,7 @@ def test_an_older_inventory_published_again_is_ignored(
     code, out, err = edgectl("push", make_bundle(version=1), "--group", "prod", "--key", key_dir, "--wait",
                              "--timeout", 20, "--json", *login)
     assert code == 0, err
-    report = json.loads(out)
+    report = json.loads(out.splitlines()[-1])  # the summary follows the progress events
     assert [d["device_id"] for d in report["devices"]] == ["cam-1"] and report["not_in_inventory"] == ["cam-2"]
     assert "version 1 is lower than version 2" in err
     assert len(retired.deployments) == 1  # it still follows the group topic by its own config: not our count

@@ -67,6 +67,8 @@ DENIED_WRITES = {
     "another device's status": T.status("dev-b"),
     "another device's availability": T.availability("dev-b"),
     "another device's events": T.events("dev-b"),
+    "another device's logs": T.logs("dev-b"),
+    "another device's recent logs": T.logs_recent("dev-b"),
     "a chunk": CHUNK,
 }
 
@@ -100,7 +102,8 @@ def test_denied_publish_is_silently_dropped_under_mqtt_3_1_1(acl_broker: AclBrok
 def test_device_may_write_its_own_reports(acl_broker: AclBroker, operator: Transport, operator_inbox: Inbox) -> None:
     dev = device(acl_broker, "dev-a")
     token = uuid.uuid4().hex.encode()
-    mine = [T.status("dev-a"), T.availability("dev-a"), T.state("dev-a"), T.events("dev-a"), T.telemetry("dev-a")]
+    mine = [T.status("dev-a"), T.availability("dev-a"), T.state("dev-a"), T.events("dev-a"), T.telemetry("dev-a"),
+            T.logs("dev-a"), T.logs_recent("dev-a")]
     try:
         for topic in mine:
             dev.publish(topic, token, retain=topic.endswith(("status", "availability", "state")), wait=5)
@@ -155,6 +158,31 @@ def test_device_reads_only_its_own_deployments_and_commands(acl_broker: AclBroke
         dev.stop()
     got = {m.topic for m in inbox.seen if m.payload == token}
     assert got == {*readable, T.cmd("dev-a")}
+
+
+def test_device_reads_back_only_its_own_recent_logs(acl_broker: AclBroker) -> None:
+    """A restarted agent reads its own retained recent-records document to extend it; another device's stays hidden."""
+    token = uuid.uuid4().hex.encode()
+    for name in ("dev-a", "dev-b"):
+        writer = device(acl_broker, name)
+        try:
+            writer.publish(T.logs_recent(name), token, retain=True, wait=5)
+        finally:
+            writer.stop()
+    inbox = Inbox()
+    dev = device(acl_broker, "dev-a", inbox)
+    try:
+        dev.subscribe(f"{T.prefix}/devices/+/logs/#", wait=5)  # wide on purpose: the ACL filters
+        inbox.topic(T.logs_recent("dev-a"), timeout=5)
+        # the barrier (every retained message of the subscription came before it), and nothing left retained
+        dev.publish(T.logs_recent("dev-a"), b"", retain=True, wait=5)
+        inbox.wait_for(lambda m: m.topic == T.logs_recent("dev-a") and m.payload == b"")
+    finally:
+        dev.stop()
+    assert {m.topic for m in inbox.seen if m.payload == token} == {T.logs_recent("dev-a")}
+    cleaner = device(acl_broker, "dev-b")
+    cleaner.publish(T.logs_recent("dev-b"), b"", retain=True, wait=5)
+    cleaner.stop()
 
 
 def test_unknown_user_is_refused(acl_broker: AclBroker) -> None:

@@ -1,6 +1,7 @@
 """`edgectl broker check` against real engines: Mosquitto (plain, the shipped ACL config, a lax ACL),
-NATS and amqtt. What the engines the suite cannot run do (RabbitMQ 3.10) is in
-tests/unit/test_broker_check.py, on a stand-in."""
+NATS, amqtt, and a private RabbitMQ 3.10 node, the engine whose missing retained-on-wildcard delivery
+the check exists to catch. What no engine here does (a refused payload, no retained messages at all)
+is in tests/unit/test_broker_check.py, on a stand-in."""
 
 from __future__ import annotations
 
@@ -9,25 +10,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefleet.converter.fleet.brokercheck import RABBITMQ_NOTE
 from edgefleet.testing.broker import Inbox, Mosquitto, client, write_password_file
 from edgefleet.testing.nats import NatsCluster
+from edgefleet.testing.rabbitmq import RabbitMq, rabbitmq_version
 from tests.support.broker import OPERATOR, AclBroker
 from tests.support.engines import Engine
 
 Edgectl = Callable[..., tuple[int, str, str]]
-# Every engine's measured verdicts: (versions, QoS 1 subscriptions, max payload, retained after restart).
+# Every engine's measured verdicts and the start of each measured value (retained after restart: PERSISTENT).
+DELIVERED = ("ok", "delivered to a '+' subscription")
 EXPECTED = {
-    "mosquitto": {"MQTT versions": ("ok", "5 and 3.1.1"), "QoS 1 subscriptions": ("ok", "at least 128 (none refused)"),
+    "mosquitto": {"MQTT versions": ("ok", "5 and 3.1.1"), "retained on wildcard": DELIVERED,
+                  "QoS 1 subscriptions": ("ok", "at least 128 (none refused)"),
                   "max payload": ("ok", "4 MiB accepted (the largest tried)")},
-    "nats": {"MQTT versions": ("warn", "3.1.1 only"), "QoS 1 subscriptions": ("ok", "63 granted, subscription 64"),
+    "nats": {"MQTT versions": ("warn", "3.1.1 only"), "retained on wildcard": DELIVERED,
+             "QoS 1 subscriptions": ("ok", "63 granted, subscription 64"),
              "max payload": ("ok", "4 MiB accepted (the largest tried)")},
-    "amqtt": {"MQTT versions": ("warn", "3.1.1 only"), "QoS 1 subscriptions": ("ok", "at least 128 (none refused)"),
+    "amqtt": {"MQTT versions": ("warn", "3.1.1 only"), "retained on wildcard": DELIVERED,
+              "QoS 1 subscriptions": ("ok", "at least 128 (none refused)"),
               "max payload": ("ok", "4 MiB accepted (the largest tried)")},
+    # RabbitMQ 3.10.8 with rabbitmq_mqtt: an MQTT 5 CONNECT is closed without a CONNACK
+    "rabbitmq": {"MQTT versions": ("warn", "3.1.1 only (5: connection to "),
+                 "retained on wildcard": ("fail", "none on a '+' subscription; delivered on the exact topic"),
+                 "QoS 1 subscriptions": ("ok", "at least 128 (none refused)"),
+                 "max payload": ("ok", "4 MiB accepted (the largest tried)")},
 }
 
 
 # Whether an engine keeps retained messages across a restart (amqtt keeps them in memory only).
-PERSISTENT = {"mosquitto": True, "nats": True, "amqtt": False}
+PERSISTENT = {"mosquitto": True, "nats": True, "amqtt": False, "rabbitmq": True}
+MARKER = "edgefleet/sync/edgectl-broker-check/restart"
 
 
 def check(edgectl: Edgectl, url: str, *args: object) -> tuple[int, dict[str, Any]]:
@@ -45,6 +58,13 @@ def values(report: dict[str, Any]) -> dict[str, str]:
     return {c["check"]: c["value"] for c in report["checks"]}
 
 
+def assert_expected(report: dict[str, Any], engine: str) -> None:
+    """The report holds `engine`'s measured verdicts (EXPECTED)."""
+    for name, (verdict, value) in EXPECTED[engine].items():
+        found = next(c for c in report["checks"] if c["check"] == name)
+        assert (found["verdict"], found["value"][:len(value)]) == (verdict, value), found
+
+
 def retained_probes(url: str, protocol: str = "auto") -> list[str]:
     """Retained messages left under the hosts' sync area (where the probes live)."""
     inbox = Inbox()
@@ -60,10 +80,7 @@ def test_each_engine_gets_its_own_verdicts_and_keeps_no_probe(engine: Engine, ed
     code, report = check(edgectl, engine.url)
     assert code == 0, report
     assert report["ok"] is True
-    for name, (verdict, value) in EXPECTED[engine.name].items():
-        found = next(c for c in report["checks"] if c["check"] == name)
-        assert (found["verdict"], found["value"][:len(value)]) == (verdict, value), found
-    assert verdicts(report)["retained on wildcard"] == "ok"
+    assert_expected(report, engine.name)
     assert verdicts(report)["retained after restart"] == "skip"
     assert verdicts(report)["device ACL"] == "skip"
     assert report["leftovers"] == []
@@ -74,7 +91,7 @@ def test_persistence_is_checked_across_a_restart(engine: Engine, edgectl: Edgect
     code, report = check(edgectl, engine.url, "--before-restart")
     assert code == 0
     assert values(report)["retained after restart"] == "marker left"
-    assert retained_probes(engine.url, engine.protocol) == ["edgefleet/sync/edgectl-broker-check/restart"]
+    assert retained_probes(engine.url, engine.protocol) == [MARKER]
     engine.server.restart()
     code, report = check(edgectl, engine.url, "--after-restart")
     found = next(c for c in report["checks"] if c["check"] == "retained after restart")
@@ -167,3 +184,45 @@ def test_every_node_given_is_checked(nats_cluster: NatsCluster, edgectl: Edgectl
     for node in report["brokers"]:
         assert verdicts(node)["retained on wildcard"] == "ok"
         assert values(node)["QoS 1 subscriptions"].startswith("63 granted, subscription 64 refused")
+
+
+def retained_on(url: str, topic: str) -> bool:
+    """Whether a retained message is kept on exactly `topic` (RabbitMQ 3.10 sends none to `#`)."""
+    inbox = Inbox()
+    t = client(url, inbox, protocol="3.1.1")
+    try:
+        t.subscribe(topic, wait=5)
+        return any(m.topic == topic and m.retain and m.payload for m in inbox.quiet(0.5))
+    finally:
+        t.stop()
+
+
+def test_rabbitmq_3_10_is_caught_as_unsupported(rabbitmq_broker: RabbitMq, edgectl: Edgectl) -> None:
+    """The verdicts on a private RabbitMQ node: retained messages are kept (across a restart too) and
+    delivered on their exact topic, but never to a '+' subscription, so the check fails naming the
+    consequences, as JSON and in the table, with exit code 1."""
+    assert rabbitmq_version().startswith("3.10.")
+    url = rabbitmq_broker.url
+    code, report = check(edgectl, url, "--before-restart")
+    assert (code, report["ok"], report["protocol"]) == (1, False, "3.1.1"), report
+    assert_expected(report, "rabbitmq")
+    wildcard = next(c for c in report["checks"] if c["check"] == "retained on wildcard")
+    assert wildcard["meaning"] == f"unsupported: edgefleet subscribes with '+' to retained documents. {RABBITMQ_NOTE}"
+    assert [c["check"] for c in report["checks"] if c["verdict"] == "fail"] == ["retained on wildcard"]
+    assert values(report)["retained after restart"] == "marker left"
+    assert report["leftovers"] == []
+    assert retained_on(url, MARKER)
+
+    rabbitmq_broker.restart()
+    code, report = check(edgectl, url, "--after-restart")
+    assert code == 1
+    assert_expected(report, "rabbitmq")
+    restart = next(c for c in report["checks"] if c["check"] == "retained after restart")
+    assert restart["verdict"] == "ok" and restart["value"].startswith("marker kept, left "), restart
+    assert not retained_on(url, MARKER)  # cleared once found
+
+    code, out, err = edgectl("broker", "check", "--broker", url, "--timeout", 3)
+    assert code == 1, err
+    text = " ".join(out.split())
+    assert "retained on wildcard │ fail │ none on a '+' subscription; delivered on the exact topic" in text
+    assert f"broker {url} (checked with MQTT 3.1.1) fails retained on wildcard" in text

@@ -67,7 +67,7 @@ def test_push_wait_succeeds_when_every_online_member_commits(broker: Mosquitto, 
     code, out, err = edgectl("push", bundle, "--group", "lab", "--key", key_dir, "--wait", "--timeout", 20,
                              "--broker", broker.url, "--json")
     assert code == 0, err
-    report = json.loads(out)
+    report = json.loads(out.splitlines()[-1])  # the summary follows the progress events (JSON Lines)
     verdicts = {d["device_id"]: d["verdict"] for d in report["devices"]}
     assert verdicts == {"cam-1": "committed", "cam-2": "committed", "cam-3": "pending"}
     assert report["ok"] is True
@@ -244,7 +244,7 @@ def test_the_whole_flow_through_the_shipped_acl(acl_broker: AclBroker, make_bund
         code, out, err = edgectl("push", make_bundle(name="acl-m"), "--group", "lab", "--key", key_dir, "--wait",
                                  "--timeout", 20, "--json", *login)
         assert code == 0, err
-        assert {d["verdict"] for d in json.loads(out)["devices"]} == {"committed"}
+        assert {d["verdict"] for d in json.loads(out.splitlines()[-1])["devices"]} == {"committed"}
         code, out, _ = edgectl("fleet", "status", "--json", "--group", "lab", *login)
         assert code == 0 and {d["device_id"] for d in json.loads(out)["devices"]} == {"dev-a", "dev-b"}
         code, _, err = edgectl("fleet", "status", "--broker", acl_broker.operator_url, "--username", OPERATOR,

@@ -1,4 +1,5 @@
-"""The MQTT engines besides Mosquitto as fixtures: NATS (one node, or a three-node cluster) and amqtt.
+"""The MQTT engines besides Mosquitto as fixtures: NATS (one node, or a three-node cluster), amqtt, and a
+private RabbitMQ node (an engine edgefleet does not support: `edgectl broker check` says why).
 
 `engine` is parametrized over every engine the suite proves edgefleet on (Mosquitto, NATS, amqtt):
 a test that takes it runs once per engine. `Site` is the agents and edgectl of a test on one broker
@@ -19,9 +20,10 @@ from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.amqtt import Amqtt
 from edgefleet.testing.broker import Mosquitto
 from edgefleet.testing.nats import Nats, NatsCluster
+from edgefleet.testing.rabbitmq import RabbitMq, missing
 from edgefleet.testing.waiting import wait_for
 
-__all__ = ["amqtt_broker", "engine", "nats_broker", "nats_cluster"]
+__all__ = ["amqtt_broker", "engine", "nats_broker", "nats_cluster", "rabbitmq_broker"]
 
 Protocol = Literal["auto", "5", "3.1.1"]
 Edgectl = Callable[..., tuple[int, str, str]]
@@ -87,6 +89,17 @@ def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Amqtt]:
     """A fresh amqtt broker for one test."""
     with Amqtt(tmp_path_factory.mktemp("amqtt")) as a:
         yield a
+
+
+@pytest.fixture
+def rabbitmq_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMq]:
+    """A fresh private RabbitMQ node with its MQTT plugin for one test; the test fails (never skips) when
+    RabbitMQ is not installed: `make test` installs it (deploy/system-deps.sh)."""
+    why = missing()
+    if why:
+        pytest.fail(why, pytrace=False)
+    with RabbitMq(tmp_path_factory.mktemp("rabbitmq")) as r:
+        yield r
 
 
 @pytest.fixture

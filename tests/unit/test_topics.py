@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHA = "0123456789abcdef" * 4
 HA = "homeassistant"
 
-LEAVES = ("cmd", "status", "availability", "state", "events", "telemetry")
+LEAVES = ("cmd", "status", "availability", "state", "events", "telemetry", "logs")
 
 # builder name -> (concrete topics it builds, the Route each parses back to)
 CONCRETE: dict[str, Callable[[Topics], list[tuple[str, Route]]]] = {
@@ -33,6 +33,7 @@ CONCRETE: dict[str, Callable[[Topics], list[tuple[str, Route]]]] = {
                                 Route("device_model", device="dev-1", model="digits"))],
     **{leaf: partial(lambda leaf, t: [(getattr(t, leaf)("dev-1"), Route(leaf, device="dev-1"))], leaf)
        for leaf in LEAVES},
+    "logs_recent": lambda t: [(t.logs_recent("dev-1"), Route("logs_recent", device="dev-1"))],
     "timestamp": lambda t: [(t.timestamp(), Route("timestamp"))],
     "inventory": lambda t: [(t.inventory(), Route("inventory"))],
     "sync": lambda t: [(t.sync("edgectl-0a1b2c3d4e"), Route("sync", client="edgectl-0a1b2c3d4e"))],
@@ -49,7 +50,7 @@ FILTERS: dict[str, Callable[[Topics], list[tuple[str, list[str], list[str]]]]] =
                                      [t.device_model("d1", "other"), t.group_model("g", "digits")])],
     "all_devices": lambda t: [(t.all_devices(leaf), [getattr(t, leaf)("d1"), getattr(t, leaf)("d2")],
                                [t.cmd("d1") if leaf != "cmd" else t.status("d1"), t.device_model("d1", leaf)])
-                              for leaf in ("status", "state", "events", "telemetry")],
+                              for leaf in ("status", "state", "events", "telemetry", "logs")],
     "all_deployments": lambda t: [(f, [t.device_model("d", "m") if "/devices/" in f else t.group_model("g", "m")],
                                    [t.chunk(SHA), t.status("d")]) for f in t.all_deployments()],
     "all_chunks": lambda t: [(t.all_chunks(), [t.chunk(SHA)], [t.inventory(), t.device_model("chunks", "m")])],
@@ -125,6 +126,7 @@ def test_discovery_topics_parse_back() -> None:
 @pytest.mark.parametrize("topic", [
     "edgefleet/chunks/" + SHA.upper(), "edgefleet/chunks/" + SHA + "/x", "edgefleet/chunks/", "other/chunks/" + SHA,
     "edgefleet/devices/d/telemetry/x", "edgefleet/devices/../telemetry", "edgefleet/devices/d/secrets",
+    "edgefleet/devices/d/logs/old", "edgefleet/devices/d/logs/recent/x",
     "edgefleet/sync/a/b", "edgefleet/sync/..",
 ])
 def test_matchers_refuse_what_is_not_the_contract(topic: str) -> None:
@@ -141,7 +143,7 @@ PACKAGE_DIRS = ("agent", "converter", "edgefleet")
 # The contract's topic levels (docs/protocol.md §1) and MQTT's shared-subscription head, as they appear in
 # the literal parts of an f-string that joins a topic.
 _LEVELS = re.compile(r"(^|/)(devices|groups|chunks|sync)/|/(models|cmd|status|availability|state|events|telemetry"
-                     r"|timestamp|inventory)(/|$)|\$share/|(^|/)[+#](/|$)")
+                     r"|logs|timestamp|inventory)(/|$)|\$share/|(^|/)[+#](/|$)")
 
 
 def _names_a_prefix(node: ast.AST) -> bool:
