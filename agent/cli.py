@@ -248,6 +248,12 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
         if prev:
             line += f"  previous v{prev['version']}"
         lines.append(line)
+        shadow, pending = m.get("shadow"), m.get("pending")
+        if shadow and pending:
+            lines.append(f"    shadow: v{pending['version']} {shadow_line(shadow)}")
+        drift = ((health or {}).get("models") or {}).get(name, {}).get("drift")
+        if drift:
+            lines.append(f"    drift: {drift_line(drift)}")
         outcome = m.get("last_outcome")
         if outcome:
             reason = f": {outcome['reason']}" if outcome.get("reason") else ""
@@ -256,6 +262,32 @@ def cmd_status(args: argparse.Namespace, config: AgentConfig) -> int:
         lines.append("  no model installed")
     print("\n".join(lines))
     return ExitCode.OK
+
+
+def drift_line(drift: dict[str, Any]) -> str:
+    """`x 0.031, outputs 0.012 over 400 samples` (`DRIFTING: x` when past the threshold)."""
+    scores = [f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in sorted((drift.get("inputs") or {}).items())]
+    if "outputs" in drift:
+        scores.append(f"outputs {drift['outputs']:.3f}")
+    text = f"{', '.join(scores) or 'no scores'} over {drift.get('samples', 0)} samples"
+    if drift.get("drifting"):
+        text += f"; DRIFTING: {', '.join(drift['drifting'])}"
+    elif all(v is None for v in (drift.get("inputs") or {}).values()):
+        text += " (too few to judge yet)"
+    return text
+
+
+def shadow_line(shadow: dict[str, Any]) -> str:
+    """`120/200 compared, agreement 98.3%, latency 1.02x, 31/600 s`: a shadow run's figures so far."""
+    parts = [f"{shadow.get('samples', 0)}/{shadow.get('min_samples', '?')} compared"]
+    if shadow.get("agreement") is not None:
+        parts.append(f"agreement {shadow['agreement']:.1%}")
+    if shadow.get("latency_ratio") is not None:
+        parts.append(f"latency {shadow['latency_ratio']:.2f}x")
+    parts.append(f"{shadow.get('elapsed_s', 0):.0f}/{shadow.get('window_s', 0):g} s")
+    if shadow.get("dropped"):
+        parts.append(f"{shadow['dropped']} dropped")
+    return ", ".join(parts)
 
 
 def _state_offline(config: AgentConfig) -> dict[str, Any]:

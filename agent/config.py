@@ -243,6 +243,32 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow probation, for deployments whose signed policy asks for it: the defaults of its policy
+    fields (a signed threshold can only tighten these) and the bounds of the work it may cost."""
+
+    sample_rate: float = checked(fraction, default=0.2)
+    """Share of live requests copied to the candidate."""
+    min_samples: int = checked(positive, default=200)
+    """Compared requests needed before the candidate may be activated."""
+    min_agreement: float = checked(fraction, default=0.98)
+    """Share of compared requests on which the candidate must agree with the active model."""
+    atol: float | None = checked(non_negative, default=None)
+    """Absolute tolerance per output value for outputs that are not class scores (None: the model's golden
+    tolerance per output)."""
+    rtol: float | None = checked(non_negative, default=None)
+    """Relative tolerance, as `atol`."""
+    max_latency_ratio: float = checked(positive, default=1.5)
+    """The candidate's median invoke time over the active model's, at most..."""
+    latency_slack_ms: float = checked(non_negative, default=1.0)
+    """...unless it is no more than this many ms slower (microsecond-scale models are all noise)."""
+    window_s: float = checked(positive, default=600.0)
+    """Longest time to collect `min_samples`; not enough traffic by then rejects the candidate."""
+    queue_size: int = checked(all_of(positive, at_most(1024)), default=16)
+    """Sampled requests waiting for the candidate; more are dropped, never waited for."""
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """On-disk model store."""
 
@@ -250,6 +276,29 @@ class StoreConfig:
     """Artifacts kept per model beyond the active and previous ones (older ones are pruned)."""
     max_models: int = checked(positive, default=64)
     """Model names this agent keeps a record of; a signed document for one more is refused."""
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Input drift: live inputs and outputs compared with the calibration data the bundle carries
+    (docs/operations.md, "Input drift"). Models whose bundle has no drift reference are not watched."""
+
+    enabled: bool = True
+    """Watch the inputs and outputs of models whose bundle carries a drift reference."""
+    sample_rate: float = checked(fraction, default=0.1)
+    """Share of successful requests whose inputs and outputs are binned (off the request path)."""
+    window: int = checked(all_of(positive, at_most(100_000)), default=400)
+    """Sampled instances a score covers at most: the most recent ones (older ones leave in eighths)."""
+    min_samples: int = checked(positive, default=200)
+    """Sampled instances the window must hold before a score is judged: under no drift the PSI of n
+    samples over 10 bins averages about 9/n, so 200 keeps that noise near 0.05, far below 0.25."""
+    threshold: float = checked(positive, default=0.25)
+    """A score at or above this raises a DRIFT event; it recovers below 0.8 x this."""
+
+    def __post_init__(self) -> None:
+        if self.min_samples > self.window:
+            raise ConfigError(f"drift.min_samples: {self.min_samples} is more than drift.window ({self.window}), "
+                              "so no score would ever be judged")
 
 
 @dataclass(frozen=True)
@@ -351,6 +400,8 @@ class AgentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)

@@ -26,13 +26,16 @@ from edgefleet.agent.fleet.delivery import ChunkStored
 from edgefleet.agent.fleet.link import Connection, FleetLink
 from edgefleet.agent.lifecycle.machine import Lifecycle
 from edgefleet.agent.lifecycle.store import Store
+from edgefleet.agent.serving.drift import OUTPUTS, DriftMonitor, DriftSettings
 from edgefleet.agent.serving.models import Roles, Serving
 from edgefleet.agent.systemd import Notifier
 from edgefleet.agent.telemetry.logs import LogForwarder
 from edgefleet.agent.telemetry.sampler import PromText, Sampler, model_figures, prometheus
+from edgefleet.drift import load_reference
 from edgefleet.errors import ActionError, ConfigError, EdgefleetError, InvalidInput, NotFound, Unavailable
-from edgefleet.protocol.documents import Event, Telemetry
+from edgefleet.protocol.documents import Deployment, Event, Telemetry
 from edgefleet.protocol.phases import Phase
+from edgefleet.protocol.schema import dump
 from edgefleet.protocol.signing import Keyring
 from edgefleet.transport import Message
 
@@ -67,7 +70,8 @@ class Daemon:
         self.keyring = Keyring.from_files(config.security.trusted_keys)
         self.serving = Serving(config.runtime.backend, config.runtime.num_threads, config.runtime.use_xnnpack,
                                keep_previous=config.runtime.keep_previous_loaded,
-                               keep_previous_max_mb=config.runtime.keep_previous_max_mb, roles=self._roles)
+                               keep_previous_max_mb=config.runtime.keep_previous_max_mb, roles=self._roles,
+                               drift=self._drift_monitor if config.drift.enabled else None)
         self.notifier = notifier or Notifier.from_environment()
         self.queue: queue.Queue[Any] = queue.Queue()
         self.stop_event = threading.Event()
@@ -159,6 +163,47 @@ class Daemon:
             target = None
         return Roles(on_probation=rec.phase is Phase.PROBATION, previous=target)
 
+    def _drift_monitor(self, name: str, doc: Deployment, output_names: tuple[str, ...]) -> DriftMonitor | None:
+        """For the serving path: the drift monitor of a model being activated, from the reference its
+        golden vectors carry (None without one; a reference that does not fit the model is logged)."""
+        try:
+            reference = load_reference(self.store.blob_path(doc.model.golden.sha256).read_bytes())
+            if reference is None:
+                return None
+            dc = self.config.drift
+            return DriftMonitor(reference, doc.model.inputs, doc.model.outputs, output_names,
+                                DriftSettings(sample_rate=dc.sample_rate, window=dc.window,
+                                              min_samples=dc.min_samples, threshold=dc.threshold))
+        except (OSError, ValueError, EdgefleetError) as err:
+            log.warning("model %s v%s: no drift watch: %s", name, doc.model.version, err)
+            return None
+
+    def _check_drift(self) -> None:
+        """Bin the sampled traffic of every served model; report each threshold crossing once (a DRIFT
+        event, not a lifecycle step), and its recovery."""
+        threshold = self.config.drift.threshold
+        for name in self.serving.names():
+            monitor = self.serving.drift_monitor(name)
+            served = self.serving.served(name)
+            if monitor is None or served is None:
+                continue
+            for c in monitor.update():
+                what = "the outputs" if c.key == OUTPUTS else f"input {c.key!r}"
+                if c.drifted:
+                    reason = (f"{what} of {name} v{served.version} drifted: PSI {c.score:.3f} over {c.samples} "
+                              f"samples is at or above drift.threshold {threshold:g}")
+                else:
+                    reason = (f"{what} of {name} v{served.version} is back: PSI {c.score:.3f} over {c.samples} "
+                              f"samples, below {0.8 * threshold:g}")
+                rec = self.lifecycle.state.record(name)
+                details = {"input": c.key if c.key != OUTPUTS else None, "outputs": c.key == OUTPUTS,
+                           "psi": round(c.score, 4), "samples": c.samples, "threshold": threshold,
+                           "scores": dump(monitor.figures())}
+                event = Event(ts=time.time(), device_id=self.config.device_id, model=name, step=rec.phase,
+                              ok=not c.drifted, version=served.version, reason=reason, details=details, kind="DRIFT")
+                log.log(logging.INFO if event.ok else logging.WARNING, "model %s: DRIFT: %s", name, reason)
+                self._on_event(event)
+
     def health(self) -> dict[str, Any]:
         """Live summary for /healthz and `edge-agent status`."""
         models = {}
@@ -171,6 +216,9 @@ class Daemon:
                 "requests": served.stats.count if served else 0,
                 "errors": served.stats.errors if served else 0,
             }
+            monitor = self.serving.drift_monitor(name)
+            if monitor is not None:
+                models[name]["drift"] = dump(monitor.figures())
         mqtt = None
         if self.link is not None:
             t = self.link.transport
@@ -298,6 +346,7 @@ class Daemon:
         if self.lifecycle.unhealthy is not None:
             self.mark_unhealthy(self.lifecycle.unhealthy)
         self._check_hangs()
+        self._check_drift()
         self._update_status()
         if self.link is not None:
             self.link.periodic()

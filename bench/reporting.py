@@ -43,6 +43,10 @@ GOALS: dict[str, tuple[str, str, float | None]] = {
     "V2_BINARY_ADDED_US": ("µs a v2 binary-extension infer over the Unix socket adds to a bare invoke at p50, "
                            "small model", "<=", 200),
     "ROLLBACK_S": ("s from rollback trigger to the previous model answering (median)", "<=", 0.5),
+    "SHADOW_OVERHEAD_RATIO": ("served p50 with a candidate shadowing 20 % of requests / served p50 without, "
+                              "medium model, same run", "<=", 1.05),
+    "SHADOW_DECISION_S": ("s from install to the shadow verdict at 50 req/s (200 samples at 20 %, median)", "<=", 30),
+    "SHADOW_PLAIN_P50_US": ("served p50 µs of the medium model without shadow (the overhead's baseline)", "", None),
     "PUSH_RATIO": ("push throughput / raw paho publish throughput, 64 KiB chunks", ">=", 0.8),
     "DELIVERY_RATIO": ("agent download+verify+store throughput / raw paho publish->subscribe, one Mosquitto "
                        "(median of the rounds' ratios)", ">=", 0.6),
@@ -58,6 +62,15 @@ GOALS: dict[str, tuple[str, str, float | None]] = {
     "HISTORY_PG_BASELINE": ("msg/s a bare paho subscriber counts under the same load (PostgreSQL's baseline)", "", None),
     "HISTORY_SQLITE_RATIO": ("HISTORY_INGEST_SQLITE / its baseline", "", None),
     "HISTORY_PG_RATIO": ("HISTORY_INGEST_PG / its baseline", "", None),
+    "DRIFT_DETECT_S": ("s from the first shifted request (x * 0.5 + 0.3) to the agent's DRIFT event, 50 req/s, "
+                       "drift defaults", "<=", 60),
+    "DRIFT_DETECT_THEORY_S": ("s the window needs in theory for that shift at 50 req/s x sample_rate (baseline)",
+                              "", None),
+    "DRIFT_FALSE_ALARMS": ("DRIFT events over DRIFT_FALSE_ALARM_S of in-distribution traffic on two agents", "<=", 0),
+    "DRIFT_FALSE_ALARM_S": ("s of in-distribution traffic the false alarms were counted over (600 without --quick)",
+                            "", None),
+    "DRIFT_CONTROL_EVENTS": ("DRIFT events of the control agent (in distribution) while the other one was shifted",
+                             "", None),
     "PROBE_OVER_REPUBLISH": ("time to learn which chunks the broker holds / time to republish them", "", None),
     "TRANSPORT_RECEIVE_RATIO": ("Transport receive speed / raw paho receive speed, 64 KiB chunks", "", None),
     "FLEET_AGENTS": ("agents in the fleet run", "", None),

@@ -57,11 +57,13 @@ EXPECTED = (
     Expected("convert_structured", "converter", 1200),
     Expected("convert_gate", "converter", 1800),
     Expected("agent_overhead", "overhead", 1800),
+    Expected("shadow", "overhead", 900),
     Expected("push", "delivery", 1200),
     Expected("delivery", "delivery", 1800),
     Expected("fleet_scale", "fleet", 2400),
     Expected("fleet_cluster", "fleet", 2400),
     Expected("history", "fleet", 1200),
+    Expected("drift", "fleet", 1200),
     Expected("reliability", "reliability", 2400),
 )
 DEFAULT_TIMEOUT_S = 1800.0

@@ -98,10 +98,13 @@ def load_golden(data: bytes, n_inputs: int, n_outputs: int) -> tuple[list[NDArra
     return inputs, outputs
 
 
-def dump_golden(inputs: list[NDArray[Any]], outputs: list[NDArray[Any]]) -> bytes:
-    """The bytes of a golden.npz holding these stacked samples."""
+def dump_golden(inputs: list[NDArray[Any]], outputs: list[NDArray[Any]],
+                extra: dict[str, NDArray[Any]] | None = None) -> bytes:
+    """The bytes of a golden.npz holding these stacked samples, and `extra` arrays beside them (the drift
+    reference, edgefleet/drift.py), which readers of the goldens ignore."""
     buf = io.BytesIO()
     arrays = {f"input_{i}": a for i, a in enumerate(inputs)}
     arrays.update({f"output_{j}": a for j, a in enumerate(outputs)})
+    arrays.update(extra or {})
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()

@@ -324,6 +324,9 @@ class FleetLink:
         if job is not None and job.doc.deployment_id == current.doc.deployment_id:
             self.downloads.cancel(name)
             self.lifecycle.withdraw(name, job.doc, "its deployment document was withdrawn")
+        elif self.lifecycle.state.record(name).phase is Phase.SHADOW:
+            # downloaded and validated, still shadowing: it must not be activated any more
+            self.lifecycle.withdraw(name, current.doc, "its deployment document was withdrawn")
         self._backoff.pop(name, None)
         self.reconcile(name)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -19,6 +19,8 @@ from edgefleet import __version__
 from edgefleet.agent import faults
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.lifecycle.probation import Decision, Limits, ServedLike, judge
+from edgefleet.agent.lifecycle.shadow import ShadowLimits, figures_of
+from edgefleet.agent.lifecycle.shadow import judge as judge_shadow
 from edgefleet.agent.lifecycle.store import (
     Activation,
     AgentState,
@@ -28,6 +30,7 @@ from edgefleet.agent.lifecycle.store import (
     Store,
 )
 from edgefleet.agent.lifecycle.validate import ValidationRequest, validate
+from edgefleet.agent.serving.shadow import ShadowFigures
 from edgefleet.errors import (
     Conflict,
     DeploymentRejected,
@@ -44,6 +47,7 @@ from edgefleet.protocol.documents import (
     Event,
     ModelState,
     Outcome,
+    ShadowProgress,
     Signed,
     Timestamp,
     Withdrawal,
@@ -63,7 +67,9 @@ MAX_COMMANDS_KEPT = 4096
 # Reasons travel in every event and in the retained state document.
 MAX_REASON = 500
 # Failures that say the model itself is unfit: they raise the version floor.
-FLOOR_STEPS = frozenset({Phase.VALIDATING, Phase.ACTIVATING})
+FLOOR_STEPS = frozenset({Phase.VALIDATING, Phase.SHADOW, Phase.ACTIVATING})
+# A SHADOW event with the figures so far this often while a shadow run collects samples.
+SHADOW_REPORT_S = 5.0
 
 _D = TypeVar("_D", Deployment, Command, Withdrawal, Timestamp)
 
@@ -73,6 +79,10 @@ class ServingLike(Protocol):
 
     def activate(self, name: str, model_path: Path, deployment: Deployment) -> None: ...  # noqa: D102
     def deactivate(self, name: str) -> None: ...  # noqa: D102
+    def start_shadow(self, name: str, model_path: Path, deployment: Deployment, *, sample_rate: float,  # noqa: D102
+                     queue_size: int, atol: float | None = None, rtol: float | None = None) -> None: ...
+    def stop_shadow(self, name: str) -> None: ...  # noqa: D102
+    def shadow_figures(self, name: str) -> ShadowFigures | None: ...  # noqa: D102
     def served(self, name: str) -> ServedLike | None: ...  # noqa: D102
 
 
@@ -94,6 +104,8 @@ class Lifecycle:
         self.unhealthy: str | None = None
         self.last_refusal: str | None = None
         """Reason of the last document refused by `precheck` (nothing is saved for those)."""
+        self.shadows: dict[str, _ShadowRun] = {}
+        """Deployments in SHADOW, per name: kept in memory only (a restart starts their shadow run again)."""
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -133,6 +145,7 @@ class Lifecycle:
                 phase=rec.phase, active=rec.active.slot() if rec.active else None,
                 previous=rec.previous.slot() if rec.previous else None, pending=pending,
                 last_outcome=rec.last_outcome, progress=self.progress.get(name),
+                shadow=self._shadow_progress(name, rec),
             )
         return DeviceState(device_id=self.config.device_id, ts=self.clock(), agent_version=__version__,
                            models=models)
@@ -355,8 +368,10 @@ class Lifecycle:
         if rec.pending is None or rec.pending_id != doc.deployment_id:
             return
         self.progress.pop(name, None)
+        if rec.phase is Phase.SHADOW:
+            self._end_shadow(name)
         self._set_phase(name, _resting_phase(rec), pending=None)
-        self.emit(name, Phase.DOWNLOADING, False, doc, reason)
+        self.emit(name, Phase.SHADOW if rec.phase is Phase.SHADOW else Phase.DOWNLOADING, False, doc, reason)
 
     def _adopt(self, signed: Signed[Deployment]) -> None:
         """A new document (a re-issue: new id, expiry or policy) for the model already running: take it over."""
@@ -478,6 +493,9 @@ class Lifecycle:
             faults.point("install:stored")
             figures = self._validate(doc)
             faults.point("install:validated")
+            if self._wants_shadow(doc):
+                self._start_shadow(signed, figures)
+                return Phase.SHADOW
             self._activate(signed, figures)
         except DeploymentRejected as err:
             self.reject(name, signed.raw, err)
@@ -581,7 +599,10 @@ class Lifecycle:
     # --- probation -----------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Judge every model on probation: roll back on live evidence, commit when the window passes."""
+        """Judge every model on probation: roll back on live evidence, commit when the window passes; and
+        every shadow run: activate or reject its candidate once the figures decide."""
+        for name in list(self.shadows):
+            self._tick_shadow(name)
         for name, rec in list(self.state.models.items()):
             if rec.phase is not Phase.PROBATION or rec.active is None or rec.probation is None:
                 continue
@@ -598,6 +619,94 @@ class Lifecycle:
                 self.rollback(name, verdict.reason, figures=verdict.figures)
             else:
                 self.commit(name, verdict.figures)
+
+    # --- shadow probation ---------------------------------------------------------------------
+
+    def _wants_shadow(self, doc: Deployment) -> bool:
+        """The policy asks for shadow probation and there is an active model to shadow (a first install
+        has nothing to compare with: it goes on to ACTIVATING and probation as usual)."""
+        if doc.policy.shadow is None or self.serving is None:
+            return False
+        if self.serving.served(doc.model.name) is None:
+            log.info("model %s: no active model to shadow; v%s goes on without shadow probation", doc.model.name,
+                     doc.model.version)
+            return False
+        return True
+
+    def _start_shadow(self, signed: Signed[Deployment], figures: dict[str, Any]) -> None:
+        """Load the validated candidate beside the active model and start sampling live requests."""
+        doc = signed.doc
+        name = doc.model.name
+        assert self.serving is not None and doc.policy.shadow is not None
+        limits = ShadowLimits.effective(self.config, doc.policy.shadow)
+        self._set_phase(name, Phase.SHADOW)
+        try:
+            self.serving.start_shadow(name, self.store.blob_path(doc.model.artifact.sha256), doc,
+                                      sample_rate=limits.sample_rate, queue_size=limits.queue_size,
+                                      atol=limits.atol, rtol=limits.rtol)
+        except EdgefleetError as err:
+            raise DeploymentRejected(f"shadow: the candidate does not load beside the active model: {err}",
+                                     step=Phase.SHADOW) from err
+        self.shadows[name] = _ShadowRun(signed=signed, validation=figures, limits=limits,
+                                        next_report=self.clock() + SHADOW_REPORT_S)
+        self.emit(name, Phase.SHADOW, True, doc, None, sample_rate=limits.sample_rate, min_samples=limits.min_samples,
+                  min_agreement=limits.min_agreement, max_latency_ratio=limits.max_latency_ratio,
+                  window_s=limits.window_s)
+
+    def _end_shadow(self, name: str) -> _ShadowRun | None:
+        """Stop the shadow run of `name` and unload its candidate."""
+        run = self.shadows.pop(name, None)
+        if self.serving is not None:
+            self.serving.stop_shadow(name)
+        return run
+
+    def _tick_shadow(self, name: str) -> None:
+        run = self.shadows[name]
+        doc = run.signed.doc
+        rec = self.state.record(name)
+        if rec.phase is not Phase.SHADOW or rec.pending_id != doc.deployment_id:
+            self._end_shadow(name)  # superseded by another document, withdrawn or rejected meanwhile
+            return
+        assert self.serving is not None
+        measured = self.serving.shadow_figures(name)
+        if measured is None or measured.deployment_id != doc.deployment_id:
+            self._end_shadow(name)
+            self.reject(name, run.signed.raw, DeploymentRejected(
+                "shadow: the active model changed during shadow probation (a rollback); push again",
+                step=Phase.SHADOW, retry=True))
+            return
+        verdict = judge_shadow(run.limits, measured)
+        run.figures = verdict.figures if verdict is not None else figures_of(measured, run.limits)
+        if verdict is None:
+            if self.clock() >= run.next_report:
+                run.next_report = self.clock() + SHADOW_REPORT_S
+                self.emit(name, Phase.SHADOW, True, doc, None, **_scalars(run.figures))
+            return
+        self._end_shadow(name)  # the candidate is unloaded before anything else: memory
+        if not verdict.passed:
+            self.reject(name, run.signed.raw, DeploymentRejected(
+                verdict.reason, step=Phase.SHADOW, details=verdict.figures, retry=verdict.retry))
+            return
+        self.emit(name, Phase.SHADOW, True, doc, None, passed=True, **_scalars(verdict.figures))
+        figures = {**run.validation, **{f"shadow_{k}": v for k, v in verdict.figures.items()
+                                        if k in ("samples", "agreement", "latency_ratio")}}
+        try:
+            self._activate(run.signed, figures)
+        except DeploymentRejected as err:
+            self.reject(name, run.signed.raw, err)
+        except StoreError as err:
+            self.reject(name, run.signed.raw, DeploymentRejected(f"store: {err}", step=Phase.ACTIVATING))
+
+    def _shadow_progress(self, name: str, rec: ModelRecord) -> ShadowProgress | None:
+        """The state document's `shadow` of a model in SHADOW: the figures of the last tick."""
+        run = self.shadows.get(name)
+        if run is None or rec.phase is not Phase.SHADOW or rec.pending_id != run.signed.doc.deployment_id:
+            return None
+        f = run.figures
+        return ShadowProgress(samples=int(f.get("samples") or 0), min_samples=run.limits.min_samples,
+                              agreement=f.get("agreement"), latency_ratio=f.get("latency_ratio"),
+                              elapsed_s=float(f.get("elapsed_s") or 0.0), window_s=run.limits.window_s,
+                              dropped=int(f.get("dropped") or 0))
 
     def commit(self, name: str, figures: dict[str, Any] | None = None) -> None:
         """Probation passed: the active model becomes the committed one."""
@@ -646,6 +755,18 @@ class Lifecycle:
         self.emit(name, Phase.ROLLED_BACK, False, failed.deployment, reason,
                   restored_version=restored.version if restored else None, **_scalars(figures or {}))
         self.store.prune(self.state)
+
+
+@dataclass
+class _ShadowRun:
+    """A deployment in SHADOW: its document, its validation figures (for the activation that may follow),
+    its limits, and the figures of the last tick."""
+
+    signed: Signed[Deployment]
+    validation: dict[str, Any]
+    limits: ShadowLimits
+    next_report: float
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def _resting_phase(rec: ModelRecord, otherwise: Phase | None = None) -> Phase:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edgefleet.agent.serving.drift import DriftMonitor
+from edgefleet.agent.serving.shadow import Comparator, ShadowFigures, ShadowRunner
 from edgefleet.agent.serving.stats import ModelStats
 from edgefleet.errors import RequestError, RuntimeBackendError
 from edgefleet.protocol.documents import Deployment, TensorSpec
@@ -86,7 +88,7 @@ class _Live:
     __slots__ = ("model", "lock", "stats", "retired", "served", "in_idx", "out_idx", "n_in", "n_out", "in0",
                  "out0", "shapes", "set", "get", "invoke", "plans", "dynamic_batch", "aliases", "out_quant",
                  "labels", "top_k", "output_names", "quantized_out", "plain", "native0", "good", "reload",
-                 "label_out")
+                 "label_out", "drift")
 
     def __init__(self, name: str, model: LoadedModel, path: Path, deployment: Deployment,
                  reload: Callable[[], LoadedModel] | None = None) -> None:
@@ -96,6 +98,8 @@ class _Live:
         self.lock = threading.Lock()
         self.stats = ModelStats()
         self.retired = False
+        self.drift: DriftMonitor | None = None
+        """Samples this model's live traffic for drift while it is the active version (agent/serving/drift.py)."""
         it = model.interpreter
         in_details = it.get_input_details()
         input_names = distinct_names(model.inputs, signature_names(it, "inputs"))
@@ -224,7 +228,10 @@ class Serving:
 
     def __init__(self, backend: str = "auto", num_threads: int | None = None, use_xnnpack: bool = True,
                  *, max_batch: int = DEFAULT_MAX_BATCH, warm_up: bool = True, keep_previous: bool = True,
-                 keep_previous_max_mb: float = 256.0, roles: Callable[[str], Roles | None] | None = None) -> None:
+                 keep_previous_max_mb: float = 256.0, roles: Callable[[str], Roles | None] | None = None,
+                 drift: Callable[[str, Deployment, tuple[str, ...]], DriftMonitor | None] | None = None) -> None:
+        self.drift = drift
+        """Builds the drift monitor of an activated model (name, deployment, output names), or None."""
         self.backend = backend
         self.num_threads = num_threads
         self.use_xnnpack = use_xnnpack
@@ -240,6 +247,8 @@ class Serving:
         self.roles = roles
         """Which version is on probation and which is the rollback target; None: no lifecycle (tests, CLI)."""
         self._kept: dict[str, _Live] = {}
+        self._shadows: dict[str, ShadowRunner] = {}
+        """Candidates shadowing the active model, per name; replaced whole, read without a lock."""
         self._load_lock = threading.Lock()  # one on-demand load of a previous version at a time
 
     # -- the set of models -------------------------------------------------------------------
@@ -256,10 +265,13 @@ class Serving:
             live = kept
         else:
             live = self._load(name, model_path, deployment)
+        self.stop_shadow(name)  # it compared against the model being replaced
         with self._swap_lock:
             old = self._live.get(name)
             self._live = {**self._live, name: live}
             live.retired = False
+            if live.drift is None and self.drift is not None:
+                live.drift = self.drift(name, deployment, live.output_names)
             if self._kept.get(name) is live:
                 del self._kept[name]
             if old is not None and self._keepable(old, live):
@@ -298,6 +310,7 @@ class Serving:
 
     def deactivate(self, name: str) -> None:
         """Stop serving `name` (nothing happens when it is not served); requests in flight finish."""
+        self.stop_shadow(name)
         with self._swap_lock:
             self._kept.pop(name, None)
             old = self._live.get(name)
@@ -316,6 +329,11 @@ class Serving:
                     if self._kept.get(name) is kept:
                         del self._kept[name]
                 log.info("model %s: v%s unloaded (no longer the rollback target)", name, kept.served.version)
+
+    def drift_monitor(self, name: str) -> DriftMonitor | None:
+        """The drift monitor of the version served as `name`, or None (no reference, or not served)."""
+        live = self._live.get(name)
+        return live.drift if live is not None else None
 
     def names(self) -> list[str]:
         """Names of the models being served, sorted."""
@@ -420,6 +438,83 @@ class Serving:
                     self._kept[name] = kept
             return kept
 
+    # -- shadow runs (agent/serving/shadow.py) -------------------------------------------------
+
+    def start_shadow(self, name: str, model_path: Path, deployment: Deployment, *, sample_rate: float,
+                     queue_size: int, atol: float | None = None, rtol: float | None = None) -> None:
+        """Load `model_path` beside the active model of `name` and have it answer a sampled share of the
+        requests the active model serves, off the request path.
+
+        RequestError when nothing is served as `name`; RuntimeBackendError when the candidate does not
+        load. `atol`/`rtol` replace the candidate's golden tolerances for outputs that are not class scores.
+        """
+        active = self._lookup(name)
+        cand = self._load(name, model_path, deployment)
+        cand.retired = True  # never takes over a request waiting for the active model
+        spec = deployment.model
+        tolerances = tuple(
+            (atol if atol is not None else spec.output_tolerance(i).atol,
+             rtol if rtol is not None else spec.output_tolerance(i).rtol)
+            if i < len(spec.outputs) else (atol or 1e-4, rtol or 1e-3)
+            for i in range(cand.n_out))
+        classes = (active.label_out, cand.label_out) if active.label_out is not None and \
+            cand.label_out is not None else None
+        comparator = Comparator(classes=classes, active_labels=active.labels, candidate_labels=cand.labels,
+                                tolerances=tolerances)
+        max_batch = self.max_batch
+
+        def run(inputs: Any, batch_dim: bool) -> tuple[list[NDArray[Any]], float]:
+            arrays, n, _ = prepare(cand.plans, cand.aliases, inputs, max_batch, batch_dim)
+            whole = cand.dynamic_batch or _whole_batch(cand, n)
+            with cand.lock:
+                t0 = _now()
+                if whole:
+                    outs = _invoke(cand, arrays)
+                else:
+                    parts = [_invoke(cand, [x[i:i + 1] if p.rank else x for x, p in
+                                            zip(arrays, cand.plans, strict=True)]) for i in range(n)]
+                    outs = [np.concatenate(c) for c in zip(*parts, strict=True)]
+                seconds = _now() - t0
+            return [dequantize(y, q) for y, q in zip(outs, cand.out_quant, strict=True)], seconds
+
+        def active_p50(window_s: float) -> float | None:
+            current = self._live.get(name)
+            if current is None:
+                return None
+            return current.stats.snapshot(max(window_s, 1.0)).p50_ms
+
+        runner = ShadowRunner(deployment.deployment_id, active.served.deployment.deployment_id, run, comparator,
+                              sample_rate=sample_rate, queue_size=queue_size, active_p50_ms=active_p50)
+        runner.start()
+        with self._swap_lock:
+            old = self._shadows.get(name)
+            self._shadows = {**self._shadows, name: runner}
+        if old is not None:
+            old.stop()
+        log.info("model %s: v%s shadows v%s on %.0f%% of requests", name, spec.version, active.served.version,
+                 100 * sample_rate)
+
+    def stop_shadow(self, name: str) -> None:
+        """End the shadow run of `name`, if any, and unload its candidate."""
+        with self._swap_lock:
+            runner = self._shadows.get(name)
+            if runner is None:
+                return
+            self._shadows = {k: v for k, v in self._shadows.items() if k != name}
+        runner.stop()
+        log.info("model %s: shadow run of %s ended, candidate unloaded", name, runner.deployment_id)
+
+    def shadow_figures(self, name: str) -> ShadowFigures | None:
+        """What the shadow run of `name` measured so far (None: none runs)."""
+        runner = self._shadows.get(name)
+        return runner.figures() if runner is not None else None
+
+    def _offer(self, name: str, live: _Live, inputs: Any, batch_dim: bool, outs: list[NDArray[Any]]) -> None:
+        """A request the active model answered: the shadow run of `name` may sample it."""
+        runner = self._shadows.get(name)
+        if runner is not None and runner.against == live.served.deployment.deployment_id:
+            runner.offer(inputs, batch_dim, outs, live.out_quant)
+
     def _lookup(self, name: str) -> _Live:
         live = self._live.get(name)
         if live is None:
@@ -435,7 +530,10 @@ class Serving:
         live = self._live.get(name)
         if live is None:
             live = self._lookup(name)
-        return self._run(name, live, arrays)[1]
+        ran, outs = self._run(name, live, arrays)
+        if self._shadows:
+            self._offer(name, ran, list(arrays), True, outs)
+        return outs
 
     def _run(self, name: str, live: _Live, arrays: Sequence[NDArray[Any]]) -> tuple[_Live, list[NDArray[Any]]]:
         """One invoke on `live` (or on the model that replaced it while we queued); return which ran it."""
@@ -489,6 +587,8 @@ class Serving:
             if type(x) is np.ndarray and x.dtype == live.plain and x.shape == live.shapes[0] and \
                     x.flags.c_contiguous and (x.ndim == 0 or 0 < x.shape[0] <= self.max_batch):
                 ran, outs = self._run(name, live, [x])
+                if self._shadows:
+                    self._offer(name, ran, inputs, batch_dim, outs)
                 if ran is live or ran.plain == x.dtype:  # a model swapped in meanwhile took it as it was
                     return self._finish(ran, outs, raw or ran.native0, top_k)
                 return self.predict(name, inputs, raw=raw, batch_dim=batch_dim, top_k=top_k, version=version,
@@ -513,6 +613,8 @@ class Serving:
                 outs = [np.concatenate(c) for c in zip(*parts, strict=True)]
         finally:
             lock.release()
+        if self._shadows and not pinned:
+            self._offer(name, live, inputs, batch_dim, outs)
         return self._finish(live, outs, raw or native, top_k)
 
     @staticmethod
@@ -570,6 +672,8 @@ def _invoke(live: _Live, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
     t1 = _now()
     stats.started[0] = 0.0
     stats.add_serialised(t1 - t0, True, t1)  # the model's lock serialises its writers
+    if live.drift is not None:
+        live.drift.offer(arrays, outs)
     if resize:
         live.good = live.shapes
     return outs

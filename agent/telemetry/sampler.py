@@ -85,9 +85,12 @@ def model_figures(serving: object, phases: dict[str, tuple[Phase, int | None]], 
             out.append(ModelTelemetry(name=name, version=version, phase=phase, count=0, errors=0))
             continue
         snap = served.stats.snapshot(window_s)
+        drift_monitor = getattr(serving, "drift_monitor", None)
+        monitor = drift_monitor(name) if drift_monitor is not None else None
         out.append(ModelTelemetry(
             name=name, version=served.version, phase=phase, count=served.stats.count, errors=served.stats.errors,
             p50_ms=_r(snap.p50_ms), p95_ms=_r(snap.p95_ms), p99_ms=_r(snap.p99_ms), max_ms=_r(snap.max_ms),
+            drift=monitor.figures() if monitor is not None else None,
         ))
     return out
 
@@ -184,6 +187,24 @@ def prometheus(t: Telemetry, out: PromText | None = None, *, mqtt_connected: boo
         for m in t.models:
             for phase in Phase:
                 w.sample("edgefleet_model_phase", int(phase == m.phase), model=m.name, phase=phase)
+    drifting = [m for m in t.models if m.drift is not None]
+    if drifting:
+        w.family("edgefleet_drift_psi", "gauge", "Drift of each model input: population stability index of the "
+                 "sampled live values against the bundle's calibration data (0.1 moderate, 0.25 large); absent "
+                 "until the window holds drift.min_samples.")
+        for m in drifting:
+            assert m.drift is not None
+            for name, value in sorted(m.drift.inputs.items()):
+                w.sample("edgefleet_drift_psi", value, model=m.name, input=name)
+        w.family("edgefleet_drift_output_psi", "gauge", "Drift of each model's outputs: the largest population "
+                 "stability index over its outputs against the converted model's answers to the calibration data.")
+        for m in drifting:
+            assert m.drift is not None
+            w.sample("edgefleet_drift_output_psi", m.drift.outputs, model=m.name)
+        w.family("edgefleet_drift_samples", "gauge", "Sampled live instances the drift scores cover.")
+        for m in drifting:
+            assert m.drift is not None
+            w.sample("edgefleet_drift_samples", m.drift.samples, model=m.name)
     return w.text() if own else ""
 
 

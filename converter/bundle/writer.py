@@ -21,7 +21,9 @@ from numpy.typing import NDArray
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, dump_golden
 from edgefleet.converter.bundle import golden
+from edgefleet.converter.bundle.reference import REFERENCE_SAMPLES, build_reference
 from edgefleet.converter.tflite.interpreters import Interpreter
+from edgefleet.drift import REFERENCE_ARRAY, DriftReference, reference_array
 from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.protocol import (
     DEFAULT_CHUNK_SIZE,
@@ -39,7 +41,7 @@ from edgefleet.protocol import (
 )
 from edgefleet.protocol.documents import new_deployment_id
 from edgefleet.runtime import LoadedModel, load_model
-from edgefleet.tensors import distinct_names, label_binding_problem, signature_names
+from edgefleet.tensors import distinct_names, label_binding_problem, labelled_output, signature_names
 
 DEFAULT_EXPIRY_S = 90 * 24 * 3600
 
@@ -73,6 +75,11 @@ class BundleSpec:
     expires_in_s: int = DEFAULT_EXPIRY_S
     target: str | None = None
     """``device:ID`` or ``group:NAME`` signed into the manifest, so `push` can publish it without the key."""
+    reference_inputs: list[NDArray[Any]] | None = None
+    """Calibration samples stacked like `golden_inputs`, for the drift reference (converter/bundle/reference.py)
+    carried in golden.npz; None: the bundle carries none and its boards watch no drift."""
+    reference_source: dict[str, Any] = field(default_factory=dict)
+    """Where those samples came from, recorded in the reference."""
 
 
 def label_problem(model: LoadedModel, labels: Sequence[str], output: str | None) -> str | None:
@@ -171,7 +178,9 @@ def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSp
     checked = golden.plan(model_bytes, model.outputs, golden_inputs, reference, interpreters,
                           samples=spec.golden_samples, seed=spec.seed)
     chosen = np.asarray(checked.indices, dtype=np.intp)
-    golden_bytes = dump_golden([x[chosen] for x in golden_inputs], [y[chosen] for y in reference])
+    drift = drift_reference(model, spec)
+    golden_bytes = dump_golden([x[chosen] for x in golden_inputs], [y[chosen] for y in reference],
+                               {REFERENCE_ARRAY: reference_array(drift)} if drift is not None else None)
     tolerance, tolerances = golden.manifest_tolerances(checked.tolerances)
     deployment = build_deployment(model_bytes, golden_bytes, spec, model.inputs, model.outputs, tolerance,
                                   tolerances=tolerances)
@@ -181,10 +190,40 @@ def write_bundle(out: str | os.PathLike[str], model_bytes: bytes, spec: BundleSp
         MODEL_FILE: model_bytes,
         GOLDEN_FILE: golden_bytes,
         MANIFEST_FILE: canonical_json(manifest),
-        REPORT_FILE: canonical_json({**spec.report, "golden_check": checked.to_dict()}),
+        REPORT_FILE: canonical_json({**spec.report, "golden_check": checked.to_dict(),
+                                     "drift_reference": drift_summary(drift)}),
     }
     write_directory_atomically(dest, files, overwrite=overwrite)
     return deployment
+
+
+def drift_reference(model: LoadedModel, spec: BundleSpec) -> DriftReference | None:
+    """The drift reference of `spec.reference_inputs` (at most REFERENCE_SAMPLES of them), or None."""
+    if not spec.reference_inputs:
+        return None
+    if len(spec.reference_inputs) != len(model.inputs):
+        raise BundleError(f"calibration data: model takes {len(model.inputs)} inputs, got {len(spec.reference_inputs)}")
+    inputs = [np.ascontiguousarray(x[:REFERENCE_SAMPLES], dtype=np.dtype(s.dtype))
+              for x, s in zip(spec.reference_inputs, model.inputs, strict=True)]
+    try:
+        outputs = run_samples(model, inputs)
+    except Exception as err:  # the interpreter reports a failing invoke as RuntimeError/ValueError
+        raise BundleError(f"the model fails on the calibration data: {err}") from err
+    names = distinct_names(model.outputs, signature_names(model.interpreter, "outputs"))
+    labelled = labelled_output(model.outputs, names, spec.labels, spec.labels_output) if spec.labels else None
+    return build_reference(model, inputs, outputs, labelled_output=labelled, source=spec.reference_source)
+
+
+def drift_summary(ref: DriftReference | None) -> dict[str, Any] | None:
+    """The report's `drift_reference` section: what the boards will compare live traffic with."""
+    if ref is None:
+        return None
+    return {"samples": ref.samples, "bytes": len(canonical_json(ref.to_dict())), "source": ref.source,
+            "inputs": [{"name": r.name, "layout": r.layout, "channels": r.channels,
+                        "mean": [round(v, 4) for v in r.mean[:8]], "std": [round(v, 4) for v in r.std[:8]]}
+                       for r in ref.inputs],
+            "outputs": [{"name": r.name, "kind": r.kind, "channels": r.channels,
+                         **({"top1_freq": list(r.freq[0])} if r.kind == "top1" else {})} for r in ref.outputs]}
 
 
 def write_directory_atomically(dest: Path, files: dict[str, bytes], *, overwrite: bool = False) -> None:

@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or default_name(args.src)
     spec = BundleSpec(name=name, version=args.version, golden_inputs=result.golden_inputs, labels=labels,
                       labels_output=args.labels_output, top_k=args.top_k, mean=mean, std=std, metrics=metrics(report), report=report,
-                      golden_samples=args.golden_samples, seed=args.seed)
+                      golden_samples=args.golden_samples, seed=args.seed,
+                      reference_inputs=result.reference_inputs, reference_source=result.reference_source)
     deployment = write_bundle(out, result.model, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
     print_written(out, name, args.version, deployment, report, args.json)
     return 0

@@ -41,6 +41,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--name", type=model_name, required=True, help="model name")
     p.add_argument("--version", metavar="N", type=version_number, required=True, help="integer model version")
     p.add_argument("--data", metavar="FILE.npz", help="samples 'x' (and optional labels 'y') for golden vectors")
+    p.add_argument("--calibration", metavar="FILE.npz",
+                   help="representative samples 'x' for the drift reference the boards compare live inputs "
+                        "with (default: --data)")
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed for random golden inputs (default 0)")
     add_bundle_options(p, labels_help="class names, one per line (default: from TFLite metadata)",
                        mean_help="normalisation mean (default: from metadata)",
@@ -71,12 +74,14 @@ def run(args: argparse.Namespace) -> int:
     data = read_tflite(args.model)
     packaged = package(args.model, data, input_mean=args.input_mean, input_std=args.input_std,
                        labels_file=args.labels, data_file=args.data, top_k=args.top_k,
-                       golden_samples=args.golden_samples, latency_runs=args.latency_runs, seed=args.seed)
+                       golden_samples=args.golden_samples, latency_runs=args.latency_runs, seed=args.seed,
+                       calibration_file=args.calibration)
     report = packaged.report
     spec = BundleSpec(name=args.name, version=args.version, golden_inputs=packaged.golden_inputs,
                       labels=packaged.labels, labels_output=args.labels_output, top_k=args.top_k,
                       mean=packaged.mean, std=packaged.std, metrics=metrics(report), report=report,
-                      golden_samples=args.golden_samples, seed=args.seed)
+                      golden_samples=args.golden_samples, seed=args.seed,
+                      reference_inputs=packaged.reference_inputs, reference_source=packaged.reference_source or {})
     deployment = write_bundle(out, data, spec, key=key, overwrite=args.force, interpreters=args.interpreters)
     print_written(out, args.name, args.version, deployment, report, args.json)
     return 0

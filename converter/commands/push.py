@@ -120,6 +120,21 @@ def add_parser(subparsers: Any) -> None:
     pol.add_argument("--version-label", dest="version_labels", action="append", metavar="LABEL",
                      help="a name for this version on the devices' local API (/v1/models/M/labels/LABEL); repeat "
                           "for several")
+    pol.add_argument("--shadow", action="store_true",
+                     help="shadow probation: before the switch the new model runs beside the active one on a "
+                          "sampled share of live requests and must agree with it (each device's [shadow] "
+                          "defaults; the --shadow-* options set their own and imply --shadow)")
+    pol.add_argument("--shadow-sample-rate", type=float, metavar="F", help="share of live requests copied (0-1)")
+    pol.add_argument("--shadow-min-samples", type=int, metavar="N", help="compared requests needed for a verdict")
+    pol.add_argument("--shadow-min-agreement", type=float, metavar="F",
+                     help="share of compared requests that must agree (0-1; top-1 class for classifiers)")
+    pol.add_argument("--shadow-atol", type=float, metavar="A", help="absolute tolerance for outputs that are not "
+                                                                     "class scores")
+    pol.add_argument("--shadow-rtol", type=float, metavar="R", help="relative tolerance, as --shadow-atol")
+    pol.add_argument("--shadow-max-latency-ratio", type=float, metavar="X",
+                     help="reject when the new model's median invoke is above X times the active one's")
+    pol.add_argument("--shadow-window", type=float, metavar="S",
+                     help="reject when fewer than the samples needed came in S seconds (not enough traffic)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be published, to whom, and what each device would fetch; publish nothing")
     p.add_argument("--wait", action="store_true", help="wait until the online targets committed the deployment")
@@ -138,7 +153,17 @@ def _policy(args: argparse.Namespace) -> dict[str, Any]:
     """The signed policy options given on the command line."""
     return signed_policy(probation_s=args.probation, max_error_rate=args.max_error_rate,
                          max_latency_ratio=args.max_latency_ratio, max_latency_ms=args.max_latency_ms,
-                         allow_downgrade=args.allow_downgrade, version_labels=args.version_labels or ())
+                         allow_downgrade=args.allow_downgrade, version_labels=args.version_labels or (),
+                         shadow=_shadow_policy(args))
+
+
+def _shadow_policy(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`policy.shadow` from --shadow and the --shadow-* options (None: no shadow probation asked for)."""
+    fields = {"sample_rate": args.shadow_sample_rate, "min_samples": args.shadow_min_samples,
+              "min_agreement": args.shadow_min_agreement, "atol": args.shadow_atol, "rtol": args.shadow_rtol,
+              "max_latency_ratio": args.shadow_max_latency_ratio, "window_s": args.shadow_window}
+    given = {k: v for k, v in fields.items() if v is not None}
+    return given if args.shadow or given else None
 
 
 def _sayer(args: argparse.Namespace) -> Callable[[str], None]:

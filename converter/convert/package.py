@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgefleet.converter.bundle.golden import POOL_SAMPLES
+from edgefleet.converter.bundle.reference import REFERENCE_SAMPLES
 from edgefleet.converter.convert.data import (
     check_inputs,
     check_labels,
@@ -43,16 +44,20 @@ class Packaged:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     labels: tuple[str, ...] | None
+    reference_inputs: list[NDArray[Any]] | None = None
+    """Samples for the drift reference (from --calibration, else --data), stacked like `golden_inputs`."""
+    reference_source: dict[str, Any] | None = None
 
 
 def package(path: str, data: bytes, *, input_mean: str | None = None, input_std: str | None = None,
             labels_file: str | None = None, data_file: str | None = None, top_k: int = 5, golden_samples: int = 8,
-            latency_runs: int = 100, seed: int = 0) -> Packaged:
+            latency_runs: int = 100, seed: int = 0, calibration_file: str | None = None) -> Packaged:
     """Check, measure and report the model `data` read from `path`; UsageError naming the file otherwise.
 
     Normalisation (`input_mean`, `input_std`: comma-separated) and `labels_file` default to the model's
     metadata; golden candidates come from `data_file` (a .npz with 'x', and 'y' for the accuracy) or
-    from random inputs (`seed`); `top_k` is recorded for the bundle.
+    from random inputs (`seed`); `top_k` is recorded for the bundle. The drift reference is counted over
+    `calibration_file` (a .npz with 'x'), else over `data_file`; without either the bundle carries none.
     """
     started = time.perf_counter()
     try:
@@ -92,10 +97,24 @@ def package(path: str, data: bytes, *, input_mean: str | None = None, input_std:
         golden = random_inputs(model.inputs, max(golden_samples, POOL_SAMPLES), seed)
         golden_source = f"{golden_samples} of {len(golden[0])} random inputs (seed {seed})"
         sample_x = None
+    reference_inputs: list[NDArray[Any]] | None = None
+    reference_source: dict[str, Any] | None = None
+    sample_ref: NDArray[Any] | None = sample_x
+    if calibration_file:
+        if len(model.inputs) != 1:
+            raise UsageError(f"--calibration: the model has {len(model.inputs)} inputs; data files support "
+                             "one-input models")
+        sample_ref = check_inputs(load_npz(calibration_file, "--calibration"), model.inputs[0]).x
+    if sample_ref is not None:
+        label = "calibration" if calibration_file else "data"
+        reference_source = {"file": calibration_file or data_file,
+                            "samples": {label: min(len(sample_ref), REFERENCE_SAMPLES)}}
+        reference_inputs = [quantize_input(sample_ref[:REFERENCE_SAMPLES], model.inputs[0])[:, None]]
     latency = measure_latency(model, first_sample(model, sample_x, seed), runs=latency_runs)
     report = package_report(path=path, info=info, validation_accuracy=accuracy, samples=samples,
                             latency=latency, golden_source=golden_source)
     report["preprocessing"] = {"mean": list(mean) if mean else None, "std": list(std) if std else None}
     report["postprocessing"] = {"labels": list(labels) if labels else None, "top_k": top_k}
     report["conversion_s"] = round(time.perf_counter() - started, 3)
-    return Packaged(report=report, golden_inputs=golden, mean=mean, std=std, labels=labels)
+    return Packaged(report=report, golden_inputs=golden, mean=mean, std=std, labels=labels,
+                    reference_inputs=reference_inputs, reference_source=reference_source)

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgefleet.converter.bundle.golden import POOL_SAMPLES
+from edgefleet.converter.bundle.reference import REFERENCE_SAMPLES
 from edgefleet.converter.convert.data import (
     Dataset,
     Splits,
@@ -138,6 +139,9 @@ class Conversion:
     pruning: PruneResult | None
     timings: dict[str, float] = field(default_factory=dict)
     structured: StructuredResult | None = None
+    reference_inputs: list[NDArray[Any]] | None = None
+    """Representative samples for the bundle's drift reference, stacked like `golden_inputs` (None: no data)."""
+    reference_source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def wire_bytes(self) -> int:
@@ -336,6 +340,7 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
                               runs=options.latency_runs)
     # candidates: the bundle keeps golden_samples of them, chosen where the interpreters disagree most
     golden = golden_inputs(served.inputs, val_x, max(options.golden_samples, POOL_SAMPLES), options.seed)
+    reference_inputs, reference_source = representative_inputs(served.inputs, prepared.splits)
     timings["total_s"] = timings.get("baseline_s", 0.0) + timings.get("prune_s", 0.0) + time.perf_counter() - started
     info = read_model(model_bytes)
     rep = convert_report(
@@ -352,7 +357,29 @@ def finish(source: SourceModel, prepared: Prepared, pruning: PruneResult | None,
     rep["compute"] = {"params": info.params, "macs": info.macs, "float32_params": baseline_info.params,
                       "float32_macs": baseline_info.macs}
     return Conversion(model=model_bytes, golden_inputs=golden, report=rep, gate=verdict, validation=result,
-                      encoding=encoding, pruning=pruning, timings=timings, structured=structured)
+                      encoding=encoding, pruning=pruning, timings=timings, structured=structured,
+                      reference_inputs=reference_inputs, reference_source=reference_source)
+
+
+def representative_inputs(specs: Any, splits: Splits) -> tuple[list[NDArray[Any]] | None, dict[str, Any]]:
+    """The samples the drift reference is counted over: the calibration set first, then the evaluation and
+    fine-tuning sets (all drawn from what the model will see), up to REFERENCE_SAMPLES, in the input's dtype."""
+    if len(specs) != 1:
+        return None, {}
+    parts, used = [], {}
+    room = REFERENCE_SAMPLES
+    for label, ds in (("calibration", splits.calibration), ("validation", splits.validation),
+                      ("fine_tune", splits.fine_tune)):
+        if ds is None or room <= 0:
+            continue
+        take = ds.x[:room]
+        parts.append(take)
+        used[label] = len(take)
+        room -= len(take)
+    if not parts:
+        return None, {}
+    x = np.concatenate(parts)
+    return [quantize_input(x, specs[0])[:, None]], {"samples": used}
 
 
 def _ratio(a: int | None, b: int | None) -> float | None:

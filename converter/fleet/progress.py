@@ -27,13 +27,14 @@ from rich.text import Text
 
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
 from edgefleet.protocol import Event, ModelState
+from edgefleet.protocol.documents import ShadowProgress
 from edgefleet.protocol.phases import Phase
 
 WAITING = "WAITING"
 """A targeted device that has reported nothing about this deployment yet."""
 
 ORDER: tuple[str, ...] = (WAITING, *(p.value for p in (
-    Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.ACTIVATING, Phase.PROBATION,
+    Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.SHADOW, Phase.ACTIVATING, Phase.PROBATION,
     Phase.COMMITTED, Phase.REJECTED, Phase.ROLLED_BACK)))
 FAILED: frozenset[str] = frozenset({Phase.REJECTED.value, Phase.ROLLED_BACK.value})
 ENDED: frozenset[str] = FAILED | {Phase.COMMITTED.value}
@@ -62,6 +63,8 @@ class DeviceProgress:
     """Host time (Unix) the phase was first seen: probation time is counted from here."""
     changed: float = 0.0
     """Host time (Unix) of the latest change."""
+    shadow: str | None = None
+    """In SHADOW: `120/200 98.3%`, requests compared of those needed and the agreement so far."""
 
     @property
     def percent(self) -> int | None:
@@ -72,8 +75,8 @@ class DeviceProgress:
 
     def same(self, other: DeviceProgress) -> bool:
         """The same position, whatever the times: no change to report."""
-        return (self.phase, self.bytes, self.online, self.reason) == (other.phase, other.bytes, other.online,
-                                                                      other.reason)
+        return (self.phase, self.bytes, self.online, self.reason, self.shadow) == (
+            other.phase, other.bytes, other.online, other.reason, other.shadow)
 
     def to_event(self) -> dict[str, Any]:
         """One JSON Lines object of `push --wait --json`."""
@@ -82,6 +85,8 @@ class DeviceProgress:
                                "t": round(self.changed, 3)}
         if self.reason is not None:
             doc["reason"] = self.reason
+        if self.shadow is not None and self.phase == Phase.SHADOW.value:
+            doc["shadow"] = self.shadow
         return doc
 
 
@@ -159,6 +164,9 @@ class RolloutProgress:
     def _from_event(self, p: DeviceProgress, event: Event) -> DeviceProgress:
         phase = event.step.value
         reason = None if event.ok else (event.reason or "no reason given")
+        if phase == Phase.SHADOW.value and event.ok:
+            return replace(p, phase=phase, bytes=self.total_bytes, reason=None,
+                           shadow=shadow_text(event.details) or p.shadow)
         if phase == Phase.DOWNLOADING.value and event.details.get("done"):
             return replace(p, phase=phase, bytes=self.total_bytes, reason=reason)
         if phase == Phase.DOWNLOADING.value and p.phase != phase:
@@ -179,6 +187,9 @@ class RolloutProgress:
             failed = state.last_outcome.reason if phase in FAILED and state.last_outcome is not None else None
             done = self.total_bytes if rank(phase) > rank(Phase.DOWNLOADING.value) and phase not in FAILED else p.bytes
             p = replace(p, phase=phase, reason=(failed or "no reason given") if phase in FAILED else None, bytes=done)
+        if p.phase == Phase.SHADOW.value and phase == p.phase and state.shadow is not None \
+                and state.shadow.samples >= _shadow_samples(p.shadow):
+            p = replace(p, shadow=state.shadow.text)
         if p.phase == Phase.DOWNLOADING.value and phase == p.phase and state.progress is not None and self.total_bytes:
             held = round(state.progress * self.total_bytes)
             if p.bytes is None or held > p.bytes:
@@ -219,6 +230,23 @@ def sizes(done: int, total: int) -> str:
     return f"{done}/{total} B"
 
 
+def shadow_text(details: dict[str, Any]) -> str | None:
+    """`120/200 98.3%` from a SHADOW event's details, or None when it carries no counts (its first one)."""
+    samples, needed = details.get("samples"), details.get("min_samples")
+    if not isinstance(samples, int) or not isinstance(needed, int):
+        return None
+    agreement = details.get("agreement")
+    return ShadowProgress(samples=samples, min_samples=needed,
+                          agreement=agreement if isinstance(agreement, (int, float)) else None).text
+
+
+def _shadow_samples(text: str | None) -> int:
+    """The samples count of a shown `120/200 98.3%` (0 when none is shown): a state document that lags
+    behind the events must not take the count back."""
+    head = text.split("/", 1)[0] if text else ""
+    return int(head) if head.isdigit() else 0
+
+
 def download_text(p: DeviceProgress) -> str:
     """`45% (9.2/20.6 MiB)`, or '' when the size is unknown."""
     if p.percent is None or p.bytes is None or p.total is None:
@@ -234,6 +262,8 @@ def progress_line(p: DeviceProgress, probation_s: float | None = None, *, reason
         text += f" {download_text(p)}"
     elif p.phase == Phase.PROBATION.value and probation_s:
         text += f" for at least {probation_s:g} s"
+    elif p.phase == Phase.SHADOW.value and p.shadow:
+        text += f" {p.shadow}"
     if p.reason is not None and reason:
         text += f": {p.reason}"
     if not p.online:
@@ -361,6 +391,8 @@ class LiveTable:
             if p.phase == Phase.DOWNLOADING.value and p.percent is not None and p.total:
                 bar = ProgressBar(total=p.total, completed=p.bytes or 0, width=20)
                 amount = download_text(p)
+            elif p.phase == Phase.SHADOW.value and p.shadow:
+                amount = p.shadow
             table.add_row(p.device_id, Text(p.phase, style=style), bar, amount, self.note(p, now))
         parts: list[RenderableType] = [head, table]
         if hidden:

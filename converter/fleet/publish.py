@@ -228,9 +228,11 @@ def publish_chunks(transport: Transport, topics: Topics, chunks: dict[str, bytes
 
 def signed_policy(*, probation_s: float | None = None, max_error_rate: float | None = None,
                   max_latency_ratio: float | None = None, max_latency_ms: float | None = None,
-                  allow_downgrade: bool = False, version_labels: Iterable[str] = ()) -> dict[str, Any]:
+                  allow_downgrade: bool = False, version_labels: Iterable[str] = (),
+                  shadow: dict[str, Any] | None = None) -> dict[str, Any]:
     """The policy of a re-issued document from the values given (None: not set), checked as the agent
-    checks it; {} when nothing is set."""
+    checks it; {} when nothing is set. `shadow`: the `policy.shadow` fields given ({}: shadow probation
+    with the devices' defaults; None: none)."""
     fields = {"probation_s": probation_s, "max_error_rate": max_error_rate,
               "max_latency_ratio": max_latency_ratio, "max_latency_ms": max_latency_ms}
     policy: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
@@ -239,6 +241,8 @@ def signed_policy(*, probation_s: float | None = None, max_error_rate: float | N
     labels = list(version_labels)
     if labels:
         policy["version_labels"] = labels
+    if shadow is not None:
+        policy["shadow"] = {k: v for k, v in shadow.items() if v is not None}
     try:
         return dump(parse(Policy, policy)) if policy else {}
     except ProtocolError as err:

@@ -25,6 +25,7 @@ from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 
 from edgefleet.converter.fleet.observer import DeviceView, FleetObserver
+from edgefleet.protocol.documents import ModelDrift
 from edgefleet.protocol.phases import Phase
 
 SORT_KEYS = ("device", "cpu", "rss", "p95", "last-event")
@@ -43,6 +44,17 @@ class ModelCell:
     phase: str
     p50_ms: float | None = None
     p95_ms: float | None = None
+    shadow: str | None = None
+    """In SHADOW: `120/200 98.3%` (requests compared of those needed, agreement so far)."""
+    drift: float | None = None
+    """The largest drift score (PSI) over the model's inputs and outputs, from telemetry."""
+    drifting: bool = False
+    """A score is past the device's drift threshold (a DRIFT event was raised and has not recovered)."""
+
+    @property
+    def phase_text(self) -> str:
+        """The phase, with the shadow figures while in SHADOW: `SHADOW 120/200 98.3%`."""
+        return f"{self.phase} {self.shadow}" if self.shadow else str(self.phase)
 
     @property
     def label(self) -> str:
@@ -109,7 +121,10 @@ def make_row(view: DeviceView, now: float | None = None) -> Row:
         version = state.active.version if state is not None and state.active is not None else (
             fig.version if fig is not None else None)
         phase = state.phase if state is not None else (fig.phase if fig is not None else Phase.IDLE)
-        cells.append(ModelCell(name, version, phase, fig.p50_ms if fig else None, fig.p95_ms if fig else None))
+        shadow = state.shadow.text if state is not None and state.shadow is not None \
+            and state.phase == Phase.SHADOW else None
+        cells.append(ModelCell(name, version, phase, fig.p50_ms if fig else None, fig.p95_ms if fig else None,
+                               shadow, *_drift(fig.drift if fig else None)))
     text, ts = last_event(view)
     return Row(
         device_id=view.device_id, online=view.online, groups=view.groups, models=tuple(cells),
@@ -191,6 +206,20 @@ def _per_model(get: Callable[[ModelCell], str]) -> Cell:
     return lambda row, model: get(model) if model is not None else "-"
 
 
+def _drift(drift: ModelDrift | None) -> tuple[float | None, bool]:
+    """A model's drift as the table shows it: its largest score, and whether it is past the threshold."""
+    if drift is None:
+        return None, False
+    scores = [v for v in (*drift.inputs.values(), drift.outputs) if v is not None]
+    return (max(scores) if scores else None), bool(drift.drifting)
+
+
+def _drift_text(m: ModelCell) -> str:
+    if m.drift is None:
+        return ""
+    return f"{m.drift:.2f}" + ("!" if m.drifting else "")
+
+
 def _figure(get: Callable[[ModelCell], str]) -> Cell:
     return lambda row, model: get(model) if model is not None else ""
 
@@ -203,12 +232,13 @@ COLUMN_SPECS: tuple[Column, ...] = (
     Column("model", 0, (Variant("model", _per_model(lambda m: m.name)),), per_model=True, cut=True, min_width=4),
     Column("version", 0, (Variant("ver", _per_model(lambda m: "-" if m.version is None else f"v{m.version}")),),
            per_model=True),
-    Column("phase", 0, (Variant("phase", _per_model(lambda m: str(m.phase))),), per_model=True, cut=True,
+    Column("phase", 0, (Variant("phase", _per_model(lambda m: m.phase_text)),), per_model=True, cut=True,
            min_width=4),
     Column("p50", 7, (Variant("p50", _figure(lambda m: _ms_short(m.p50_ms))),
                       Variant("p50 ms", _figure(lambda m: _num(m.p50_ms, 3)))), align="right", per_model=True),
     Column("p95", 2, (Variant("p95", _figure(lambda m: _ms_short(m.p95_ms))),
                       Variant("p95 ms", _figure(lambda m: _num(m.p95_ms, 3)))), align="right", per_model=True),
+    Column("drift", 10, (Variant("drift", _figure(_drift_text)),), align="right", per_model=True),
     Column("cpu", 3, (Variant("cpu", lambda r, m: _num(r.cpu_percent, 0)),
                       Variant("cpu %", lambda r, m: _num(r.cpu_percent, 1))), align="right"),
     Column("rss", 5, (Variant("rss", lambda r, m: _num(r.rss_mb, 0)),
@@ -365,7 +395,7 @@ def public_url(url: str) -> str:
 
 
 PHASE_ORDER = (Phase.ROLLED_BACK, Phase.REJECTED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING,
-               Phase.ACTIVATING, Phase.PROBATION, Phase.COMMITTED, Phase.IDLE)
+               Phase.SHADOW, Phase.ACTIVATING, Phase.PROBATION, Phase.COMMITTED, Phase.IDLE)
 """Phases in the header: failures first, then updates under way, then the resting ones."""
 
 
@@ -421,7 +451,7 @@ def plain_text(table_rows: Sequence[Row], width: int | None, *, broker: str, gro
 PHASE_STYLES = {
     Phase.COMMITTED.value: "green", Phase.ROLLED_BACK.value: "bold red", Phase.REJECTED.value: "bold red",
     Phase.PROBATION.value: "yellow", Phase.DOWNLOADING.value: "cyan", Phase.VERIFYING.value: "cyan",
-    Phase.VALIDATING.value: "cyan", Phase.ACTIVATING.value: "cyan",
+    Phase.VALIDATING.value: "cyan", Phase.SHADOW.value: "magenta", Phase.ACTIVATING.value: "cyan",
 }
 KEYS_HELP = "q quit · / filter · s sort · g group · Esc clear filter"
 

@@ -216,6 +216,29 @@ class Signed(Generic[_D]):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShadowPolicy:
+    """Shadow probation (docs/protocol.md §3.1): before the switch, the candidate runs beside the active
+    model on a sampled share of live requests and must agree with it. Absent fields take the agent's
+    `[shadow]` defaults; thresholds given here can only tighten them."""
+
+    sample_rate: float | None = checked(fraction, default=None)
+    """Share of live requests copied to the candidate (0-1)."""
+    min_samples: int | None = checked(positive, default=None)
+    """Compared requests needed before the candidate may be activated."""
+    min_agreement: float | None = checked(fraction, default=None)
+    """Share of compared requests on which the candidate must agree with the active model."""
+    atol: float | None = checked(non_negative, default=None)
+    """Absolute tolerance per output value (outputs that are not class scores); absent: the model's golden
+    tolerance per output."""
+    rtol: float | None = checked(non_negative, default=None)
+    """Relative tolerance per output value, as `atol`."""
+    max_latency_ratio: float | None = checked(positive, default=None)
+    """The candidate's median invoke time over the active model's, at most."""
+    window_s: float | None = checked(positive, default=None)
+    """Longest time to collect `min_samples`; not enough traffic by then rejects the candidate."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Policy:
     """Rollout policy signed with the deployment; limits here can only tighten the agent's config."""
 
@@ -228,6 +251,8 @@ class Policy:
     version_labels: tuple[str, ...] | None = checked(check_version_labels, default=None)
     """Names the local API accepts for this version (`/v1/models/{m}/labels/{label}`), beside the agent's
     own `stable` and `canary`; absent: none."""
+    shadow: ShadowPolicy | None = None
+    """Ask for shadow probation (an empty object: with the agent's defaults); absent: none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,6 +399,30 @@ class Outcome:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShadowProgress:
+    """How far the shadow probation of the pending model is (phase SHADOW)."""
+
+    samples: int
+    """Requests compared so far."""
+    min_samples: int
+    """Requests needed for a verdict."""
+    agreement: float | None = None
+    """Share of compared requests on which the candidate agreed with the active model."""
+    latency_ratio: float | None = None
+    """The candidate's median invoke time over the active model's."""
+    elapsed_s: float = 0.0
+    window_s: float = 0.0
+    dropped: int = 0
+    """Sampled requests left out because the candidate was still busy (its queue was full)."""
+
+    @property
+    def text(self) -> str:
+        """`120/200 98.3%`: samples so far of those needed, and the agreement so far."""
+        agreement = f" {self.agreement:.1%}" if self.agreement is not None else ""
+        return f"{self.samples}/{self.min_samples}{agreement}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelState:
     """One model's lifecycle state as a device reports it."""
 
@@ -383,6 +432,8 @@ class ModelState:
     pending: Slot | None = None
     last_outcome: Outcome | None = None
     progress: float | None = None
+    shadow: ShadowProgress | None = None
+    """During SHADOW: the samples and agreement so far."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,6 +511,9 @@ class Event:
     version: int | None = None
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    kind: Literal["DRIFT"] | None = None
+    """Absent for lifecycle steps. `DRIFT`: a drift score crossed `drift.threshold` (ok false) or fell back
+    below it (ok true); `step` is then the model's phase and the event carries no deployment_id."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON value of this event."""
@@ -484,6 +538,22 @@ class ModelTelemetry:
     p95_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
+    drift: ModelDrift | None = None
+    """Absent for models whose bundle carries no drift reference (or with `drift.enabled = false`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDrift:
+    """A model's drift scores over its window of sampled live traffic (PSI against its bundle's reference)."""
+
+    inputs: dict[str, float | None] = field(default_factory=dict)
+    """Per input (named as the local API names it): the score, null until the window holds `min_samples`."""
+    outputs: float | None = None
+    """The largest score over the outputs."""
+    samples: int = 0
+    """Sampled instances in the window."""
+    drifting: tuple[str, ...] = ()
+    """What is past the threshold now (input names, and `outputs`), by the event hysteresis."""
 
 
 @dataclass(frozen=True, kw_only=True)

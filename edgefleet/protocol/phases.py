@@ -1,7 +1,8 @@
 """The phases of a model's update lifecycle (docs/protocol.md §3.4), as the agent saves and reports them.
 
-``IDLE → DOWNLOADING → VERIFYING → VALIDATING → ACTIVATING → PROBATION → COMMITTED``, or ``→ REJECTED``
-(never activated) / ``→ ROLLED_BACK`` (previous model restored). Both halves read them: the agent
+``IDLE → DOWNLOADING → VERIFYING → VALIDATING → [SHADOW →] ACTIVATING → PROBATION → COMMITTED``, or
+``→ REJECTED`` (never activated) / ``→ ROLLED_BACK`` (previous model restored). SHADOW happens only
+when the deployment's policy asks for it. Both halves read them: the agent
 decides with them, the host tools follow rollouts by them.
 """
 
@@ -18,6 +19,7 @@ class Phase(str, Enum):
     DOWNLOADING = "DOWNLOADING"
     VERIFYING = "VERIFYING"
     VALIDATING = "VALIDATING"
+    SHADOW = "SHADOW"
     ACTIVATING = "ACTIVATING"
     PROBATION = "PROBATION"
     COMMITTED = "COMMITTED"
@@ -48,6 +50,6 @@ class Phase(str, Enum):
         return self in _FAILED
 
 
-_IN_PROGRESS = frozenset({Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.ACTIVATING})
+_IN_PROGRESS = frozenset({Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING, Phase.SHADOW, Phase.ACTIVATING})
 _RESTING = frozenset({Phase.IDLE, Phase.COMMITTED, Phase.REJECTED, Phase.ROLLED_BACK})
 _FAILED = frozenset({Phase.REJECTED, Phase.ROLLED_BACK})

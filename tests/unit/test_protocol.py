@@ -270,7 +270,7 @@ def test_phases_are_an_enum_that_reads_and_writes_the_same_names() -> None:
     from edgefleet.protocol import Event, ModelState, Phase, dump, parse
 
     assert [p for p in Phase if p.in_progress] == [Phase.DOWNLOADING, Phase.VERIFYING, Phase.VALIDATING,
-                                                   Phase.ACTIVATING]
+                                                   Phase.SHADOW, Phase.ACTIVATING]
     assert [p for p in Phase if p.resting] == [Phase.IDLE, Phase.COMMITTED, Phase.REJECTED, Phase.ROLLED_BACK]
     assert [p for p in Phase if p.failed] == [Phase.REJECTED, Phase.ROLLED_BACK]
     assert not (Phase.PROBATION.resting or Phase.PROBATION.in_progress)  # on trial: neither

@@ -55,8 +55,8 @@ def test_wider_shows_more_and_abbreviates_before_dropping() -> None:
     headers = {p.column.key: p.variant.header for p in layout(fleet(), 80)[0]}
     assert headers["online"] == "on"  # abbreviated, not dropped
     assert [p.variant.header for p in layout(fleet(), None)[0]] == [
-        "device", "online", "groups", "model", "ver", "phase", "p50 ms", "p95 ms", "cpu %", "rss MB", "temp °C",
-        "last event", "seen"]
+        "device", "online", "groups", "model", "ver", "phase", "p50 ms", "p95 ms", "drift", "cpu %", "rss MB",
+        "temp °C", "last event", "seen"]
 
 
 @pytest.mark.parametrize("width", [40, 30, 20])

@@ -51,6 +51,10 @@ def drift_score(value: Any) -> float | None:
     per-input figures (numbers, or objects with a `score`)."""
     if (n := _num(value)) is not None:
         return n
+    if isinstance(value, dict) and ("inputs" in value or "outputs" in value):
+        # the agent's ModelDrift: {inputs: {name: psi}, outputs: psi, samples: n, drifting: [...]}
+        found = [s for s in (drift_score(value.get("inputs")), _num(value.get("outputs"))) if s is not None]
+        return max(found) if found else None
     if isinstance(value, dict):
         scores = [drift_score(v.get("score") if isinstance(v, dict) else v) for v in value.values()]
         found = [s for s in scores if s is not None]
