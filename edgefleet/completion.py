@@ -200,6 +200,17 @@ def _grouped(pairs: Sequence[tuple[str, tuple[str, str, tuple[str, ...]]]]) -> d
     return groups
 
 
+def _takes_value_function(f: str, value_options: list[tuple[Command, str, Value]], pattern: str) -> str:
+    """The shell function `{f}_takes_value CONTEXT OPTION`: true for an option that takes a value there.
+    `pattern` wraps the case patterns (bash: `{})`, zsh: `({})`)."""
+    patterns = " | ".join(_q(f"{c.context}|{flag}") for c, flag, _ in value_options)
+    lines = [f"{f}_takes_value() {{  # CONTEXT OPTION\n    case \"$1|$2\" in"]
+    if patterns:
+        lines.append(f"        {pattern.format(patterns)} return 0 ;;")
+    lines.append("    esac\n    return 1\n}\n")
+    return "\n".join(lines)
+
+
 def _value_options(tree: Command) -> list[tuple[Command, str, Value]]:
     return [(c, flag, o.value) for c in tree.walk() for o in c.options if o.value is not None for flag in o.flags]
 
@@ -316,11 +327,7 @@ def _bash(tree: Command, prog: str) -> str:
         out.append(f"        {_q(c.context)}) echo {_q(flags)} ;;")
     out.append("    esac\n}\n")
     value_options = _value_options(tree)
-    patterns = " | ".join(_q(f"{c.context}|{flag}") for c, flag, _ in value_options)
-    out.append(f"{f}_takes_value() {{  # CONTEXT OPTION\n    case \"$1|$2\" in")
-    if patterns:
-        out.append(f"        {patterns}) return 0 ;;")
-    out.append("    esac\n    return 1\n}\n")
+    out.append(_takes_value_function(f, value_options, "{})"))
     out.append(f"{f}_value() {{  # CONTEXT OPTION CURRENT\n    case \"$1|$2\" in")
     values = {v.key: v for _, _, v in value_options}
     for key, pats in _grouped([(f"{c.context}|{flag}", v.key) for c, flag, v in value_options]).items():
@@ -427,11 +434,7 @@ def _zsh(tree: Command, prog: str) -> str:
         out.append(f"        {_q(c.context)}) options=({entries}) ;;")
     out.append("    esac\n    _describe -t options option options\n}\n")
     value_options = _value_options(tree)
-    patterns = " | ".join(_q(f"{c.context}|{flag}") for c, flag, _ in value_options)
-    out.append(f"{f}_takes_value() {{  # CONTEXT OPTION\n    case \"$1|$2\" in")
-    if patterns:
-        out.append(f"        ({patterns}) return 0 ;;")
-    out.append("    esac\n    return 1\n}\n")
+    out.append(_takes_value_function(f, value_options, "({})"))
 
     out.append(f"{f}_value() {{  # CONTEXT OPTION\n    case \"$1|$2\" in")
     hinted = [(f"{c.context}|{flag}", (v.kind, v.suffix, (*v.choices, v.hint))) for c, flag, v in value_options]

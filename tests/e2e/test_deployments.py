@@ -18,7 +18,7 @@ from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.broker import Inbox, Mosquitto, client
 from edgefleet.testing.waiting import wait_for
 from tests.support import ROOT
-from tests.support.helpers import swap_file
+from tests.support.helpers import lab_agents, swap_file
 
 T = Topics()
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
@@ -28,20 +28,8 @@ Edgectl = Callable[..., tuple[int, str, str]]
 @pytest.fixture
 def lab(tmp_path: Path, broker: Mosquitto, key_dir: Path, edgectl: Edgectl) -> Iterator[list[AgentProcess]]:
     """dev-1 and dev-2 in group lab, online, listed in the signed inventory."""
-    agents = [AgentProcess(tmp_path / d, device_id=d, groups=["lab"], mqtt={"url": broker.url, "reconnect_max_s": 1.0},
-                           security={"trusted_keys": [str(key_dir / "edgefleet.pub")]},
-                           health={"probation_s": 1, "min_requests": 1}) for d in ("dev-1", "dev-2")]
-    try:
-        for a in agents:
-            a.start(wait=False)
-        for a in agents:
-            a.wait_ready()
-        code, _, err = edgectl("inventory", "set", "lab", "dev-1", "dev-2", "--key", key_dir, "--broker", broker.url)
-        assert code == 0, err
+    with lab_agents(tmp_path, broker.url, key_dir, edgectl) as agents:
         yield agents
-    finally:
-        for a in agents:
-            a.kill()
 
 
 def running(a: AgentProcess) -> int | None:

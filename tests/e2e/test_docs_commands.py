@@ -315,14 +315,6 @@ def committed(agent: AgentProcess, name: str, version: int) -> bool:
     return m.get("phase") == "COMMITTED" and (m.get("active") or {}).get("version") == version
 
 
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
 def board(root: Path, device: str, keys: Path, **sections: Any) -> AgentProcess:
     return AgentProcess(root, device, api={"socket": str(root / "api.sock"), "admin_socket": str(root / "admin.sock")},
                         security={"trusted_keys": [str(keys / "edgefleet.pub")]}, **sections)

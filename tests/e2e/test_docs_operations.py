@@ -168,14 +168,6 @@ def site(tmp_path: Path, pki: Pki) -> Iterator[AclBroker]:
         b.broker.kill()
 
 
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
 class Fleet:
     """cam-1 of group lab on the site broker, m v1 committed on it, the inventory signed: what the
     guide's reader runs before the guide's first rollout."""

@@ -19,6 +19,7 @@ from edgefleet.testing.broker import Mosquitto
 from edgefleet.testing.waiting import wait_for
 from tests.support import ROOT
 from tests.support.grafana_sql import dashboard, expand, queries
+from tests.support.helpers import lab_agents
 from tests.support.history import history_target
 
 X = [[0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.1]]
@@ -35,22 +36,8 @@ def history_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def lab(tmp_path: Path, broker: Mosquitto, key_dir: Path, edgectl: Edgectl) -> Iterator[list[AgentProcess]]:
     """dev-1 and dev-2 in group lab (in the signed inventory too), telemetry every 0.5 s."""
-    agents = [AgentProcess(tmp_path / d, device_id=d, groups=["lab"], mqtt={"url": broker.url, "reconnect_max_s": 1.0},
-                           security={"trusted_keys": [str(key_dir / "edgefleet.pub")]},
-                           health={"probation_s": 1, "min_requests": 1}, telemetry={"interval_s": 0.5})
-              for d in ("dev-1", "dev-2")]
-    try:
-        for a in agents:
-            a.start(wait=False)
-        for a in agents:
-            a.wait_ready()
-        code, _, err = edgectl("inventory", "set", "lab", "dev-1", "dev-2", "--key", key_dir, "--broker", broker.url)
-        assert code == 0, err
+    with lab_agents(tmp_path, broker.url, key_dir, edgectl, telemetry={"interval_s": 0.5}) as agents:
         yield agents
-    finally:
-        for a in agents:
-            a.kill()
-
 
 def serving(a: AgentProcess) -> tuple[str | None, int | None]:
     m = a.client.health()["agent"]["models"].get("m", {})

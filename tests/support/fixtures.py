@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.reliability import zoo_model
 
 
@@ -53,3 +54,12 @@ def host_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("EDGEFLEET_STATE_DIR", str(path))
     return path
 
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    """Agents a test starts and appends here; stopped after it."""
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from edgefleet.bundle import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 from edgefleet.converter.fleet.publish import RetainedIndex
 from edgefleet.protocol import SigningKey, Topics, canonical_json, dump, parse_json, split
+from edgefleet.testing.agentproc import AgentProcess
 from edgefleet.testing.broker import client
 
 
@@ -79,3 +81,23 @@ def read_http_responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str
         out.append((int(lines[0].split()[1]), headers, rest[:length]))
         buf = rest[length:]
     return out
+
+
+@contextmanager
+def lab_agents(root: Path, url: str, key_dir: Path, edgectl: Callable[..., tuple[int, str, str]],
+               **sections: Any) -> Iterator[list[AgentProcess]]:
+    """dev-1 and dev-2 in group lab, online and listed in the signed inventory, probation 1 s; killed after."""
+    agents = [AgentProcess(root / d, device_id=d, groups=["lab"], mqtt={"url": url, "reconnect_max_s": 1.0},
+                           security={"trusted_keys": [str(key_dir / "edgefleet.pub")]},
+                           health={"probation_s": 1, "min_requests": 1}, **sections) for d in ("dev-1", "dev-2")]
+    try:
+        for a in agents:
+            a.start(wait=False)
+        for a in agents:
+            a.wait_ready()
+        code, _, err = edgectl("inventory", "set", "lab", "dev-1", "dev-2", "--key", key_dir, "--broker", url)
+        assert code == 0, err
+        yield agents
+    finally:
+        for a in agents:
+            a.kill()
