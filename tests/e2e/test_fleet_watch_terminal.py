@@ -268,8 +268,8 @@ def test_piped_output_fits_columns_and_never_cuts_numbers(fleet: Mosquitto) -> N
                           env=env, capture_output=True, text=True, timeout=60)
     assert wide.returncode == 0, wide.stderr
     assert wide.stdout.splitlines()[1].split() == ["device", "online", "groups", "model", "ver", "phase", "p50", "ms",
-                                                   "p95", "ms", "cpu", "%", "rss", "MB", "temp", "°C", "last", "event",
-                                                   "seen"]
+                                                   "p95", "ms", "drift", "cpu", "%", "rss", "MB", "temp", "°C", "last",
+                                                   "event", "seen"]
     assert f"det v2 ROLLED_BACK: {shorten(LONG_REASON)}" in wide.stdout and max(len(line) for line in wide.stdout.splitlines()) > 80
     # the live form, piped: a snapshot every interval until SIGTERM, then exit 0
     with open(os.devnull) as devnull:
