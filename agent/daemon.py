@@ -26,7 +26,7 @@ from edgefleet.agent.fleet.delivery import ChunkStored
 from edgefleet.agent.fleet.link import Connection, FleetLink
 from edgefleet.agent.lifecycle.machine import Lifecycle
 from edgefleet.agent.lifecycle.store import Store
-from edgefleet.agent.serving.drift import OUTPUTS, DriftMonitor, DriftSettings
+from edgefleet.agent.serving.drift import OUTPUTS, DriftMonitor
 from edgefleet.agent.serving.models import Roles, Serving
 from edgefleet.agent.systemd import Notifier
 from edgefleet.agent.telemetry.logs import LogForwarder
@@ -170,10 +170,7 @@ class Daemon:
             reference = load_reference(self.store.blob_path(doc.model.golden.sha256).read_bytes())
             if reference is None:
                 return None
-            dc = self.config.drift
-            return DriftMonitor(reference, doc.model.inputs, doc.model.outputs, output_names,
-                                DriftSettings(sample_rate=dc.sample_rate, window=dc.window,
-                                              min_samples=dc.min_samples, threshold=dc.threshold))
+            return DriftMonitor(reference, doc.model.inputs, doc.model.outputs, output_names, self.config.drift)
         except (OSError, ValueError, EdgefleetError) as err:
             log.warning("model %s v%s: no drift watch: %s", name, doc.model.version, err)
             return None

@@ -22,6 +22,7 @@ Run: .venv/bin/python bench/drift.py [--quick]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefleet.agent.config import DriftConfig
-from edgefleet.agent.serving.drift import DriftMonitor, DriftSettings
+from edgefleet.agent.serving.drift import DriftMonitor
 from edgefleet.bundle import Bundle
 from edgefleet.converter.bundle.writer import BundleSpec, write_bundle
 from edgefleet.drift import load_reference
@@ -53,7 +54,7 @@ def shift(x: np.ndarray) -> np.ndarray:
     return x * 0.5 + 0.3
 
 
-def theory(bundle: Bundle, settings: DriftSettings, sampled_per_s: float) -> tuple[int, float]:
+def theory(bundle: Bundle, settings: DriftConfig, sampled_per_s: float) -> tuple[int, float]:
     """Shifted samples a full in-distribution window needs before the score reaches the threshold, and the
     seconds that takes at `sampled_per_s` (median over 5 seeds)."""
     ref = load_reference(bundle.golden)
@@ -63,7 +64,7 @@ def theory(bundle: Bundle, settings: DriftSettings, sampled_per_s: float) -> tup
     for seed in range(5):
         rng = np.random.default_rng(100 + seed)
         monitor = DriftMonitor(ref, model.inputs, model.outputs, [o.name for o in ref.outputs],
-                               DriftSettings(1.0, settings.window, settings.min_samples, settings.threshold), seed=seed)
+                               dataclasses.replace(settings, sample_rate=1.0), seed=seed)
         for _ in range(settings.window):
             x = rng.normal(size=(1, 8)).astype(np.float32)
             monitor.offer([x], model.run([x]))
@@ -114,8 +115,7 @@ def main() -> int:
                     f"instead of {FALSE_ALARM_S:g}")
     args = ap.parse_args()
     calm_s = QUICK_FALSE_ALARM_S if args.quick else FALSE_ALARM_S
-    defaults = DriftConfig()
-    settings = DriftSettings(defaults.sample_rate, defaults.window, defaults.min_samples, defaults.threshold)
+    settings = DriftConfig()
     work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     rng = np.random.default_rng(1)
     calibration = rng.normal(size=(2000, 1, 8)).astype(np.float32)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edgefleet.agent.config import DriftConfig
 from edgefleet.drift import (
     DriftReference,
     TensorReference,
@@ -44,15 +45,6 @@ RECOVERY = 0.8
 OUTPUTS = "outputs"
 """The key of the outputs' score among the input names (in `drifting` and in events)."""
 
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """What agent.toml's `[drift]` says, as the serving path needs it."""
-
-    sample_rate: float = 0.1
-    window: int = 400
-    min_samples: int = 200
-    threshold: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -112,7 +104,7 @@ class DriftMonitor:
     """The drift of one served model version against its bundle's reference."""
 
     def __init__(self, reference: DriftReference, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 output_names: Sequence[str], settings: DriftSettings, *, seed: int | None = None) -> None:
+                 output_names: Sequence[str], settings: DriftConfig, *, seed: int | None = None) -> None:
         """`output_names` name the outputs as the local API does, as the converter named them in the reference."""
         self.reference = reference
         self.settings = settings

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.serving.drift import DriftMonitor, DriftSettings
+from edgefleet.agent.config import DriftConfig
+from edgefleet.agent.serving.drift import DriftMonitor
 from edgefleet.bundle import dump_golden, load_golden
 from edgefleet.converter.fleet.history.ingest import drift_score
 from edgefleet.drift import (
@@ -86,7 +87,7 @@ def _monitor(window: int = 200, min_samples: int = 100) -> tuple[DriftMonitor, A
     spec_in = TensorSpec(name="x", dtype="float32", shape=(-1, 8))
     spec_out = TensorSpec(name="scores", dtype="float32", shape=(-1, 4))
     monitor = DriftMonitor(ref, [spec_in], [spec_out], ("scores",),
-                           DriftSettings(sample_rate=1.0, window=window, min_samples=min_samples), seed=0)
+                           DriftConfig(sample_rate=1.0, window=window, min_samples=min_samples), seed=0)
     return monitor, rng
 
 
